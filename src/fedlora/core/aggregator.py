@@ -1,0 +1,150 @@
+"""The interface every aggregation method implements, and the registry by name.
+
+A method is a small subclass of :class:`Aggregator` in ``fedlora.core.methods``
+that implements ``_aggregate`` (and, for per-client downloads, ``client_start``).
+Validation, client weights and dense-parameter averaging are done once, here,
+for all methods; a method sees only well-formed updates and weights p_i.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from .adapter import Adapter, LoraSpec, init_adapter, module_generator
+from .dense import clone_dense, weighted_average
+from .errors import AggregationError
+from .factored import Factored
+from .state import ClientStart, ClientUpdate, ServerState
+from .validate import validate_updates
+from .weights import WEIGHTINGS, base_weights
+
+__all__ = ["Aggregator", "RoundOutput", "register", "get_aggregator", "available_methods"]
+
+
+@dataclass
+class RoundOutput:
+    """What a method's ``_aggregate`` returns for one round."""
+
+    adapters: dict[str, Adapter]
+    base_delta: dict[str, Factored] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    dense: dict[str, Tensor] | None = None  # None: the plain weighted average
+
+
+class Aggregator(ABC):
+    """Server-side aggregation of one round of LoRA updates.
+
+    Subclasses set ``name``, ``exact`` (after aggregation W0' + G' equals
+    W0 + Σ_i p_i·ΔW_i, ΔW_i a client's effective update, G the global delta)
+    and ``mixed_ranks`` (whether clients may use ranks below the global one).
+    """
+
+    name: ClassVar[str]
+    exact: ClassVar[bool]
+    mixed_ranks: ClassVar[bool] = False
+
+    def __init__(self, weighting: str = "data_size"):
+        if weighting not in WEIGHTINGS:
+            raise AggregationError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
+        self.weighting = weighting
+
+    # ------------------------------------------------------------- lifecycle
+    def init_state(
+        self,
+        shapes: Mapping[str, tuple[int, int]],
+        rank: int,
+        lora: LoraSpec = LoraSpec(),
+        dense: Mapping[str, Tensor] | None = None,
+        seed: int = 0,
+    ) -> ServerState:
+        """Round 0: every module gets peft's default init (A random, B = 0) at the global rank."""
+        if rank < 1:
+            raise AggregationError(f"global LoRA rank must be ≥ 1, got {rank}")
+        for name, (m, n) in shapes.items():
+            if rank > min(m, n):
+                raise AggregationError(f"module {name!r}: rank {rank} exceeds min(out, in) = {min(m, n)}")
+        scale = lora.scale(rank)
+        adapters = {
+            name: init_adapter(shape, rank, scale, module_generator(seed, 0, name))
+            for name, shape in shapes.items()
+        }
+        state = ServerState(round=0, rank=rank, lora=lora, adapters=adapters, dense=clone_dense(dense or {}), seed=seed)
+        return state.evolve(extra=self._init_extra(state))
+
+    def _init_extra(self, state: ServerState) -> dict[str, Any]:
+        return {}
+
+    def client_start(self, state: ServerState, rank: int | None = None) -> ClientStart:
+        """The starting point sent to a client of LoRA rank ``rank`` (default: the global rank)."""
+        if rank is not None and rank != state.rank:
+            raise AggregationError(f"method {self.name!r} needs every client at the global rank {state.rank}, got {rank}")
+        return ClientStart(adapters=dict(state.adapters), dense=dict(state.dense))
+
+    def global_delta(self, state: ServerState) -> dict[str, Factored]:
+        """G: the global model's update on top of the (folded) base weights."""
+        return {name: a.delta() for name, a in state.adapters.items()}
+
+    # ------------------------------------------------------------ aggregation
+    def aggregate(self, state: ServerState, updates: Sequence[ClientUpdate]) -> ServerState:
+        """Validate, weight and aggregate one round; returns a new state (``state`` is untouched)."""
+        validate_updates(
+            state,
+            updates,
+            same_rank=not self.mixed_ranks,
+            max_rank=self._max_client_rank(state),
+            needs_label_counts=self._needs_label_counts(),
+        )
+        p = base_weights(updates, self.weighting)
+        out = self._aggregate(state, list(updates), p)
+        dense = out.dense if out.dense is not None else weighted_average(updates, p)
+        info = {"clients": [u.client_id for u in updates], "weights": p.tolist(), **out.info}
+        return state.evolve(
+            round=state.round + 1,
+            adapters=out.adapters,
+            base_delta=out.base_delta,
+            extra=out.extra,
+            info=info,
+            dense=dense if updates[0].dense else dict(state.dense),
+        )
+
+    def _max_client_rank(self, state: ServerState) -> int | None:
+        return state.rank
+
+    def _needs_label_counts(self) -> bool:
+        return False
+
+    @abstractmethod
+    def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
+        """The method itself: updates are valid, p (float64) sums to one."""
+
+
+_REGISTRY: dict[str, type[Aggregator]] = {}
+
+
+def register(cls: type[Aggregator]) -> type[Aggregator]:
+    """Class decorator: make a method available by its ``name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    from . import methods  # noqa: F401  (importing registers every method)
+
+    return sorted(_REGISTRY)
+
+
+def get_aggregator(name: str, **options: Any) -> Aggregator:
+    """An aggregator by registry name, e.g. ``get_aggregator("hexa", drift_beta=1.0)``."""
+    known = available_methods()
+    if name not in _REGISTRY:
+        raise AggregationError(f"unknown aggregation method {name!r}; known methods: {', '.join(known)}")
+    try:
+        return _REGISTRY[name](**options)
+    except TypeError as e:
+        raise AggregationError(f"bad options for method {name!r}: {e}") from None

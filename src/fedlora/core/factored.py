@@ -1,0 +1,196 @@
+"""Low-rank matrices kept as factors: M = L·R, never formed densely.
+
+Every aggregation rule in fedlora is a statement about sums of LoRA products
+Σ_i c_i·s_i·B_i·A_i. This module does that algebra on the factors:
+
+* stacking:   Σ_j c_j·L_j·R_j = [c_1·L_1, …, c_K·L_K] · [R_1; …; R_K]   (exact, O(0) flops)
+* inner:      ⟨L₁R₁, L₂R₂⟩_F = Σ (L₁ᵀL₂) ∘ (R₁R₂ᵀ)                         O(k₁k₂(m+n))
+* SVD:        L = Q_L·T_L, Rᵀ = Q_R·T_R (thin QR) ⇒ L·R = Q_L·(T_L·T_Rᵀ)·Q_Rᵀ,
+              SVD of the small k×k core C = U_c·Σ·V_cᵀ gives U = Q_L·U_c, Vᵀ = V_cᵀ·Q_Rᵀ.
+              Cost O(k²(m+n) + k³) instead of O(mn·min(m,n)) for a dense SVD.
+
+A dense m×n tensor appears only in :meth:`Factored.dense` (tests, folding into
+frozen base weights) — never on the aggregation or transport path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Factored", "SVD", "pairwise_inner"]
+
+
+@dataclass(frozen=True)
+class SVD:
+    """A thin SVD M = U·diag(S)·Vh with S sorted in decreasing order."""
+
+    U: Tensor  # (m, k), orthonormal columns
+    S: Tensor  # (k,)
+    Vh: Tensor  # (k, n), orthonormal rows
+
+    @property
+    def rank(self) -> int:
+        return int(self.S.numel())
+
+    def truncate(self, rank: int) -> "SVD":
+        """The best rank-``rank`` approximation (Eckart–Young)."""
+        return SVD(self.U[:, :rank], self.S[:rank], self.Vh[:rank])
+
+    def tail(self, rank: int) -> "SVD":
+        """Everything the rank-``rank`` truncation drops: M − M_rank."""
+        return SVD(self.U[:, rank:], self.S[rank:], self.Vh[rank:])
+
+    def factored(self) -> "Factored":
+        """M as factors (U·Σ)·Vh."""
+        return Factored(self.U * self.S, self.Vh)
+
+    def tail_energy(self, rank: int) -> float:
+        """‖M − M_rank‖_F² = Σ_{j>rank} σ_j²."""
+        return float(self.S[rank:].double().square().sum())
+
+
+class Factored:
+    """A matrix M = L·R of shape (m, n) held as L (m×k) and R (k×n)."""
+
+    __slots__ = ("L", "R")
+
+    def __init__(self, L: Tensor, R: Tensor):
+        if L.dim() != 2 or R.dim() != 2 or L.shape[1] != R.shape[0]:
+            raise ValueError(f"factors do not chain: L {tuple(L.shape)} · R {tuple(R.shape)}")
+        self.L = L
+        self.R = R
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.L.shape[0], self.R.shape[1])
+
+    @property
+    def inner_dim(self) -> int:
+        """k, the number of stacked rank-one terms (an upper bound on the rank)."""
+        return self.L.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.L.dtype
+
+    def numel(self) -> int:
+        """Numbers needed to transport M in this form: k·(m+n)."""
+        return self.L.numel() + self.R.numel()
+
+    @staticmethod
+    def zeros(m: int, n: int, dtype: torch.dtype = torch.float32) -> "Factored":
+        return Factored(torch.zeros(m, 0, dtype=dtype), torch.zeros(0, n, dtype=dtype))
+
+    # ---------------------------------------------------------------- algebra
+    @staticmethod
+    def stack(terms: Sequence["Factored"], coefs: Sequence[float] | None = None) -> "Factored":
+        """Σ_j c_j·M_j exactly, as one factored matrix of inner dimension Σ_j k_j."""
+        if not terms:
+            raise ValueError("stack needs at least one term")
+        shape = terms[0].shape
+        for t in terms:
+            if t.shape != shape:
+                raise ValueError(f"cannot stack matrices of shapes {shape} and {t.shape}")
+        coefs = [1.0] * len(terms) if coefs is None else list(coefs)
+        L = torch.cat([c * t.L for c, t in zip(coefs, terms)], dim=1)
+        R = torch.cat([t.R for t in terms], dim=0)
+        return Factored(L, R)
+
+    def __add__(self, other: "Factored") -> "Factored":
+        return Factored.stack([self, other])
+
+    def __sub__(self, other: "Factored") -> "Factored":
+        return Factored.stack([self, other], [1.0, -1.0])
+
+    def __neg__(self) -> "Factored":
+        return Factored(-self.L, self.R)
+
+    def __mul__(self, c: float) -> "Factored":
+        return Factored(c * self.L, self.R)
+
+    __rmul__ = __mul__
+
+    def t(self) -> "Factored":
+        """Mᵀ = Rᵀ·Lᵀ."""
+        return Factored(self.R.T, self.L.T)
+
+    def to(self, dtype: torch.dtype) -> "Factored":
+        return Factored(self.L.to(dtype), self.R.to(dtype))
+
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The m×n matrix. Only for folding into dense base weights and for tests."""
+        L, R = (self.L, self.R) if dtype is None else (self.L.to(dtype), self.R.to(dtype))
+        return L @ R
+
+    # ----------------------------------------------------------------- norms
+    def inner(self, other: "Factored") -> float:
+        """⟨M₁, M₂⟩_F = trace(M₁ᵀM₂) = Σ (L₁ᵀL₂) ∘ (R₁R₂ᵀ), accumulated in float64."""
+        if self.shape != other.shape:
+            raise ValueError(f"inner product of shapes {self.shape} and {other.shape}")
+        gl = self.L.double().T @ other.L.double()
+        gr = self.R.double() @ other.R.double().T
+        return float((gl * gr).sum())
+
+    def norm(self) -> float:
+        """‖M‖_F, clamped at zero against round-off."""
+        return max(self.inner(self), 0.0) ** 0.5
+
+    # ------------------------------------------------------------------- SVD
+    def svd(self, rank: int | None = None, rtol: float | None = None) -> SVD:
+        """Exact thin SVD of L·R through QR of the factors.
+
+        ``rank`` keeps the top singular triplets only; ``rtol`` drops singular
+        values ≤ rtol·σ₁ (numerical zeros). The core SVD runs in float64, the
+        QRs and the final products in the factors' dtype.
+        """
+        m, n = self.shape
+        dtype = self.dtype
+        if self.inner_dim == 0:
+            return SVD(torch.zeros(m, 0, dtype=dtype), torch.zeros(0, dtype=dtype), torch.zeros(0, n, dtype=dtype))
+        QL, TL = torch.linalg.qr(self.L)  # (m, a), (a, k)
+        QR, TR = torch.linalg.qr(self.R.T)  # (n, b), (b, k)
+        core = TL.double() @ TR.double().T  # (a, b)
+        Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
+        keep = S.numel()
+        if rtol is not None and keep:
+            keep = int((S > rtol * S[0]).sum()) if S[0] > 0 else 0
+        if rank is not None:
+            keep = min(keep, rank)
+        U = QL @ Uc[:, :keep].to(dtype)
+        Vh = Vch[:keep].to(dtype) @ QR.T
+        return SVD(U, S[:keep].to(dtype), Vh)
+
+    def compress(self, rtol: float = 1e-7) -> "Factored":
+        """The same matrix with the smallest inner dimension its numerical rank allows."""
+        if self.inner_dim <= 1:
+            return self
+        return self.svd(rtol=rtol).factored()
+
+    def __repr__(self) -> str:
+        return f"Factored(shape={self.shape}, k={self.inner_dim}, dtype={self.dtype})"
+
+
+def pairwise_inner(terms: Sequence[Factored]) -> Tensor:
+    """The K×K Gram matrix G_jk = ⟨M_j, M_k⟩_F of several factored matrices.
+
+    One stacked product [L_1 … L_K]ᵀ[L_1 … L_K] and one for the R's, then each
+    block's Hadamard sum: O((Σk_j)²(m+n)) flops for all K² pairs at once.
+    """
+    if not terms:
+        return torch.zeros(0, 0, dtype=torch.float64)
+    sizes = [t.inner_dim for t in terms]
+    L = torch.cat([t.L for t in terms], dim=1).double()
+    R = torch.cat([t.R for t in terms], dim=0).double()
+    prod = (L.T @ L) * (R @ R.T)
+    # Sum each (k_j × k_k) block: segment-sum rows, then columns.
+    seg = torch.repeat_interleave(torch.arange(len(terms)), torch.tensor(sizes))
+    P = torch.zeros(len(terms), prod.shape[0], dtype=torch.float64)
+    P[seg, torch.arange(prod.shape[0])] = 1.0
+    return P @ prod @ P.T
+
+

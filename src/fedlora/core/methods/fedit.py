@@ -1,0 +1,42 @@
+"""FedIT (Zhang et al., ICASSP 2024): FedAvg of the LoRA factors.
+
+    B' = Σ_i p_i·B_i,   A' = Σ_i p_i·A_i
+
+Inexact: s·B'·A' ≠ Σ_i p_i·s·B_i·A_i in general (the cross terms B_i·A_j, i≠j,
+enter the product). The error is reported as ``info["inexactness"]``:
+‖Σ p_i s B_i A_i − s B'A'‖_F / ‖Σ p_i s B_i A_i‖_F, computed in factored form.
+All clients must share the global rank.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..adapter import Adapter
+from ..aggregator import Aggregator, RoundOutput, register
+from ..factored import Factored
+from ..state import ClientUpdate, ServerState
+from ._common import mean_factors, module_adapters, weighted_sum_of_deltas
+
+
+@register
+class FedIT(Aggregator):
+    name = "fedit"
+    exact = False
+
+    def __init__(self, weighting: str = "data_size", measure_error: bool = True):
+        super().__init__(weighting)
+        self.measure_error = measure_error
+
+    def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
+        adapters, num, den = {}, 0.0, 0.0
+        for name, g in state.adapters.items():
+            local = module_adapters(updates, name)
+            B, A = mean_factors(local, p)
+            adapters[name] = Adapter(B, A, g.scale)
+            if self.measure_error:
+                ideal = weighted_sum_of_deltas(local, p)
+                num += (ideal - adapters[name].delta()).norm() ** 2
+                den += ideal.norm() ** 2
+        info = {"inexactness": (num / den) ** 0.5 if den > 0 else 0.0} if self.measure_error else {}
+        return RoundOutput(adapters=adapters, info=info)

@@ -1,0 +1,89 @@
+"""What travels each round and what the server keeps between rounds.
+
+One round, per adapted module (all in out×in orientation):
+
+    server ──ClientStart──▶ client i      adapters (B, A) of rank r_i, scaling s_i,
+                                           optional client-only base delta, dense params
+    server ◀─ClientUpdate── client i      trained (B_i, A_i), n_i, dense params, label counts
+    server: Aggregator.aggregate(state, updates) → new ServerState
+
+``ServerState.base_delta`` is the part of the aggregate that the method folds
+into the frozen base weights W0 this round (FedEx-LoRA's residual, FLoRA's
+stack, …). It is factored: an engine folds it into its single base model once
+and sends the same factors to every client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torch import Tensor
+
+from .adapter import Adapter, LoraSpec
+from .factored import Factored
+
+__all__ = ["ClientUpdate", "ClientStart", "ServerState"]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What client ``client_id`` sends after local training."""
+
+    client_id: str
+    num_examples: int
+    adapters: Mapping[str, Adapter]
+    dense: Mapping[str, Tensor] = field(default_factory=dict)
+    label_counts: Tensor | None = None  # (C,) examples per class, only if the client opts in
+
+    def numel(self) -> int:
+        """Numbers uploaded: r_i·(m+n) per module plus the dense parameters."""
+        return sum(a.numel() for a in self.adapters.values()) + sum(t.numel() for t in self.dense.values())
+
+
+@dataclass(frozen=True)
+class ClientStart:
+    """What one client downloads before a round: its starting point.
+
+    The client's model is W0 (with every broadcast ``ServerState.base_delta``
+    folded in) + ``base_delta`` (client-only, frozen) + s_i·B·A (trainable).
+    """
+
+    adapters: Mapping[str, Adapter]
+    base_delta: Mapping[str, Factored] = field(default_factory=dict)
+    dense: Mapping[str, Tensor] = field(default_factory=dict)
+    train_A: bool = True
+
+    def numel(self) -> int:
+        return (
+            sum(a.numel() for a in self.adapters.values())
+            + sum(f.numel() for f in self.base_delta.values())
+            + sum(t.numel() for t in self.dense.values())
+        )
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """The server's state between rounds. Aggregators never mutate it; they return a new one."""
+
+    round: int
+    rank: int  # the global adapter rank r (r_max for mixed-rank methods)
+    lora: LoraSpec
+    adapters: Mapping[str, Adapter]  # the global adapter clients restart from
+    dense: Mapping[str, Tensor] = field(default_factory=dict)  # fully trained params (heads)
+    base_delta: Mapping[str, Factored] = field(default_factory=dict)  # to fold into W0 after this round
+    extra: Mapping[str, Any] = field(default_factory=dict)  # method state (e.g. FedHL's global W_t)
+    info: Mapping[str, Any] = field(default_factory=dict)  # diagnostics of the last aggregation
+    seed: int = 0
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {name: a.shape for name, a in self.adapters.items()}
+
+    def evolve(self, **changes: Any) -> "ServerState":
+        return replace(self, **changes)
+
+    def broadcast_numel(self) -> int:
+        """Numbers every client downloads for the shared base-weight delta."""
+        return sum(f.numel() for f in self.base_delta.values())

@@ -1,0 +1,93 @@
+"""Checks every client update before any arithmetic, so a bad update is refused
+with an error naming the client and module, and the server state is untouched."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import AggregationError, UpdateError
+from .state import ClientUpdate, ServerState
+
+__all__ = ["validate_updates"]
+
+
+def _check_tensor(t: object, client: str, module: str, what: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise UpdateError(client, module, f"{what} is {type(t).__name__}, not a tensor")
+    if not t.is_floating_point():
+        raise UpdateError(client, module, f"{what} has dtype {t.dtype}; a floating-point tensor is required")
+    if not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise UpdateError(client, module, f"{what} contains {bad}")
+    return t
+
+
+def validate_updates(
+    state: ServerState,
+    updates: Sequence[ClientUpdate],
+    *,
+    same_rank: bool,
+    max_rank: int | None,
+    needs_label_counts: bool = False,
+) -> None:
+    """Raise :class:`UpdateError` / :class:`AggregationError` on the first problem found.
+
+    ``same_rank``: every client must use the global rank (factor-averaging methods).
+    ``max_rank``: the largest client rank the method can take (None = any).
+    """
+    if not updates:
+        raise AggregationError("no client updates to aggregate")
+    seen: set[str] = set()
+    expected = state.shapes
+    for u in updates:
+        cid = str(u.client_id)
+        if cid in seen:
+            raise UpdateError(cid, None, "sent more than one update this round")
+        seen.add(cid)
+        if not isinstance(u.num_examples, int) or isinstance(u.num_examples, bool) or u.num_examples < 0:
+            raise UpdateError(cid, None, f"num_examples must be a non-negative integer, got {u.num_examples!r}")
+        missing = sorted(set(expected) - set(u.adapters))
+        if missing:
+            raise UpdateError(cid, missing[0], "module missing from the update" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        unknown = sorted(set(u.adapters) - set(expected))
+        if unknown:
+            raise UpdateError(cid, unknown[0], "module is not adapted by the global model")
+        for name, (m, n) in expected.items():
+            a = u.adapters[name]
+            B = _check_tensor(a.B, cid, name, "B")
+            A = _check_tensor(a.A, cid, name, "A")
+            if B.dim() != 2 or A.dim() != 2:
+                raise UpdateError(cid, name, f"B and A must be matrices, got B {tuple(B.shape)}, A {tuple(A.shape)}")
+            if B.shape[1] != A.shape[0]:
+                raise UpdateError(cid, name, f"rank mismatch: B is {tuple(B.shape)} but A is {tuple(A.shape)}")
+            if B.shape[0] != m or A.shape[1] != n:
+                raise UpdateError(cid, name, f"shape mismatch: B·A is {B.shape[0]}×{A.shape[1]}, the module is {m}×{n}")
+            r = A.shape[0]
+            if r < 1:
+                raise UpdateError(cid, name, "rank 0 adapter")
+            if same_rank and r != state.adapters[name].rank:
+                raise UpdateError(cid, name, f"rank {r} differs from the global rank {state.adapters[name].rank}; this method needs equal ranks (use hexa, fedhl, flexlora, hetlora or flora for mixed ranks)")
+            if max_rank is not None and r > max_rank:
+                raise UpdateError(cid, name, f"rank {r} exceeds the global rank {max_rank}")
+            if not isinstance(a.scale, (int, float)) or not math.isfinite(a.scale) or a.scale <= 0:
+                raise UpdateError(cid, name, f"scaling must be a positive finite number, got {a.scale!r}")
+            want = state.lora.scale(r)
+            if abs(a.scale - want) > 1e-6 * want:
+                raise UpdateError(cid, name, f"scaling {a.scale:g} does not match the run's LoRA spec ({'α/√r' if state.lora.rslora else 'α/r'} = {want:g} at rank {r})")
+        if set(u.dense) != set(state.dense):
+            diff = sorted(set(u.dense) ^ set(state.dense))
+            raise UpdateError(cid, diff[0], "dense parameter set differs from the global model's")
+        for name, t in u.dense.items():
+            _check_tensor(t, cid, name, "dense parameter")
+            if tuple(t.shape) != tuple(state.dense[name].shape):
+                raise UpdateError(cid, name, f"dense parameter shape {tuple(t.shape)} != {tuple(state.dense[name].shape)}")
+        if needs_label_counts:
+            lc = u.label_counts
+            if lc is None:
+                raise UpdateError(cid, None, "label_counts are required for class-aware head aggregation")
+            if lc.dim() != 1 or not bool(torch.isfinite(lc.double()).all()) or bool((lc < 0).any()):
+                raise UpdateError(cid, None, f"label_counts must be a 1-D tensor of non-negative counts, got {lc.tolist()}")
