@@ -81,10 +81,23 @@ class Aggregator(ABC):
         return {}
 
     def client_start(self, state: ServerState, rank: int | None = None) -> ClientStart:
-        """The starting point sent to a client of LoRA rank ``rank`` (default: the global rank)."""
-        if rank is not None and rank != state.rank:
+        """The starting point sent to a client of LoRA rank ``rank`` (default: the global rank).
+
+        Tensors are copies: a client training in place cannot touch the server state.
+        """
+        rank = self.client_rank(state, rank)
+        return ClientStart(adapters={n: a.clone() for n, a in state.adapters.items()}, dense=clone_dense(state.dense))
+
+    def client_rank(self, state: ServerState, rank: int | None) -> int:
+        """``rank`` checked against what this method accepts (None = the global rank)."""
+        rank = state.rank if rank is None else rank
+        if self.mixed_ranks:
+            limit = self._max_client_rank(state)
+            if rank < 1 or (limit is not None and rank > limit):
+                raise AggregationError(f"method {self.name!r}: client rank {rank} must be between 1 and {limit or 'any'}")
+        elif rank != state.rank:
             raise AggregationError(f"method {self.name!r} needs every client at the global rank {state.rank}, got {rank}")
-        return ClientStart(adapters=dict(state.adapters), dense=dict(state.dense))
+        return rank
 
     def global_delta(self, state: ServerState) -> dict[str, Factored]:
         """G: the global model's update on top of the (folded) base weights."""
@@ -146,5 +159,5 @@ def get_aggregator(name: str, **options: Any) -> Aggregator:
         raise AggregationError(f"unknown aggregation method {name!r}; known methods: {', '.join(known)}")
     try:
         return _REGISTRY[name](**options)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # unknown keyword, or a value the method's constructor refuses
         raise AggregationError(f"bad options for method {name!r}: {e}") from None

@@ -4,6 +4,7 @@ with an error naming the client and module, and the server state is untouched.""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -42,13 +43,14 @@ def validate_updates(
     if not updates:
         raise AggregationError("no client updates to aggregate")
     seen: set[str] = set()
+    num_classes = None
     expected = state.shapes
     for u in updates:
         cid = str(u.client_id)
         if cid in seen:
             raise UpdateError(cid, None, "sent more than one update this round")
         seen.add(cid)
-        if not isinstance(u.num_examples, int) or isinstance(u.num_examples, bool) or u.num_examples < 0:
+        if not isinstance(u.num_examples, numbers.Integral) or isinstance(u.num_examples, bool) or u.num_examples < 0:
             raise UpdateError(cid, None, f"num_examples must be a non-negative integer, got {u.num_examples!r}")
         missing = sorted(set(expected) - set(u.adapters))
         if missing:
@@ -60,6 +62,9 @@ def validate_updates(
             a = u.adapters[name]
             B = _check_tensor(a.B, cid, name, "B")
             A = _check_tensor(a.A, cid, name, "A")
+            want_dtype = state.adapters[name].B.dtype
+            if B.dtype != want_dtype or A.dtype != want_dtype:
+                raise UpdateError(cid, name, f"dtype {B.dtype}/{A.dtype} differs from the server's {want_dtype}; cast adapters to {want_dtype} before sending")
             if B.dim() != 2 or A.dim() != 2:
                 raise UpdateError(cid, name, f"B and A must be matrices, got B {tuple(B.shape)}, A {tuple(A.shape)}")
             if B.shape[1] != A.shape[0]:
@@ -91,3 +96,6 @@ def validate_updates(
                 raise UpdateError(cid, None, "label_counts are required for class-aware head aggregation")
             if lc.dim() != 1 or not bool(torch.isfinite(lc.double()).all()) or bool((lc < 0).any()):
                 raise UpdateError(cid, None, f"label_counts must be a 1-D tensor of non-negative counts, got {lc.tolist()}")
+            if num_classes is not None and lc.numel() != num_classes:
+                raise UpdateError(cid, None, f"label_counts has {lc.numel()} classes, other clients report {num_classes}")
+            num_classes = lc.numel()

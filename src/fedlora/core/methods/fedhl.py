@@ -41,6 +41,8 @@ class FedHL(Aggregator):
     def __init__(self, weighting: str = "data_size", eps: float = 1e-6, times_data_size: bool = False,
                  split: str = "B", rtol: float = 1e-7, max_rank: int | None = None):
         super().__init__(weighting)
+        if split not in ("B", "sqrt"):
+            raise ValueError(f"split must be 'B' or 'sqrt', got {split!r}")
         self.eps = eps
         self.times_data_size = times_data_size
         self.split = split
@@ -51,7 +53,7 @@ class FedHL(Aggregator):
         return {"global": zero_svds(state)}
 
     def client_start(self, state: ServerState, rank: int | None = None) -> ClientStart:
-        rank = state.rank if rank is None else rank
+        rank = self.client_rank(state, rank)
         return ClientStart(adapters=svd_download(state, state.extra["global"], rank, self.split), dense=dict(state.dense))
 
     def global_delta(self, state: ServerState) -> dict[str, Factored]:

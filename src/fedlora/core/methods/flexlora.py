@@ -42,6 +42,8 @@ class FlexLoRA(Aggregator):
 
     def __init__(self, weighting: str = "data_size", split: str = "B", rtol: float = 1e-7):
         super().__init__(weighting)
+        if split not in ("B", "sqrt"):
+            raise ValueError(f"split must be 'B' or 'sqrt', got {split!r}")
         self.split = split
         self.rtol = rtol
 
@@ -49,7 +51,7 @@ class FlexLoRA(Aggregator):
         return {"global": zero_svds(state)}
 
     def client_start(self, state: ServerState, rank: int | None = None) -> ClientStart:
-        rank = state.rank if rank is None else rank
+        rank = self.client_rank(state, rank)
         return ClientStart(adapters=svd_download(state, state.extra["global"], rank, self.split), dense=dict(state.dense))
 
     def global_delta(self, state: ServerState) -> dict[str, Factored]:

@@ -33,7 +33,7 @@ class FLoRA(Aggregator):
     mixed_ranks = True
 
     def client_start(self, state: ServerState, rank: int | None = None) -> ClientStart:
-        rank = state.rank if rank is None else rank
+        rank = self.client_rank(state, rank)
         return ClientStart(adapters=fresh_adapters(state, state.round, rank), dense=dict(state.dense))
 
     def _max_client_rank(self, state: ServerState) -> int | None:

@@ -60,9 +60,7 @@ class HetLoRA(Aggregator):
     mixed_ranks = True
 
     def client_start(self, state: ServerState, rank: int | None = None) -> ClientStart:
-        rank = state.rank if rank is None else rank
-        if rank > state.rank:
-            raise ValueError(f"client rank {rank} exceeds the global rank {state.rank}")
+        rank = self.client_rank(state, rank)
         scale = state.lora.scale(rank)
         return ClientStart(adapters={n: g.head(rank, scale) for n, g in state.adapters.items()}, dense=dict(state.dense))
 

@@ -115,9 +115,7 @@ class HEXA(Aggregator):
 
     # -------------------------------------------------------------- download
     def client_start(self, state: ServerState, rank: int | None = None) -> ClientStart:
-        rank = state.rank if rank is None else rank
-        if not 1 <= rank <= state.rank:
-            raise ValueError(f"client rank {rank} must be between 1 and the global rank {state.rank}")
+        rank = self.client_rank(state, rank)
         scale = state.lora.scale(rank)
         adapters = {n: g.head(rank, scale) for n, g in state.adapters.items()}
         tails = {n: g.tail(rank) for n, g in state.adapters.items()} if (self.fold_tail and rank < state.rank) else {}
@@ -133,7 +131,10 @@ class HEXA(Aggregator):
         w = p
         if self.drift_beta > 0:
             d = drift_distances(views, dict(state.adapters), p)
-            w = normalise(p * torch.exp(-self.drift_beta * d), "HEXA drift", [u.client_id for u in updates])
+            # exp(−β·(d_i − d_min)) ∝ exp(−β·d_i): the same weights after normalising, but exp cannot
+            # underflow to zero for every client when all d_i are large (updates that nearly cancel).
+            shift = float(d[p > 0].min())
+            w = normalise(p * torch.exp(-self.drift_beta * (d - shift)), "HEXA drift", [u.client_id for u in updates])
             info["drift"] = d.tolist()
         info["hexa_weights"] = w.tolist()
         adapters, residual = {}, {}

@@ -1,0 +1,76 @@
+"""ServerState ⇄ plain nested dicts of tensors and numbers.
+
+The result loads with ``torch.load(weights_only=True)`` (no pickled classes),
+so a checkpoint cannot execute code, and transports (Flower records) can
+flatten it without knowing the core's classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from .adapter import Adapter, LoraSpec
+from .factored import SVD, Factored
+from .state import ServerState
+
+__all__ = ["state_to_dict", "state_from_dict"]
+
+
+def _encode(x: Any) -> Any:
+    if isinstance(x, Adapter):
+        return {"__adapter__": True, "B": x.B, "A": x.A, "scale": float(x.scale)}
+    if isinstance(x, Factored):
+        return {"__factored__": True, "L": x.L, "R": x.R}
+    if isinstance(x, SVD):
+        return {"__svd__": True, "U": x.U, "S": x.S, "Vh": x.Vh}
+    if isinstance(x, dict):
+        return {str(k): _encode(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_encode(v) for v in x]
+    if isinstance(x, (Tensor, int, float, str, bool)) or x is None:
+        return x
+    raise TypeError(f"cannot serialise {type(x).__name__} in server state")
+
+
+def _decode(x: Any) -> Any:
+    if isinstance(x, dict):
+        if x.get("__adapter__"):
+            return Adapter(x["B"], x["A"], x["scale"])
+        if x.get("__factored__"):
+            return Factored(x["L"], x["R"])
+        if x.get("__svd__"):
+            return SVD(x["U"], x["S"], x["Vh"])
+        return {k: _decode(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_decode(v) for v in x]
+    return x
+
+
+def state_to_dict(state: ServerState) -> dict:
+    return {
+        "round": state.round,
+        "rank": state.rank,
+        "lora": {"alpha": float(state.lora.alpha), "rslora": bool(state.lora.rslora)},
+        "seed": state.seed,
+        "adapters": _encode(dict(state.adapters)),
+        "dense": dict(state.dense),
+        "base_delta": _encode(dict(state.base_delta)),
+        "extra": _encode(dict(state.extra)),
+        "info": _encode(dict(state.info)),
+    }
+
+
+def state_from_dict(d: dict) -> ServerState:
+    return ServerState(
+        round=int(d["round"]),
+        rank=int(d["rank"]),
+        lora=LoraSpec(**d["lora"]),
+        adapters=_decode(d["adapters"]),
+        dense=dict(d["dense"]),
+        base_delta=_decode(d["base_delta"]),
+        extra=_decode(d["extra"]),
+        info=_decode(d["info"]),
+        seed=int(d["seed"]),
+    )

@@ -1,0 +1,203 @@
+"""Bad input is refused with an error naming the client and module; the state stays bit-for-bit unchanged."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedlora.core import Adapter, AggregationError, ClientUpdate, LoraSpec, UpdateError, available_methods, get_aggregator
+from helpers import MIXED_SHAPES, SHAPES, assert_unchanged, client_round, make, run_round, snapshot
+
+ALL = ["fedex", "fedhl", "fedit", "ffa", "flexlora", "flora", "fra", "hetlora", "hexa"]
+SAME_RANK = ["fedit", "fedex", "ffa", "fra"]
+MIXED = ["flora", "flexlora", "hetlora", "fedhl", "hexa"]
+NS = [3, 4, 5]
+
+
+def setup(name, **opts):
+    """A state after one round (non-trivial extras/base deltas) and valid updates for the next."""
+    dense = {"head": torch.randn(3, 4)}
+    agg, state = make(name, SHAPES, rank=4, dense=dense, **opts)
+    starts, ups = client_round(agg, state, [None] * 3, NS, seed=0)
+    ups = [ClientUpdate(u.client_id, u.num_examples, u.adapters, dense={"head": torch.randn(3, 4)}) for u in ups]
+    state = agg.aggregate(state, ups)
+    starts, ups = client_round(agg, state, [None] * 3, NS, seed=1)
+    ups = [ClientUpdate(u.client_id, u.num_examples, u.adapters, dense={"head": torch.randn(3, 4)}) for u in ups]
+    return agg, state, ups
+
+
+def with_module(u: ClientUpdate, module: str, adapter: Adapter | None, **changes) -> ClientUpdate:
+    ad = dict(u.adapters)
+    if adapter is None:
+        del ad[module]
+    else:
+        ad[module] = adapter
+    kw = dict(client_id=u.client_id, num_examples=u.num_examples, adapters=ad, dense=u.dense, label_counts=u.label_counts)
+    kw.update(changes)
+    return ClientUpdate(**kw)
+
+
+def refused(agg, state, updates, client, module, exc=UpdateError, words=()):
+    snap = snapshot(state)
+    with pytest.raises(exc) as e:
+        agg.aggregate(state, updates)
+    msg = str(e.value)
+    if client is not None:
+        assert f"'{client}'" in msg, msg
+        if isinstance(e.value, UpdateError):
+            assert e.value.client == client
+    if module is not None:
+        assert f"'{module}'" in msg, msg
+        assert e.value.module == module
+    for w in words:
+        assert w.lower() in msg.lower(), msg
+    assert_unchanged(state, snap)
+    return e.value
+
+
+def bad_variants(a: Adapter, spec: LoraSpec):
+    """(label, bad adapter, words the message must contain) for a valid adapter a of module 'v' (16×16)."""
+    r = a.rank
+    nan_B = a.B.clone(); nan_B[1, 0] = float("nan")
+    inf_B = a.B.clone(); inf_B[0, 1] = float("inf")
+    nan_A = a.A.clone(); nan_A[0, 3] = float("nan")
+    inf_A = a.A.clone(); inf_A[2, 2] = -float("inf")
+    return [
+        ("B rows", Adapter(torch.randn(17, r), a.A, a.scale), ["shape"]),
+        ("A cols", Adapter(a.B, torch.randn(r, 15), a.scale), ["shape"]),
+        ("A cols+", Adapter(a.B, torch.randn(r, 17), a.scale), ["shape"]),
+        ("B 1-D", Adapter(a.B[:, 0], a.A, a.scale), ["matri"]),
+        ("B/A rank", Adapter(a.B, a.A[: r - 1], a.scale), ["rank"]),
+        ("NaN in B", Adapter(nan_B, a.A, a.scale), ["nan"]),
+        ("Inf in B", Adapter(inf_B, a.A, a.scale), ["inf"]),
+        ("NaN in A", Adapter(a.B, nan_A, a.scale), ["nan"]),
+        ("Inf in A", Adapter(a.B, inf_A, a.scale), ["inf"]),
+        ("scale x2", Adapter(a.B, a.A, 2 * a.scale), ["scaling"]),
+        ("scale other rank", Adapter(a.B, a.A, spec.alpha / (r + 1)), ["scaling"]),
+        ("scale nan", Adapter(a.B, a.A, float("nan")), ["scaling"]),
+        ("scale negative", Adapter(a.B, a.A, -a.scale), ["scaling"]),
+        ("int dtype", Adapter(a.B.round().to(torch.int64), a.A, a.scale), ["dtype"]),
+        ("rank 0", Adapter(torch.zeros(16, 0), torch.zeros(0, 16), a.scale), ["rank"]),
+    ]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_malformed_adapter_refused(name):
+    agg, state, ups = setup(name)
+    for label, bad, words in bad_variants(ups[1].adapters["v"], state.lora):
+        try:
+            refused(agg, state, [ups[0], with_module(ups[1], "v", bad), ups[2]], "c1", "v", words=words)
+        except BaseException as e:  # name the variant that slipped through
+            raise AssertionError(f"{name}, variant {label!r}: {e}") from e
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_missing_and_unknown_module(name):
+    agg, state, ups = setup(name)
+    refused(agg, state, [ups[0], ups[1], with_module(ups[2], "v", None)], "c2", "v", words=["missing"])
+    extra = with_module(ups[2], "k_proj", ups[2].adapters["v"])
+    refused(agg, state, [ups[0], ups[1], extra], "c2", "k_proj", words=["not adapted"])
+
+
+@pytest.mark.parametrize("name", SAME_RANK)
+def test_rank_differing_from_global_refused(name):
+    agg, state, ups = setup(name)
+    a = ups[0].adapters["q"]
+    for r in (a.rank - 1, a.rank + 1):
+        g = torch.Generator().manual_seed(r)
+        lower = Adapter(torch.randn(12, r, generator=g), torch.randn(r, 10, generator=g), state.lora.scale(r))
+        refused(agg, state, [with_module(ups[0], "q", lower), ups[1], ups[2]], "c0", "q", words=["rank"])
+    with pytest.raises(AggregationError):
+        agg.client_start(state, state.rank - 1)
+
+
+@pytest.mark.parametrize("name", [m for m in MIXED if m != "flora"])
+def test_rank_above_global_refused(name):
+    agg, state = make(name, MIXED_SHAPES, rank=8)
+    _, ups = client_round(agg, state, [2, 4, 8], NS, seed=0)
+    r = 12
+    g = torch.Generator().manual_seed(0)
+    big = Adapter(torch.randn(24, r, generator=g), torch.randn(r, 20, generator=g), state.lora.scale(r))
+    refused(agg, state, [ups[0], with_module(ups[1], "q", big), ups[2]], "c1", "q", words=["rank"])
+
+
+def test_flora_accepts_any_client_rank():
+    agg, state = make("flora", MIXED_SHAPES, rank=8)
+    new = run_round(agg, state, [2, 12, 16], NS, seed=0).new
+    assert new.round == 1
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_num_examples_and_ids(name):
+    agg, state, ups = setup(name)
+    neg = ClientUpdate("c1", -1, ups[1].adapters, dense=ups[1].dense)
+    refused(agg, state, [ups[0], neg, ups[2]], "c1", None, words=["num_examples"])
+    flt = ClientUpdate("c1", 2.5, ups[1].adapters, dense=ups[1].dense)
+    refused(agg, state, [ups[0], flt, ups[2]], "c1", None, words=["num_examples"])
+    boolean = ClientUpdate("c1", True, ups[1].adapters, dense=ups[1].dense)
+    refused(agg, state, [ups[0], boolean, ups[2]], "c1", None, words=["num_examples"])
+    dup = ClientUpdate("c0", 7, ups[1].adapters, dense=ups[1].dense)
+    refused(agg, state, [ups[0], dup, ups[2]], "c0", None, words=["more than one"])
+    zeros = [ClientUpdate(u.client_id, 0, u.adapters, dense=u.dense) for u in ups]
+    e = refused(agg, state, zeros, None, None, exc=AggregationError, words=["zero"])
+    assert all(f"'{u.client_id}'" in str(e) for u in ups)
+    refused(agg, state, [], None, None, exc=AggregationError, words=["no client updates"])
+
+
+@pytest.mark.parametrize("name", ["fedex", "hexa", "flexlora"])
+def test_bad_dense_params_refused(name):
+    agg, state, ups = setup(name)
+    nan = torch.randn(3, 4); nan[0, 0] = float("nan")
+    refused(agg, state, [ups[0], ClientUpdate("c1", 4, ups[1].adapters, dense={"head": nan}), ups[2]], "c1", "head", words=["nan"])
+    refused(agg, state, [ups[0], ClientUpdate("c1", 4, ups[1].adapters, dense={"head": torch.randn(4, 3)}), ups[2]], "c1", "head", words=["shape"])
+    refused(agg, state, [ups[0], ClientUpdate("c1", 4, ups[1].adapters, dense={}), ups[2]], "c1", "head")
+
+
+def test_ffa_changed_A_refused():
+    agg, state, ups = setup("ffa")
+    a = ups[2].adapters["o"]
+    moved = Adapter(a.B, a.A * 1.01, a.scale)
+    refused(agg, state, [ups[0], ups[1], with_module(ups[2], "o", moved)], "c2", "o", words=["frozen"])
+
+
+def test_unknown_method_and_bad_options():
+    with pytest.raises(AggregationError) as e:
+        get_aggregator("nope")
+    assert "'nope'" in str(e.value) and "hexa" in str(e.value)
+    bad = [
+        ("fedit", {"bogus": 1}),
+        ("fedex", {"weighting": "by_magic"}),
+        ("hexa", {"restart": "nope"}),
+        ("hexa", {"drift_beta": -1.0}),
+        ("hexa", {"drift_beta": math.nan}),
+        ("hexa", {"mixed_ranks": "pad"}),
+        ("hexa", {"class_aware_head": True}),
+        ("fra", {"split": "U"}),
+        ("fra", {"fra_rounds": 0}),
+        ("flexlora", {"split": "U"}),
+        ("fedhl", {"split": "U"}),
+    ]
+    for name, opts in bad:
+        with pytest.raises(AggregationError) as e:
+            get_aggregator(name, **opts)
+        assert f"'{name}'" in str(e.value) or name in str(e.value).lower(), (name, opts, str(e.value))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bad_global_rank_refused(name):
+    agg = get_aggregator(name)
+    with pytest.raises(AggregationError):
+        agg.init_state(SHAPES, 0, LoraSpec())
+    with pytest.raises(AggregationError) as e:
+        agg.init_state(SHAPES, 10, LoraSpec())  # "o" is 24×9
+    assert "'o'" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_untouched_by_successful_round(name):
+    agg, state, ups = setup(name)
+    snap = snapshot(state)
+    agg.aggregate(state, ups)
+    assert_unchanged(state, snap)

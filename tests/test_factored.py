@@ -1,0 +1,298 @@
+"""fedlora.core.factored against dense float64 maths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference as ref
+from fedlora.core.factored import SVD, Factored, pairwise_inner
+
+F32_TOL = 2e-6
+F64_TOL = 1e-12
+
+# (m, k, n): k < min, k > m, k > n, k > both, square, k = 1
+CASES = [(12, 3, 10), (5, 12, 7), (9, 11, 4), (6, 20, 6), (16, 4, 16), (8, 1, 13)]
+
+
+def rnd(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def fac(m, k, n, seed=0, dtype=torch.float32):
+    return Factored(rnd(m, k, seed=seed, dtype=dtype), rnd(k, n, seed=seed + 1000, dtype=dtype))
+
+
+def deficient(m, n, true_rank, k, seed=0, dtype=torch.float32):
+    """L·R with inner dimension k but rank true_rank (L has rank true_rank)."""
+    L = rnd(m, true_rank, seed=seed, dtype=torch.float64) @ rnd(true_rank, k, seed=seed + 1, dtype=torch.float64)
+    return Factored(L.to(dtype), rnd(k, n, seed=seed + 2, dtype=dtype))
+
+
+def D(f: Factored):
+    return ref.mat(f.L, f.R)
+
+
+def tol(dtype):
+    return F32_TOL if dtype == torch.float32 else F64_TOL
+
+
+# ------------------------------------------------------------------ basics
+@pytest.mark.parametrize("m,k,n", CASES)
+def test_shape_inner_dim_numel(m, k, n):
+    f = fac(m, k, n)
+    assert f.shape == (m, n)
+    assert f.inner_dim == k
+    assert f.numel() == k * (m + n)
+    assert f.dtype == torch.float32
+
+
+def test_factors_must_chain():
+    with pytest.raises(ValueError):
+        Factored(torch.zeros(3, 2), torch.zeros(3, 4))
+    with pytest.raises(ValueError):
+        Factored(torch.zeros(3), torch.zeros(1, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m,k,n", CASES)
+def test_dense(m, k, n, dtype):
+    f = fac(m, k, n, dtype=dtype)
+    assert f.dense().dtype == dtype
+    assert ref.rel_err(f.dense(), D(f)) < tol(dtype)
+    assert f.dense(torch.float64).dtype == torch.float64
+    assert ref.rel_err(f.dense(torch.float64), D(f)) < 1e-14
+
+
+def test_zeros_and_zero_inner_dim():
+    z = Factored.zeros(7, 5)
+    assert z.shape == (7, 5) and z.inner_dim == 0 and z.numel() == 0
+    assert torch.equal(z.dense(), torch.zeros(7, 5))
+    assert z.norm() == 0.0
+    f = fac(7, 3, 5)
+    assert f.inner(z) == 0.0 and z.inner(f) == 0.0
+    assert ref.rel_err((f + z).dense(), D(f)) < F32_TOL
+    assert z.t().shape == (5, 7)
+    assert Factored.zeros(3, 4, dtype=torch.float64).dtype == torch.float64
+
+
+# ----------------------------------------------------------------- algebra
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stack_with_and_without_coefs(seed):
+    terms = [fac(9, k, 11, seed=seed * 10 + k) for k in (1, 3, 0, 5)]
+    terms[2] = Factored.zeros(9, 11)
+    coefs = [0.5, -2.0, 3.0, 1.25]
+    s = Factored.stack(terms, coefs)
+    assert s.inner_dim == 9
+    want = ref.weighted_sum([D(t) for t in terms], coefs)
+    assert ref.rel_err(s.dense(), want) < F32_TOL
+    s1 = Factored.stack(terms)
+    assert ref.rel_err(D(s1), ref.weighted_sum([D(t) for t in terms], [1, 1, 1, 1])) < F32_TOL
+
+
+def test_stack_errors():
+    with pytest.raises(ValueError):
+        Factored.stack([])
+    with pytest.raises(ValueError):
+        Factored.stack([fac(4, 2, 5), fac(5, 2, 4)])
+
+
+@pytest.mark.parametrize("m,k,n", CASES)
+def test_add_sub_neg_scalar(m, k, n):
+    a, b = fac(m, k, n, seed=1), fac(m, k + 2, n, seed=2)
+    Da, Db = D(a), D(b)
+    assert ref.rel_err(D(a + b), Da + Db) < F32_TOL
+    assert ref.rel_err(D(a - b), Da - Db) < F32_TOL
+    assert ref.rel_err(D(-a), -Da) < F32_TOL
+    assert ref.rel_err(D(a * 2.5), 2.5 * Da) < F32_TOL
+    assert ref.rel_err(D(-0.75 * a), -0.75 * Da) < F32_TOL
+    assert (a + b).inner_dim == 2 * k + 2
+    # a − a is exactly zero as a matrix even though its inner dimension is 2k
+    assert ref.frob(D(a - a)) < 1e-12 * (1 + ref.frob(Da))
+
+
+@pytest.mark.parametrize("m,k,n", CASES)
+def test_transpose(m, k, n):
+    f = fac(m, k, n)
+    ft = f.t()
+    assert ft.shape == (n, m)
+    assert ref.rel_err(D(ft), D(f).T) < F32_TOL
+
+
+def test_to_dtype():
+    f = fac(6, 2, 4).to(torch.float64)
+    assert f.dtype == torch.float64 and f.R.dtype == torch.float64
+
+
+# ------------------------------------------------------------------ norms
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m,k,n", CASES)
+def test_inner_and_norm(m, k, n, dtype):
+    a, b = fac(m, k, n, seed=3, dtype=dtype), fac(m, k + 1, n, seed=4, dtype=dtype)
+    want = float((D(a) * D(b)).sum())
+    # accumulated in float64, so only the inputs' own rounding matters
+    assert a.inner(b) == pytest.approx(want, rel=1e-10, abs=1e-10 * ref.frob(D(a)) * ref.frob(D(b)))
+    assert b.inner(a) == pytest.approx(want, rel=1e-10, abs=1e-10 * ref.frob(D(a)) * ref.frob(D(b)))
+    assert a.norm() == pytest.approx(ref.frob(D(a)), rel=1e-12)
+
+
+def test_inner_shape_mismatch():
+    with pytest.raises(ValueError):
+        fac(4, 2, 5).inner(fac(5, 2, 4))
+
+
+def test_norm_clamped_for_zero_matrix():
+    f = fac(5, 2, 6)
+    z = f - f  # zero matrix, round-off may make ⟨z,z⟩ slightly negative
+    assert z.norm() >= 0.0
+    assert z.norm() < 1e-5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pairwise_inner(seed):
+    ks = [3, 1, 0, 7, 12]
+    terms = [fac(8, k, 6, seed=seed * 100 + i) if k else Factored.zeros(8, 6) for i, k in enumerate(ks)]
+    G = pairwise_inner(terms)
+    assert G.shape == (5, 5) and G.dtype == torch.float64
+    dense = [D(t) for t in terms]
+    want = torch.tensor([[float((x * y).sum()) for y in dense] for x in dense], dtype=torch.float64)
+    assert torch.allclose(G, want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))
+    assert torch.allclose(G, G.T, rtol=0, atol=1e-10 * float(want.abs().max()))
+
+
+def test_pairwise_inner_empty():
+    G = pairwise_inner([])
+    assert G.shape == (0, 0)
+
+
+# -------------------------------------------------------------------- SVD
+def check_svd(svd: SVD, M, dtype, rank=None):
+    """svd is a valid thin SVD of M's top-``rank`` part."""
+    t = tol(dtype) * 5
+    k = svd.rank
+    assert svd.U.shape == (M.shape[0], k) and svd.Vh.shape == (k, M.shape[1]) and svd.S.shape == (k,)
+    assert svd.U.dtype == dtype and svd.Vh.dtype == dtype
+    S_ref = ref.singular_values(M)
+    scale = float(S_ref[0]) if S_ref.numel() else 1.0
+    # singular values: sorted, matching the dense ones
+    S = ref.d(svd.S)
+    assert torch.all(S[:-1] >= S[1:])
+    assert torch.allclose(S, S_ref[:k], rtol=0, atol=t * scale)
+    # orthonormal columns/rows
+    U, Vh = ref.d(svd.U), ref.d(svd.Vh)
+    assert torch.allclose(U.T @ U, torch.eye(k, dtype=torch.float64), atol=t * 10)
+    assert torch.allclose(Vh @ Vh.T, torch.eye(k, dtype=torch.float64), atol=t * 10)
+    # the product is the top-k truncation
+    rec = (U * S) @ Vh
+    want = ref.top_r(M, k)
+    assert ref.frob(rec - want) <= t * 10 * max(ref.frob(M), 1e-30)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m,k,n", CASES)
+def test_svd_full(m, k, n, dtype):
+    f = fac(m, k, n, seed=7, dtype=dtype)
+    svd = f.svd()
+    assert svd.rank == min(m, n, k)
+    check_svd(svd, D(f), dtype)
+    assert ref.rel_err((ref.d(svd.U) * ref.d(svd.S)) @ ref.d(svd.Vh), D(f)) < tol(dtype) * 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m,k,n", CASES)
+@pytest.mark.parametrize("r", [1, 2, 4])
+def test_svd_rank_truncation_matches_dense(m, k, n, dtype, r):
+    f = fac(m, k, n, seed=11, dtype=dtype)
+    svd = f.svd(rank=r)
+    assert svd.rank == min(r, m, n, k)
+    check_svd(svd, D(f), dtype)
+    got = (ref.d(svd.U) * ref.d(svd.S)) @ ref.d(svd.Vh)
+    assert ref.rel_err(got, ref.top_r(D(f), r)) < tol(dtype) * 10
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("m,n,true_rank,k", [(12, 10, 3, 6), (7, 9, 2, 15), (16, 16, 5, 20), (10, 4, 1, 3)])
+def test_svd_rtol_rank_deficient(m, n, true_rank, k, dtype, rtol):
+    f = deficient(m, n, true_rank, k, seed=5, dtype=dtype)
+    assert ref.numerical_rank(D(f), rtol) == true_rank
+    svd = f.svd(rtol=rtol)
+    assert svd.rank == true_rank
+    check_svd(svd, D(f), dtype)
+    assert ref.rel_err(svd.factored().dense(torch.float64), D(f)) < tol(dtype) * 10
+    # rank and rtol together: the smaller wins
+    assert f.svd(rank=true_rank + 2, rtol=rtol).rank == true_rank
+    assert f.svd(rank=1, rtol=rtol).rank == 1
+
+
+def test_svd_drops_only_values_below_rtol():
+    # M = diag(10, 1, 1e-3, 0) embedded with orthonormal factors
+    Q1, _ = torch.linalg.qr(rnd(8, 4, seed=1, dtype=torch.float64))
+    Q2, _ = torch.linalg.qr(rnd(6, 4, seed=2, dtype=torch.float64))
+    S = torch.tensor([10.0, 1.0, 1e-3, 0.0], dtype=torch.float64)
+    f = Factored(Q1 * S, Q2.T)
+    assert f.svd(rtol=1e-2).rank == 2  # 1e-3 ≤ 1e-2·10
+    assert f.svd(rtol=1e-5).rank == 3
+    assert torch.allclose(f.svd(rtol=1e-5).S, S[:3], atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_svd_zero_inner_dim_and_zero_matrix(dtype):
+    z = Factored.zeros(6, 4, dtype=dtype)
+    svd = z.svd()
+    assert svd.rank == 0 and svd.U.shape == (6, 0) and svd.Vh.shape == (0, 4)
+    assert svd.tail_energy(0) == 0.0
+    assert torch.equal(svd.factored().dense(), torch.zeros(6, 4, dtype=dtype))
+    zero_k = Factored(torch.zeros(6, 3, dtype=dtype), rnd(3, 4, dtype=dtype))
+    assert zero_k.svd(rtol=1e-7).rank == 0
+    assert torch.all(zero_k.svd().S == 0)
+
+
+@pytest.mark.parametrize("m,k,n", CASES)
+def test_svd_truncate_tail_tail_energy(m, k, n):
+    f = fac(m, k, n, seed=21, dtype=torch.float64)
+    M = D(f)
+    svd = f.svd()
+    S_ref = ref.singular_values(M)
+    for r in range(0, svd.rank + 2):
+        top, tail = svd.truncate(r), svd.tail(r)
+        assert top.rank == min(r, svd.rank)
+        assert top.rank + tail.rank == svd.rank
+        top_d = top.factored().dense()
+        tail_d = tail.factored().dense()
+        want_top = ref.top_r(M, r)
+        assert ref.frob(top_d - want_top) < 1e-10 * ref.frob(M)
+        assert ref.frob(tail_d - (M - want_top)) < 1e-10 * ref.frob(M)
+        assert svd.tail_energy(r) == pytest.approx(float((S_ref[r:] ** 2).sum()), rel=1e-10, abs=1e-12 * ref.frob(M) ** 2)
+        assert svd.tail_energy(r) == pytest.approx(ref.frob(M - want_top) ** 2, rel=1e-9, abs=1e-12 * ref.frob(M) ** 2)
+    assert svd.tail_energy(0) == pytest.approx(ref.frob(M) ** 2, rel=1e-12)
+
+
+# --------------------------------------------------------------- compress
+@pytest.mark.parametrize("m,n,true_rank,k", [(12, 10, 3, 6), (7, 9, 2, 15), (16, 16, 5, 20)])
+def test_compress_float64_reaches_true_rank(m, n, true_rank, k):
+    f = deficient(m, n, true_rank, k, seed=9, dtype=torch.float64)
+    c = f.compress()
+    assert c.inner_dim == true_rank
+    assert ref.rel_err(D(c), D(f)) < 1e-12
+
+
+@pytest.mark.parametrize("m,n,true_rank,k", [(12, 10, 3, 6), (7, 9, 2, 15), (16, 16, 5, 20)])
+def test_compress_float32(m, n, true_rank, k):
+    f = deficient(m, n, true_rank, k, seed=9)
+    c = f.compress(rtol=1e-5)
+    assert c.inner_dim == true_rank
+    assert ref.rel_err(D(c), D(f)) < 1e-5
+    c_default = f.compress()
+    assert c_default.inner_dim <= min(m, n, k)
+    assert ref.rel_err(D(c_default), D(f)) < 1e-5
+
+
+def test_compress_full_rank_and_trivial():
+    f = fac(9, 20, 7, seed=2)  # k > m, n: compresses to min(m, n)
+    c = f.compress()
+    assert c.inner_dim == 7
+    assert ref.rel_err(D(c), D(f)) < 5e-6
+    one = fac(5, 1, 4)
+    assert one.compress() is one
+    z = Factored.zeros(5, 4)
+    assert z.compress() is z

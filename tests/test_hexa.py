@@ -1,0 +1,288 @@
+"""HEXA: folded mixed-rank starts, restart options, drift weights, class-aware heads — dense float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import reference as ref
+from fedlora.core import Adapter, ClientUpdate, LoraSpec, UpdateError, get_aggregator
+from helpers import MIXED_RANKS, MIXED_SHAPES, client_round, fdense, global_after, snapshot, assert_unchanged
+
+NS = [30, 10, 45, 15]
+R = 16
+
+
+def P(a: Adapter):
+    return ref.product(a.B, a.A, a.scale)
+
+
+def random_global(agg, alpha=12.0, rslora=False, seed=0, shapes=MIXED_SHAPES, rank=R, dense=None):
+    """A HEXA state whose global adapter is a random (non-zero) rank-r adapter."""
+    state = agg.init_state(shapes, rank, LoraSpec(alpha, rslora), dense=dense, seed=seed)
+    g = torch.Generator().manual_seed(seed + 77)
+    s = ref.lora_scale(alpha, rank, rslora)
+    adapters = {n: Adapter(0.3 * torch.randn(m, rank, generator=g), torch.randn(rank, k, generator=g) / math.sqrt(k), s)
+                for n, (m, k) in shapes.items()}
+    return state.evolve(adapters=adapters)
+
+
+def hand_views(state, update, fold=True):
+    """(B̃_i, Ã_i) at the global scaling, float64, built by hand from the global adapter."""
+    out = {}
+    for name, g in state.adapters.items():
+        a = update.adapters[name]
+        m, n = g.shape
+        r_i = a.rank
+        B = ref.d(a.B) * (a.scale / g.scale)
+        A = ref.d(a.A)
+        if r_i < g.rank:
+            tB = ref.d(g.B[:, r_i:]) if fold else torch.zeros(m, g.rank - r_i, dtype=torch.float64)
+            tA = ref.d(g.A[r_i:]) if fold else torch.zeros(g.rank - r_i, n, dtype=torch.float64)
+            B, A = torch.cat([B, tB], 1), torch.cat([A, tA], 0)
+        out[name] = (B, A)
+    return out
+
+
+def hand_delta(state, update, fold=True):
+    """ΔW_i = s·B̃_i·Ã_i (the client's effective delta), dense."""
+    return {n: state.adapters[n].scale * B @ A for n, (B, A) in hand_views(state, update, fold).items()}
+
+
+# -------------------------------------------------------------- downloads
+@pytest.mark.parametrize("rslora", [False, True])
+def test_fold_start_is_exactly_the_global_model(rslora):
+    agg = get_aggregator("hexa")
+    state = random_global(agg, alpha=10.0, rslora=rslora)
+    for r in [1, 2, 4, 8, 16]:
+        st = agg.client_start(state, r)
+        for name, g in state.adapters.items():
+            a = st.adapters[name]
+            assert a.rank == r and a.scale == pytest.approx(ref.lora_scale(10.0, r, rslora))
+            glob = P(g)
+            tail = g.scale * ref.d(g.B[:, r:]) @ ref.d(g.A[r:])
+            if r < R:
+                assert ref.rel_err(fdense(st.base_delta[name]), tail) < 1e-6
+                assert ref.rel_err(fdense(st.base_delta[name]) + P(a), glob) < 1e-6
+            else:
+                assert name not in st.base_delta
+                assert ref.rel_err(P(a), glob) < 1e-6
+            assert ref.rel_err(P(a), g.scale * ref.d(g.B[:, :r]) @ ref.d(g.A[:r])) < 1e-6
+
+
+def test_truncate_start_drops_the_tail():
+    agg = get_aggregator("hexa", mixed_ranks="truncate")
+    state = random_global(agg)
+    for r in [2, 8]:
+        st = agg.client_start(state, r)
+        assert dict(st.base_delta) == {}
+        for name, g in state.adapters.items():
+            assert ref.rel_err(P(st.adapters[name]), g.scale * ref.d(g.B[:, :r]) @ ref.d(g.A[:r])) < 1e-6
+
+
+def test_client_start_rank_out_of_range():
+    agg = get_aggregator("hexa")
+    state = random_global(agg)
+    for r in (0, R + 1):
+        with pytest.raises(ValueError):
+            agg.client_start(state, r)
+
+
+# ---------------------------------------------------------------- restarts
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_mean_restart_is_weighted_mean_of_padded_factors(fold, rslora):
+    agg = get_aggregator("hexa", drift_beta=0.0, mixed_ranks="fold" if fold else "truncate")
+    state = random_global(agg, rslora=rslora, seed=1)
+    starts, updates = client_round(agg, state, MIXED_RANKS, NS, seed=3)
+    new = agg.aggregate(state, updates)
+    w = ref.data_weights(NS)
+    assert new.info["hexa_weights"] == pytest.approx(w)
+    views = [hand_views(state, u, fold) for u in updates]
+    deltas = [hand_delta(state, u, fold) for u in updates]
+    for name in MIXED_SHAPES:
+        g = new.adapters[name]
+        B = ref.weighted_sum([v[name][0] for v in views], w)
+        A = ref.weighted_sum([v[name][1] for v in views], w)
+        assert g.rank == R and g.scale == pytest.approx(state.adapters[name].scale)
+        assert ref.rel_err(g.B, B) < 1e-6 and ref.rel_err(g.A, A) < 1e-6
+        M = ref.weighted_sum([dl[name] for dl in deltas], w)
+        assert ref.frob(fdense(new.base_delta[name]) - (M - g.scale * B @ A)) < 1e-5 * ref.frob(M)
+        assert ref.rel_err(global_after(agg, new, name), M) < 1e-5
+
+
+@pytest.mark.parametrize("restart", ["svd_sqrt", "svd_a_scale"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_svd_restarts_are_dense_top_r(restart, seed):
+    agg = get_aggregator("hexa", drift_beta=0.0, restart=restart)
+    state = random_global(agg, seed=seed)
+    _, updates = client_round(agg, state, MIXED_RANKS, NS, seed=seed + 10)
+    new = agg.aggregate(state, updates)
+    w = ref.data_weights(NS)
+    views = [hand_views(state, u) for u in updates]
+    for name in MIXED_SHAPES:
+        s = state.adapters[name].scale
+        M = ref.weighted_sum([s * v[name][0] @ v[name][1] for v in views], w)
+        g = new.adapters[name]
+        assert ref.rel_err(P(g), ref.top_r(M, R)) < 1e-5
+        # the residual is the SVD tail M − M_r (zero when r = min(m, n)); measured against ‖M‖
+        assert ref.frob(fdense(new.base_delta[name]) - (M - ref.top_r(M, R))) < 1e-5 * ref.frob(M)
+        assert ref.rel_err(global_after(agg, new, name), M) < 1e-5
+        B, A = ref.d(g.B), ref.d(g.A)
+        if restart == "svd_sqrt":
+            assert torch.allclose(B.T @ B, A @ A.T, atol=1e-5 * float((A @ A.T).abs().max()))
+        else:  # rows of A' all have the mean A's row scale c = ‖Ā‖_F/√r
+            A_mean = ref.weighted_sum([v[name][1] for v in views], w)
+            c = ref.frob(A_mean) / math.sqrt(R)
+            assert torch.allclose(A.norm(dim=1), torch.full((R,), c, dtype=torch.float64), rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lstsq_restart(seed):
+    agg = get_aggregator("hexa", drift_beta=0.0, restart="lstsq")
+    state = random_global(agg, seed=seed)
+    _, updates = client_round(agg, state, MIXED_RANKS, NS, seed=seed + 20)
+    new = agg.aggregate(state, updates)
+    w = ref.data_weights(NS)
+    views = [hand_views(state, u) for u in updates]
+    for name in MIXED_SHAPES:
+        s = state.adapters[name].scale
+        M = ref.weighted_sum([s * v[name][0] @ v[name][1] for v in views], w)
+        A_mean = ref.weighted_sum([v[name][1] for v in views], w)
+        g = new.adapters[name]
+        assert ref.rel_err(g.A, A_mean) < 1e-6
+        assert ref.rel_err(g.B, M @ torch.linalg.pinv(A_mean) / s) < 1e-4
+        assert ref.rel_err(global_after(agg, new, name), M) < 1e-5
+
+
+def test_fold_residual_off_keeps_restart_but_ships_nothing():
+    on = get_aggregator("hexa", drift_beta=0.0)
+    off = get_aggregator("hexa", drift_beta=0.0, fold_residual=False)
+    state = random_global(on, seed=4)
+    _, updates = client_round(on, state, MIXED_RANKS, NS, seed=4)
+    a, b = on.aggregate(state, updates), off.aggregate(state, updates)
+    assert dict(b.base_delta) == {}
+    for name in MIXED_SHAPES:
+        assert torch.allclose(a.adapters[name].B, b.adapters[name].B)
+        assert torch.allclose(a.adapters[name].A, b.adapters[name].A)
+
+
+# ------------------------------------------------------------------- drift
+@pytest.mark.parametrize("beta", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("restart", ["mean", "svd_sqrt", "lstsq"])
+@pytest.mark.parametrize("weighting", ["data_size", "uniform"])
+def test_drift_weights_match_dense_and_round_is_exact(beta, restart, weighting):
+    agg = get_aggregator("hexa", drift_beta=beta, restart=restart, weighting=weighting)
+    state = random_global(agg, seed=2)
+    g = torch.Generator().manual_seed(5)
+    starts, updates = client_round(agg, state, MIXED_RANKS, NS, seed=6)
+    # make client 3 an outlier so the weights really move
+    bad = {n: Adapter(a.B + 2.0 * torch.randn(a.B.shape, generator=g), a.A, a.scale) for n, a in updates[3].adapters.items()}
+    updates[3] = ClientUpdate("c3", NS[3], bad)
+    snap = snapshot(state)
+    new = agg.aggregate(state, updates)
+    assert_unchanged(state, snap)
+    q = ref.data_weights(NS) if weighting == "data_size" else ref.uniform_weights(4)
+    G = {n: P(a) for n, a in state.adapters.items()}
+    deltas = [hand_delta(state, u) for u in updates]
+    rel = [{n: dl[n] - G[n] for n in dl} for dl in deltas]  # Δ_i = ΔW_i − global delta
+    dist = ref.drift(rel, q)
+    p = ref.drift_weights(dist, q, beta)
+    assert new.info["drift"] == pytest.approx(dist, rel=1e-5)
+    assert new.info["hexa_weights"] == pytest.approx(p, rel=1e-5)
+    assert new.info["weights"] == pytest.approx(q)
+    assert p[3] < q[3] * 0.9  # the outlier lost weight
+    reported = new.info["hexa_weights"]
+    for name in MIXED_SHAPES:
+        got = global_after(agg, new, name)
+        assert ref.rel_err(got, ref.weighted_sum([dl[name] for dl in deltas], reported)) < 1e-5
+        assert ref.rel_err(got, ref.weighted_sum([dl[name] for dl in deltas], p)) < 1e-5
+
+
+def test_drift_identical_clients_keep_base_weights():
+    agg = get_aggregator("hexa", drift_beta=2.0)
+    state = random_global(agg, seed=3)
+    _, updates = client_round(agg, state, [R], [1], seed=1)
+    same = [ClientUpdate(f"c{i}", n, updates[0].adapters) for i, n in enumerate([1, 2, 3])]
+    new = agg.aggregate(state, same)
+    assert new.info["drift"] == pytest.approx([0.0] * 3, abs=1e-5)
+    assert new.info["hexa_weights"] == pytest.approx(ref.data_weights([1, 2, 3]), rel=1e-5)
+
+
+# -------------------------------------------------------- class-aware head
+def test_class_aware_head_hand_case():
+    C, H = 3, 4
+    dense = {"head.weight": torch.zeros(C, H), "head.bias": torch.zeros(C), "pooler.weight": torch.zeros(H, H)}
+    agg = get_aggregator("hexa", class_aware_head=True, head_keys=("head.weight", "head.bias"))
+    state = random_global(agg, shapes={"q": (8, 6)}, rank=2, dense=dense)
+    ns = [10, 20, 30]
+    counts = [torch.tensor([4, 6, 0]), torch.tensor([0, 20, 0]), torch.tensor([30, 0, 0])]
+    g = torch.Generator().manual_seed(0)
+    thetas = [{k: torch.randn(v.shape, generator=g) for k, v in dense.items()} for _ in ns]
+    _, ups = client_round(agg, state, [None] * 3, ns, seed=0)
+    updates = [ClientUpdate(f"c{i}", n, u.adapters, dense=th, label_counts=lc)
+               for i, (n, u, th, lc) in enumerate(zip(ns, ups, thetas, counts))]
+    new = agg.aggregate(state, updates)
+    # per-class weights by hand: class 0 → (4, 0, 30)/34, class 1 → (6, 20, 0)/26, class 2 unseen → n_i/60
+    Wc = torch.tensor([[4 / 34, 6 / 26, 10 / 60],
+                       [0.0, 20 / 26, 20 / 60],
+                       [30 / 34, 0.0, 30 / 60]], dtype=torch.float64)  # (client, class)
+    for key in ("head.weight", "head.bias"):
+        want = torch.stack([sum(Wc[i, c] * ref.d(thetas[i][key][c]) for i in range(3)) for c in range(C)])
+        assert ref.rel_err(new.dense[key], want) < 1e-6
+    p = ref.data_weights(ns)
+    assert ref.rel_err(new.dense["pooler.weight"], ref.weighted_sum([t["pooler.weight"] for t in thetas], p)) < 1e-6
+    # row 0 ignores client 1 completely: changing its row-0 values changes nothing there
+    thetas[1]["head.weight"][0] += 100.0
+    updates[1] = ClientUpdate("c1", 20, ups[1].adapters, dense=thetas[1], label_counts=counts[1])
+    new2 = agg.aggregate(state, updates)
+    assert torch.allclose(new2.dense["head.weight"][0], new.dense["head.weight"][0], atol=1e-5)
+
+
+def test_class_aware_head_needs_label_counts():
+    dense = {"head.weight": torch.zeros(3, 4), "head.bias": torch.zeros(3)}
+    agg = get_aggregator("hexa", class_aware_head=True, head_keys=("head.weight", "head.bias"))
+    state = random_global(agg, shapes={"q": (8, 6)}, rank=2, dense=dense)
+    _, ups = client_round(agg, state, [None] * 2, [1, 2], seed=0)
+    updates = [ClientUpdate("a", 1, ups[0].adapters, dense=dense, label_counts=torch.tensor([1, 0, 0])),
+               ClientUpdate("b", 2, ups[1].adapters, dense=dense)]
+    snap = snapshot(state)
+    with pytest.raises(UpdateError) as e:
+        agg.aggregate(state, updates)
+    assert e.value.client == "b" and "'b'" in str(e.value)
+    assert_unchanged(state, snap)
+    bad = [updates[0], ClientUpdate("b", 2, ups[1].adapters, dense=dense, label_counts=torch.tensor([1, -1, 0]))]
+    with pytest.raises(UpdateError):
+        agg.aggregate(state, bad)
+    assert_unchanged(state, snap)
+
+
+@pytest.mark.parametrize("beta", [1.0, 5.0])
+def test_drift_nearly_cancelling_updates_are_aggregated(beta):
+    """Updates that almost cancel make every d_i huge; the round must still aggregate (no exp underflow)."""
+    agg = get_aggregator("hexa", drift_beta=beta)
+    state = random_global(agg, seed=8)
+    starts, _ = client_round(agg, state, [R, R], [1, 1], seed=0)
+    g = torch.Generator().manual_seed(1)
+    ns = [2, 3]
+    E = {n: torch.randn(a.B.shape, generator=g) for n, a in starts[0].adapters.items()}
+    # Σ q_i·Δ_i ≈ 0: Δ_0 ∝ E, Δ_1 ∝ −(2/3)(1 + 1e-4)·E
+    mult = [1.0, -(2.0 / 3.0) * (1 + 1e-4)]
+    updates = []
+    for i, (st, n, c) in enumerate(zip(starts, ns, mult)):
+        ad = {k: Adapter(a.B + c * E[k], a.A, a.scale) for k, a in st.adapters.items()}
+        updates.append(ClientUpdate(f"c{i}", n, ad))
+    new = agg.aggregate(state, updates)
+    q = ref.data_weights(ns)
+    G = {n: P(a) for n, a in state.adapters.items()}
+    deltas = [hand_delta(state, u) for u in updates]
+    dist = ref.drift([{n: dl[n] - G[n] for n in dl} for dl in deltas], q)
+    assert min(dist) * beta > 800  # exp(−β·d_i) underflows to 0.0 for every client
+    p = ref.drift_weights(dist, q, beta)
+    assert new.info["drift"] == pytest.approx(dist, rel=1e-3)
+    assert new.info["hexa_weights"] == pytest.approx(p, abs=1e-6)
+    for name in MIXED_SHAPES:
+        want = ref.weighted_sum([dl[name] for dl in deltas], new.info["hexa_weights"])
+        assert ref.rel_err(global_after(agg, new, name), want) < 1e-5
