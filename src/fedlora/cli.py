@@ -1,12 +1,59 @@
-"""The ``fedlora`` command line. Each sub-command lives in its own module; this
-file only parses arguments and turns expected failures into one-line errors."""
+"""The ``fedlora`` command line. Each sub-command's work lives in its own module;
+this file parses arguments and turns expected failures into one-line errors
+with a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .core.errors import AggregationError
+
+def _split_config(args: argparse.Namespace) -> None:
+    """``fedlora run key=value ...`` without a config file: the first override is not a file."""
+    from pathlib import Path
+
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine.run import run_experiment, run_name
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_experiment(cfg, overwrite=args.overwrite)
+    metric = summary["primary_metric"]
+    print(f"{run_name(cfg)}: best {metric} {summary['best'].get(metric, float('nan')):.4f} (round {summary['best_round']}), "
+          f"final {summary['final'].get(metric, float('nan')):.4f}; folder {cfg.output_dir}/{run_name(cfg)}")
+    return 0
+
+
+def _split_specs(text: str) -> list[str]:
+    """Comma-separated specs; commas inside ``[...]`` belong to a method's options."""
+    import re
+
+    return [s.strip() for s in re.split(r",(?![^\[]*\])", text) if s.strip()]
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import ConfigError
+    from .report.compare import Cell, collect, write_report
+
+    try:
+        seeds = [int(x) for x in _split_specs(args.seeds)]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    cells = [Cell(m, p, s) for p in _split_specs(args.partitions) for m in _split_specs(args.methods) for s in seeds]
+    if not cells:
+        raise ConfigError("--methods, --partitions and --seeds must each name at least one entry")
+    results = collect(cells, args.config, args.overrides, run=not args.collect_only, overwrite=args.overwrite)
+    path = write_report(results, Path(args.out), args.title)
+    print(path.read_text())
+    print(f"written: {path}, {path.with_suffix('.png')}, {path.with_suffix('.json')}")
+    return 0
 
 
 def _bench_aggregation(args: argparse.Namespace) -> int:
@@ -15,9 +62,33 @@ def _bench_aggregation(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _bench_overhead(args: argparse.Namespace) -> int:
+    from .bench.overhead import main as overhead_main
+
+    return overhead_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning with exact aggregation.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) one federated or centralized fine-tuning")
+    run.add_argument("config", nargs="?", help="YAML or TOML config file (defaults apply to missing keys)")
+    run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. fed.method=fedex train.lr=1e-3")
+    run.add_argument("--overwrite", action="store_true", help="delete an existing run folder of the same name first")
+    run.set_defaults(func=_run)
+
+    cmp_ = sub.add_parser("compare", help="run or collect a grid of methods × partitions × seeds; write a table and a plot")
+    cmp_.add_argument("config", nargs="?", help="base config file")
+    cmp_.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every cell")
+    cmp_.add_argument("--methods", default="hexa,fedex,fedit", help="comma-separated method specs, e.g. hexa[drift_beta=0],centralized")
+    cmp_.add_argument("--partitions", default="iid", help="comma-separated: iid, dirichlet:<alpha>, quantity:<alpha>, pathological:<k>")
+    cmp_.add_argument("--seeds", default="0", help="comma-separated seeds")
+    cmp_.add_argument("--out", default="results", help="folder for results.md / .png / .json")
+    cmp_.add_argument("--title", default="fedlora comparison")
+    cmp_.add_argument("--collect-only", action="store_true", help="do not run missing cells; fail instead")
+    cmp_.add_argument("--overwrite", action="store_true", help="re-run cells that already finished")
+    cmp_.set_defaults(func=_compare)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -26,17 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(agg)
     agg.set_defaults(func=_bench_aggregation)
+    ovh = bench_sub.add_parser("overhead", help="federated wall time / centralized wall time, evaluation excluded")
+    ovh.add_argument("config", nargs="?")
+    ovh.add_argument("overrides", nargs="*")
+    ovh.set_defaults(func=_bench_overhead)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .core.errors import AggregationError
+    from .data.errors import DataError
+    from .models.hub import ModelError
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "overrides"):
+        _split_config(args)
     try:
         return int(args.func(args) or 0)
-    except (AggregationError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ModelError, AggregationError, FileNotFoundError, ValueError) as e:
         print(f"fedlora: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fedlora: interrupted; `fedlora run` with the same config resumes from the last completed round", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -25,39 +25,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..aggregator import Aggregator, RoundOutput, register
+from ..aggregator import RoundOutput, register
 from ..factored import Factored
-from ..state import ClientStart, ClientUpdate, ServerState
+from ..state import ClientUpdate, ServerState
 from ..weights import normalise
-from .flexlora import svd_download, zero_svds
+from .flexlora import SVDGlobal, svd_download
 
 
 @register
-class FedHL(Aggregator):
+class FedHL(SVDGlobal):
     name = "fedhl"
     exact = False
-    mixed_ranks = True
 
     def __init__(self, weighting: str = "data_size", eps: float = 1e-6, times_data_size: bool = False,
                  split: str = "B", rtol: float = 1e-7, max_rank: int | None = None):
-        super().__init__(weighting)
-        if split not in ("B", "sqrt"):
-            raise ValueError(f"split must be 'B' or 'sqrt', got {split!r}")
+        super().__init__(weighting, split, rtol)
         self.eps = eps
         self.times_data_size = times_data_size
-        self.split = split
-        self.rtol = rtol
         self.max_rank = max_rank
-
-    def _init_extra(self, state: ServerState) -> dict:
-        return {"global": zero_svds(state)}
-
-    def client_start(self, state: ServerState, rank: int | None = None) -> ClientStart:
-        rank = self.client_rank(state, rank)
-        return ClientStart(adapters=svd_download(state, state.extra["global"], rank, self.split), dense=dict(state.dense))
-
-    def global_delta(self, state: ServerState) -> dict[str, Factored]:
-        return {name: svd.factored() for name, svd in state.extra["global"].items()}
 
     def truncation_errors(self, state: ServerState, updates: list[ClientUpdate]) -> Tensor:
         """r̂_i = Σ_modules Σ_{j > r_i} σ_j(W_t)², one per client."""

@@ -36,7 +36,13 @@ class FedIT(Aggregator):
             adapters[name] = Adapter(B, A, g.scale)
             if self.measure_error:
                 ideal = weighted_sum_of_deltas(local, p)
-                num += (ideal - adapters[name].delta()).norm() ** 2
-                den += ideal.norm() ** 2
+                diff = ideal - adapters[name].delta()  # factors [ideal.L, −s·B'] and [ideal.R; A']
+                # ‖M‖² = Σ (LᵀL)∘(RRᵀ) (Factored.inner); one Gram product serves both norms,
+                # since ideal's Gram is the leading k×k block of diff's.
+                L, R = diff.L.double(), diff.R.double()
+                gram = (L.T @ L) * (R @ R.T)
+                k = ideal.inner_dim
+                num += max(float(gram.sum()), 0.0)
+                den += max(float(gram[:k, :k].sum()), 0.0)
         info = {"inexactness": (num / den) ** 0.5 if den > 0 else 0.0} if self.measure_error else {}
         return RoundOutput(adapters=adapters, info=info)

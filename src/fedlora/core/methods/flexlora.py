@@ -34,10 +34,10 @@ def zero_svds(state: ServerState) -> dict[str, SVD]:
     return {name: Factored.zeros(*shape, dtype=state.adapters[name].B.dtype).svd() for name, shape in state.shapes.items()}
 
 
-@register
-class FlexLoRA(Aggregator):
-    name = "flexlora"
-    exact = True
+class SVDGlobal(Aggregator):
+    """Base of the methods whose server keeps the global update untruncated, as a thin
+    SVD in ``extra["global"]``, and sends each client its rank-r_i truncation."""
+
     mixed_ranks = True
 
     def __init__(self, weighting: str = "data_size", split: str = "B", rtol: float = 1e-7):
@@ -56,6 +56,12 @@ class FlexLoRA(Aggregator):
 
     def global_delta(self, state: ServerState) -> dict[str, Factored]:
         return {name: svd.factored() for name, svd in state.extra["global"].items()}
+
+
+@register
+class FlexLoRA(SVDGlobal):
+    name = "flexlora"
+    exact = True
 
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
         svds = {name: weighted_sum_of_deltas(module_adapters(updates, name), p).svd(rtol=self.rtol) for name in state.adapters}

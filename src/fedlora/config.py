@@ -1,0 +1,233 @@
+"""Run configuration: typed dataclasses, loaded from YAML or TOML, with dotted
+command-line overrides (``train.lr=5e-4 fed.method=fedex``) and validation
+that names the offending key."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "apply_overrides", "config_to_dict"]
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"  # short name, local folder or hub id
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    client_ranks: list[int] = field(default_factory=list)  # per client, cycled; empty = all at `rank`
+    max_length: int = 128
+
+
+@dataclass
+class DataConfig:
+    task: str = "sst2"  # GLUE task, or "file" for train_file/eval_file
+    source: str = "local"  # local | hub
+    data_dir: str = "../shared/data/glue"
+    train_file: str = ""
+    eval_file: str = ""
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    label_column: str = "label"
+    regression: bool = False
+    max_train_examples: int = 0  # 0 = all
+    max_eval_examples: int = 0
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = "iid"  # iid | dirichlet | dirichlet_class | pathological | quantity
+    num_clients: int = 10
+    alpha: float = 0.5  # Dirichlet concentration (dirichlet, quantity)
+    labels_per_client: int = 1  # pathological
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    epochs: float = 1.0  # local epochs per round (ignored when steps > 0)
+    steps: int = 0  # local optimiser steps per round
+    batch_size: int = 32
+    grad_accum: int = 1
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    eval_batch_size: int = 128
+
+
+@dataclass
+class FedConfig:
+    mode: str = "federated"  # federated | centralized
+    method: str = "hexa"
+    options: dict[str, Any] = field(default_factory=dict)  # method keyword options
+    weighting: str = "data_size"
+    rounds: int = 10
+    fraction: float = 1.0  # clients sampled per round
+    eval_every: int = 1
+    eval_clients: bool = False  # also evaluate the global model on each client's data
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    output_dir: str = "runs"
+    seed: int = 0
+    threads: int = 0  # torch threads, 0 = torch's default
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+
+    def validate(self) -> "RunConfig":
+        checks = [
+            (self.model.rank >= 1, "model.rank must be ≥ 1"),
+            (self.model.alpha > 0, "model.alpha must be > 0"),
+            (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
+            (all(r >= 1 for r in self.model.client_ranks), "model.client_ranks must all be ≥ 1"),
+            (self.model.max_length >= 8, "model.max_length must be ≥ 8"),
+            (bool(self.model.target_modules), "model.target_modules must not be empty"),
+            (self.data.source in ("local", "hub"), f"data.source must be 'local' or 'hub', got {self.data.source!r}"),
+            (self.partition.num_clients >= 1, "partition.num_clients must be ≥ 1"),
+            (self.partition.scheme in ("iid", "dirichlet", "dirichlet_class", "pathological", "quantity"), f"partition.scheme must be iid, dirichlet, dirichlet_class, pathological or quantity, got {self.partition.scheme!r}"),
+            (self.partition.alpha > 0, f"partition.alpha must be > 0, got {self.partition.alpha}"),
+            (self.partition.labels_per_client >= 1, "partition.labels_per_client must be ≥ 1"),
+            (self.train.lr > 0, "train.lr must be > 0"),
+            (self.train.epochs > 0 or self.train.steps > 0, "train.epochs or train.steps must be > 0"),
+            (self.train.batch_size >= 1 and self.train.grad_accum >= 1, "train.batch_size and train.grad_accum must be ≥ 1"),
+            (0 <= self.train.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+            (self.fed.mode in ("federated", "centralized"), f"fed.mode must be 'federated' or 'centralized', got {self.fed.mode!r}"),
+            (self.fed.rounds >= 1, "fed.rounds must be ≥ 1"),
+            (0 < self.fed.fraction <= 1, f"fed.fraction must be in (0, 1], got {self.fed.fraction}"),
+            (self.fed.eval_every >= 1, "fed.eval_every must be ≥ 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        too_big = [r for r in self.model.client_ranks if r > self.model.rank]
+        if too_big:
+            raise ConfigError(f"model.client_ranks {too_big} exceed the global rank model.rank={self.model.rank}")
+        return self
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp`` (str, int, float, bool, list[...], dict)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table/mapping, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value] if not isinstance(value, str) else [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.lstrip("-").isdigit()):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value: YAML scalars/lists (``1e-3``, ``true``, ``[4,8]``, ``{a: 1}``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``section.key=value`` strings merged into a nested config dict."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = _parse_value(text)
+    return data
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml", ".json"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {str(path)!r} must end in .yaml, .yml, .toml or .json")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults ← file ← overrides, type-checked and validated."""
+    data = read_config_file(path) if path else {}
+    data = apply_overrides(data, list(overrides))
+    return _build(RunConfig, data).validate()

@@ -1,0 +1,124 @@
+"""Everything a run needs, built and checked from a :class:`RunConfig` before
+any file is written: data (tokenised once), partitions, model, aggregator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, RunConfig
+from ..core import Aggregator, get_aggregator
+from ..data import TaskSpec, bin_names, get_task, label_histogram, load_glue, load_text_file, partition, regression_bins, tokenize
+from ..models import FedModel, LoraSettings, load_pretrained
+from ..models.hub import max_input_length
+from .client import ClientData
+from .seeding import derive_seed
+
+__all__ = ["Experiment", "build_experiment", "client_ranks"]
+
+
+@dataclass
+class Experiment:
+    cfg: RunConfig
+    task: TaskSpec
+    model_path: str
+    fm: FedModel
+    tokenizer: Any
+    aggregator: Aggregator
+    train: Any  # TokenizedDataset
+    eval: Any
+    clients: list[ClientData]
+    histogram: np.ndarray
+    label_names: list[str] = field(default_factory=list)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+
+def file_task(cfg: RunConfig, label_names: list[str] | None) -> TaskSpec:
+    """A TaskSpec for a user's CSV/JSONL files: accuracy/F1 or Pearson/Spearman."""
+    if cfg.data.regression:
+        return TaskSpec("file", "", tuple(cfg.data.text_columns), None, ("pearson", "spearman"), "pearson", "")
+    return TaskSpec("file", "", tuple(cfg.data.text_columns), tuple(label_names or ()), ("accuracy", "f1_macro"), "accuracy", "")
+
+
+def load_datasets(cfg: RunConfig):
+    d = cfg.data
+    if d.task == "file":
+        if not d.train_file or not d.eval_file:
+            raise ConfigError("data.task=file needs data.train_file and data.eval_file")
+        train = load_text_file(d.train_file, d.text_columns, d.label_column, regression=d.regression)
+        dev = load_text_file(d.eval_file, d.text_columns, d.label_column, label_names=train.label_names, regression=d.regression)
+        task = file_task(cfg, train.label_names)
+    else:
+        task = get_task(d.task)
+        kw = dict(source=d.source, data_dir=d.data_dir)
+        train = load_glue(task, "train", max_examples=d.max_train_examples or None, seed=cfg.seed, **kw)
+        # One evaluation subset for every seed, so seeds differ only in what they train on.
+        dev = load_glue(task, "dev", max_examples=d.max_eval_examples or None, seed=0, **kw)
+    return task, train, dev
+
+
+def client_ranks(cfg: RunConfig, num_clients: int) -> list[int]:
+    ranks = cfg.model.client_ranks or [cfg.model.rank]
+    return [ranks[i % len(ranks)] for i in range(num_clients)]
+
+
+def make_aggregator(cfg: RunConfig, fm: FedModel) -> Aggregator:
+    """The configured method; centralized training is one client, aggregated trivially."""
+    if cfg.fed.mode == "centralized":
+        return get_aggregator("fedit", weighting="uniform")
+    options = dict(cfg.fed.options)
+    if options.get("class_aware_head") and fm.base.config.num_labels < 2:
+        raise ConfigError("fed.options.class_aware_head needs a classification task (this one is regression)")
+    if options.get("class_aware_head") and not options.get("head_keys"):
+        options["head_keys"] = fm.output_keys()  # HEXA (e): the output layer's rows are the classes
+    return get_aggregator(cfg.fed.method, weighting=cfg.fed.weighting, **options)
+
+
+def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experiment:
+    """Load and check everything. ``model``/``tokenizer`` may be passed in (tests)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    task, train_text, dev_text = load_datasets(cfg)
+
+    centralized = cfg.fed.mode == "centralized"
+    num_clients = 1 if centralized else cfg.partition.num_clients
+    if not centralized and num_clients > len(train_text):
+        raise ConfigError(f"partition.num_clients={num_clients} exceeds the {len(train_text)} training examples")
+    parts = partition(
+        train_text.labels, num_clients, "iid" if centralized else cfg.partition.scheme, seed=cfg.seed,
+        alpha=cfg.partition.alpha, labels_per_client=cfg.partition.labels_per_client,
+    )
+    ranks = [cfg.model.rank] if centralized else client_ranks(cfg, num_clients)
+
+    model_path = cfg.model.name
+    if model is None:
+        # A head the checkpoint lacks is initialised randomly: from the run's seed, not from
+        # whatever the process drew before, so a run (and its resume) starts from the same head.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, "model"))
+            model, tokenizer = load_pretrained(cfg.model.name, task.num_labels, regression=task.is_regression)
+    limit = max_input_length(model, tokenizer)
+    if limit is not None and cfg.model.max_length > limit:
+        raise ConfigError(f"model.max_length={cfg.model.max_length} exceeds the {limit} positions of model {cfg.model.name!r}")
+    settings = LoraSettings(tuple(cfg.model.target_modules), cfg.model.rank, cfg.model.alpha, cfg.model.dropout, cfg.model.rslora)
+    fm = FedModel(model, settings, ranks)
+    aggregator = make_aggregator(cfg, fm)
+    if any(r != cfg.model.rank for r in ranks) and not aggregator.mixed_ranks:
+        raise ConfigError(f"method {cfg.fed.method!r} needs every client at model.rank={cfg.model.rank}; mixed client_ranks need hexa, fedhl, flexlora, hetlora or flora")
+    train = tokenize(train_text, tokenizer, cfg.model.max_length)
+    dev = tokenize(dev_text, tokenizer, cfg.model.max_length)
+    hist = label_histogram(train_text.labels, parts)
+    clients = []
+    for i, (idx, r) in enumerate(zip(parts, ranks)):
+        counts = None
+        if not task.is_regression:
+            counts = torch.bincount(torch.as_tensor(train_text.labels[idx]), minlength=task.num_labels).double()
+        clients.append(ClientData(client_id=f"client{i}", indices=np.asarray(idx), rank=r, label_counts=counts))
+    names = list(train_text.label_names or []) or bin_names(regression_bins(train_text.labels)[1])
+    return Experiment(cfg, task, model_path, fm, tokenizer, aggregator, train, dev, clients, hist, names)

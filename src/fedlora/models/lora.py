@@ -1,0 +1,194 @@
+"""One frozen base model for every simulated client, with peft LoRA adapters.
+
+The engines see a model only through :class:`FedModel`: named adapters
+(B out×r, A r×in — the core's orientation), dense head parameters, and
+folding of factored deltas into the frozen base weights. Clients differ only
+in which adapter is active (one per LoRA rank in use), what is loaded into it,
+and the head; so K clients cost one base model plus K small adapter copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..core import Adapter, Factored, LoraSpec, fold_delta
+from .hub import ModelError
+
+__all__ = ["LoraSettings", "FedModel", "HEAD_MODULES"]
+
+# Sequence-classification heads trained in full (peft's SEQ_CLS modules_to_save).
+HEAD_MODULES = ("classifier", "score")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    target_modules: tuple[str, ...] = ("query", "value")
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+
+    @property
+    def spec(self) -> LoraSpec:
+        return LoraSpec(alpha=self.alpha, rslora=self.rslora)
+
+    def peft_config(self, rank: int, **extra):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            use_rslora=self.rslora,
+            target_modules=list(self.target_modules),
+            **extra,
+        )
+
+
+def adapter_name(rank: int) -> str:
+    return f"r{rank}"
+
+
+class FedModel:
+    """A Hugging Face model wrapped once with one peft adapter per client rank."""
+
+    def __init__(self, model: nn.Module, settings: LoraSettings, ranks: Iterable[int] = ()):
+        import warnings
+
+        from peft import get_peft_model
+        from peft.tuners.lora import LoraLayer
+
+        self.settings = settings
+        self.ranks = sorted(set(ranks) | {settings.rank})
+        with warnings.catch_warnings():  # peft warns when it switches Conv1D to fan_in_fan_out
+            warnings.simplefilter("ignore")
+            first, *rest = self.ranks
+            self.peft = get_peft_model(model, settings.peft_config(first), adapter_name=adapter_name(first))
+            for r in rest:
+                self.peft.add_adapter(adapter_name(r), settings.peft_config(r))
+        self.base = self.peft.get_base_model()
+        prefix = "base_model.model."
+        self.layers: dict[str, LoraLayer] = {
+            name[len(prefix):] if name.startswith(prefix) else name: m
+            for name, m in self.peft.named_modules()
+            if isinstance(m, LoraLayer)
+        }
+        if not self.layers:
+            raise ModelError(f"no module matches LoRA target_modules {list(settings.target_modules)}")
+        self.head = {name: p for name, p in self.base.named_parameters() if name.split(".")[0] in HEAD_MODULES}
+        if not self.head:
+            raise ModelError("the model has no classification head named 'classifier' or 'score'")
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.activate(settings.rank)
+        # Pretrained weights of the adapted modules: the export subtracts them to
+        # express everything folded so far as one adapter on the original base.
+        self.pretrained = {name: layer.get_base_layer().weight.detach().clone() for name, layer in self.layers.items()}
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of every adapted weight, whatever its storage layout."""
+        r = adapter_name(self.settings.rank)
+        return {n: (l.lora_B[r].out_features, l.lora_A[r].in_features) for n, l in self.layers.items()}
+
+    def output_keys(self) -> list[str]:
+        """Dense keys of the output layer (rows = classes), for class-aware averaging."""
+        num_labels = self.base.config.num_labels
+        mods = [n.rsplit(".", 1)[0] for n, p in self.head.items() if n.endswith("weight") and p.shape[0] == num_labels]
+        if not mods:
+            raise ValueError(f"no head layer with {num_labels} output rows")
+        return [n for n in self.head if n.rsplit(".", 1)[0] == mods[-1]]
+
+    # ---------------------------------------------------------------- adapters
+    def activate(self, rank: int, train_A: bool = True) -> None:
+        """Make the rank-``rank`` adapter the active, trainable one (and the head trainable)."""
+        name = adapter_name(rank)
+        if rank not in self.ranks:
+            raise ValueError(f"no adapter of rank {rank}; the model was built for ranks {self.ranks}")
+        self.peft.base_model.set_adapter(name)
+        for layer in self.layers.values():
+            for r in self.ranks:
+                on = r == rank
+                layer.lora_A[adapter_name(r)].weight.requires_grad_(on and train_A)
+                layer.lora_B[adapter_name(r)].weight.requires_grad_(on)
+        for p in self.head.values():
+            p.requires_grad_(True)
+        self.active_rank = rank
+
+    @torch.no_grad()
+    def load_adapters(self, adapters: Mapping[str, Adapter]) -> None:
+        """Copy (B, A) into the active adapter; the scalings must agree with peft's."""
+        name = adapter_name(self.active_rank)
+        for mod, layer in self.layers.items():
+            a = adapters[mod]
+            if a.rank != self.active_rank:
+                raise ValueError(f"module {mod!r}: adapter rank {a.rank} but rank {self.active_rank} is active")
+            if abs(layer.scaling[name] - a.scale) > 1e-6 * a.scale:
+                raise ValueError(f"module {mod!r}: scaling {a.scale} differs from peft's {layer.scaling[name]}")
+            layer.lora_B[name].weight.copy_(a.B)
+            layer.lora_A[name].weight.copy_(a.A)
+
+    @torch.no_grad()
+    def read_adapters(self) -> dict[str, Adapter]:
+        """The active adapter's (B, A, s) as float32 copies."""
+        name = adapter_name(self.active_rank)
+        return {
+            mod: Adapter(l.lora_B[name].weight.detach().float().clone(), l.lora_A[name].weight.detach().float().clone(), float(l.scaling[name]))
+            for mod, l in self.layers.items()
+        }
+
+    # ------------------------------------------------------------------- heads
+    def read_dense(self) -> dict[str, Tensor]:
+        return {n: p.detach().float().clone() for n, p in self.head.items()}
+
+    @torch.no_grad()
+    def load_dense(self, dense: Mapping[str, Tensor]) -> None:
+        for n, p in self.head.items():
+            p.copy_(dense[n])
+
+    # ------------------------------------------------------------- base weights
+    def base_weight(self, module: str) -> Tensor:
+        return self.layers[module].get_base_layer().weight
+
+    def fold(self, deltas: Mapping[str, Factored]) -> None:
+        """W0 += Δ for every module, once (the round's broadcast base delta)."""
+        for mod, delta in deltas.items():
+            fold_delta(self.base_weight(mod).data, delta, fan_in_fan_out=self.layers[mod].fan_in_fan_out)
+
+    @contextmanager
+    def folded(self, deltas: Mapping[str, Factored]) -> Iterator[None]:
+        """Temporarily W0 += Δ; the original weights are restored bit for bit."""
+        saved = {mod: self.base_weight(mod).detach().clone() for mod in deltas}
+        try:
+            self.fold(deltas)
+            yield
+        finally:
+            with torch.no_grad():
+                for mod, w in saved.items():
+                    self.base_weight(mod).copy_(w)
+
+    @contextmanager
+    def global_view(self, delta: Mapping[str, Factored], dense: Mapping[str, Tensor]) -> Iterator[nn.Module]:
+        """The global model W0 + G with heads θ, adapters disabled (for evaluation)."""
+        if dense:
+            self.load_dense(dense)
+        with self.peft.disable_adapter(), self.folded(delta):
+            yield self.peft
+
+    def base_state(self) -> dict[str, Tensor]:
+        """Current (folded) base weights of the adapted modules, for checkpoints."""
+        return {mod: self.base_weight(mod).detach().clone() for mod in self.layers}
+
+    @torch.no_grad()
+    def load_base_state(self, weights: Mapping[str, Tensor]) -> None:
+        for mod, w in weights.items():
+            self.base_weight(mod).copy_(w)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.peft.parameters() if p.requires_grad]

@@ -1,0 +1,1 @@
+"""Run folders: metrics files, plots, comparison tables."""

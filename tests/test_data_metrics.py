@@ -1,0 +1,88 @@
+"""compute_metrics against values computed by hand from their formulas."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora.data import DataError, compute_metrics, get_task, primary_metric
+
+# A 2×2 confusion matrix: TP=3, TN=2, FP=1, FN=2 (positive class = 1).
+GOLD = np.array([1, 1, 1, 0, 0, 1, 1, 0])
+PRED = np.array([1, 1, 1, 0, 0, 0, 0, 1])
+TP, TN, FP, FN = 3, 2, 1, 2
+
+
+def logits(pred, num_classes=2):
+    out = np.full((len(pred), num_classes), -1.0)
+    out[np.arange(len(pred)), pred] = 2.0
+    return out
+
+
+def test_cola_mcc_by_formula():
+    mcc = (TP * TN - FP * FN) / math.sqrt((TP + FP) * (TP + FN) * (TN + FP) * (TN + FN))
+    assert mcc == pytest.approx(4 / math.sqrt(240))
+    m = compute_metrics("cola", logits(PRED), GOLD)
+    assert m.keys() == {"mcc"} and m["mcc"] == pytest.approx(mcc)
+
+
+@pytest.mark.parametrize("task", ["mrpc", "qqp"])
+def test_accuracy_and_f1_by_formula(task):
+    m = compute_metrics(task, logits(PRED), GOLD)
+    assert m["accuracy"] == pytest.approx((TP + TN) / 8)
+    assert m["f1"] == pytest.approx(2 * TP / (2 * TP + FP + FN))
+
+
+def test_accuracy_three_classes_and_class_ids():
+    gold = np.array([0, 1, 2, 2, 1, 0])
+    pred = np.array([0, 2, 2, 2, 1, 1])
+    assert compute_metrics("mnli", logits(pred, 3), gold) == {"accuracy": pytest.approx(4 / 6)}
+    assert compute_metrics("rte", PRED, GOLD) == {"accuracy": pytest.approx(5 / 8)}   # ids, not logits
+    t = compute_metrics("sst2", torch.tensor(logits(PRED)), torch.tensor(GOLD))
+    assert t == {"accuracy": pytest.approx(5 / 8)}
+
+
+def test_stsb_pearson_and_spearman_by_formula():
+    pred = np.array([1.0, 2.0, 3.0, 4.0, 10.0])
+    gold = np.array([2.0, 1.0, 4.0, 3.0, 5.0])
+    dp, dg = pred - pred.mean(), gold - gold.mean()
+    pearson = (dp @ dg) / math.sqrt((dp @ dp) * (dg @ dg))
+    d = np.array([1, 2, 3, 4, 5]) - np.array([2, 1, 4, 3, 5])       # rank differences
+    spearman = 1 - 6 * (d @ d) / (5 * (5 ** 2 - 1))
+    m = compute_metrics("stsb", pred, gold)
+    assert m["pearson"] == pytest.approx(pearson) and m["spearman"] == pytest.approx(spearman)
+    assert compute_metrics("STS-B", pred[:, None], gold) == m                          # (N, 1)
+    assert compute_metrics("stsb", torch.tensor(pred[:, None]), torch.tensor(gold)) == pytest.approx(m)
+
+
+def test_constant_predictions_give_zero_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compute_metrics("stsb", np.full(4, 2.5), [0.0, 1.0, 2.0, 5.0]) == {"pearson": 0.0, "spearman": 0.0}
+        assert compute_metrics("stsb", [1.0, 2.0, 3.0], [2.0, 2.0, 2.0]) == {"pearson": 0.0, "spearman": 0.0}
+        assert compute_metrics("cola", np.zeros(8, dtype=int), GOLD) == {"mcc": 0.0}
+        assert compute_metrics("mrpc", np.zeros(8, dtype=int), GOLD)["f1"] == 0.0
+
+
+def test_nan_predictions_give_nan():
+    m = compute_metrics("stsb", [1.0, float("nan"), 3.0], [1.0, 2.0, 3.0])
+    assert math.isnan(m["pearson"]) and math.isnan(m["spearman"])
+
+
+def test_shape_errors():
+    with pytest.raises(DataError, match="logits have 3 columns, task has 2 labels"):
+        compute_metrics("rte", np.zeros((8, 3)), GOLD)
+    with pytest.raises(DataError, match="predictions"):
+        compute_metrics("rte", PRED[:5], GOLD)
+    with pytest.raises(DataError, match=r"regression expects \(N,\) or \(N, 1\)"):
+        compute_metrics("stsb", np.zeros((8, 2)), np.zeros(8))
+    with pytest.raises(DataError, match="no labels"):
+        compute_metrics("rte", [], [])
+
+
+def test_primary_metric():
+    assert [primary_metric(t) for t in ("cola", "stsb", "mrpc", "sst2")] == \
+        ["mcc", "pearson", "accuracy", "accuracy"]
+    assert primary_metric(get_task("MNLI-mm")) == "accuracy"

@@ -1,0 +1,137 @@
+"""Whole runs of the in-process engine: mixed client ranks, centralized mode, STS-B
+regression with per-client evaluation, client sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_support import overrides, read_jsonl, tiny_models, without_timings  # noqa: F401
+from fedlora.config import load_config
+from fedlora.engine import build_experiment, run_experiment, run_name
+
+HIDDEN, MODULES = 32, 4  # tiny bert: 2 layers × {query, value}, each 32×32
+
+
+def _run(cfg, **kw) -> tuple[dict, Path]:
+    summary = run_experiment(cfg, **kw)
+    return summary, Path(cfg.output_dir) / run_name(cfg)
+
+
+def _upload_bytes(rank: int, labels: int = 2) -> int:
+    """float32 numbers a client uploads: r·(m+n) per adapted module + the classifier head."""
+    return 4 * (MODULES * rank * 2 * HIDDEN + labels * HIDDEN + labels)
+
+
+# ---------------------------------------------------------------------- mixed ranks
+@pytest.mark.parametrize("method", ["hexa", "fedhl", "flexlora", "hetlora", "flora"])
+def test_mixed_client_ranks(tiny_models, tmp_path, method):
+    cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, fed__method=method, fed__rounds=2,
+                                      model__client_ranks="[4,2]", data__max_train_examples=60, data__max_eval_examples=24))
+    summary, run_dir = _run(cfg, plots=False)
+    clients = read_jsonl(run_dir / "clients.jsonl")
+    assert len(clients) == 2 * 3
+    # ranks cycle over the clients: 4, 2, 4
+    assert {(c["client"], c["rank"]) for c in clients} == {("client0", 4), ("client1", 2), ("client2", 4)}
+    for c in clients:
+        assert c["bytes_up"] == _upload_bytes(c["rank"]), c
+        assert c["steps"] > 0 and c["train_loss"] == c["train_loss"]  # trained, loss not NaN
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2] and all("eval_accuracy" in r for r in rows)
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert summary["rounds"] == 2
+
+
+# ------------------------------------------------------------------------ centralized
+def test_centralized_mode_has_one_client_with_all_examples(tiny_models, tmp_path):
+    cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, fed__mode="centralized", fed__rounds=2,
+                                      partition__num_clients=5, data__max_train_examples=60, data__max_eval_examples=24))
+    summary, run_dir = _run(cfg, plots=False, export=False)
+    assert run_dir.name == "sst2-centralized-s0"
+    clients = read_jsonl(run_dir / "clients.jsonl")
+    assert [(c["round"], c["client"], c["examples"]) for c in clients] == [(1, "client0", 60), (2, "client0", 60)]
+    # one pass over 60 examples in batches of 8
+    assert all(c["steps"] == 8 for c in clients)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["clients"] for r in rows] == [1, 1]
+    assert summary["method"] == "centralized" and "accuracy" in summary["final"]
+
+
+# ------------------------------------------------------------- regression, eval_clients
+def test_stsb_regression_with_per_client_eval(tiny_models, tmp_path):
+    # the saved tiny model has a 2-way classification head: the task's 1-output regression
+    # head replaces it
+    cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, data__task="stsb", fed__rounds=2, fed__method="fedex",
+                                      fed__eval_clients="true", data__max_train_examples=60, data__max_eval_examples=24))
+    summary, run_dir = _run(cfg, plots=False)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert len(rows) == 2
+    for r in rows:
+        assert -1.0 <= r["eval_pearson"] <= 1.0 and -1.0 <= r["eval_spearman"] <= 1.0
+        assert "eval_accuracy" not in r
+        local = sorted(k for k in r if k.startswith("local_"))
+        assert local == ["local_pearson_client0", "local_pearson_client1", "local_pearson_client2"]
+        assert all(-1.0 <= r[k] <= 1.0 for k in local)
+    assert summary["primary_metric"] == "pearson" and set(summary["final"]) >= {"pearson", "spearman"}
+    # the head travels as dense parameters: 1 output row
+    clients = read_jsonl(run_dir / "clients.jsonl")
+    assert all(c["bytes_up"] == _upload_bytes(4, labels=1) for c in clients)
+    # the exported adapter loads on the pretrained folder as a regression model
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(cfg.model.name)
+    config.problem_type = None
+    config.num_labels = 1
+    config.problem_type = "regression"
+    base = AutoModelForSequenceClassification.from_pretrained(cfg.model.name, config=config, ignore_mismatched_sizes=True)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    assert model.base_model.model.classifier.modules_to_save["default"].weight.shape == (1, HIDDEN)
+
+
+def test_new_head_is_initialised_from_the_run_seed(tiny_models, tmp_path):
+    """A head the checkpoint lacks (here: regression on a classification folder) depends on
+    the run's seed only, not on what the process drew before."""
+
+    def head(seed):
+        cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, data__task="stsb", seed=seed,
+                                          data__max_train_examples=30, data__max_eval_examples=8))
+        torch.rand(7)  # disturb the global generator
+        return build_experiment(cfg).fm.read_dense()
+
+    a, b, c = head(0), head(0), head(1)
+    assert a.keys() == b.keys() == {"classifier.weight", "classifier.bias"}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["classifier.weight"], c["classifier.weight"])
+
+
+# --------------------------------------------------------------------- client sampling
+def _sampling_run(model_dir, out, seed):
+    cfg = load_config(None, overrides(model_dir, out, fed__rounds=4, partition__num_clients=4, fed__fraction=0.5, seed=seed,
+                                      data__max_train_examples=40, data__max_eval_examples=8, fed__method="fedex"))
+    _, run_dir = _run(cfg, plots=False, export=False)
+    return read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "clients.jsonl")
+
+
+def test_client_sampling_fraction(tiny_models, tmp_path):
+    rows, clients = _sampling_run(tiny_models["bert"], tmp_path / "a", seed=0)
+    per_round = [sorted(c["client"] for c in clients if c["round"] == t) for t in range(1, 5)]
+    assert all(len(s) == 2 and len(set(s)) == 2 for s in per_round), per_round
+    assert [r["clients"] for r in rows] == [2, 2, 2, 2]
+    assert len({tuple(s) for s in per_round}) > 1, f"every round sampled the same clients: {per_round}"
+    assert set().union(*per_round) <= {f"client{i}" for i in range(4)}
+    # round traffic counts the sampled clients only
+    for r in rows:
+        mine = [c for c in clients if c["round"] == r["round"]]
+        assert r["bytes_up"] == sum(c["bytes_up"] for c in mine) == 2 * _upload_bytes(4)
+
+    # the same seed samples (and trains) the same, another seed samples differently
+    rows2, clients2 = _sampling_run(tiny_models["bert"], tmp_path / "b", seed=0)
+    assert clients2 == clients
+    assert [without_timings(r) for r in rows2] == [without_timings(r) for r in rows]
+    _, clients3 = _sampling_run(tiny_models["bert"], tmp_path / "c", seed=1)
+    per_round3 = [sorted(c["client"] for c in clients3 if c["round"] == t) for t in range(1, 5)]
+    assert all(len(s) == 2 for s in per_round3)
+    assert per_round3 != per_round
