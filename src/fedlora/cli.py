@@ -49,7 +49,8 @@ def _compare(args: argparse.Namespace) -> int:
     cells = [Cell(m, p, s) for p in _split_specs(args.partitions) for m in _split_specs(args.methods) for s in seeds]
     if not cells:
         raise ConfigError("--methods, --partitions and --seeds must each name at least one entry")
-    results = collect(cells, args.config, args.overrides, run=not args.collect_only, overwrite=args.overwrite)
+    results = collect(cells, args.config, args.overrides, run=not (args.collect_only or args.partial),
+                      overwrite=args.overwrite, skip_missing=args.partial)
     path = write_report(results, Path(args.out), args.title)
     print(path.read_text())
     print(f"written: {path}, {path.with_suffix('.png')}, {path.with_suffix('.json')}")
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", default="results", help="folder for results.md / .png / .json")
     cmp_.add_argument("--title", default="fedlora comparison")
     cmp_.add_argument("--collect-only", action="store_true", help="do not run missing cells; fail instead")
+    cmp_.add_argument("--partial", action="store_true", help="like --collect-only, but leave unfinished cells out of the table")
     cmp_.add_argument("--overwrite", action="store_true", help="re-run cells that already finished")
     cmp_.set_defaults(func=_compare)
 

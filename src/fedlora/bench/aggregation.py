@@ -231,12 +231,18 @@ def main(args: argparse.Namespace) -> int:
     presets = list(PRESETS) if args.preset == "both" else [args.preset]
     if args.threads:
         torch.set_num_threads(args.threads)
+    # The row processes inherit this. With libgomp's default spin-waiting, a 2-thread MKL call
+    # can be 60× slower while other processes share the cores (a 768×768 SVD: 27 s instead of
+    # 0.4 s); passive waiting costs little on an idle machine. A value already set wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     threads = torch.get_num_threads()
     argv = ["fedlora", *sys.argv[1:]] if os.path.basename(sys.argv[0]) == "fedlora" else sys.argv
     header = {"torch": torch.__version__, "threads": threads, "cpus": os.cpu_count(), "python": platform.python_version(),
-              "machine": platform.machine(), "command": shlex.join(argv), "load_before": os.getloadavg()[0]}
-    print(f"## Aggregation benchmark\n\ntorch {header['torch']}, {threads} threads, {header['cpus']} CPUs, "
-          f"Python {header['python']} ({header['machine']}), 1-min load average at start {header['load_before']:.2f}  \n"
+              "machine": platform.machine(), "command": shlex.join(argv), "load_before": os.getloadavg()[0],
+              "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}
+    print(f"## Aggregation benchmark\n\ntorch {header['torch']}, {threads} thread{'s' * (threads != 1)}, {header['cpus']} CPUs, "
+          f"Python {header['python']} ({header['machine']}), OMP_WAIT_POLICY={header['omp_wait_policy']}, "
+          f"1-min load average at start {header['load_before']:.2f}  \n"
           f"command: `{header['command']}`\n", flush=True)
     results = {}
     for name in presets:

@@ -72,8 +72,10 @@ def grid_overrides(cell: Cell, base_overrides: list[str]) -> list[str]:
     return over + [f"name=compare-{_slug(cell.method)}{where}-s{cell.seed}"]
 
 
-def collect(cells: list[Cell], config: str | None, base_overrides: list[str], run: bool, overwrite: bool = False) -> dict[Cell, dict]:
-    """Each cell's summary: read from its run folder, or run it first when ``run``."""
+def collect(cells: list[Cell], config: str | None, base_overrides: list[str], run: bool, overwrite: bool = False,
+            skip_missing: bool = False) -> dict[Cell, dict]:
+    """Each cell's summary: read from its run folder, or run it first when ``run``.
+    ``skip_missing`` leaves unfinished cells out (the table shows how many seeds each has)."""
     from ..engine.run import run_experiment, run_name
 
     out = {}
@@ -84,8 +86,10 @@ def collect(cells: list[Cell], config: str | None, base_overrides: list[str], ru
             out[cell] = json.loads(summary_path.read_text())
         elif run:
             out[cell] = run_experiment(cfg, overwrite=overwrite)
-        else:
+        elif not skip_missing:
             raise ConfigError(f"no finished run for {cell.method} / {cell.partition} / seed {cell.seed} at {summary_path}")
+    if not out:
+        raise ConfigError("no finished run for any cell of the grid")
     return out
 
 
