@@ -8,6 +8,10 @@ then the most extra memory the block ever held (intermediates and the output
 it returns), whatever allocated it. Each benchmark row runs in its own
 process, so other rows' memory cannot leak into the figure.
 
+Before the reset, free heap memory that glibc keeps for reuse is handed back to
+the OS (malloc_trim), so that memory the block re-uses from earlier, already
+freed allocations shows up as growth too instead of hiding in the baseline.
+
 Where clear_refs is not available the high-water mark cannot be reset and the
 figure falls back to the ru_maxrss delta, which is only a lower bound
 (``exact`` is then False and the table marks it with "≥").
@@ -15,8 +19,15 @@ figure falls back to the ru_maxrss delta, which is only a lower bound
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import resource
+
+try:
+    _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _malloc_trim = None
 
 
 def _status_kib(field: str) -> int | None:
@@ -44,6 +55,8 @@ class PeakRSS:
 
     def __enter__(self) -> "PeakRSS":
         gc.collect()
+        if _malloc_trim is not None:
+            _malloc_trim(0)
         self.exact = _reset_peak()
         if self.exact:
             self._start = _status_kib("VmRSS")

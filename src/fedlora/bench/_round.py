@@ -10,8 +10,10 @@ the few modules timed or checked densely, one module at a time.
 
 from __future__ import annotations
 
+import cProfile
 import gc
 import math
+import pstats
 from time import perf_counter, process_time
 
 import torch
@@ -95,7 +97,8 @@ def warm_up(cfg: dict) -> None:
     """The same row on two tiny modules, untimed: the first QR/SVD/float64 GEMM of a process
     pays one-off library initialisation that is no part of an aggregation."""
     small = {"warm.a": (48, 48), "warm.b": (48, 96)}
-    tiny = {**cfg, "shapes": small, "dense_modules": list(small), "repeats": 1, "fold": False, "warm": False}
+    tiny = {**cfg, "shapes": small, "dense_modules": list(small), "repeats": 1, "fold": False, "profile": False,
+            "warm_libraries": False}
     tiny["ranks"] = [min(x, 8) for x in cfg["ranks"]]
     tiny["rank"] = min(cfg["rank"], 8)
     run_row(tiny)
@@ -104,11 +107,13 @@ def warm_up(cfg: dict) -> None:
 def run_row(cfg: dict) -> dict:
     """Build, time and check one row; ``cfg`` is plain data (see aggregation.run_preset)."""
     torch.set_num_threads(cfg["threads"])
-    if cfg.get("warm", True):
+    if cfg.get("warm_libraries", True):
         warm_up(cfg)
     shapes = {k: tuple(v) for k, v in cfg["shapes"].items()}
     r, ranks, dense_names = cfg["rank"], cfg["ranks"], cfg["dense_modules"]
     agg = get_aggregator(cfg["method"], **cfg["options"])
+    if cfg["check"] == "auto":
+        cfg = {**cfg, "check": "exact" if agg.exact else "inexact"}
     gen = torch.Generator().manual_seed(cfg["seed"])
     state = agg.init_state(shapes, r, LoraSpec(alpha=2 * r), seed=cfg["seed"])
     if cfg["warmup"]:  # FedHL: one untimed round so that W_t ≠ 0 and its weights are non-trivial
@@ -189,7 +194,50 @@ def run_row(cfg: dict) -> dict:
         row["reported_inexactness"] = info["inexactness"]
     if cfg.get("fold"):
         row["fold_s"] = time_fold(new, shapes, cfg["repeats"])
+    if cfg.get("profile"):
+        del new
+        row["profile"] = {"per_module_s": time_per_module(cfg, shapes), "top_functions": top_functions(agg, state, updates)}
     return row
+
+
+def time_per_module(cfg: dict, shapes: dict) -> dict[str, float]:
+    """For each distinct shape, a one-module round of the same row (same ranks and warm-up), best of 3."""
+    out = {}
+    for shape in dict.fromkeys(shapes.values()):
+        agg = get_aggregator(cfg["method"], **cfg["options"])
+        gen = torch.Generator().manual_seed(cfg["seed"])
+        state = agg.init_state({"probe": shape}, cfg["rank"], LoraSpec(alpha=2 * cfg["rank"]), seed=cfg["seed"])
+        if cfg["warmup"]:
+            state = agg.aggregate(state, make_updates(agg, state, cfg["ranks"], gen, ())[0])
+        updates, _ = make_updates(agg, state, cfg["ranks"], gen, ())
+        times = []
+        for _ in range(4):  # the first run is a warm-up
+            t0 = perf_counter()
+            agg.aggregate(state, updates)
+            times.append(perf_counter() - t0)
+        out[f"{shape[0]}×{shape[1]}"] = min(times[1:])
+    return out
+
+
+def top_functions(agg, state, updates, count: int = 6) -> list[tuple[str, float]]:
+    """One more whole-model aggregate under cProfile: the functions with the most own time."""
+    prof = cProfile.Profile()
+    prof.runcall(agg.aggregate, state, updates)
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
+    top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:count]
+    return [(_label(*key), round(v[2], 3)) for key, v in top]
+
+
+def _label(file: str, line: int, name: str) -> str:
+    """'factored.py:144(svd)', 'torch.geqrf', 'Tensor.double'."""
+    if file != "~":
+        return f"{file.rsplit('/', 1)[-1]}:{line}({name})"
+    name = name.strip("<>")
+    if name.startswith("built-in method "):
+        return name[len("built-in method "):].replace("torch._C._linalg.", "torch.")
+    if name.startswith("method '"):
+        return "Tensor." + name.split("'")[1]
+    return name
 
 
 def time_fold(state, shapes, repeats: int) -> float:

@@ -45,7 +45,7 @@ class Row:
     label: str
     method: str
     dense: str  # the dense reference, see _round.dense_reference
-    check: str  # exact | inexact | fedhl | truncation
+    check: str  # exact | inexact | fedhl | truncation | auto (exact or inexact from the method's flag)
     options: dict = field(default_factory=dict)
     mixed: bool = False  # client ranks cycle r, r/2, r/4
     warmup: bool = False  # time the second round (FedHL needs W_t ≠ 0)
@@ -78,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-modules", type=int,
                         help="modules timed densely, spread over the shape classes (default: all for roberta, 2 for llama)")
     parser.add_argument("--threads", type=int, help="torch CPU threads, in every row's process (default: torch's, one per core)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time one module of each shape alone and list the functions with the most own time")
     parser.add_argument("--out", help="also write the results as JSON to this file")
 
 
@@ -127,14 +129,15 @@ def run_preset(name: str, args: argparse.Namespace, methods: list[str], threads:
     dense_count = args.dense_modules if args.dense_modules is not None else preset["dense_modules"]
     dense_names = pick_dense_modules(shapes, dense_count)
     rows = [r for r in ROWS if r.method in methods]
-    rows += [Row(m, m, "sum", "exact") for m in methods if m not in {r.method for r in ROWS}]  # newly registered
+    rows += [Row(m, m, "sum", "auto") for m in methods if m not in {r.method for r in ROWS}]  # newly registered
     config = {"preset": name, "layers": layers, "modules": len(shapes), "clients": clients, "rank": rank,
               "repeats": repeats, "dense_modules": dense_names, "seed": args.seed, "shapes": dict(preset["modules"])}
     results = []
     for row in rows:
         cfg = {"label": row.label, "method": row.method, "options": row.options, "dense": row.dense, "check": row.check,
                "warmup": row.warmup, "fold": row.fold, "ranks": client_ranks(rank, clients, row.mixed), "rank": rank,
-               "shapes": shapes, "dense_modules": dense_names, "repeats": repeats, "seed": args.seed, "threads": threads}
+               "shapes": shapes, "dense_modules": dense_names, "repeats": repeats, "seed": args.seed, "threads": threads,
+               "profile": args.profile}
         print(f"[{name}] {row.label} …", file=sys.stderr, flush=True)
         # A fresh process per row: its peak RSS is this row's alone.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -219,6 +222,19 @@ def format_table(result: dict) -> str:
                          f"(one weight per shape, reused): {r['fold_s']:.3f} s.")
     lines.append("")
     lines += [f"- {'PASS' if t['pass'] else 'FAIL'}: {t['target']} ({t['value']})" for t in result["targets"]]
+    profiled = [r for r in result["rows"] if "profile" in r]
+    if profiled:
+        lines += ["", "Where the time goes (--profile): one module of each shape aggregated alone (best of 3), "
+                  "scaled by the module counts; and the functions with the most own time in one whole-model run (cProfile).", "",
+                  "| method | per module (ms) | × module counts (s) | whole model (s) | most own time (s) |", "|---|---|--:|--:|---|"]
+        counts: dict = {}
+        for m, n in cfg["shapes"].values():
+            counts[f"{m}×{n}"] = counts.get(f"{m}×{n}", 0) + cfg["layers"]
+        for r in profiled:
+            per = r["profile"]["per_module_s"]
+            tops = ", ".join(f"{name} {sec:.2f}" for name, sec in r["profile"]["top_functions"])
+            lines.append(f"| {r['label']} | {', '.join(f'{k}: {v * 1e3:.0f}' for k, v in per.items())} "
+                         f"| {sum(v * counts[k] for k, v in per.items()):.2f} | {r['agg_s']:.2f} | {tops} |")
     return "\n".join(lines)
 
 

@@ -23,8 +23,9 @@ from ..engine.run import run_experiment
 def measure(config: str | None, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="fedlora-overhead-") as tmp:
         common = list(overrides) + [f"output_dir={tmp}", "progress=false", "fed.eval_every=1000000"]
-        fed = run_experiment(load_config(config, common + ["fed.mode=federated"]), export=False, plots=False)
+        # Centralized first: whatever the process warms up (allocator, kernels) favours it, not federated.
         cen = run_experiment(load_config(config, common + ["fed.mode=centralized"]), export=False, plots=False)
+        fed = run_experiment(load_config(config, common + ["fed.mode=federated"]), export=False, plots=False)
     fed_s = fed["train_s"] + fed["aggregate_s"] + fed["fold_s"]
     cen_s = cen["train_s"] + cen["aggregate_s"] + cen["fold_s"]
     return {"federated_s": fed_s, "centralized_s": cen_s, "overhead": fed_s / cen_s,

@@ -57,10 +57,10 @@ class FRA(Aggregator):
         dropped, total = 0.0, 0.0
         for name, g in state.adapters.items():
             full = weighted_sum_of_deltas(module_adapters(updates, name), p)
-            svd = full.svd()
+            svd, tail = full.truncated_svd(state.rank)  # only the top-r vectors are needed
             gen = module_generator(state.seed, state.round + 1, name)
             adapters[name] = adapter_from_svd(svd, state.rank, g.scale, self.split, gen)
-            dropped += svd.tail_energy(state.rank)
-            total += svd.tail_energy(0)
+            dropped += tail
+            total += svd.tail_energy(0) + tail
         err = (dropped / total) ** 0.5 if total > 0 else 0.0
         return RoundOutput(adapters=adapters, info={"phase": "fra", "truncation_error": err})
