@@ -234,7 +234,7 @@ def _label(file: str, line: int, name: str) -> str:
         return f"{file.rsplit('/', 1)[-1]}:{line}({name})"
     name = name.strip("<>")
     if name.startswith("built-in method "):
-        return name[len("built-in method "):].replace("torch._C._linalg.", "torch.")
+        return name[len("built-in method "):].replace("torch._C._linalg.linalg_", "torch.linalg.")
     if name.startswith("method '"):
         return "Tensor." + name.split("'")[1]
     return name

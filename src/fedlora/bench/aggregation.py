@@ -4,10 +4,11 @@ it avoids, with its error, peak memory and per-client download.
 
 Each row (one method, or one variant such as HEXA with mixed ranks) runs in a
 fresh process (:func:`fedlora.bench._round.run_row`) so that its peak memory
-is its own. At LLaMA-7B shapes a dense SVD of one 4096×4096 matrix takes about
-a minute on two cores, so the dense side is timed on ``--dense-modules``
+is its own. At LLaMA-7B shapes a dense SVD of one 4096×4096 matrix takes
+20–60 s on two cores, so the dense side is timed on ``--dense-modules``
 modules (one per shape class by default) and scaled to the model's module
-count; the table says so.
+count; the table says so. ``--profile`` adds per-module timings and the
+functions with the most own time, for rows that miss their target.
 """
 
 from __future__ import annotations
