@@ -154,7 +154,7 @@ def test_compare_runs_then_collects(tiny_models, tmp_path, capsys, monkeypatch):
                                     "data": {"data_dir": str(GLUE), "max_train_examples": 40, "max_eval_examples": 16},
                                     "fed": {"rounds": 3}, "progress": False, "threads": 1}))
     argv = ["compare", str(base), "fed.rounds=1", "partition.num_clients=2", "train.batch_size=8", f"output_dir={runs}",
-            "--methods", ",".join(METHODS), "--partitions", ",".join(PARTITIONS), "--seeds", "0", "--out", str(results)]
+            "--methods", ",".join(METHODS), "--partitions", ",".join(PARTITIONS), "--seeds", "0", "--out", str(results), "--jobs", "2"]
     assert cli.main(argv) == 0
     capsys.readouterr()
 

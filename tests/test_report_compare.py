@@ -9,17 +9,18 @@ from fedlora.config import ConfigError
 from fedlora.report.compare import Cell, collect, markdown_table, parse_method, parse_partition
 
 
-def write_summary(root, name, acc):
+def write_summary(root, name, acc, task="sst2"):
     d = root / name
     d.mkdir(parents=True)
-    (d / "summary.json").write_text(json.dumps({"primary_metric": "accuracy", "best": {"accuracy": acc}, "final": {"accuracy": acc - 0.01}}))
+    (d / "summary.json").write_text(json.dumps({"task": task, "primary_metric": "accuracy", "best": {"accuracy": acc}, "final": {"accuracy": acc - 0.01}}))
 
 
 def test_partial_collect_and_table_mean_std(tmp_path):
-    over = [f"output_dir={tmp_path}"]
-    write_summary(tmp_path, "compare-hexa-dirichlet_0.1-s0", 0.70)
-    write_summary(tmp_path, "compare-hexa-dirichlet_0.1-s1", 0.80)
-    write_summary(tmp_path, "compare-centralized-s0", 0.90)  # shared by every partition
+    over = [f"output_dir={tmp_path}", "data.task=sst2"]
+    write_summary(tmp_path, "compare-sst2-hexa-dirichlet_0.1-s0", 0.70)
+    write_summary(tmp_path, "compare-sst2-hexa-dirichlet_0.1-s1", 0.80)
+    write_summary(tmp_path, "compare-sst2-centralized-s0", 0.90)  # shared by every partition
+    write_summary(tmp_path, "compare-rte-fedex-dirichlet_0.1-s0", 0.55, task="rte")  # another task's grid
     cells = [Cell(m, "dirichlet:0.1", s) for m in ("hexa", "fedex", "centralized") for s in (0, 1)]
     with pytest.raises(ConfigError, match="no finished run for fedex"):
         collect(cells, None, over, run=False)
@@ -41,3 +42,11 @@ def test_specs():
         parse_partition("zipf:2")
     with pytest.raises(ConfigError):
         parse_method("hexa[oops]")
+
+
+def test_runs_of_another_task_are_never_read(tmp_path):
+    """Grids over several tasks share output_dir; a folder holding another task's run
+    (e.g. renamed by hand) is an error, not a silently wrong table."""
+    write_summary(tmp_path, "compare-rte-hexa-iid-s0", 0.60, task="sst2")
+    with pytest.raises(ConfigError, match="task 'sst2', not 'rte'"):
+        collect([Cell("hexa", "iid", 0)], None, [f"output_dir={tmp_path}", "data.task=rte"], run=False)

@@ -29,6 +29,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _split_specs(text: str) -> list[str]:
     """Comma-separated specs; commas inside ``[...]`` belong to a method's options."""
     import re
@@ -50,7 +60,7 @@ def _compare(args: argparse.Namespace) -> int:
     if not cells:
         raise ConfigError("--methods, --partitions and --seeds must each name at least one entry")
     results = collect(cells, args.config, args.overrides, run=not (args.collect_only or args.partial),
-                      overwrite=args.overwrite, skip_missing=args.partial)
+                      overwrite=args.overwrite, skip_missing=args.partial, jobs=args.jobs)
     path = write_report(results, Path(args.out), args.title)
     print(path.read_text())
     print(f"written: {path}, {path.with_suffix('.png')}, {path.with_suffix('.json')}")
@@ -90,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--collect-only", action="store_true", help="do not run missing cells; fail instead")
     cmp_.add_argument("--partial", action="store_true", help="like --collect-only, but leave unfinished cells out of the table")
     cmp_.add_argument("--overwrite", action="store_true", help="re-run cells that already finished")
+    cmp_.add_argument("--jobs", type=_positive_int, default=1, help="run missing cells in this many processes (set threads=cores/jobs)")
     cmp_.set_defaults(func=_compare)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")

@@ -78,6 +78,7 @@ class FedConfig:
     fraction: float = 1.0  # clients sampled per round
     eval_every: int = 1
     eval_clients: bool = False  # also evaluate the global model on each client's data
+    client_timeout: float = 3600.0  # Flower: seconds a round waits for replies; later ones are dropped
 
 
 @dataclass
@@ -224,6 +225,11 @@ def read_config_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return data
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """A nested mapping (defaults fill missing keys), type-checked and validated."""
+    return _build(RunConfig, data).validate()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

@@ -104,8 +104,10 @@ class Aggregator(ABC):
         return {name: a.delta() for name, a in state.adapters.items()}
 
     # ------------------------------------------------------------ aggregation
-    def aggregate(self, state: ServerState, updates: Sequence[ClientUpdate]) -> ServerState:
-        """Validate, weight and aggregate one round; returns a new state (``state`` is untouched)."""
+    def validate(self, state: ServerState, updates: Sequence[ClientUpdate]) -> None:
+        """Raise :class:`UpdateError` / :class:`AggregationError` on the first problem
+        (what :meth:`aggregate` checks first). Transports call it per update to drop a
+        bad client instead of failing the round."""
         validate_updates(
             state,
             updates,
@@ -113,6 +115,10 @@ class Aggregator(ABC):
             max_rank=self._max_client_rank(state),
             needs_label_counts=self._needs_label_counts(),
         )
+
+    def aggregate(self, state: ServerState, updates: Sequence[ClientUpdate]) -> ServerState:
+        """Validate, weight and aggregate one round; returns a new state (``state`` is untouched)."""
+        self.validate(state, updates)
         p = base_weights(updates, self.weighting)
         out = self._aggregate(state, list(updates), p)
         dense = out.dense if out.dense is not None else weighted_average(updates, p)

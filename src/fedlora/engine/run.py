@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ..config import RunConfig, config_to_dict
+from ..core import ServerState
 from ..models.export import export_peft_adapter
 from ..report.plots import plot_histogram, plot_metric
 from ..report.writer import RunWriter
@@ -42,12 +44,21 @@ def summarise(exp: Experiment, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "final": pick(final), "best": pick(best), "best_round": best.get("round"),
         "train_s": sum(r["train_s"] for r in rows), "aggregate_s": sum(r["aggregate_s"] for r in rows),
         "fold_s": sum(r["fold_s"] for r in rows), "eval_s": sum(r.get("eval_s", 0.0) for r in rows),
+        # .get: rounds checkpointed by fedlora versions before these counters existed
+        "train_steps": sum(r.get("train_steps", 0) for r in rows), "train_tokens": sum(r.get("train_tokens", 0) for r in rows),
         "bytes_down": sum(r["bytes_down"] for r in rows), "bytes_up": sum(r["bytes_up"] for r in rows),
     }
 
 
-def run_experiment(cfg: RunConfig, *, overwrite: bool = False, export: bool = True, plots: bool = True) -> dict[str, Any]:
-    """Run (or resume) one experiment; returns its summary."""
+def run_experiment(cfg: RunConfig, *, overwrite: bool = False, export: bool = True, plots: bool = True,
+                   engine: Callable[[Simulator, ServerState], ServerState] | None = None) -> dict[str, Any]:
+    """Run (or resume) one experiment; returns its summary.
+
+    ``engine(server, state)`` drives the rounds from ``state`` to ``fed.rounds``
+    through ``server.plan`` / ``server.finish``; the default trains every client
+    in this process (``Simulator.run``), Flower's ServerApp passes its strategy.
+    The run folder, checkpoints, metrics, plots and export are the same either way.
+    """
     exp = build_experiment(cfg)  # every input error surfaces here, before any file is written
     run_dir = Path(cfg.output_dir) / run_name(cfg)
     if overwrite and run_dir.exists():
@@ -67,7 +78,7 @@ def run_experiment(cfg: RunConfig, *, overwrite: bool = False, export: bool = Tr
     if plots:
         plot_histogram(exp.histogram, exp.label_names, run_dir / "label_histogram.png")
 
-    state = sim.run(state)
+    state = sim.run(state) if engine is None else engine(sim, state)
     on_round(sim)
     summary = summarise(exp, sim.rounds)
     if export:

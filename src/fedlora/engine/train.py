@@ -23,6 +23,10 @@ class TrainStats:
     loss: float
     steps: int
     examples: int
+    tokens: int  # padded tokens through forward and backward: the compute actually done
+
+    def as_dict(self) -> dict[str, float]:
+        return {"loss": self.loss, "steps": self.steps, "examples": self.examples, "tokens": self.tokens}
 
 
 def planned_steps(num_examples: int, cfg: TrainConfig) -> int:
@@ -49,7 +53,7 @@ def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed:
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     model = fm.peft
     model.train()
-    steps, micro, examples, loss_sum, loss_n = 0, 0, 0, 0.0, 0
+    steps, micro, examples, tokens, loss_sum, loss_n = 0, 0, 0, 0, 0.0, 0
     while steps < total:
         for batch_idx in length_bucketed_batches(data.lengths, indices, cfg.batch_size, generator=gen, shuffle=True):
             batch = collate(data, batch_idx, pad_token_id)
@@ -58,6 +62,7 @@ def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed:
             loss_sum += float(loss.detach()) * len(batch_idx)
             loss_n += len(batch_idx)
             examples += len(batch_idx)
+            tokens += batch["input_ids"].numel()
             micro += 1
             if micro % cfg.grad_accum == 0:
                 if cfg.max_grad_norm > 0:
@@ -71,4 +76,4 @@ def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed:
                 if steps >= total:
                     break
     model.eval()
-    return TrainStats(loss=loss_sum / max(loss_n, 1), steps=steps, examples=examples)
+    return TrainStats(loss=loss_sum / max(loss_n, 1), steps=steps, examples=examples, tokens=tokens)

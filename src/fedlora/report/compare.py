@@ -60,7 +60,9 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=_-]+", "_", spec).strip("_")
 
 
-def grid_overrides(cell: Cell, base_overrides: list[str]) -> list[str]:
+def grid_overrides(cell: Cell, base_overrides: list[str], task: str) -> list[str]:
+    """The overrides of one cell. The run name carries the task, so grids over different
+    tasks may share one ``output_dir`` without reading each other's runs."""
     name, opts = parse_method(cell.method)
     over = list(base_overrides) + parse_partition(cell.partition) + [f"seed={cell.seed}"]
     if name == "centralized":
@@ -69,28 +71,58 @@ def grid_overrides(cell: Cell, base_overrides: list[str]) -> list[str]:
         over += [f"fed.method={name}", "fed.options=" + json.dumps(opts)]
     # Centralized training ignores the partition: one run per seed serves every column.
     where = "" if name == "centralized" else f"-{_slug(cell.partition)}"
-    return over + [f"name=compare-{_slug(cell.method)}{where}-s{cell.seed}"]
+    return over + [f"name=compare-{task}-{_slug(cell.method)}{where}-s{cell.seed}"]
+
+
+def cell_config(cell: Cell, config: str | None, base_overrides: list[str]):
+    task = load_config(config, list(base_overrides)).data.task
+    return load_config(config, grid_overrides(cell, base_overrides, task))
+
+
+def _run_cell(cfg, overwrite: bool) -> dict:
+    from ..engine.run import run_experiment
+
+    return run_experiment(cfg, overwrite=overwrite)
 
 
 def collect(cells: list[Cell], config: str | None, base_overrides: list[str], run: bool, overwrite: bool = False,
-            skip_missing: bool = False) -> dict[Cell, dict]:
-    """Each cell's summary: read from its run folder, or run it first when ``run``.
+            skip_missing: bool = False, jobs: int = 1) -> dict[Cell, dict]:
+    """Each cell's summary: read from its run folder, or run it first when ``run``
+    (in ``jobs`` worker processes; give each ``threads`` = cores / jobs).
     ``skip_missing`` leaves unfinished cells out (the table shows how many seeds each has)."""
-    from ..engine.run import run_experiment, run_name
+    from ..engine.run import run_name
 
-    out = {}
+    out: dict[Cell, dict] = {}
+    todo: dict[Path, tuple[Any, list[Cell]]] = {}  # run folder → (config, cells it serves)
     for cell in cells:
-        cfg = load_config(config, grid_overrides(cell, base_overrides))
-        summary_path = Path(cfg.output_dir) / run_name(cfg) / "summary.json"
+        cfg = cell_config(cell, config, base_overrides)
+        run_dir = Path(cfg.output_dir) / run_name(cfg)
+        summary_path = run_dir / "summary.json"
         if summary_path.exists() and not overwrite:
-            out[cell] = json.loads(summary_path.read_text())
+            summary = json.loads(summary_path.read_text())
+            if summary.get("task") != cfg.data.task:
+                raise ConfigError(f"{summary_path} is a run on task {summary.get('task')!r}, not {cfg.data.task!r}")
+            out[cell] = summary
         elif run:
-            out[cell] = run_experiment(cfg, overwrite=overwrite)
+            # one centralized run per seed serves every partition column
+            todo.setdefault(run_dir, (cfg, []))[1].append(cell)
         elif not skip_missing:
             raise ConfigError(f"no finished run for {cell.method} / {cell.partition} / seed {cell.seed} at {summary_path}")
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a fresh interpreter per worker, no forked torch thread pools.
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [(pool.submit(_run_cell, cfg, overwrite), served) for cfg, served in todo.values()]
+            for fut, served in futures:
+                out.update(dict.fromkeys(served, fut.result()))
+    else:
+        for cfg, served in todo.values():
+            out.update(dict.fromkeys(served, _run_cell(cfg, overwrite)))
     if not out:
         raise ConfigError("no finished run for any cell of the grid")
-    return out
+    return {cell: out[cell] for cell in cells if cell in out}
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:

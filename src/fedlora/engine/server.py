@@ -1,0 +1,212 @@
+"""The server side of a round, shared by both engines (in-process and Flower):
+everything except moving bytes to and from clients.
+
+Round t (1-based), for the sampled set S_t:
+
+    plan:    S_t = clients sampled with generator(seed, t−1);
+             job_i = (client i, start_i = aggregator.client_start(state, r_i), seed_i)
+    (an engine trains the jobs: in turn on one shared model, or on Flower ClientApps)
+    finish:  drop the clients that failed; state = aggregator.aggregate(state, updates)
+             (weights renormalise over the clients that finished: exact methods stay exact);
+             fold state.base_delta into the server's base weights, once;
+             evaluate W0 + Σ folded + aggregator.global_delta(state) on the dev set;
+             checkpoint atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, config_to_dict
+from ..core import ClientStart, ClientUpdate, Factored, ServerState
+from ..core.serialize import state_from_dict, state_to_dict
+from .checkpoint import load_checkpoint, save_checkpoint
+from .client import ClientData
+from .evaluate import evaluate
+from .experiment import Experiment
+from .seeding import derive_seed, generator
+
+__all__ = ["Server", "ClientJob", "ClientResult", "RoundFailed", "BYTES_PER_NUMBER"]
+
+log = logging.getLogger("fedlora")
+
+BYTES_PER_NUMBER = 4  # adapters and deltas travel as float32
+
+
+class RoundFailed(RuntimeError):
+    """No sampled client finished a round: there is nothing to aggregate."""
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One sampled client's work in round ``round`` (1-based)."""
+
+    round: int
+    index: int  # the client's partition id
+    client: ClientData
+    start: ClientStart
+    seed: int
+    send_label_counts: bool
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """A client's update and training counters, or why it was dropped."""
+
+    update: ClientUpdate | None = None
+    stats: dict[str, float] | None = None  # loss, steps, examples, tokens
+    error: str | None = None
+
+
+class Server:
+    def __init__(self, exp: Experiment, run_dir: Path, on_round=None):
+        self.exp = exp
+        self.cfg = exp.cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.on_round = on_round  # callback(history) after each round's checkpoint
+        self.rounds: list[dict[str, Any]] = []
+        self.client_rows: list[dict[str, Any]] = []
+        # Σ_t ΔW0_t: everything folded into the base so far, kept factored (and
+        # compressed to its numerical rank) for the export on the pretrained base.
+        self.folded: dict[str, Factored] = {}
+
+    # ------------------------------------------------------------------ state
+    def initial_state(self) -> ServerState:
+        fm = self.exp.fm
+        return self.exp.aggregator.init_state(fm.shapes, self.cfg.model.rank, fm.settings.spec, dense=fm.read_dense(), seed=self.cfg.seed)
+
+    def resume_or_init(self) -> ServerState:
+        if not self.ckpt_path.exists():
+            return self.initial_state()
+        ckpt = load_checkpoint(self.ckpt_path)
+        if _result_keys(ckpt["config"]) != _result_keys(_plain(config_to_dict(self.cfg))):
+            raise ConfigError(f"{self.run_dir} holds a run with a different configuration; choose another run name or output_dir")
+        self.exp.fm.load_base_state(ckpt["base"])
+        self.rounds, self.client_rows = ckpt["rounds"], ckpt["clients"]
+        self.folded = {k: Factored(v["L"], v["R"]) for k, v in ckpt["folded"].items()}
+        return state_from_dict(ckpt["state"])
+
+    def checkpoint(self, state: ServerState) -> None:
+        save_checkpoint(self.ckpt_path, {
+            "config": _plain(config_to_dict(self.cfg)),
+            "state": state_to_dict(state),
+            "base": self.exp.fm.base_state(),
+            "rounds": self.rounds,
+            "clients": self.client_rows,
+            "folded": {k: {"L": f.L, "R": f.R} for k, f in self.folded.items()},
+        })
+
+    # ----------------------------------------------------------------- rounds
+    def sample(self, t: int) -> list[int]:
+        k = len(self.exp.clients)
+        m = max(1, round(self.cfg.fed.fraction * k))
+        return sorted(torch.randperm(k, generator=generator(self.cfg.seed, t, "sample"))[:m].tolist())
+
+    def plan(self, state: ServerState) -> list[ClientJob]:
+        """The sampled clients of the next round, each with its starting point and seed."""
+        t = state.round
+        send_counts = self.exp.aggregator._needs_label_counts()
+        jobs = []
+        for i in self.sample(t):
+            client = self.exp.clients[i]
+            jobs.append(ClientJob(round=t + 1, index=i, client=client, start=self.exp.aggregator.client_start(state, client.rank),
+                                  seed=derive_seed(self.cfg.seed, t, client.client_id), send_label_counts=send_counts))
+        return jobs
+
+    def finish(self, state: ServerState, jobs: list[ClientJob], results: list[ClientResult], train_s: float) -> ServerState:
+        """Aggregate the round's results (dropping failed clients), fold, evaluate, checkpoint."""
+        t = state.round
+        broadcast = state.broadcast_numel()  # last round's base delta, which every client folds
+        rows, updates = [], []
+        for job, res in zip(jobs, results, strict=True):
+            if res.error is not None:
+                log.warning("round %d: %s dropped: %s", t + 1, job.client.client_id, res.error)
+                rows.append({"round": t + 1, "client": job.client.client_id, "rank": job.client.rank, "dropped": res.error})
+                continue
+            updates.append(res.update)
+            rows.append({
+                "round": t + 1, "client": job.client.client_id, "rank": job.client.rank, "examples": res.update.num_examples,
+                "train_loss": res.stats["loss"], "steps": int(res.stats["steps"]), "tokens": int(res.stats["tokens"]),
+                "bytes_down": BYTES_PER_NUMBER * (job.start.numel() + broadcast), "bytes_up": BYTES_PER_NUMBER * res.update.numel(),
+            })
+        if not updates:
+            raise RoundFailed(f"round {t + 1}: no sampled client finished; " + "; ".join(f"{r['client']}: {r['dropped']}" for r in rows))
+        t1 = time.perf_counter()
+        state = self.exp.aggregator.aggregate(state, updates)
+        t2 = time.perf_counter()
+        self.exp.fm.fold(state.base_delta)
+        self.accumulate_folded(state)
+        t3 = time.perf_counter()
+        done = [r for r in rows if "dropped" not in r]
+        row = {"round": t + 1, "clients": len(done), "dropped": len(rows) - len(done),
+               "train_loss": sum(r["train_loss"] * r["examples"] for r in done) / max(1, sum(r["examples"] for r in done)),
+               "train_s": train_s, "aggregate_s": t2 - t1, "fold_s": t3 - t2,
+               "train_steps": sum(r["steps"] for r in done), "train_tokens": sum(r["tokens"] for r in done),
+               "bytes_down": sum(r["bytes_down"] for r in done), "bytes_up": sum(r["bytes_up"] for r in done)}
+        row.update({k: v for k, v in state.info.items() if isinstance(v, (int, float))})
+        if (t + 1) % self.cfg.fed.eval_every == 0 or t + 1 == self.cfg.fed.rounds:
+            row.update(self.evaluate(state))
+        self.client_rows.extend(rows)
+        self.rounds.append(row)
+        self.checkpoint(state)
+        if self.on_round is not None:
+            self.on_round(self)
+        return state
+
+    def accumulate_folded(self, state: ServerState) -> None:
+        for name, delta in state.base_delta.items():
+            prev = self.folded.get(name)
+            self.folded[name] = (delta if prev is None else prev + delta).compress()
+
+    def total_delta(self, state: ServerState) -> dict[str, Factored]:
+        """The global model's whole update on the pretrained base: Σ_t ΔW0_t + G."""
+        out = {}
+        for name, g in self.exp.aggregator.global_delta(state).items():
+            out[name] = g + self.folded[name] if name in self.folded else g
+        return out
+
+    def evaluate(self, state: ServerState) -> dict[str, float]:
+        exp = self.exp
+        t0 = time.perf_counter()
+        out: dict[str, float] = {}
+        with exp.fm.global_view(exp.aggregator.global_delta(state), state.dense) as model:
+            all_dev = torch.arange(len(exp.eval.labels)).numpy()
+            for k, v in evaluate(model, exp.eval, all_dev, exp.task, self.cfg.train.eval_batch_size, exp.pad_token_id).items():
+                out["eval_" + k] = v
+            if self.cfg.fed.eval_clients:
+                primary = exp.task.primary_metric
+                for c in exp.clients:
+                    m = evaluate(model, exp.train, c.indices, exp.task, self.cfg.train.eval_batch_size, exp.pad_token_id)
+                    out[f"local_{primary}_{c.client_id}"] = m[primary]
+        out["eval_s"] = time.perf_counter() - t0
+        return out
+
+
+# Settings that cannot change a run's results: a resume may differ in them.
+_NOT_RESULTS = {("progress",), ("threads",), ("output_dir",), ("name",), ("train", "eval_batch_size")}
+
+
+def _result_keys(cfg: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+    for path in _NOT_RESULTS:
+        node = out
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    return out
+
+
+def _plain(d: Any) -> Any:
+    """Config as plain builtins, comparable with what a checkpoint stores."""
+    if isinstance(d, dict):
+        return {k: _plain(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_plain(v) for v in d]
+    return d

@@ -1,0 +1,160 @@
+"""fedlora's round payloads as Flower records, and back.
+
+Every tensor travels in an ``ArrayRecord`` as a float32 array (numpy's own
+format: nothing is pickled); bf16/fp16 models are cast on the way out. Keys
+are ``<module>/<factor>``; a broadcast base delta also carries the rounds it
+covers, ``<first>-<last>/<module>/<L|R>``.
+
+Server → client (``MessageType.TRAIN``)::
+
+    "fedlora.job"          ConfigRecord  round, partition-id, rank, seed, train-a, send-label-counts
+    "fedlora.scales"       ConfigRecord  s_i per module
+    "fedlora.adapters"     ArrayRecord   B, A of rank r_i per module (the client's start)
+    "fedlora.dense"        ArrayRecord   fully trained parameters (heads)
+    "fedlora.client-delta" ArrayRecord   L, R of the client-only frozen base delta (HEXA mixed ranks)
+    "fedlora.broadcast"    ArrayRecord   L, R of the base deltas this node has not folded yet
+
+Client → server::
+
+    "fedlora.adapters", "fedlora.dense"   the trained factors and heads
+    "fedlora.label-counts"                examples per class (only when the method asks)
+    "fedlora.metrics"      MetricRecord   num-examples, partition-id, loss, steps, examples, tokens
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from torch import Tensor
+
+from ..core import Adapter, ClientStart, ClientUpdate, Factored
+
+__all__ = ["encode_start", "decode_start", "encode_update", "decode_update", "encode_broadcast", "decode_broadcast", "MalformedRecord"]
+
+JOB, SCALES, ADAPTERS, DENSE, CLIENT_DELTA, BROADCAST = (
+    "fedlora.job", "fedlora.scales", "fedlora.adapters", "fedlora.dense", "fedlora.client-delta", "fedlora.broadcast")
+LABEL_COUNTS, METRICS = "fedlora.label-counts", "fedlora.metrics"
+
+
+class MalformedRecord(ValueError):
+    """A message lacks a record or key fedlora needs, or holds the wrong type."""
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _arrays(tensors: Mapping[str, Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: _f32(v) for k, v in tensors.items()})
+
+
+def _tensors(content: RecordDict, key: str) -> dict[str, Tensor]:
+    if key not in content.array_records:
+        raise MalformedRecord(f"message has no array record {key!r}")
+    return {k: v.clone() for k, v in content.array_records[key].to_torch_state_dict().items()}
+
+
+def _split(flat: Mapping[str, Tensor], parts: tuple[str, str], what: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{"m/B": x, "m/A": y}`` → ``{"m": (x, y)}`` for ``parts=("B", "A")``."""
+    out: dict[str, dict[str, Tensor]] = {}
+    for key, t in flat.items():
+        mod, _, part = key.rpartition("/")
+        if part not in parts or not mod:
+            raise MalformedRecord(f"{what}: unexpected key {key!r}")
+        out.setdefault(mod, {})[part] = t
+    for mod, d in out.items():
+        if set(d) != set(parts):
+            raise MalformedRecord(f"{what}: module {mod!r} lacks {sorted(set(parts) - set(d))}")
+    return {mod: (d[parts[0]], d[parts[1]]) for mod, d in out.items()}
+
+
+def _factored(deltas: Mapping[str, Factored], prefix: str = "") -> dict[str, Tensor]:
+    out = {}
+    for mod, f in deltas.items():
+        out[f"{prefix}{mod}/L"], out[f"{prefix}{mod}/R"] = f.L, f.R
+    return out
+
+
+# ------------------------------------------------------------------ server → client
+def encode_start(start: ClientStart, *, round: int, partition_id: int, rank: int, seed: int, send_label_counts: bool) -> RecordDict:
+    content = RecordDict()
+    content[JOB] = ConfigRecord({"round": round, "partition-id": partition_id, "rank": rank, "seed": seed,
+                                 "train-a": bool(start.train_A), "send-label-counts": bool(send_label_counts)})
+    content[SCALES] = ConfigRecord({mod: float(a.scale) for mod, a in start.adapters.items()})
+    content[ADAPTERS] = _arrays({k: v for mod, a in start.adapters.items() for k, v in ((f"{mod}/B", a.B), (f"{mod}/A", a.A))})
+    content[DENSE] = _arrays(start.dense)
+    content[CLIENT_DELTA] = _arrays(_factored(start.base_delta))
+    return content
+
+
+def decode_start(content: RecordDict) -> tuple[ClientStart, dict]:
+    """The client's ``ClientStart`` and its job settings (round, partition-id, rank, seed, …)."""
+    if JOB not in content.config_records or SCALES not in content.config_records:
+        raise MalformedRecord(f"train message lacks {JOB!r} or {SCALES!r}")
+    job = dict(content.config_records[JOB])
+    scales = content.config_records[SCALES]
+    factors = _split(_tensors(content, ADAPTERS), ("B", "A"), ADAPTERS)
+    if set(factors) != set(scales):
+        raise MalformedRecord("adapter modules and scales differ")
+    adapters = {mod: Adapter(B, A, float(scales[mod])) for mod, (B, A) in factors.items()}
+    delta = {mod: Factored(L, R) for mod, (L, R) in _split(_tensors(content, CLIENT_DELTA), ("L", "R"), CLIENT_DELTA).items()}
+    start = ClientStart(adapters=adapters, base_delta=delta, dense=_tensors(content, DENSE), train_A=bool(job["train-a"]))
+    return start, job
+
+
+def encode_broadcast(content: RecordDict, entries: Mapping[tuple[int, int], Mapping[str, Factored]]) -> None:
+    """Add the base deltas of rounds ``first..last`` (one entry each) to a train message."""
+    flat: dict[str, Tensor] = {}
+    for (first, last), deltas in entries.items():
+        flat.update(_factored(deltas, f"{first}-{last}/"))
+    content[BROADCAST] = _arrays(flat)
+
+
+def decode_broadcast(content: RecordDict) -> dict[tuple[int, int], dict[str, Factored]]:
+    """``{(first, last): {module: Factored}}`` in round order."""
+    out: dict[tuple[int, int], dict[str, Tensor]] = {}
+    for key, t in _tensors(content, BROADCAST).items():
+        span, _, rest = key.partition("/")
+        try:
+            first, last = (int(x) for x in span.split("-"))
+        except ValueError:
+            raise MalformedRecord(f"{BROADCAST}: bad round span in key {key!r}") from None
+        out.setdefault((first, last), {})[rest] = t
+    return {span: {mod: Factored(L, R) for mod, (L, R) in _split(flat, ("L", "R"), BROADCAST).items()}
+            for span, flat in sorted(out.items())}
+
+
+# ------------------------------------------------------------------ client → server
+def encode_update(update: ClientUpdate, stats: Mapping[str, float], partition_id: int) -> RecordDict:
+    content = RecordDict()
+    content[ADAPTERS] = _arrays({k: v for mod, a in update.adapters.items() for k, v in ((f"{mod}/B", a.B), (f"{mod}/A", a.A))})
+    content[SCALES] = ConfigRecord({mod: float(a.scale) for mod, a in update.adapters.items()})
+    content[DENSE] = _arrays(update.dense)
+    if update.label_counts is not None:
+        content[LABEL_COUNTS] = _arrays({"counts": update.label_counts})
+    content[METRICS] = MetricRecord({"num-examples": int(update.num_examples), "partition-id": int(partition_id),
+                                     **{k: float(v) for k, v in stats.items()}})
+    return content
+
+
+def decode_update(content: RecordDict, client_id: str) -> tuple[ClientUpdate, dict[str, float]]:
+    if METRICS not in content.metric_records or SCALES not in content.config_records:
+        raise MalformedRecord(f"reply lacks {METRICS!r} or {SCALES!r}")
+    metrics = dict(content.metric_records[METRICS])
+    scales = content.config_records[SCALES]
+    factors = _split(_tensors(content, ADAPTERS), ("B", "A"), ADAPTERS)
+    if set(factors) != set(scales):
+        raise MalformedRecord("adapter modules and scales differ")
+    counts = _tensors(content, LABEL_COUNTS)["counts"].double() if LABEL_COUNTS in content.array_records else None
+    n = metrics.get("num-examples")
+    if not isinstance(n, int):
+        raise MalformedRecord(f"num-examples must be an integer, got {n!r}")
+    update = ClientUpdate(client_id=client_id, num_examples=n,
+                          adapters={mod: Adapter(B, A, float(scales[mod])) for mod, (B, A) in factors.items()},
+                          dense=_tensors(content, DENSE), label_counts=counts)
+    missing = [k for k in ("loss", "steps", "examples", "tokens") if k not in metrics]
+    if missing:
+        raise MalformedRecord(f"{METRICS} lacks {missing}")
+    return update, {k: metrics[k] for k in ("loss", "steps", "examples", "tokens")}

@@ -1,0 +1,217 @@
+"""Flower engine, in this process: fedlora's real ServerApp engine, Strategy and
+ClientApp over a Grid that delivers messages locally (tests/flower_support.py).
+
+Equivalence is checked against the in-process engine run independently from
+the same config; failures against what the core must do with the clients
+that finished (weights renormalised over them, exactness over them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Message
+
+from engine_support import overrides, tiny_models  # noqa: F401  (fixture)
+from flower_support import LocalGrid
+from fedlora.config import ConfigError, RunConfig, load_config
+from fedlora.core import Adapter, ClientStart, ClientUpdate, Factored
+from fedlora.engine import Server, Simulator, build_experiment
+from fedlora.engine.server import RoundFailed
+from fedlora.flower import client_app as client_module
+from fedlora.flower.records import MalformedRecord, decode_start, decode_update, encode_broadcast, encode_start, encode_update
+from fedlora.flower.run_config import config_from_run_config, run_config_entries
+from fedlora.flower.server_app import discover_nodes, flower_engine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flower_run_config(cfg_overrides: list[str]) -> dict:
+    """Flower's flat run config for the same settings as ``cfg_overrides``."""
+    return run_config_entries(load_config(None, cfg_overrides))
+
+
+def run_flower(cfg_overrides, tmp_path, **grid_kw):
+    run_config = flower_run_config(cfg_overrides)
+    cfg = config_from_run_config(run_config)
+    (tmp_path / "flower").mkdir()
+    server = Server(build_experiment(cfg), tmp_path / "flower")
+    grid = LocalGrid(client_module.app, run_config, cfg.partition.num_clients, **grid_kw)
+    state = flower_engine(grid)(server, server.initial_state())
+    return server, state, grid
+
+
+def run_in_process(cfg_overrides, tmp_path):
+    (tmp_path / "inproc").mkdir()
+    sim = Simulator(build_experiment(load_config(None, cfg_overrides)), tmp_path / "inproc")
+    return sim, sim.run()
+
+
+# ------------------------------------------------------------------- records
+def test_records_round_trip_as_float32_arrays():
+    g = torch.Generator().manual_seed(0)
+    start = ClientStart(
+        adapters={"l.q": Adapter(torch.randn(6, 2, generator=g).bfloat16(), torch.randn(2, 5, generator=g).bfloat16(), 0.5)},
+        base_delta={"l.q": Factored(torch.randn(6, 3, generator=g), torch.randn(3, 5, generator=g))},
+        dense={"head.w": torch.randn(2, 6, generator=g).half()}, train_A=False)
+    back, job = decode_start(encode_start(start, round=3, partition_id=1, rank=2, seed=42, send_label_counts=True))
+    assert job == {"round": 3, "partition-id": 1, "rank": 2, "seed": 42, "train-a": False, "send-label-counts": True}
+    a = back.adapters["l.q"]
+    assert a.B.dtype == a.A.dtype == back.dense["head.w"].dtype == torch.float32  # bf16/fp16 cast, not refused
+    assert torch.equal(a.B, start.adapters["l.q"].B.float()) and a.scale == 0.5 and back.train_A is False
+    assert torch.equal(back.base_delta["l.q"].L, start.base_delta["l.q"].L)
+
+    update = ClientUpdate("client1", 17, {"l.q": Adapter(torch.ones(6, 2), torch.ones(2, 5), 0.5)}, {"head.w": torch.zeros(2, 6)},
+                          label_counts=torch.tensor([10.0, 7.0], dtype=torch.float64))
+    content = encode_update(update, {"loss": 0.5, "steps": 3, "examples": 17, "tokens": 99}, partition_id=1)
+    got, stats = decode_update(content, "client1")
+    assert got.num_examples == 17 and torch.equal(got.label_counts, update.label_counts) and stats["tokens"] == 99
+    del content["fedlora.adapters"]
+    with pytest.raises(MalformedRecord, match="fedlora.adapters"):
+        decode_update(content, "client1")
+
+
+# ---------------------------------------------------------------- run config
+def test_pyproject_lists_every_fedlora_key_with_a_valid_value():
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    flat = {}
+    for k, v in listed.items():
+        flat.update({f"{k}.{kk}": vv for kk, vv in v.items()} if isinstance(v, dict) else {k: v})
+    assert set(flat) == set(run_config_entries())
+    cfg = config_from_run_config(flat)
+    assert isinstance(cfg, RunConfig) and cfg.model.target_modules == ["query", "value"]
+    with pytest.raises(ConfigError, match="fed.methd"):
+        config_from_run_config({**flat, "fed.methd": "fedex"})
+    with pytest.raises(ConfigError, match="model.rank"):
+        config_from_run_config({**flat, "model.rank": "eight"})
+
+
+def test_run_config_round_trips_lists_and_options():
+    cfg = load_config(None, ["model.client_ranks=[2,4,8]", "fed.options={restart: svd_sqrt, drift_beta: 0.5}", "model.target_modules=[query,key,value]"])
+    assert config_from_run_config(run_config_entries(cfg)) == cfg
+
+
+# --------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("method,extra", [("fedex", ["fed.fraction=0.67"]), ("hexa", ["model.client_ranks=[2,4,4]"])])
+def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
+    """Same seed → the same global adapters, heads and metrics as the in-process engine.
+    fedex with sampling: nodes skip rounds and must catch up on several base deltas."""
+    over = overrides(tiny_models["bert"], tmp_path, fed__method=method) + extra
+    sim, want = run_in_process(over, tmp_path)
+    server, got, grid = run_flower(over, tmp_path)
+    assert got.round == want.round == 3
+    for name, a in want.adapters.items():
+        torch.testing.assert_close(got.adapters[name].B, a.B, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.adapters[name].A, a.A, atol=1e-5, rtol=1e-4)
+    for name, t in want.dense.items():
+        torch.testing.assert_close(got.dense[name], t, atol=1e-5, rtol=1e-4)
+    for w, g in zip(sim.rounds, server.rounds, strict=True):
+        assert g["clients"] == w["clients"] and g["bytes_up"] == w["bytes_up"] and g["train_tokens"] == w["train_tokens"]
+        assert g["eval_accuracy"] == w["eval_accuracy"]
+        assert math.isclose(g["train_loss"], w["train_loss"], rel_tol=1e-4)
+    # every train message carried its client's own rank
+    ranks = {m.content.config_records["fedlora.job"]["partition-id"]: m.content.config_records["fedlora.job"]["rank"]
+             for m in grid.sent if m.metadata.message_type == "train"}
+    assert ranks and all(rank == server.exp.clients[pid].rank for pid, rank in ranks.items())
+
+
+# ------------------------------------------------------------------ failures
+def test_failed_and_slow_clients_are_dropped_and_the_round_stays_exact(tiny_models, tmp_path, monkeypatch, caplog):
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__rounds=2)
+    real = client_module.run_client
+
+    def flaky(fm, start, client, *a, **kw):
+        if client.client_id == "client1":
+            raise RuntimeError("disk full")
+        return real(fm, start, client, *a, **kw)
+
+    monkeypatch.setattr(client_module, "run_client", flaky)
+    seen = []  # (updates, new state) of every aggregation
+    from fedlora.core.methods.fedex import FedEx
+
+    real_aggregate = FedEx.aggregate
+
+    def spy(self, state, updates):
+        new = real_aggregate(self, state, updates)
+        seen.append((list(updates), new))
+        return new
+
+    monkeypatch.setattr(FedEx, "aggregate", spy)
+    slow_node = 1000 + 7 * 2  # LocalGrid's id for partition 2
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        server, state, _ = run_flower(over, tmp_path, slow={slow_node})
+    text = caplog.text
+    assert "client1 dropped: node 1007 failed: RuntimeError: disk full" in text
+    assert f"client2 dropped: no reply from node {slow_node}" in text
+    for row in server.rounds:
+        assert row["clients"] == 1 and row["dropped"] == 2
+    # Exact over the client that finished (dense float64): ΔW0_t + s·B̄_t·Ā_t = s·B_0·A_0.
+    assert len(seen) == 2
+    for updates, new in seen:
+        assert [u.client_id for u in updates] == ["client0"]
+        (u,) = updates
+        for name, a in u.adapters.items():
+            want = a.scale * a.B.double() @ a.A.double()
+            g = new.adapters[name]
+            got = new.base_delta[name].L.double() @ new.base_delta[name].R.double() + g.scale * g.B.double() @ g.A.double()
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert list(state.info["clients"]) == ["client0"] and state.info["weights"] == [1.0]
+    dropped = [r for r in server.client_rows if "dropped" in r]
+    assert {r["client"] for r in dropped} == {"client1", "client2"}
+
+
+def test_a_round_with_no_finished_client_fails_loudly(tiny_models, tmp_path):
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedit", fed__rounds=1, partition__num_clients=2)
+    with pytest.raises(RoundFailed, match="no sampled client finished"):
+        run_flower(over, tmp_path, slow={1000, 1007})
+
+
+def test_a_bad_update_is_dropped_with_the_reason(tiny_models, tmp_path, monkeypatch, caplog):
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedit", fed__rounds=1)
+    real = client_module.encode_update
+
+    def poisoned(update, stats, pid):
+        if pid == 0:
+            name = next(iter(update.adapters))
+            a = update.adapters[name]
+            update = ClientUpdate(update.client_id, update.num_examples, {**update.adapters, name: Adapter(a.B * float("nan"), a.A, a.scale)}, update.dense)
+        return real(update, stats, pid)
+
+    monkeypatch.setattr(client_module, "encode_update", poisoned)
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        server, state, _ = run_flower(over, tmp_path)
+    assert "client0 dropped: node 1000 sent a bad update" in caplog.text and "B contains NaN" in caplog.text
+    assert server.rounds[0]["clients"] == 2 and sorted(state.info["clients"]) == ["client1", "client2"]
+
+
+def test_node_roll_call_errors(tiny_models, tmp_path):
+    over = overrides(tiny_models["bert"], tmp_path)
+    run_config = flower_run_config(over)
+    grid = LocalGrid(client_module.app, run_config, 3)
+    assert discover_nodes(grid, 3, timeout=1) == {0: 1000, 1: 1007, 2: 1014}
+    grid.contexts[1007].node_config["partition-id"] = 0
+    with pytest.raises(ConfigError, match="partition 0 is held by two nodes"):
+        discover_nodes(grid, 3, timeout=1)
+    with pytest.raises(ConfigError, match="only 3 of 4 nodes connected"):
+        discover_nodes(grid, 4, timeout=0.01, poll_s=0.005)
+    grid = LocalGrid(client_module.app, run_config, 3)
+    with pytest.raises(ConfigError, match="holds partition 0 of 3; the run has partition.num_clients=2"):
+        discover_nodes(grid, 2, timeout=1)
+
+
+def test_client_refuses_a_job_for_another_partition(tiny_models, tmp_path):
+    over = overrides(tiny_models["bert"], tmp_path)
+    run_config = flower_run_config(over)
+    cfg = config_from_run_config(run_config)
+    server = Server(build_experiment(cfg), tmp_path / "x")
+    job = server.plan(server.initial_state())[0]
+    grid = LocalGrid(client_module.app, run_config, 3)
+    content = encode_start(job.start, round=1, partition_id=2, rank=job.client.rank, seed=job.seed, send_label_counts=False)
+    encode_broadcast(content, {})
+    reply = grid.send_and_receive([Message(content=content, dst_node_id=1000, message_type="train")])[0]
+    assert reply.has_error() and "job for partition 2 reached the node holding partition 0" in reply.error.reason
