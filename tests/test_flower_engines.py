@@ -18,8 +18,12 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from engine_support import GLUE, tiny_models  # noqa: F401  (fixture)
+from fedlora.engine import run_experiment
+from fedlora.engine.checkpoint import load_checkpoint
+from fedlora.flower.run_config import config_from_run_config
 from flower_processes import ROOT, flower_env, free_port, processes, run_config_arg, tool
 
 RUN_TIMEOUT = 420
@@ -61,16 +65,29 @@ def check_run_folder(out, clients: int, method: str) -> None:
     assert (run / "adapter" / "adapter_config.json").is_file()
 
 
-def test_simulation_engine(tiny_models, tmp_path):
+def test_simulation_engine_equals_in_process(tiny_models, tmp_path):
     port, home, out = free_port(), tmp_path / "flwr-home", tmp_path / "out"
     write_connection(home, "sim", port, extra="options.num-supernodes = 3\noptions.backend.client-resources.num-cpus = 1\n")
     env = flower_env(home)
+    run_settings = settings(tiny_models["bert"], out, 3, "hexa")
     with processes(env, tmp_path) as procs:
         procs.start("superlink", [tool("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
                                   "--disable-runtime-dependency-installation"])
-        flwr_run(env, "sim", settings(tiny_models["bert"], out, 3, "hexa"), procs)
+        flwr_run(env, "sim", run_settings, procs)
     assert procs.alive_groups() == []
     check_run_folder(out, 3, "hexa")
+
+    # The same config in this process, on the in-process engine: same adapters and metrics.
+    cfg = config_from_run_config({**run_settings, "output_dir": str(tmp_path / "inproc")})
+    run_experiment(cfg, plots=False, export=False)
+    flower = load_checkpoint(out / "flower-run" / "checkpoint.pt")
+    local = load_checkpoint(tmp_path / "inproc" / "flower-run" / "checkpoint.pt")
+    for name, a in local["state"]["adapters"].items():
+        for f in ("B", "A"):
+            torch.testing.assert_close(flower["state"]["adapters"][name][f], a[f], atol=1e-5, rtol=1e-4)
+    for fr, lr in zip(flower["rounds"], local["rounds"], strict=True):
+        assert fr["eval_accuracy"] == lr["eval_accuracy"] and fr["train_tokens"] == lr["train_tokens"]
+        assert abs(fr["train_loss"] - lr["train_loss"]) < 1e-4
 
 
 def make_certificates(d):
