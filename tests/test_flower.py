@@ -215,3 +215,44 @@ def test_client_refuses_a_job_for_another_partition(tiny_models, tmp_path):
     encode_broadcast(content, {})
     reply = grid.send_and_receive([Message(content=content, dst_node_id=1000, message_type="train")])[0]
     assert reply.has_error() and "job for partition 2 reached the node holding partition 0" in reply.error.reason
+
+
+# -------------------------------------------------------------------- resume
+def test_server_killed_then_resumed_with_fresh_nodes_equals_uninterrupted(tiny_models, tmp_path, monkeypatch):
+    """The ServerApp dies after round 2's checkpoint; a new one resumes on new nodes (empty
+    context.state): they get one snapshot of every base delta folded so far, then per-round
+    deltas again. fedex, so there is a base delta every round."""
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__fraction=0.67)
+    sim, want = run_in_process(over, tmp_path)
+
+    class Killed(RuntimeError):
+        pass
+
+    original = Server.checkpoint
+
+    def checkpoint_then_die(self, state):
+        original(self, state)
+        if state.round == 2:
+            raise Killed
+
+    run_config = flower_run_config(over)
+    cfg = config_from_run_config(run_config)
+    (tmp_path / "flower").mkdir()
+    with monkeypatch.context() as mp:
+        mp.setattr(Server, "checkpoint", checkpoint_then_die)
+        server = Server(build_experiment(cfg), tmp_path / "flower")
+        with pytest.raises(Killed):
+            flower_engine(LocalGrid(client_module.app, run_config, 3))(server, server.initial_state())
+    client_module._CACHE.clear()  # a new process on every node, too
+    server = Server(build_experiment(cfg), tmp_path / "flower")
+    state = server.resume_or_init()
+    assert state.round == 2
+    grid = LocalGrid(client_module.app, run_config, 3, node_ids=[2000, 2001, 2002])
+    got = flower_engine(grid)(server, state)
+    assert got.round == 3
+    for name, a in want.adapters.items():
+        torch.testing.assert_close(got.adapters[name].B, a.B, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.adapters[name].A, a.A, atol=1e-5, rtol=1e-4)
+    assert server.rounds[-1]["eval_accuracy"] == sim.rounds[-1]["eval_accuracy"]
+    spans = {k.split("/")[0] for m in grid.sent if m.metadata.message_type == "train" for k in m.content["fedlora.broadcast"].keys()}
+    assert spans == {"1-2"}  # the snapshot of rounds 1-2, folded by each resumed node

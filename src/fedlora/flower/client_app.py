@@ -73,7 +73,8 @@ def _sync_base(content: RecordDict, context: Context) -> dict[str, Factored]:
         if first == 1:
             total = dict(deltas)  # a snapshot of every round so far (after a server resume)
         elif first == through + 1:
-            total = {m: (deltas[m] + total[m]).compress() if m in total else deltas[m] for m in deltas} | {m: f for m, f in total.items() if m not in deltas}
+            for m, delta in deltas.items():  # keep the sum at its numerical rank ≤ min(m, n)
+                total[m] = (delta + total[m]).compress() if m in total else delta
         else:
             raise ValueError(f"base deltas of rounds {first}-{last} do not follow round {through}, the last this node folded")
         through = last

@@ -77,13 +77,27 @@ def _factored(deltas: Mapping[str, Factored], prefix: str = "") -> dict[str, Ten
     return out
 
 
+def _put_adapters(content: RecordDict, adapters: Mapping[str, Adapter]) -> None:
+    content[ADAPTERS] = _arrays({k: v for mod, a in adapters.items() for k, v in ((f"{mod}/B", a.B), (f"{mod}/A", a.A))})
+    content[SCALES] = ConfigRecord({mod: float(a.scale) for mod, a in adapters.items()})
+
+
+def _get_adapters(content: RecordDict) -> dict[str, Adapter]:
+    if SCALES not in content.config_records:
+        raise MalformedRecord(f"message has no config record {SCALES!r}")
+    scales = content.config_records[SCALES]
+    factors = _split(_tensors(content, ADAPTERS), ("B", "A"), ADAPTERS)
+    if set(factors) != set(scales):
+        raise MalformedRecord("adapter modules and scales differ")
+    return {mod: Adapter(B, A, float(scales[mod])) for mod, (B, A) in factors.items()}
+
+
 # ------------------------------------------------------------------ server → client
 def encode_start(start: ClientStart, *, round: int, partition_id: int, rank: int, seed: int, send_label_counts: bool) -> RecordDict:
     content = RecordDict()
     content[JOB] = ConfigRecord({"round": round, "partition-id": partition_id, "rank": rank, "seed": seed,
                                  "train-a": bool(start.train_A), "send-label-counts": bool(send_label_counts)})
-    content[SCALES] = ConfigRecord({mod: float(a.scale) for mod, a in start.adapters.items()})
-    content[ADAPTERS] = _arrays({k: v for mod, a in start.adapters.items() for k, v in ((f"{mod}/B", a.B), (f"{mod}/A", a.A))})
+    _put_adapters(content, start.adapters)
     content[DENSE] = _arrays(start.dense)
     content[CLIENT_DELTA] = _arrays(_factored(start.base_delta))
     return content
@@ -91,14 +105,10 @@ def encode_start(start: ClientStart, *, round: int, partition_id: int, rank: int
 
 def decode_start(content: RecordDict) -> tuple[ClientStart, dict]:
     """The client's ``ClientStart`` and its job settings (round, partition-id, rank, seed, …)."""
-    if JOB not in content.config_records or SCALES not in content.config_records:
-        raise MalformedRecord(f"train message lacks {JOB!r} or {SCALES!r}")
+    if JOB not in content.config_records:
+        raise MalformedRecord(f"train message has no config record {JOB!r}")
     job = dict(content.config_records[JOB])
-    scales = content.config_records[SCALES]
-    factors = _split(_tensors(content, ADAPTERS), ("B", "A"), ADAPTERS)
-    if set(factors) != set(scales):
-        raise MalformedRecord("adapter modules and scales differ")
-    adapters = {mod: Adapter(B, A, float(scales[mod])) for mod, (B, A) in factors.items()}
+    adapters = _get_adapters(content)
     delta = {mod: Factored(L, R) for mod, (L, R) in _split(_tensors(content, CLIENT_DELTA), ("L", "R"), CLIENT_DELTA).items()}
     start = ClientStart(adapters=adapters, base_delta=delta, dense=_tensors(content, DENSE), train_A=bool(job["train-a"]))
     return start, job
@@ -129,8 +139,7 @@ def decode_broadcast(content: RecordDict) -> dict[tuple[int, int], dict[str, Fac
 # ------------------------------------------------------------------ client → server
 def encode_update(update: ClientUpdate, stats: Mapping[str, float], partition_id: int) -> RecordDict:
     content = RecordDict()
-    content[ADAPTERS] = _arrays({k: v for mod, a in update.adapters.items() for k, v in ((f"{mod}/B", a.B), (f"{mod}/A", a.A))})
-    content[SCALES] = ConfigRecord({mod: float(a.scale) for mod, a in update.adapters.items()})
+    _put_adapters(content, update.adapters)
     content[DENSE] = _arrays(update.dense)
     if update.label_counts is not None:
         content[LABEL_COUNTS] = _arrays({"counts": update.label_counts})
@@ -140,19 +149,15 @@ def encode_update(update: ClientUpdate, stats: Mapping[str, float], partition_id
 
 
 def decode_update(content: RecordDict, client_id: str) -> tuple[ClientUpdate, dict[str, float]]:
-    if METRICS not in content.metric_records or SCALES not in content.config_records:
-        raise MalformedRecord(f"reply lacks {METRICS!r} or {SCALES!r}")
+    if METRICS not in content.metric_records:
+        raise MalformedRecord(f"reply has no metric record {METRICS!r}")
     metrics = dict(content.metric_records[METRICS])
-    scales = content.config_records[SCALES]
-    factors = _split(_tensors(content, ADAPTERS), ("B", "A"), ADAPTERS)
-    if set(factors) != set(scales):
-        raise MalformedRecord("adapter modules and scales differ")
     counts = _tensors(content, LABEL_COUNTS)["counts"].double() if LABEL_COUNTS in content.array_records else None
     n = metrics.get("num-examples")
     if not isinstance(n, int):
         raise MalformedRecord(f"num-examples must be an integer, got {n!r}")
     update = ClientUpdate(client_id=client_id, num_examples=n,
-                          adapters={mod: Adapter(B, A, float(scales[mod])) for mod, (B, A) in factors.items()},
+                          adapters=_get_adapters(content),
                           dense=_tensors(content, DENSE), label_counts=counts)
     missing = [k for k in ("loss", "steps", "examples", "tokens") if k not in metrics]
     if missing:
