@@ -256,3 +256,15 @@ def test_server_killed_then_resumed_with_fresh_nodes_equals_uninterrupted(tiny_m
     assert server.rounds[-1]["eval_accuracy"] == sim.rounds[-1]["eval_accuracy"]
     spans = {k.split("/")[0] for m in grid.sent if m.metadata.message_type == "train" for k in m.content["fedlora.broadcast"].keys()}
     assert spans == {"1-2"}  # the snapshot of rounds 1-2, folded by each resumed node
+
+
+def test_server_app_refuses_centralized_mode(tiny_models, tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from fedlora.flower.server_app import main
+
+    run_config = flower_run_config(overrides(tiny_models["bert"], tmp_path, fed__mode="centralized"))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(ConfigError, match="use `fedlora run`"):
+        main(LocalGrid(client_module.app, run_config, 3), context)
+    assert not any(tmp_path.glob("*/config.yaml"))  # nothing written

@@ -32,6 +32,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(context.run_config)
+    if cfg.fed.mode != "federated":
+        raise ConfigError(f"fed.mode={cfg.fed.mode!r} trains in one process: use `fedlora run`, not Flower")
     summary = run_experiment(cfg, engine=flower_engine(grid))
     log.warning("fedlora: finished %s: %s", summary["method"], summary["final"])
 
