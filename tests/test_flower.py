@@ -17,7 +17,7 @@ import pytest
 import torch
 from flwr.app import Message
 
-from engine_support import overrides, tiny_models  # noqa: F401  (fixture)
+from engine_support import GLUE, overrides, tiny_models  # noqa: F401  (fixture)
 from flower_support import LocalGrid
 from fedlora.config import ConfigError, RunConfig, load_config
 from fedlora.core import Adapter, ClientStart, ClientUpdate, Factored
@@ -268,3 +268,25 @@ def test_server_app_refuses_centralized_mode(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="use `fedlora run`"):
         main(LocalGrid(client_module.app, run_config, 3), context)
     assert not any(tmp_path.glob("*/config.yaml"))  # nothing written
+
+
+def test_a_node_trains_on_its_own_examples(tiny_models, tmp_path):
+    """node_config data=<folder in the GLUE layout>: the node trains on all its own rows
+    (not partition i of the run's set) and the server weights it by their count."""
+    rows = (GLUE / "SST-2" / "train.tsv").read_text().splitlines()
+    own = tmp_path / "hospital" / "SST-2"
+    own.mkdir(parents=True)
+    (own / "train.tsv").write_text("\n".join(rows[:1] + rows[-13:]) + "\n")  # header + 13 examples
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__rounds=1)
+    run_config = flower_run_config(over)
+    cfg = config_from_run_config(run_config)
+    (tmp_path / "flower").mkdir()
+    server = Server(build_experiment(cfg), tmp_path / "flower")
+    grid = LocalGrid(client_module.app, run_config, 3)
+    grid.contexts[1007].node_config["data"] = str(tmp_path / "hospital")
+    state = flower_engine(grid)(server, server.initial_state())
+    examples = {r["client"]: r["examples"] for r in server.client_rows}
+    assert examples["client1"] == 13
+    assert examples["client0"] == len(server.exp.clients[0].indices)
+    n = [examples[c] for c in state.info["clients"]]
+    assert state.info["weights"] == pytest.approx([k / sum(n) for k in n])

@@ -63,6 +63,15 @@ def load_datasets(cfg: RunConfig):
     return task, train, dev
 
 
+def load_node_examples(cfg: RunConfig, task: TaskSpec, path: str, label_names: list[str] | None):
+    """A node's own training examples: a CSV/JSONL file (``data.task=file``, the run's
+    columns) or a folder in the GLUE layout (``<path>/<TASK>/train.tsv``)."""
+    d = cfg.data
+    if d.task == "file":
+        return load_text_file(path, d.text_columns, d.label_column, label_names=label_names, regression=d.regression)
+    return load_glue(task, "train", source="local", data_dir=path)
+
+
 def client_ranks(cfg: RunConfig, num_clients: int) -> list[int]:
     ranks = cfg.model.client_ranks or [cfg.model.rank]
     return [ranks[i % len(ranks)] for i in range(num_clients)]

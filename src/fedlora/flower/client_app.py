@@ -3,6 +3,12 @@
 Each train message is one :class:`~fedlora.engine.server.ClientJob`; the node
 answers with ``run_client``, the very function the in-process engine calls.
 
+Data. By default a node trains on partition ``partition-id`` of the run's
+training set (as client i of the in-process engine does). A node with its own
+private examples names them in its node config, ``data=<path>`` (a CSV/JSONL
+file when ``data.task=file``, else a folder in the GLUE layout); it then trains
+on all of them, tokenised once, and reports their count as n_i.
+
 The frozen base. The server folds each round's ``base_delta`` ΔW0_t into its
 base weights; a node must train on the same W0 + Σ_t ΔW0_t. The server sends
 every node only the deltas it has not acknowledged yet; the node keeps their
@@ -14,15 +20,19 @@ and tokenised once per process) never keeps one node's folds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor
 
 from ..core import Factored
-from ..engine.client import run_client
-from ..engine.experiment import Experiment, build_experiment
+from ..data import tokenize
+from ..engine.client import ClientData, run_client
+from ..engine.experiment import Experiment, build_experiment, load_node_examples
 from .records import decode_broadcast, decode_start, encode_update
 from .run_config import config_from_run_config
 
@@ -37,6 +47,7 @@ SYNC, BASE = "fedlora.sync", "fedlora.base"
 class _Local:
     exp: Experiment
     pristine: dict[str, Tensor]  # W0 of the adapted modules, before any fold
+    node_data: dict[tuple[str, int], tuple[ClientData, object]] = field(default_factory=dict)  # (path, pid) → data
 
 
 _CACHE: dict[str, _Local] = {}
@@ -60,6 +71,22 @@ def _partition_id(context: Context, num_clients: int) -> int:
     if not 0 <= pid < num_clients:
         raise ValueError(f"partition-id {pid} is outside the run's {num_clients} clients (partition.num_clients)")
     return pid
+
+
+def _client_data(local: _Local, context: Context, pid: int) -> tuple[ClientData, object]:
+    """(ClientData, tokenised dataset) this node trains on: its own examples or partition ``pid``."""
+    exp = local.exp
+    path = context.node_config.get("data")
+    if not path:
+        return exp.clients[pid], exp.train
+    key = (str(path), pid)
+    if key not in local.node_data:
+        text = load_node_examples(exp.cfg, exp.task, str(path), list(exp.task.label_names or ()) or None)
+        data = tokenize(text, exp.tokenizer, exp.cfg.model.max_length)
+        counts = None if exp.task.is_regression else torch.bincount(torch.as_tensor(text.labels), minlength=exp.task.num_labels).double()
+        client = ClientData(client_id=exp.clients[pid].client_id, indices=np.arange(len(text)), rank=exp.clients[pid].rank, label_counts=counts)
+        local.node_data[key] = (client, data)
+    return local.node_data[key]
 
 
 def _sync_base(content: RecordDict, context: Context) -> dict[str, Factored]:
@@ -98,12 +125,12 @@ def train(msg: Message, context: Context) -> Message:
     pid = _partition_id(context, len(exp.clients))
     if pid != int(job["partition-id"]):
         raise ValueError(f"job for partition {job['partition-id']} reached the node holding partition {pid}")
-    client = exp.clients[pid]
+    client, data = _client_data(local, context, pid)
     if client.rank != int(job["rank"]):
         raise ValueError(f"server asks for rank {job['rank']}, the run's config gives client {pid} rank {client.rank}")
     base = _sync_base(msg.content, context)
     exp.fm.load_base_state(local.pristine)
     exp.fm.fold(base)
-    update, stats = run_client(exp.fm, start, client, exp.train, exp.cfg.train, int(job["seed"]),
+    update, stats = run_client(exp.fm, start, client, data, exp.cfg.train, int(job["seed"]),
                                pad_token_id=exp.pad_token_id, send_label_counts=bool(job["send-label-counts"]))
     return Message(content=encode_update(update, stats.as_dict(), pid), reply_to=msg)
