@@ -121,11 +121,10 @@ def tiny_model(arch: str = "bert", num_labels: int = 2, regression: bool = False
     import transformers as tf
 
     torch.manual_seed(seed)
-    vocab_dir = tempfile.mkdtemp(prefix="fedlora-vocab-")
-    vocab = Path(vocab_dir) / "vocab.txt"
-    vocab.write_text("\n".join(TINY_VOCAB) + "\n")
-    # transformers 5's BertTokenizerFast(vocab_file=...) ignores the file; from_pretrained reads it.
-    tokenizer = tf.BertTokenizer.from_pretrained(vocab_dir, do_lower_case=True)
+    with tempfile.TemporaryDirectory(prefix="fedlora-vocab-") as vocab_dir:
+        (Path(vocab_dir) / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+        # transformers 5's BertTokenizerFast(vocab_file=...) ignores the file; from_pretrained reads it.
+        tokenizer = tf.BertTokenizer.from_pretrained(vocab_dir, do_lower_case=True)
     common = dict(vocab_size=len(TINY_VOCAB), num_labels=num_labels, problem_type="regression" if regression else "single_label_classification")
     if arch == "bert":
         cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, max_position_embeddings=64, **common)
