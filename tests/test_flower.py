@@ -290,3 +290,16 @@ def test_a_node_trains_on_its_own_examples(tiny_models, tmp_path):
     assert examples["client0"] == len(server.exp.clients[0].indices)
     n = [examples[c] for c in state.info["clients"]]
     assert state.info["weights"] == pytest.approx([k / sum(n) for k in n])
+
+
+def test_wire_bytes_are_the_float32_arrays_sent(tiny_models, tmp_path):
+    """Flower rows add the bytes actually moved: ≥ 4 bytes per number of the formula,
+    plus the base deltas a node catches up on (fedex with sampling)."""
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__fraction=0.67)
+    server, _, grid = run_flower(over, tmp_path)
+    for r in server.client_rows:
+        assert r["wire_bytes_up"] >= r["bytes_up"] and r["wire_bytes_up"] < 1.2 * r["bytes_up"] + 4096
+    sent = [m for m in grid.sent if m.metadata.message_type == "train"]
+    numbers = [sum(a.numpy().size for rec in m.content.array_records.values() for a in rec.values()) for m in sent]
+    assert sum(r["wire_bytes_down"] for r in server.client_rows) >= 4 * sum(numbers)
+    assert all(m.content["fedlora.adapters"][k].dtype == "float32" for m in sent for k in m.content["fedlora.adapters"])

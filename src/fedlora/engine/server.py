@@ -62,6 +62,7 @@ class ClientResult:
     update: ClientUpdate | None = None
     stats: dict[str, float] | None = None  # loss, steps, examples, tokens
     error: str | None = None
+    wire: dict[str, int] | None = None  # bytes a transport actually moved: wire_bytes_down, wire_bytes_up
 
 
 class Server:
@@ -135,6 +136,7 @@ class Server:
                 "round": t + 1, "client": job.client.client_id, "rank": job.client.rank, "examples": res.update.num_examples,
                 "train_loss": res.stats["loss"], "steps": int(res.stats["steps"]), "tokens": int(res.stats["tokens"]),
                 "bytes_down": BYTES_PER_NUMBER * (job.start.numel() + broadcast), "bytes_up": BYTES_PER_NUMBER * res.update.numel(),
+                **(res.wire or {}),
             })
         if not updates:
             raise RoundFailed(f"round {t + 1}: no sampled client finished; " + "; ".join(f"{r['client']}: {r['dropped']}" for r in rows))
@@ -150,6 +152,9 @@ class Server:
                "train_s": train_s, "aggregate_s": t2 - t1, "fold_s": t3 - t2,
                "train_steps": sum(r["steps"] for r in done), "train_tokens": sum(r["tokens"] for r in done),
                "bytes_down": sum(r["bytes_down"] for r in done), "bytes_up": sum(r["bytes_up"] for r in done)}
+        for key in ("wire_bytes_down", "wire_bytes_up"):
+            if any(key in r for r in done):
+                row[key] = sum(r.get(key, 0) for r in done)
         row.update({k: v for k, v in state.info.items() if isinstance(v, (int, float))})
         if (t + 1) % self.cfg.fed.eval_every == 0 or t + 1 == self.cfg.fed.rounds:
             row.update(self.evaluate(state))

@@ -53,6 +53,7 @@ class FedLoraStrategy(Strategy):
             self.history[(1, state.round)] = dict(folded)
         self.synced: dict[int, int] = {}  # node → last round whose base delta it acknowledged
         self._jobs: list[ClientJob] = []
+        self._sent_bytes: dict[int, int] = {}  # node → array bytes of this round's train message
         self._t0 = 0.0
 
     def summary(self) -> None:
@@ -69,6 +70,7 @@ class FedLoraStrategy(Strategy):
                                    seed=job.seed, send_label_counts=job.send_label_counts)
             since = self.synced.get(node, 0)
             encode_broadcast(content, {span: d for span, d in self.history.items() if span[1] > since})
+            self._sent_bytes[node] = _array_bytes(content)
             messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
         self._t0 = time.perf_counter()
         return messages
@@ -97,7 +99,8 @@ class FedLoraStrategy(Strategy):
         except (MalformedRecord, AggregationError) as e:
             return ClientResult(error=f"node {node} sent a bad update: {e}")
         self.synced[node] = job.round - 1  # it folded every base delta before this round
-        return ClientResult(update=update, stats=stats)
+        return ClientResult(update=update, stats=stats,
+                            wire={"wire_bytes_down": self._sent_bytes[node], "wire_bytes_up": _array_bytes(reply.content)})
 
     # -------------------------------------------- evaluation: on the server, in finish
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -105,3 +108,8 @@ class FedLoraStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+
+def _array_bytes(content) -> int:
+    """Serialised bytes of a message's arrays (numpy headers and keys included)."""
+    return sum(rec.count_bytes() for rec in content.array_records.values())
