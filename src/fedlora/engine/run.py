@@ -5,8 +5,8 @@ metrics, plots, the summary and the final peft adapter."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig, config_to_dict

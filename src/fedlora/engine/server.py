@@ -195,7 +195,7 @@ class Server:
 
 
 # Settings that cannot change a run's results: a resume may differ in them.
-_NOT_RESULTS = {("progress",), ("threads",), ("output_dir",), ("name",), ("train", "eval_batch_size")}
+_NOT_RESULTS = {("progress",), ("threads",), ("output_dir",), ("name",), ("train", "eval_batch_size"), ("fed", "client_timeout")}
 
 
 def _result_keys(cfg: dict) -> dict:

@@ -74,11 +74,6 @@ def grid_overrides(cell: Cell, base_overrides: list[str], task: str) -> list[str
     return over + [f"name=compare-{task}-{_slug(cell.method)}{where}-s{cell.seed}"]
 
 
-def cell_config(cell: Cell, config: str | None, base_overrides: list[str]):
-    task = load_config(config, list(base_overrides)).data.task
-    return load_config(config, grid_overrides(cell, base_overrides, task))
-
-
 def _run_cell(cfg, overwrite: bool) -> dict:
     from ..engine.run import run_experiment
 
@@ -94,8 +89,9 @@ def collect(cells: list[Cell], config: str | None, base_overrides: list[str], ru
 
     out: dict[Cell, dict] = {}
     todo: dict[Path, tuple[Any, list[Cell]]] = {}  # run folder → (config, cells it serves)
+    task = load_config(config, list(base_overrides)).data.task  # once per grid, not per cell
     for cell in cells:
-        cfg = cell_config(cell, config, base_overrides)
+        cfg = load_config(config, grid_overrides(cell, base_overrides, task))
         run_dir = Path(cfg.output_dir) / run_name(cfg)
         summary_path = run_dir / "summary.json"
         if summary_path.exists() and not overwrite:
