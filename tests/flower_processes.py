@@ -38,6 +38,43 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
+def wait_for_port(port: int, timeout: float = 60.0, host: str = "127.0.0.1") -> None:
+    """Block until something accepts connections on ``port`` (a service is ready), bounded in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:g} s")
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on ``port`` (connections of a stopped server in TIME_WAIT do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def pids_matching(text: str) -> list[int]:
+    """Live processes whose command line contains ``text``."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmd and state != "Z":
+            out.append(int(cmdline.parent.name))
+    return out
+
+
 def tool(name: str) -> str:
     path = shutil.which(name, path=str(BIN)) or shutil.which(name)
     assert path, f"{name} is not installed (pip install 'flwr[simulation]')"
@@ -58,11 +95,18 @@ class Processes:
         self.env, self.logs = env, logs
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")
-        p = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    def start(self, name: str, argv: list[str], *, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        p = subprocess.Popen(argv, env=env or self.env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append((name, p))
         return p
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the named process's whole group (it and what it spawned), as a crash would."""
+        for n, p in self.procs:
+            if n == name:
+                _signal_group(p, signal.SIGKILL)
+                p.wait(timeout=10)
 
     def stop(self) -> None:
         for _, p in self.procs:

@@ -3,11 +3,15 @@
 Flower's ``Grid`` is a small ABC; this one keeps a ``Context`` per node (so
 ``context.state`` persists between rounds, as Flower guarantees) and turns a
 ClientApp exception into an error reply, as Flower's runtimes do. ``slow``
-nodes never answer a train message: the round's timeout.
+nodes never answer a train message: the round's timeout. Each message gets an
+id when it is sent, as Flower's Grids give it, and replies name it.
+``restart`` gives a node a fresh context (its state lost), under the same id
+or a new one, as a SuperNode restarted with or without authentication.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -27,7 +31,16 @@ class LocalGrid(Grid):
             for i, nid in enumerate(ids)
         }
         self.slow = set(slow)
+        self.offline: set[int] = set()
         self.sent: list[Message] = []
+
+    def restart(self, node_id: int, new_id: int | None = None) -> int:
+        """Node ``node_id`` restarts with empty state, as ``new_id`` if given (the old id goes offline)."""
+        old = self.contexts.pop(node_id)
+        nid = node_id if new_id is None else new_id
+        self.contexts[nid] = Context(run_id=1, node_id=nid, node_config=dict(old.node_config), state=RecordDict(),
+                                     run_config=dict(old.run_config))
+        return nid
 
     def set_run(self, run_id):  # noqa: D401 - Grid API
         pass
@@ -40,7 +53,7 @@ class LocalGrid(Grid):
         return Message(content=content, dst_node_id=dst_node_id, message_type=message_type)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+        return [n for n in self.contexts if n not in self.offline]
 
     def push_messages(self, messages):
         raise NotImplementedError
@@ -51,9 +64,13 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what Grid.push_messages does
             self.sent.append(msg)
             nid = msg.metadata.dst_node_id
             if nid in self.slow and msg.metadata.message_type == "train":
+                continue
+            if nid not in self.contexts or nid in self.offline:  # the SuperLink answers for a node that is gone
+                replies.append(Message(Error(code=4, reason="NODE_UNAVAILABLE"), reply_to=msg))
                 continue
             try:
                 replies.append(self.client_app(msg, self.contexts[nid]))

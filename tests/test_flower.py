@@ -258,16 +258,97 @@ def test_server_killed_then_resumed_with_fresh_nodes_equals_uninterrupted(tiny_m
     assert spans == {"1-2"}  # the snapshot of rounds 1-2, folded by each resumed node
 
 
-def test_server_app_refuses_centralized_mode(tiny_models, tmp_path):
+@pytest.mark.parametrize("setting,nodes,message", [
+    ({"fed__mode": "centralized"}, 3, "fedlora: error: fed.mode='centralized' trains in one process: use `fedlora run`"),
+    ({"partition__num_clients": 2}, 3, "fedlora: error: node 1000 holds partition 0 of 3; the run has partition.num_clients=2"),
+    ({"fed__method": "fedavgg"}, 3, "fedlora: error: unknown aggregation method 'fedavgg'"),
+    ({"fed__client_timeout": 0.01}, 2, "fedlora: error: only 2 of 3 nodes connected"),
+], ids=["centralized", "partition-count", "unknown-method", "missing-nodes"])
+def test_server_app_refuses_bad_input_in_one_line_and_writes_nothing(tiny_models, tmp_path, caplog, setting, nodes, message):
     from flwr.app import Context, RecordDict
 
-    from fedlora.flower.server_app import main
+    from fedlora.flower.server_app import FedLoraRunError, main
 
-    run_config = flower_run_config(overrides(tiny_models["bert"], tmp_path, fed__mode="centralized"))
+    try:
+        run_config = flower_run_config(overrides(tiny_models["bert"], tmp_path, **setting))
+    except ConfigError as e:  # refused by fedlora's config loader already; Flower passes the raw value
+        assert message.removeprefix("fedlora: error: ") in str(e)
+        run_config = {**flower_run_config(overrides(tiny_models["bert"], tmp_path)),
+                      **{k.replace("__", "."): v for k, v in setting.items()}}
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    with pytest.raises(ConfigError, match="use `fedlora run`"):
-        main(LocalGrid(client_module.app, run_config, 3), context)
-    assert not any(tmp_path.glob("*/config.yaml"))  # nothing written
+    with caplog.at_level(logging.ERROR, logger="fedlora"), pytest.raises(FedLoraRunError) as info:
+        main(LocalGrid(client_module.app, run_config, nodes), context)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained traceback
+    assert info.value.exit_code != 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [str(info.value).removeprefix("fedlora: ")]
+    assert not any(p.is_dir() for p in tmp_path.iterdir())  # no run folder, not even an empty one
+
+
+# ------------------------------------------------------- nodes that die and come back
+def _restart_after_round(monkeypatch, grid_holder: dict, after: int, node: int, new_id: int | None):
+    """After round ``after``'s checkpoint, node ``node`` restarts with empty state (as ``new_id``)."""
+    original = Server.checkpoint
+
+    def checkpoint_then_restart(self, state):
+        original(self, state)
+        if state.round == after:
+            grid_holder["grid"].restart(node, new_id)
+
+    monkeypatch.setattr(Server, "checkpoint", checkpoint_then_restart)
+
+
+@pytest.mark.parametrize("new_id", [None, 5000], ids=["same-id", "new-id"])
+def test_a_restarted_node_rejoins_and_the_run_equals_an_uninterrupted_one(tiny_models, tmp_path, monkeypatch, caplog, new_id):
+    """A SuperNode restarts between rounds 2 and 3 and loses its context.state (its sum of
+    base deltas; the server believes it holds round 1's). With the same id (authenticated nodes) it asks to be resynchronised and gets
+    every base delta since round 0 within the round; with a new id it claims its partition.
+    Either way no client is dropped and the run equals the in-process one."""
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex")
+    sim, want = run_in_process(over, tmp_path)
+    run_config = flower_run_config(over)
+    cfg = config_from_run_config(run_config)
+    (tmp_path / "flower").mkdir()
+    server = Server(build_experiment(cfg), tmp_path / "flower")
+    grid = LocalGrid(client_module.app, run_config, 3)
+    _restart_after_round(monkeypatch, {"grid": grid}, 2, 1007, new_id)
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        got = flower_engine(grid)(server, server.initial_state())
+    assert [r["clients"] for r in server.rounds] == [3, 3, 3] and all(r["dropped"] == 0 for r in server.rounds)
+    for name, a in want.adapters.items():
+        torch.testing.assert_close(got.adapters[name].B, a.B, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.adapters[name].A, a.A, atol=1e-5, rtol=1e-4)
+    assert [r["eval_accuracy"] for r in server.rounds] == [r["eval_accuracy"] for r in sim.rounds]
+    if new_id is None:
+        assert "node 1007 (partition 1) has folded only through round 0" in caplog.text
+        resent = [m for m in grid.sent if m.metadata.dst_node_id == 1007 and m.metadata.message_type == "train"]
+        assert len(resent) == 4  # rounds 1, 2, 3 (answered "resync": it lacks round 1), 3 again with everything
+    else:
+        assert f"partition 1: node {new_id} joins in place of node 1007" in caplog.text
+
+
+def test_a_node_that_dies_is_dropped_with_the_superlinks_reason(tiny_models, tmp_path, monkeypatch, caplog):
+    """The SuperLink answers for a node that went offline (its reply comes from node 0, not the
+    node): the reply is matched by the message it answers and its reason recorded."""
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__rounds=2)
+    run_config = flower_run_config(over)
+    cfg = config_from_run_config(run_config)
+    (tmp_path / "flower").mkdir()
+    server = Server(build_experiment(cfg), tmp_path / "flower")
+    grid = LocalGrid(client_module.app, run_config, 3)
+    real_send = grid.send_and_receive
+
+    def die_during_round_2(messages, *, timeout=None):
+        messages = list(messages)
+        if any(m.content.config_records["fedlora.job"]["round"] == 2 for m in messages if m.metadata.message_type == "train"):
+            grid.contexts.pop(1014)  # the node dies once the round's messages are out
+        return real_send(messages, timeout=timeout)
+
+    monkeypatch.setattr(grid, "send_and_receive", die_during_round_2)
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        flower_engine(grid)(server, server.initial_state())
+    assert "client2 dropped: node 1014 failed: NODE_UNAVAILABLE" in caplog.text
+    assert [r["clients"] for r in server.rounds] == [3, 2]
 
 
 def test_a_node_trains_on_its_own_examples(tiny_models, tmp_path):

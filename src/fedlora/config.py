@@ -78,7 +78,7 @@ class FedConfig:
     fraction: float = 1.0  # clients sampled per round
     eval_every: int = 1
     eval_clients: bool = False  # also evaluate the global model on each client's data
-    client_timeout: float = 3600.0  # Flower: seconds a round waits for replies; later ones are dropped
+    client_timeout: float = 300.0  # Flower: seconds a round (and the roll-call) waits for replies; later ones are dropped
 
 
 @dataclass
@@ -115,6 +115,7 @@ class RunConfig:
             (self.fed.rounds >= 1, "fed.rounds must be ≥ 1"),
             (0 < self.fed.fraction <= 1, f"fed.fraction must be in (0, 1], got {self.fed.fraction}"),
             (self.fed.eval_every >= 1, "fed.eval_every must be ≥ 1"),
+            (self.fed.client_timeout > 0, f"fed.client_timeout must be > 0 seconds, got {self.fed.client_timeout}"),
         ]
         for ok, message in checks:
             if not ok:

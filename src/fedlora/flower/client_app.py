@@ -33,7 +33,7 @@ from ..core import Factored
 from ..data import tokenize
 from ..engine.client import ClientData, run_client
 from ..engine.experiment import Experiment, build_experiment, load_node_examples
-from .records import decode_broadcast, decode_start, encode_update
+from .records import decode_broadcast, decode_start, encode_resync, encode_update
 from .run_config import config_from_run_config
 
 __all__ = ["app"]
@@ -89,8 +89,16 @@ def _client_data(local: _Local, context: Context, pid: int) -> tuple[ClientData,
     return local.node_data[key]
 
 
+class _Gap(Exception):
+    """The base deltas sent do not follow the last round this node folded (it restarted and lost them)."""
+
+    def __init__(self, through: int):
+        self.through = through
+
+
 def _sync_base(content: RecordDict, context: Context) -> dict[str, Factored]:
-    """Σ ΔW0 through the last finished round: the node's sum plus what the message brings."""
+    """Σ ΔW0 through the last finished round: the node's sum plus what the message brings.
+    Raises :class:`_Gap` (nothing stored) when the message skips rounds this node lacks."""
     through = int(context.state[SYNC]["through"]) if SYNC in context.state.config_records else 0
     flat = context.state[BASE].to_torch_state_dict() if BASE in context.state.array_records else {}
     total = {k[:-2]: Factored(flat[k], flat[k[:-2] + "/R"]) for k in flat if k.endswith("/L")}
@@ -103,7 +111,7 @@ def _sync_base(content: RecordDict, context: Context) -> dict[str, Factored]:
             for m, delta in deltas.items():  # keep the sum at its numerical rank ≤ min(m, n)
                 total[m] = (delta + total[m]).compress() if m in total else delta
         else:
-            raise ValueError(f"base deltas of rounds {first}-{last} do not follow round {through}, the last this node folded")
+            raise _Gap(through)
         through = last
     context.state[SYNC] = ConfigRecord({"through": through})
     context.state[BASE] = ArrayRecord({f"{m}/{p}": t for m, f in total.items() for p, t in (("L", f.L), ("R", f.R))})
@@ -128,7 +136,10 @@ def train(msg: Message, context: Context) -> Message:
     client, data = _client_data(local, context, pid)
     if client.rank != int(job["rank"]):
         raise ValueError(f"server asks for rank {job['rank']}, the run's config gives client {pid} rank {client.rank}")
-    base = _sync_base(msg.content, context)
+    try:
+        base = _sync_base(msg.content, context)
+    except _Gap as gap:  # ask the server for every base delta after the last round this node holds
+        return Message(content=encode_resync(gap.through), reply_to=msg)
     exp.fm.load_base_state(local.pristine)
     exp.fm.fold(base)
     update, stats = run_client(exp.fm, start, client, data, exp.cfg.train, int(job["seed"]),

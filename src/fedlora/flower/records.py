@@ -19,6 +19,10 @@ Client → server::
     "fedlora.adapters", "fedlora.dense"   the trained factors and heads
     "fedlora.label-counts"                examples per class (only when the method asks)
     "fedlora.metrics"      MetricRecord   num-examples, partition-id, loss, steps, examples, tokens
+
+or, from a node that lost the base deltas it folded (it restarted), instead of training::
+
+    "fedlora.resync"       ConfigRecord  through: the last round whose base delta it holds
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ from torch import Tensor
 
 from ..core import Adapter, ClientStart, ClientUpdate, Factored
 
-__all__ = ["encode_start", "decode_start", "encode_update", "decode_update", "encode_broadcast", "decode_broadcast", "MalformedRecord"]
+__all__ = ["encode_start", "decode_start", "encode_update", "decode_update", "encode_broadcast", "decode_broadcast",
+           "encode_resync", "decode_resync", "MalformedRecord"]
 
 JOB, SCALES, ADAPTERS, DENSE, CLIENT_DELTA, BROADCAST = (
     "fedlora.job", "fedlora.scales", "fedlora.adapters", "fedlora.dense", "fedlora.client-delta", "fedlora.broadcast")
-LABEL_COUNTS, METRICS = "fedlora.label-counts", "fedlora.metrics"
+LABEL_COUNTS, METRICS, RESYNC = "fedlora.label-counts", "fedlora.metrics", "fedlora.resync"
 
 
 class MalformedRecord(ValueError):
@@ -163,3 +168,18 @@ def decode_update(content: RecordDict, client_id: str) -> tuple[ClientUpdate, di
     if missing:
         raise MalformedRecord(f"{METRICS} lacks {missing}")
     return update, {k: metrics[k] for k in ("loss", "steps", "examples", "tokens")}
+
+
+def encode_resync(through: int) -> RecordDict:
+    """A node's answer when the base deltas it was sent do not follow round ``through``, the last it holds."""
+    return RecordDict({RESYNC: ConfigRecord({"through": int(through)})})
+
+
+def decode_resync(content: RecordDict) -> int | None:
+    """The round a node asks to be resynchronised from, or None for an ordinary reply."""
+    if RESYNC not in content.config_records:
+        return None
+    through = content.config_records[RESYNC].get("through")
+    if not isinstance(through, int) or through < 0:
+        raise MalformedRecord(f"{RESYNC}: through must be a round ≥ 0, got {through!r}")
+    return through

@@ -8,11 +8,21 @@ into :class:`~fedlora.core.ClientUpdate` s and hands them to ``Server.finish``,
 which aggregates with the core, folds, evaluates and checkpoints exactly as
 the in-process engine does.
 
-Failures. A client whose reply carries an error, does not arrive within the
+Failures. A client whose reply carries an error (the ClientApp raised, or the
+SuperLink answers for a node that went offline), does not arrive within the
 round's timeout, cannot be decoded, or fails the core's validation is dropped
-from that round with its reason logged; the aggregation weights p_i then
-renormalise over the clients that finished, so exact methods stay exact over
-them (Σ_{i∈done} p_i B_i A_i).
+from that round with its reason; the aggregation weights p_i then renormalise
+over the clients that finished, so exact methods stay exact over them
+(Σ_{i∈done} p_i B_i A_i). Replies are matched to jobs by the id of the message
+they answer, never by their sender: the SuperLink itself (node 0) answers for
+a node that died.
+
+Nodes that come back. Before every round the strategy asks the Grid which
+nodes are online. A node it has not seen (a SuperNode restarted without
+authentication gets a new id) is asked which partition it holds and takes that
+partition over. A node that lost its state (restarted with the same id, as
+authenticated SuperNodes are) answers with the last round it folded; it is
+sent every base delta since then, at once, within the same round.
 """
 
 from __future__ import annotations
@@ -23,12 +33,13 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from ..core import Factored, ServerState
 from ..core.errors import AggregationError
 from ..engine.server import ClientJob, ClientResult, Server
-from .records import MalformedRecord, decode_update, encode_broadcast, encode_start
+from .records import MalformedRecord, decode_resync, decode_update, encode_broadcast, encode_start
+from .roll_call import ask_partitions
 
 __all__ = ["FedLoraStrategy"]
 
@@ -40,67 +51,161 @@ class FedLoraStrategy(Strategy):
 
     ``nodes`` maps each partition id (client index) to the node holding it.
     ``state`` is the server state to start from (round 0, or a checkpoint's).
+    ``timeout`` bounds each round's wait for replies (``fed.client_timeout``).
     """
 
-    def __init__(self, server: Server, state: ServerState, nodes: dict[int, int], *, folded: dict[str, Factored] | None = None):
+    def __init__(self, server: Server, state: ServerState, nodes: dict[int, int], *,
+                 folded: dict[str, Factored] | None = None, timeout: float | None = None):
         self.server = server
         self.state = state
-        self.nodes = nodes
+        self.nodes = dict(nodes)
+        self.timeout = float(server.cfg.fed.client_timeout if timeout is None else timeout)
         # Base deltas by the rounds they cover; a resumed server starts with one
         # snapshot of everything folded before it stopped.
         self.history: dict[tuple[int, int], dict[str, Factored]] = {}
         if state.round > 0 and folded:
             self.history[(1, state.round)] = dict(folded)
         self.synced: dict[int, int] = {}  # node → last round whose base delta it acknowledged
+        self.strangers: set[int] = set()  # online nodes that hold no partition of this run
+        self._grid: Grid | None = None
         self._jobs: list[ClientJob] = []
-        self._sent_bytes: dict[int, int] = {}  # node → array bytes of this round's train message
+        self._sent: dict[str, ClientJob] = {}  # message id → job (ids exist once the Grid pushed them)
+        self._messages: list[tuple[Message, ClientJob]] = []
+        self._sent_bytes: dict[int, int] = {}  # partition → array bytes of this round's train message
         self._t0 = 0.0
 
     def summary(self) -> None:
         cfg = self.server.cfg
         log.info("fedlora %s on %d nodes: %d rounds, fraction %.2f", cfg.fed.method, len(self.nodes), cfg.fed.rounds, cfg.fed.fraction)
 
+    # ------------------------------------------------------------------ the run
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
+              timeout: float | None = None, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
+        """Rounds ``state.round+1 … fed.rounds`` (or ``num_rounds`` more), one log line each.
+
+        Flower's default loop would print fedlora's server-side metrics as
+        "ClientApp-side train metrics" and an empty federated evaluation; the
+        global model is evaluated on the server (``Server.finish``), so the
+        rows say so."""
+        if timeout is not None:
+            self.timeout = float(timeout)
+        total = self.server.cfg.fed.rounds
+        last = total if num_rounds is None else self.state.round + num_rounds
+        result = Result()
+        self.summary()
+        while self.state.round < last:
+            t = self.state.round + 1
+            replies = grid.send_and_receive(self.configure_train(t, ArrayRecord(), ConfigRecord(), grid), timeout=self.timeout)
+            arrays, metrics = self.aggregate_train(t, replies)
+            result.arrays = arrays
+            row = self.server.rounds[-1]
+            result.train_metrics_clientapp[t] = MetricRecord({k: v for k, v in row.items() if _number(v) and not k.startswith("eval_")})
+            evaluated = {k: v for k, v in row.items() if k.startswith("eval_") and _number(v)}
+            if evaluated:
+                result.evaluate_metrics_serverapp[t] = MetricRecord(evaluated)
+            log.info("round %d/%d: %s", t, total, _round_line(row))
+        return result
+
     # ---------------------------------------------------------------- training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._grid = grid
+        self._refresh_nodes(grid)
         self._jobs = self.server.plan(self.state)
-        messages = []
-        for job in self._jobs:
-            node = self.nodes[job.index]
-            content = encode_start(job.start, round=job.round, partition_id=job.index, rank=job.client.rank,
-                                   seed=job.seed, send_label_counts=job.send_label_counts)
-            since = self.synced.get(node, 0)
-            encode_broadcast(content, {span: d for span, d in self.history.items() if span[1] > since})
-            self._sent_bytes[node] = _array_bytes(content)
-            messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
+        self._messages = [(self._message(job, self.synced.get(self.nodes[job.index], 0)), job)
+                          for job in self._jobs if job.index in self.nodes]
         self._t0 = time.perf_counter()
-        return messages
+        return [m for m, _ in self._messages]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = {m.metadata.src_node_id: m for m in replies}
+        by_job = self._match(replies)
+        resync = {}
+        for index, reply in by_job.items():
+            if reply is not None and not reply.has_error() and (through := decode_resync(reply.content)) is not None:
+                resync[index] = through
+        if resync:
+            by_job.update(self._resend(resync))
         train_s = time.perf_counter() - self._t0
-        results = [self._result(job, replies.get(self.nodes[job.index])) for job in self._jobs]
+        results = [self._result(job, by_job.get(job.index)) for job in self._jobs]
         self.state = self.server.finish(self.state, self._jobs, results, train_s)
         if self.state.base_delta:
             self.history[(self.state.round, self.state.round)] = dict(self.state.base_delta)
         row = self.server.rounds[-1]
-        metrics = MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        metrics = MetricRecord({k: v for k, v in row.items() if _number(v)})
         adapters = ArrayRecord({f"{m}/{p}": t.float() for m, a in self.state.adapters.items() for p, t in (("B", a.B), ("A", a.A))})
         return adapters, metrics
 
+    # ----------------------------------------------------------------- helpers
+    def _message(self, job: ClientJob, since: int) -> Message:
+        """The job's train message with every base delta after round ``since``."""
+        content = encode_start(job.start, round=job.round, partition_id=job.index, rank=job.client.rank,
+                               seed=job.seed, send_label_counts=job.send_label_counts)
+        encode_broadcast(content, {span: d for span, d in self.history.items() if span[1] > since})
+        self._sent_bytes[job.index] = _array_bytes(content)
+        return Message(content=content, dst_node_id=self.nodes[job.index], message_type=MessageType.TRAIN)
+
+    def _match(self, replies: Iterable[Message], messages: list[tuple[Message, ClientJob]] | None = None) -> dict[int, Message | None]:
+        """Partition → its reply (None when none came), by the id of the message each reply answers."""
+        sent = {m.metadata.message_id: job for m, job in (self._messages if messages is None else messages)}
+        out: dict[int, Message | None] = {job.index: None for job in sent.values()}
+        for reply in replies:
+            job = sent.get(reply.metadata.reply_to_message_id)
+            if job is not None:
+                out[job.index] = reply
+        return out
+
+    def _resend(self, through: dict[int, int]) -> dict[int, Message | None]:
+        """Nodes that lost their base deltas get all of them since the round they name, in this round."""
+        jobs = {job.index: job for job in self._jobs}
+        messages = []
+        for index, last in through.items():
+            node = self.nodes[index]
+            log.warning("round %d: node %d (partition %d) has folded only through round %d; sending it every base delta since",
+                        jobs[index].round, node, index, last)
+            self.synced[node] = last
+            messages.append((self._message(jobs[index], last), jobs[index]))
+        left = max(1.0, self.timeout - (time.perf_counter() - self._t0))
+        replies = self._grid.send_and_receive([m for m, _ in messages], timeout=left)
+        return self._match(replies, messages)
+
+    def _refresh_nodes(self, grid: Grid) -> None:
+        """Online nodes this strategy has not seen say which partition they hold and take it over."""
+        online = set(grid.get_node_ids())
+        newcomers = online - set(self.nodes.values()) - self.strangers
+        if not newcomers:
+            return
+        num_clients = len(self.server.exp.clients)
+        claims, refused = ask_partitions(grid, sorted(newcomers), num_clients, timeout=min(self.timeout, 60.0))
+        for node, reason in refused.items():
+            log.warning("node %d is not used: %s", node, reason)
+            self.strangers.add(node)
+        for pid, node in sorted(claims.items()):
+            old = self.nodes.get(pid)
+            if old is not None and old in online:
+                log.warning("partition %d: node %d (new) replaces node %d, which still looks online", pid, node, old)
+            else:
+                log.warning("partition %d: node %d joins%s", pid, node, "" if old is None else f" in place of node {old}")
+            self.nodes[pid] = node
+            self.synced.pop(node, None)
+
     def _result(self, job: ClientJob, reply: Message | None) -> ClientResult:
-        node = self.nodes[job.index]
+        node = self.nodes.get(job.index)
+        if node is None:
+            return ClientResult(error=f"no node holds partition {job.index}")
         if reply is None:
-            return ClientResult(error=f"no reply from node {node} within {self.server.cfg.fed.client_timeout:g} s")
+            return ClientResult(error=f"no reply from node {node} within {self.timeout:g} s")
         if reply.has_error():
             return ClientResult(error=f"node {node} failed: {reply.error.reason} (code {reply.error.code})")
         try:
+            if decode_resync(reply.content) is not None:
+                return ClientResult(error=f"node {node} could not fold the base deltas it was sent")
             update, stats = decode_update(reply.content, job.client.client_id)
             self.server.exp.aggregator.validate(self.state, [update])
         except (MalformedRecord, AggregationError) as e:
             return ClientResult(error=f"node {node} sent a bad update: {e}")
         self.synced[node] = job.round - 1  # it folded every base delta before this round
         return ClientResult(update=update, stats=stats,
-                            wire={"wire_bytes_down": self._sent_bytes[node], "wire_bytes_up": _array_bytes(reply.content)})
+                            wire={"wire_bytes_down": self._sent_bytes[job.index], "wire_bytes_up": _array_bytes(reply.content)})
 
     # -------------------------------------------- evaluation: on the server, in finish
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -108,6 +213,18 @@ class FedLoraStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _round_line(row: dict) -> str:
+    parts = [f"{row['clients']} clients" + (f", {row['dropped']} dropped" if row.get("dropped") else ""),
+             f"train loss {row['train_loss']:.4f}"]
+    parts += [f"{k} {v:.4f}" for k, v in row.items() if k.startswith("eval_") and k != "eval_s" and _number(v)]
+    parts.append(f"{row['train_s']:.1f} s")
+    return " · ".join(parts)
 
 
 def _array_bytes(content) -> int:

@@ -1,0 +1,91 @@
+"""Which node holds which partition: the server asks, each node answers from
+its node config (``partition-id``, ``num-partitions``).
+
+At the start of a run every partition 0..K−1 must be held by exactly one node,
+so that client i trains on the same data as in the in-process engine. Later,
+the strategy asks only nodes it has not seen (a SuperNode that restarted), and
+they take over the partition they name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from ..config import ConfigError
+
+__all__ = ["ask_partitions", "discover_nodes"]
+
+log = logging.getLogger("fedlora")
+
+NODE_INFO = "fedlora.node"
+
+
+def ask_partitions(grid: Grid, node_ids: Iterable[int], num_clients: int, *, timeout: float) -> tuple[dict[int, int], dict[int, str]]:
+    """Ask ``node_ids`` which partition they hold.
+
+    Returns ``(claims, refused)``: partition → node for the nodes that hold one
+    of this run's ``num_clients`` partitions (the first claim wins; later ones
+    are refused), and node → why for the others (no answer, no partition-id,
+    another partition count).
+    """
+    queries = {n: Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids}
+    replies = list(grid.send_and_receive(list(queries.values()), timeout=max(1.0, timeout)))
+    node_of = {m.metadata.message_id: n for n, m in queries.items()}
+    answers = {node_of[r.metadata.reply_to_message_id]: r for r in replies if r.metadata.reply_to_message_id in node_of}
+    claims: dict[int, int] = {}
+    refused: dict[int, str] = {}
+    for node in queries:
+        reply = answers.get(node)
+        if reply is None:
+            refused[node] = f"node {node} did not answer the roll-call within {timeout:g} s"
+            continue
+        if reply.has_error() or NODE_INFO not in reply.content.config_records:
+            reason = reply.error.reason if reply.has_error() else "no fedlora.node record"
+            refused[node] = f"node {node} did not say which partition it holds ({reason})"
+            continue
+        info = reply.content.config_records[NODE_INFO]
+        if "partition-id" not in info:
+            refused[node] = (f"node {node} has no partition-id in its node config "
+                             f"(flower-supernode --node-config \"partition-id=0 num-partitions={num_clients}\")")
+            continue
+        pid, total = int(info["partition-id"]), int(info.get("num-partitions", num_clients))
+        if total != num_clients or not 0 <= pid < num_clients:
+            refused[node] = f"node {node} holds partition {pid} of {total}; the run has partition.num_clients={num_clients}"
+        elif pid in claims:
+            refused[node] = f"partition {pid} is held by two nodes ({claims[pid]} and {node})"
+        else:
+            claims[pid] = node
+    return claims, refused
+
+
+def discover_nodes(grid: Grid, num_clients: int, *, timeout: float, poll_s: float = 1.0, report_s: float = 10.0) -> dict[int, int]:
+    """Partition id → node id for all ``num_clients`` partitions.
+
+    Waits up to ``timeout`` seconds for ``num_clients`` nodes (saying every
+    ``report_s`` seconds how many have connected), then asks each which
+    partition it holds. Raises :class:`ConfigError`, before anything is
+    written, when nodes are missing or disagree with the run's partitions.
+    """
+    start = time.monotonic()
+    deadline, next_report = start + timeout, start + report_s
+    while len(node_ids := list(grid.get_node_ids())) < num_clients:
+        now = time.monotonic()
+        if now > deadline:
+            raise ConfigError(f"only {len(node_ids)} of {num_clients} nodes connected within {timeout:g} s: start one SuperNode per "
+                              f"partition (simulation: flwr run … --federation-config \"num-supernodes={num_clients}\")")
+        if now > next_report:
+            log.warning("waiting for nodes: %d of %d connected (partition.num_clients=%d)", len(node_ids), num_clients, num_clients)
+            next_report = now + report_s
+        time.sleep(poll_s)
+    claims, refused = ask_partitions(grid, node_ids, num_clients, timeout=max(1.0, deadline - time.monotonic()))
+    if refused:
+        raise ConfigError(sorted(refused.values())[0])
+    missing = sorted(set(range(num_clients)) - set(claims))
+    if missing:
+        raise ConfigError(f"no node answered for partitions {missing}")
+    return claims
