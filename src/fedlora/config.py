@@ -36,7 +36,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     task: str = "sst2"  # GLUE task, or "file" for train_file/eval_file
-    source: str = "local"  # local | hub
+    source: str = "auto"  # auto (local copy if there, else the hub) | local | hub
     data_dir: str = "../shared/data/glue"
     train_file: str = ""
     eval_file: str = ""
@@ -102,7 +102,7 @@ class RunConfig:
             (all(r >= 1 for r in self.model.client_ranks), "model.client_ranks must all be ≥ 1"),
             (self.model.max_length >= 8, "model.max_length must be ≥ 8"),
             (bool(self.model.target_modules), "model.target_modules must not be empty"),
-            (self.data.source in ("local", "hub"), f"data.source must be 'local' or 'hub', got {self.data.source!r}"),
+            (self.data.source in ("auto", "local", "hub"), f"data.source must be 'auto', 'local' or 'hub', got {self.data.source!r}"),
             (self.partition.num_clients >= 1, "partition.num_clients must be ≥ 1"),
             (self.partition.scheme in ("iid", "dirichlet", "dirichlet_class", "pathological", "quantity"), f"partition.scheme must be iid, dirichlet, dirichlet_class, pathological or quantity, got {self.partition.scheme!r}"),
             (self.partition.alpha > 0, f"partition.alpha must be > 0, got {self.partition.alpha}"),
