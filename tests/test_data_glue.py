@@ -174,7 +174,7 @@ def test_bad_split_source_and_dir(monkeypatch):
         load_glue("rte", "test", data_dir=FIXTURES)
     with pytest.raises(DataError, match="unknown split"):
         load_glue("rte", "training", data_dir=FIXTURES)
-    with pytest.raises(DataError, match="unknown data source"):
+    with pytest.raises(DataError, match="unknown data source .*auto"):
         load_glue("rte", "train", source="s3")
     monkeypatch.delenv("FEDLORA_GLUE_DIR", raising=False)
     monkeypatch.delenv("GLUE_DIR", raising=False)
@@ -234,3 +234,75 @@ def test_hub_regression_and_unlabeled(monkeypatch):
         {"sentence": ["a"], "label": [-1]}))
     with pytest.raises(DataError, match="unlabeled"):
         load_glue("sst2", "train", source="hub")
+
+
+# ---------------------------------------------------------------- source auto (no network either)
+
+def no_hub(*args, **kwargs):
+    raise AssertionError("source auto must not ask the hub when the local copy is there")
+
+
+def test_auto_reads_the_local_copy_when_the_task_folder_exists(monkeypatch):
+    fake_datasets(monkeypatch, no_hub)
+    assert load_glue("cola", "dev", source="auto", data_dir=FIXTURES).text_a == \
+        load_glue("cola", "dev", data_dir=FIXTURES).text_a
+
+
+def test_auto_with_a_task_folder_but_no_file_is_a_local_error(tmp_path, monkeypatch):
+    fake_datasets(monkeypatch, no_hub)
+    (tmp_path / "RTE").mkdir()
+    with pytest.raises(DataError, match=r"not found: .*RTE[/\\]dev\.tsv"):
+        load_glue("rte", "dev", source="auto", data_dir=tmp_path)
+
+
+def test_auto_falls_back_to_the_hub(tmp_path, monkeypatch):
+    calls = []
+
+    def load(path, config, split):
+        calls.append((path, config, split))
+        return FakeHub({"sentence1": ["a"], "sentence2": ["b"], "label": [1]})
+    fake_datasets(monkeypatch, load)
+    (tmp_path / "SST-2").mkdir()  # another task's folder does not count
+    ds = load_glue("rte", "train", source="auto", data_dir=tmp_path)
+    assert calls == [("nyu-mll/glue", "rte", "train")] and ds.text_a == ["a"]
+
+
+def test_auto_without_local_copy_or_hub_is_one_error(tmp_path, monkeypatch):
+    def load(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub\n(OfflineModeIsEnabled)")
+    fake_datasets(monkeypatch, load)
+    with pytest.raises(DataError) as e:
+        load_glue("sst2", "train", source="auto", data_dir=tmp_path / "glue")
+    msg = str(e.value)
+    assert "\n" not in msg
+    for needle in (f"no local copy of SST-2 at {tmp_path / 'glue' / 'SST-2'}", "hub is unreachable",
+                   "OfflineModeIsEnabled", "data.data_dir", "SST-2/train.tsv", "go online"):
+        assert needle in msg, (needle, msg)
+
+
+def test_auto_gives_up_on_a_silent_hub_quickly(tmp_path, monkeypatch):
+    """Not in offline mode, the hub is asked once with a short timeout before `datasets` is."""
+    import huggingface_hub.utils
+
+    from fedlora.data import glue_hub
+
+    asked = []
+
+    class Session:
+        def head(self, url, timeout):
+            asked.append((url, timeout))
+            raise TimeoutError("timed out")
+
+    fake_datasets(monkeypatch, no_hub)
+    monkeypatch.setattr(glue_hub, "hub_offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: Session())
+    with pytest.raises(DataError, match=r"no local copy of RTE .* unreachable \(no answer from .* within 5 s"):
+        load_glue("rte", "dev", source="auto", data_dir=tmp_path)
+    assert len(asked) == 1 and asked[0][1] <= 5
+
+
+def test_offline_mode_is_read_from_the_environment(monkeypatch):
+    from fedlora.data.glue_hub import hub_offline
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert hub_offline()

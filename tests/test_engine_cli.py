@@ -84,8 +84,9 @@ def test_bad_override_is_one_error_line(tiny_models, small_glue, tmp_path, capsy
 
 
 def test_missing_data_dir(tiny_models, tmp_path, capsys):
+    """source local (auto would try the hub: tests/test_cli_paths.py, offline, empty cache)."""
     out = tmp_path / "runs"
-    _assert_refused(capsys, out, ["run", *overrides(tiny_models["bert"], out, data__data_dir=tmp_path / "no-glue")],
+    _assert_refused(capsys, out, ["run", *overrides(tiny_models["bert"], out, data__source="local", data__data_dir=tmp_path / "no-glue")],
                     "GLUE file not found", "no-glue")
 
 

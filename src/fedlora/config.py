@@ -1,11 +1,20 @@
 """Run configuration: typed dataclasses, loaded from YAML or TOML, with dotted
 command-line overrides (``train.lr=5e-4 fed.method=fedex``) and validation
-that names the offending key."""
+that names the offending key.
+
+Paths (``data.data_dir``, ``data.train_file``, ``data.eval_file``, ``model.name`` when
+it is a local folder) written in a config file are relative to the folder that holds
+the file, so a config means the same from any working folder; given as command-line
+overrides, or left at their defaults, they are relative to the working folder, as is
+``output_dir`` always (runs land under the folder you run from). `load_config` makes
+them all absolute, so the ``config.yaml`` of a run folder is valid anywhere and a
+resume compares equal from any working folder."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -36,8 +45,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     task: str = "sst2"  # GLUE task, or "file" for train_file/eval_file
-    source: str = "local"  # local | hub
-    data_dir: str = "../shared/data/glue"
+    source: str = "auto"  # auto (local copy if there, else the hub) | local | hub
+    data_dir: str = "../shared/data/glue"  # without a config file: relative to the working folder
     train_file: str = ""
     eval_file: str = ""
     text_columns: list[str] = field(default_factory=lambda: ["text"])
@@ -102,7 +111,7 @@ class RunConfig:
             (all(r >= 1 for r in self.model.client_ranks), "model.client_ranks must all be ≥ 1"),
             (self.model.max_length >= 8, "model.max_length must be ≥ 8"),
             (bool(self.model.target_modules), "model.target_modules must not be empty"),
-            (self.data.source in ("local", "hub"), f"data.source must be 'local' or 'hub', got {self.data.source!r}"),
+            (self.data.source in ("auto", "local", "hub"), f"data.source must be 'auto', 'local' or 'hub', got {self.data.source!r}"),
             (self.partition.num_clients >= 1, "partition.num_clients must be ≥ 1"),
             (self.partition.scheme in ("iid", "dirichlet", "dirichlet_class", "pathological", "quantity"), f"partition.scheme must be iid, dirichlet, dirichlet_class, pathological or quantity, got {self.partition.scheme!r}"),
             (self.partition.alpha > 0, f"partition.alpha must be > 0, got {self.partition.alpha}"),
@@ -229,12 +238,50 @@ def read_config_file(path: str | Path) -> dict:
 
 
 def config_from_dict(data: dict) -> RunConfig:
-    """A nested mapping (defaults fill missing keys), type-checked and validated."""
+    """A nested mapping (defaults fill missing keys), type-checked and validated.
+    Paths stay as given (Flower's apps resolve them in their own working folders)."""
     return _build(RunConfig, data).validate()
+
+
+_PATHS = (("data", "data_dir"), ("data", "train_file"), ("data", "eval_file"), ("model", "name"))
+
+
+def _absolute(value: str, base: Path, model: bool = False) -> str:
+    """``value`` made absolute against ``base``; ``""`` stays empty. A model name is a
+    path only when it starts with ``.``, ``/`` or ``~`` or names an existing folder with
+    a ``/`` in it: short names and hub ids (``minilm``, ``FacebookAI/roberta-base``) stay."""
+    if not value:
+        return value
+    path = os.path.expanduser(value)
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    joined = os.path.join(base, path)
+    if model and not value.startswith(".") and not ("/" in value and os.path.isdir(joined)):
+        return value  # a short name or a hub id
+    return os.path.abspath(joined)
+
+
+def _resolve_file_paths(data: dict, base: Path) -> dict:
+    """The path keys written in a config file, made absolute against the file's folder."""
+    for section, key in _PATHS:
+        node = data.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = _absolute(node[key], base, model=section == "model")
+    return data
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    """Every path still relative (overrides, defaults, ``output_dir``), against ``base``."""
+    for section, key in _PATHS:
+        node = getattr(cfg, section)
+        setattr(node, key, _absolute(getattr(node, key), base, model=section == "model"))
+    cfg.output_dir = _absolute(cfg.output_dir, base)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Defaults ← file ← overrides, type-checked and validated."""
-    data = read_config_file(path) if path else {}
+    """Defaults ← file ← overrides, type-checked and validated, every path absolute:
+    the file's own against its folder, the others against the working folder."""
+    data = _resolve_file_paths(read_config_file(path), Path(os.path.abspath(path)).parent) if path else {}
     data = apply_overrides(data, list(overrides))
-    return _build(RunConfig, data).validate()
+    return _resolve_paths(_build(RunConfig, data).validate(), Path.cwd())

@@ -1,5 +1,11 @@
 """Load a GLUE split as a `TextDataset`, from a local GLUE download or the HF hub.
 
+Sources: ``local`` reads ``data_dir``; ``hub`` loads ``nyu-mll/glue`` (`glue_hub`);
+``auto`` reads the local copy when the task's folder ``<data_dir>/<TASK>`` exists and
+falls back to the hub otherwise, so a config works on a machine without the copy
+whenever it is online. A task folder that exists but lacks a file is an error, never a
+silent switch to the hub.
+
 Local layout (what GLUE's ``download_glue_data.py`` writes)::
 
     <data_dir>/CoLA/{train,dev}.tsv     no header: source, label, original label, sentence
@@ -27,12 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .glue_hub import HUB_DATASET, HubUnavailable, load_hub
 from .tasks import TaskSpec, get_task
 from .text import TextDataset
 
 __all__ = ["load_glue", "glue_path"]
-
-HUB_DATASET = "nyu-mll/glue"
 
 
 @dataclass(frozen=True)
@@ -83,23 +88,49 @@ def load_glue(task: str | TaskSpec, split: str, *, source: str = "local",
     """Load ``split`` ("train" or "dev") of a GLUE ``task`` as a `TextDataset`.
 
     ``source="local"`` reads ``data_dir`` (default: ``$FEDLORA_GLUE_DIR``, then
-    ``$GLUE_DIR``); ``source="hub"`` calls ``datasets.load_dataset("nyu-mll/glue", ...)``.
+    ``$GLUE_DIR``); ``source="hub"`` calls ``datasets.load_dataset("nyu-mll/glue", ...)``;
+    ``source="auto"`` reads ``data_dir`` when ``<data_dir>/<TASK>`` exists, else the hub,
+    and raises one `DataError` naming the folder it looked for when the hub fails too.
     ``max_examples`` keeps a random subset of that size (chosen with ``seed``, kept in
-    file order). Label ids are the task's ``label_names`` order in both cases.
+    file order). Label ids are the task's ``label_names`` order in every case.
     """
     spec = get_task(task)
     split = _split_name(split)
-    if source == "local":
-        data_dir = data_dir or os.environ.get("FEDLORA_GLUE_DIR") or os.environ.get("GLUE_DIR")
+    if source not in ("local", "hub", "auto"):
+        raise DataError(f"unknown data source {source!r}; use 'auto', 'local' or 'hub'")
+    data_dir = data_dir or os.environ.get("FEDLORA_GLUE_DIR") or os.environ.get("GLUE_DIR")
+    if source == "auto" and not (data_dir and (Path(data_dir) / spec.local_dir).is_dir()):
+        ds = _load_auto_hub(spec, split, data_dir)
+    elif source in ("local", "auto"):
         if not data_dir:
             raise DataError("load_glue(source='local') needs data_dir (or $FEDLORA_GLUE_DIR / "
                             "$GLUE_DIR) pointing at a GLUE download")
         ds = _read_tsv(glue_path(spec, split, data_dir), spec, strict=strict)
-    elif source == "hub":
-        ds = _load_hub(spec, split)
     else:
-        raise DataError(f"unknown data source {source!r}; use 'local' or 'hub'")
+        try:
+            ds = load_hub(spec, split)
+        except HubUnavailable as e:
+            hub_split = spec.hub_train_split if split == "train" else spec.hub_dev_split
+            raise DataError(f"could not load {HUB_DATASET} config {spec.hub_config!r} split {hub_split!r} from "
+                            f"the Hugging Face hub (unreachable?): {e}; use source: local with data_dir pointing "
+                            f"at a GLUE download (<data_dir>/{_local_file(spec, split)})") from e
     return _take(ds, max_examples, seed)
+
+
+def _local_file(spec: TaskSpec, split: str) -> str:
+    return f"{spec.local_dir}/{spec.train_file if split == 'train' else spec.dev_file}"
+
+
+def _load_auto_hub(spec: TaskSpec, split: str, data_dir: str | os.PathLike | None) -> TextDataset:
+    """The hub, for ``auto`` without a local copy; its failure becomes one error that says
+    where the local copy was looked for, why the hub failed and how to fix either."""
+    try:
+        return load_hub(spec, split, probe=True)
+    except HubUnavailable as e:
+        where = f"at {Path(data_dir) / spec.local_dir}" if data_dir else "(data.data_dir is empty)"
+        raise DataError(f"data.source auto: no local copy of {spec.local_dir} {where} and the Hugging Face hub "
+                        f"is unreachable ({e}); point data.data_dir at a GLUE copy "
+                        f"(<data_dir>/{_local_file(spec, split)}) or go online") from e
 
 
 def _take(ds: TextDataset, max_examples: int | None, seed: int) -> TextDataset:
@@ -196,31 +227,3 @@ def _parse_label(raw: str, kind: str, spec: TaskSpec) -> int | float:
     if not 0 <= value < len(names):
         raise ValueError(f"label {value} out of range 0..{len(names) - 1}")
     return value
-
-
-def _load_hub(spec: TaskSpec, split: str) -> TextDataset:
-    """``datasets.load_dataset("nyu-mll/glue", config, split=...)`` as a `TextDataset`."""
-    hub_split = spec.hub_train_split if split == "train" else spec.hub_dev_split
-    hint = (f"use source: local with data_dir pointing at a GLUE download "
-            f"(<data_dir>/{spec.local_dir}/{spec.train_file if split == 'train' else spec.dev_file})")
-    try:
-        import datasets
-    except ImportError as e:
-        raise DataError(f"source 'hub' needs the 'datasets' package ({e}); or {hint}") from e
-    try:
-        hf = datasets.load_dataset(HUB_DATASET, spec.hub_config, split=hub_split)
-    except Exception as e:  # offline, rate-limited, renamed ...: all end the same way
-        raise DataError(f"could not load {HUB_DATASET} config {spec.hub_config!r} split "
-                        f"{hub_split!r} from the Hugging Face hub (unreachable?): "
-                        f"{type(e).__name__}: {e}; {hint}") from e
-    missing = [c for c in (*spec.text_columns, spec.label_column) if c not in hf.column_names]
-    if missing:
-        raise DataError(f"hub dataset {HUB_DATASET}/{spec.hub_config} lacks columns {missing}; "
-                        f"found {hf.column_names}")
-    dtype = np.float32 if spec.is_regression else np.int64
-    labels = np.asarray(hf[spec.label_column], dtype=dtype)
-    if not spec.is_regression and (labels < 0).any():
-        raise DataError(f"hub split {hub_split!r} of {spec.name} has unlabeled rows (label -1)")
-    texts = [list(hf[c]) for c in spec.text_columns]
-    return TextDataset(texts[0], texts[1] if len(texts) > 1 else None, labels,
-                       None if spec.label_names is None else list(spec.label_names))

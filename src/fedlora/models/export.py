@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +26,16 @@ from .hub import load_pretrained
 from .lora import HEAD_MODULES, FedModel
 
 __all__ = ["export_peft_adapter"]
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft reads ``model.is_gradient_checkpointing``, deprecated in transformers 5 with a
+    FutureWarning on every run: peft's to fix, not the user's. Ignore that warning, and
+    only that one, while fedlora calls peft."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 @torch.no_grad()
@@ -63,7 +74,8 @@ def export_peft_adapter(
         modules_to_save=heads,
         fan_in_fan_out=any(layer.fan_in_fan_out for layer in fm.layers.values()),  # GPT-2's Conv1D
     )
-    peft = get_peft_model(base, config)
+    with quiet_peft():
+        peft = get_peft_model(base, config)
     modules = dict(peft.base_model.model.named_modules())
     for name, (B, A) in factors.items():
         layer = modules[name]
@@ -74,7 +86,6 @@ def export_peft_adapter(
     for key, value in dense.items():
         head, rest = key.split(".", 1)
         params[f"{head}.modules_to_save.default.{rest}"].copy_(value)
-    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
-        warnings.simplefilter("ignore", FutureWarning)
+    with quiet_peft():
         peft.save_pretrained(str(out_dir))
     return ranks

@@ -5,18 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+from matplotlib.ticker import MaxNLocator
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_metric", "plot_histogram", "plot_curves"]
+__all__ = ["plot_metric", "plot_histogram", "plot_curves", "curves_figure"]
 
 
-def plot_curves(curves: dict[str, tuple[list[int], list[float]]], ylabel: str, title: str, path: Path) -> None:
+def curves_figure(curves: dict[str, tuple[list[int], list[float]]], ylabel: str, title: str):
+    """(figure, axes) of one line per curve over rounds; rounds are whole numbers, so the
+    round axis gets integer ticks only (matplotlib would put ticks at 1.5, 2.5, ...)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, (x, y) in curves.items():
         ax.plot(x, y, marker="o", markersize=3, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -24,6 +28,11 @@ def plot_curves(curves: dict[str, tuple[list[int], list[float]]], ylabel: str, t
     if len(curves) > 1:
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
+    return fig, ax
+
+
+def plot_curves(curves: dict[str, tuple[list[int], list[float]]], ylabel: str, title: str, path: Path) -> None:
+    fig, _ = curves_figure(curves, ylabel, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
