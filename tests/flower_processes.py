@@ -28,13 +28,15 @@ def free_port() -> int:
 
 def flower_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        # run the apps in this environment instead of installing the FAB's dependencies
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-    })
+    env.update(
+        {
+            "FLWR_HOME": str(home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            # run the apps in this environment instead of installing the FAB's dependencies
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        }
+    )
     return env
 
 
@@ -83,10 +85,12 @@ def tool(name: str) -> str:
 
 def run_config_arg(settings: dict) -> str:
     """``--run-config`` text: strings quoted, numbers and booleans bare."""
+
     def fmt(v):
         if isinstance(v, bool):
             return "true" if v else "false"
         return f"'{v}'" if isinstance(v, str) else str(v)
+
     return " ".join(f"{k}={fmt(v)}" for k, v in settings.items())
 
 

@@ -26,8 +26,7 @@ class LocalGrid(Grid):
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
         ids = node_ids or [1000 + 7 * i for i in range(num_nodes)]  # opaque ids, not partition ids
         self.contexts = {
-            nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes},
-                         state=RecordDict(), run_config=dict(run_config))
+            nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes}, state=RecordDict(), run_config=dict(run_config))
             for i, nid in enumerate(ids)
         }
         self.slow = set(slow)
@@ -38,8 +37,7 @@ class LocalGrid(Grid):
         """Node ``node_id`` restarts with empty state, as ``new_id`` if given (the old id goes offline)."""
         old = self.contexts.pop(node_id)
         nid = node_id if new_id is None else new_id
-        self.contexts[nid] = Context(run_id=1, node_id=nid, node_config=dict(old.node_config), state=RecordDict(),
-                                     run_config=dict(old.run_config))
+        self.contexts[nid] = Context(run_id=1, node_id=nid, node_config=dict(old.node_config), state=RecordDict(), run_config=dict(old.run_config))
         return nid
 
     def set_run(self, run_id):  # noqa: D401 - Grid API

@@ -8,12 +8,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+import reference as ref
 import torch
 from torch import Tensor
 
 from fedlora.core import Adapter, ClientUpdate, Factored, LoraSpec, get_aggregator
-
-import reference as ref
 
 # Same-rank layouts: small, one square, one tall, one wide.
 SHAPES = {"q": (12, 10), "v": (16, 16), "o": (24, 9)}
@@ -26,8 +25,7 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def trained(start_adapters: Mapping[str, Adapter], g: torch.Generator, train_A: bool = True,
-            noise: float = 0.3) -> dict[str, Adapter]:
+def trained(start_adapters: Mapping[str, Adapter], g: torch.Generator, train_A: bool = True, noise: float = 0.3) -> dict[str, Adapter]:
     """A client's local training, simulated: new tensors B + noise (and A + noise if trained)."""
     out = {}
     for name, a in start_adapters.items():
@@ -46,8 +44,7 @@ class Round:
     ns: list
 
 
-def client_round(agg, state, ranks: Sequence[int | None], ns: Sequence[int], seed: int,
-                 ids: Sequence[str] | None = None, noise: float = 0.3):
+def client_round(agg, state, ranks: Sequence[int | None], ns: Sequence[int], seed: int, ids: Sequence[str] | None = None, noise: float = 0.3):
     """Starts and updates of one round (no aggregation)."""
     g = gen(seed)
     ids = list(ids) if ids is not None else [f"c{i}" for i in range(len(ranks))]

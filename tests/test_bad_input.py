@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from helpers import MIXED_SHAPES, SHAPES, assert_unchanged, client_round, make, run_round, snapshot
 
 from fedlora.core import Adapter, AggregationError, ClientUpdate, LoraSpec, UpdateError, available_methods, get_aggregator
-from helpers import MIXED_SHAPES, SHAPES, assert_unchanged, client_round, make, run_round, snapshot
 
 ALL = ["fedex", "fedhl", "fedit", "ffa", "flexlora", "flora", "fra", "hetlora", "hexa"]
 SAME_RANK = ["fedit", "fedex", "ffa", "fra"]
@@ -60,10 +60,14 @@ def refused(agg, state, updates, client, module, exc=UpdateError, words=()):
 def bad_variants(a: Adapter, spec: LoraSpec):
     """(label, bad adapter, words the message must contain) for a valid adapter a of module 'v' (16×16)."""
     r = a.rank
-    nan_B = a.B.clone(); nan_B[1, 0] = float("nan")
-    inf_B = a.B.clone(); inf_B[0, 1] = float("inf")
-    nan_A = a.A.clone(); nan_A[0, 3] = float("nan")
-    inf_A = a.A.clone(); inf_A[2, 2] = -float("inf")
+    nan_B = a.B.clone()
+    nan_B[1, 0] = float("nan")
+    inf_B = a.B.clone()
+    inf_B[0, 1] = float("inf")
+    nan_A = a.A.clone()
+    nan_A[0, 3] = float("nan")
+    inf_A = a.A.clone()
+    inf_A[2, 2] = -float("inf")
     return [
         ("B rows", Adapter(torch.randn(17, r), a.A, a.scale), ["shape"]),
         ("A cols", Adapter(a.B, torch.randn(r, 15), a.scale), ["shape"]),
@@ -149,7 +153,8 @@ def test_num_examples_and_ids(name):
 @pytest.mark.parametrize("name", ["fedex", "hexa", "flexlora"])
 def test_bad_dense_params_refused(name):
     agg, state, ups = setup(name)
-    nan = torch.randn(3, 4); nan[0, 0] = float("nan")
+    nan = torch.randn(3, 4)
+    nan[0, 0] = float("nan")
     refused(agg, state, [ups[0], ClientUpdate("c1", 4, ups[1].adapters, dense={"head": nan}), ups[2]], "c1", "head", words=["nan"])
     refused(agg, state, [ups[0], ClientUpdate("c1", 4, ups[1].adapters, dense={"head": torch.randn(4, 3)}), ups[2]], "c1", "head", words=["shape"])
     refused(agg, state, [ups[0], ClientUpdate("c1", 4, ups[1].adapters, dense={}), ups[2]], "c1", "head")

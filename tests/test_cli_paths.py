@@ -18,23 +18,17 @@ import fedlora
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "sst2_noniid.yaml"
-needs_glue = pytest.mark.skipif(
-    not (GLUE / "SST-2").is_dir(), reason=f"local GLUE copy not found at {GLUE}"
-)
+needs_glue = pytest.mark.skipif(not (GLUE / "SST-2").is_dir(), reason=f"local GLUE copy not found at {GLUE}")
 
 
-def fedlora_run(
-    argv: list[str], cwd: Path, hf_home: Path
-) -> subprocess.CompletedProcess:
+def fedlora_run(argv: list[str], cwd: Path, hf_home: Path) -> subprocess.CompletedProcess:
     """``python -m fedlora.cli run ...`` on the fedlora these tests import, offline."""
     env = dict(
         os.environ,
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         HF_HOME=str(hf_home),
-        PYTHONPATH=os.pathsep.join(
-            [str(Path(fedlora.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
-        ),
+        PYTHONPATH=os.pathsep.join([str(Path(fedlora.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
     )
     return subprocess.run(
         [sys.executable, "-m", "fedlora.cli", "run", *argv],
@@ -76,16 +70,10 @@ def test_example_runs_from_any_working_folder(tiny_models, tmp_path):  # noqa: F
     assert (run_dir / "summary.json").is_file()
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     # data.data_dir ../../shared/data/glue, relative to examples/: the helpers' GLUE
-    assert (
-        cfg["data"]["data_dir"] == os.path.normpath(GLUE)
-        and cfg["data"]["source"] == "auto"
-    )
+    assert cfg["data"]["data_dir"] == os.path.normpath(GLUE) and cfg["data"]["source"] == "auto"
     assert cfg["output_dir"] == str(cwd / "runs")
     # no library noise a user cannot act on (peft's call of a deprecated transformers property)
-    assert (
-        "is_gradient_checkpointing" not in done.stderr
-        and "FutureWarning" not in done.stderr
-    ), done.stderr
+    assert "is_gradient_checkpointing" not in done.stderr and "FutureWarning" not in done.stderr, done.stderr
 
 
 def test_auto_without_local_copy_or_hub_is_one_error_line(tmp_path):

@@ -52,9 +52,7 @@ def test_file_paths_are_relative_to_the_file(layout):
 
 def test_overrides_and_defaults_are_relative_to_the_working_folder(layout):
     path, elsewhere = layout
-    cfg = load_config(
-        path, ["data.data_dir=my-glue", "model.name=./tiny", "output_dir=../runs"]
-    )
+    cfg = load_config(path, ["data.data_dir=my-glue", "model.name=./tiny", "output_dir=../runs"])
     assert cfg.data.data_dir == str(elsewhere / "my-glue")
     assert cfg.model.name == str(elsewhere / "tiny")
     assert cfg.output_dir == str(elsewhere.parent / "runs")
@@ -83,9 +81,7 @@ def test_the_same_config_from_any_working_folder(layout, monkeypatch):
     assert load_config(copy) == here
 
 
-@pytest.mark.parametrize(
-    "name", ["minilm", "roberta-base", "FacebookAI/roberta-base", "no-such-org/model"]
-)
+@pytest.mark.parametrize("name", ["minilm", "roberta-base", "FacebookAI/roberta-base", "no-such-org/model"])
 def test_short_names_and_hub_ids_stay(layout, name):
     path, _ = layout
     assert load_config(path, [f"model.name={name}"]).model.name == name

@@ -14,12 +14,11 @@ def write(path, text):
 
 
 def test_csv_pair_with_label_names(tmp_path):
-    f = write(tmp_path / "d.csv", 'id,premise,hypothesis,label\n'
-              '1,"A man, sitting.",A man sits.,entailment\n'
-              '2,"He said ""no"".",He agreed.,contradiction\n'
-              '3,Dogs bark.,Cats meow.,1\n')
-    ds = load_text_file(f, ["premise", "hypothesis"], "label",
-                        label_names=["entailment", "neutral", "contradiction"])
+    f = write(
+        tmp_path / "d.csv",
+        'id,premise,hypothesis,label\n1,"A man, sitting.",A man sits.,entailment\n2,"He said ""no"".",He agreed.,contradiction\n3,Dogs bark.,Cats meow.,1\n',
+    )
+    ds = load_text_file(f, ["premise", "hypothesis"], "label", label_names=["entailment", "neutral", "contradiction"])
     assert ds.text_a == ["A man, sitting.", 'He said "no".', "Dogs bark."]
     assert ds.text_b == ["A man sits.", "He agreed.", "Cats meow."]
     assert ds.labels.tolist() == [0, 2, 1] and ds.labels.dtype == np.int64 and ds.num_classes == 3
@@ -59,13 +58,16 @@ def test_bad_json_names_line(tmp_path):
         load_text_file(f, "text", "label")
 
 
-@pytest.mark.parametrize("label, names, message", [
-    ("maybe", ["no", "yes"], r"unknown label 'maybe'; expected one of \['no', 'yes'\]"),
-    ("2", ["no", "yes"], r"unknown label '2'"),
-    ("pos", None, r"unknown label 'pos'.*pass label_names"),
-    ("-1", None, r"unknown label '-1'"),
-    ("1.5", None, r"unknown label '1.5'"),
-])
+@pytest.mark.parametrize(
+    "label, names, message",
+    [
+        ("maybe", ["no", "yes"], r"unknown label 'maybe'; expected one of \['no', 'yes'\]"),
+        ("2", ["no", "yes"], r"unknown label '2'"),
+        ("pos", None, r"unknown label 'pos'.*pass label_names"),
+        ("-1", None, r"unknown label '-1'"),
+        ("1.5", None, r"unknown label '1.5'"),
+    ],
+)
 def test_unknown_label(tmp_path, label, names, message):
     f = write(tmp_path / "d.csv", f"text,label\nok,1\nbad,{label}\n")
     with pytest.raises(DataError, match=rf"d\.csv:3: {message}"):
@@ -81,8 +83,7 @@ def test_bad_regression_label_and_empty_text(tmp_path):
         load_text_file(f, "text", "label")
 
 
-@pytest.mark.parametrize("name, text", [("d.csv", ""), ("h.csv", "text,label\n"),
-                                        ("d.jsonl", ""), ("b.jsonl", "\n\n")])
+@pytest.mark.parametrize("name, text", [("d.csv", ""), ("h.csv", "text,label\n"), ("d.jsonl", ""), ("b.jsonl", "\n\n")])
 def test_empty_file(tmp_path, name, text):
     with pytest.raises(DataError, match="empty file"):
         load_text_file(write(tmp_path / name, text), "text", "label")

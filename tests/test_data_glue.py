@@ -13,8 +13,7 @@ from fedlora.data import DataError, get_task, load_glue
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "glue"
 # The shared data folder sits beside the repository (CI: a clean clone with shared/ beside it).
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
-needs_shared = pytest.mark.skipif(not (SHARED / "SOURCES.md").is_file(),
-                                  reason=f"local GLUE copy not found at {SHARED}")
+needs_shared = pytest.mark.skipif(not (SHARED / "SOURCES.md").is_file(), reason=f"local GLUE copy not found at {SHARED}")
 
 
 def counts(ds):
@@ -23,16 +22,20 @@ def counts(ds):
 
 # ---------------------------------------------------------------- real local copy (SOURCES.md)
 
+
 @needs_shared
-@pytest.mark.parametrize("task, split, rows, label_counts", [
-    ("SST-2", "train", 67349, {0: 29780, 1: 37569}),
-    ("SST-2", "dev", 872, {0: 428, 1: 444}),
-    ("RTE", "train", 2490, {0: 1249, 1: 1241}),      # entailment, not_entailment
-    ("RTE", "dev", 277, {0: 146, 1: 131}),
-    ("QNLI", "dev", 5463, {0: 2702, 1: 2761}),
-    ("WNLI", "train", 635, {0: 323, 1: 312}),
-    ("WNLI", "dev", 71, {0: 40, 1: 31}),
-])
+@pytest.mark.parametrize(
+    "task, split, rows, label_counts",
+    [
+        ("SST-2", "train", 67349, {0: 29780, 1: 37569}),
+        ("SST-2", "dev", 872, {0: 428, 1: 444}),
+        ("RTE", "train", 2490, {0: 1249, 1: 1241}),  # entailment, not_entailment
+        ("RTE", "dev", 277, {0: 146, 1: 131}),
+        ("QNLI", "dev", 5463, {0: 2702, 1: 2761}),
+        ("WNLI", "train", 635, {0: 323, 1: 312}),
+        ("WNLI", "dev", 71, {0: 40, 1: 31}),
+    ],
+)
 def test_local_copy_counts(task, split, rows, label_counts):
     ds = load_glue(task, split, data_dir=SHARED)
     assert len(ds) == rows and counts(ds) == label_counts
@@ -73,29 +76,33 @@ def test_missing_task_file_in_local_copy():
 
 # ---------------------------------------------------------------- fixtures (official layouts)
 
-@pytest.mark.parametrize("task, split, rows, label_counts, pair", [
-    ("cola", "train", 6, {1: 4, 0: 2}, False),
-    ("cola", "dev", 3, {1: 2, 0: 1}, False),
-    ("mrpc", "train", 5, {1: 3, 0: 2}, True),
-    ("mrpc", "dev", 2, {1: 1, 0: 1}, True),
-    ("qqp", "train", 5, {0: 3, 1: 2}, True),
-    ("qqp", "dev", 3, {0: 2, 1: 1}, True),
-    ("mnli", "train", 9, {0: 5, 1: 3, 2: 1}, True),
-    ("mnli", "dev", 4, {0: 1, 1: 1, 2: 2}, True),
-    ("mnli-mm", "train", 9, {0: 5, 1: 3, 2: 1}, True),
-    ("mnli-mm", "dev", 5, {0: 1, 1: 1, 2: 3}, True),
-    ("qnli", "train", 4, {0: 2, 1: 2}, True),
-])
+
+@pytest.mark.parametrize(
+    "task, split, rows, label_counts, pair",
+    [
+        ("cola", "train", 6, {1: 4, 0: 2}, False),
+        ("cola", "dev", 3, {1: 2, 0: 1}, False),
+        ("mrpc", "train", 5, {1: 3, 0: 2}, True),
+        ("mrpc", "dev", 2, {1: 1, 0: 1}, True),
+        ("qqp", "train", 5, {0: 3, 1: 2}, True),
+        ("qqp", "dev", 3, {0: 2, 1: 1}, True),
+        ("mnli", "train", 9, {0: 5, 1: 3, 2: 1}, True),
+        ("mnli", "dev", 4, {0: 1, 1: 1, 2: 2}, True),
+        ("mnli-mm", "train", 9, {0: 5, 1: 3, 2: 1}, True),
+        ("mnli-mm", "dev", 5, {0: 1, 1: 1, 2: 3}, True),
+        ("qnli", "train", 4, {0: 2, 1: 2}, True),
+    ],
+)
 def test_fixture_layouts(task, split, rows, label_counts, pair):
     ds = load_glue(task, split, data_dir=FIXTURES)
     assert len(ds) == rows and counts(ds) == label_counts and (ds.text_b is not None) == pair
 
 
 def test_fixture_texts():
-    cola = load_glue("CoLA", "train", data_dir=FIXTURES)      # header-less; column 3 is the text
+    cola = load_glue("CoLA", "train", data_dir=FIXTURES)  # header-less; column 3 is the text
     assert cola.text_a[2] == "They drank the pub." and cola.labels[2] == 0
-    assert cola.text_a[5] == 'John said "hello'             # unbalanced quote kept verbatim
-    mrpc = load_glue("MRPC", "train", data_dir=FIXTURES)       # header with a BOM
+    assert cola.text_a[5] == 'John said "hello'  # unbalanced quote kept verbatim
+    mrpc = load_glue("MRPC", "train", data_dir=FIXTURES)  # header with a BOM
     assert mrpc.text_a[0].startswith("Amrozi accused his brother") and mrpc.labels[0] == 1
     assert load_glue("MRPC", "dev", data_dir=FIXTURES).text_b[0].startswith('" The foodservice')
     qqp = load_glue("QQP", "train", data_dir=FIXTURES)
@@ -114,8 +121,7 @@ def test_max_examples_seeded_subset():
     b = load_glue("mnli", "train", data_dir=FIXTURES, max_examples=4, seed=3)
     assert len(a) == 4 and a.text_a == b.text_a and a.text_a == sorted(a.text_a, key=full.text_a.index)
     assert set(a.text_a) <= set(full.text_a)
-    others = {tuple(load_glue("mnli", "train", data_dir=FIXTURES, max_examples=4, seed=s).text_a)
-              for s in range(6)}
+    others = {tuple(load_glue("mnli", "train", data_dir=FIXTURES, max_examples=4, seed=s).text_a) for s in range(6)}
     assert len(others) > 1
     assert len(load_glue("mnli", "train", data_dir=FIXTURES, max_examples=100)) == 9
     with pytest.raises(DataError, match="max_examples"):
@@ -123,6 +129,7 @@ def test_max_examples_seeded_subset():
 
 
 # ---------------------------------------------------------------- errors
+
 
 def copy_task(tmp_path, task_dir, name="train.tsv"):
     (tmp_path / task_dir).mkdir()
@@ -135,14 +142,17 @@ def test_missing_file_names_path(tmp_path):
         load_glue("rte", "dev", data_dir=tmp_path)
 
 
-@pytest.mark.parametrize("task_dir, task, mutate, line, message", [
-    ("MNLI", "mnli", lambda s: s.replace("\tcontradiction\n", "\tmaybe\n"), 10, "unknown label 'maybe'"),
-    ("QQP", "qqp", lambda s: s.replace("\t1\n", "\tyes\n", 1), 3, "label 'yes' is not an integer"),
-    ("QQP", "qqp", lambda s: s.replace("\t1\n", "\t7\n", 1), 3, "label 7 out of range"),
-    ("MRPC", "mrpc", lambda s: s.replace("\t2108831\t", "\t", 1), 3, "expected 5 .*columns, found 4"),
-    ("CoLA", "cola", lambda s: s.replace("They drank the pub.", " "), 3, "empty text"),
-    ("QNLI", "qnli", lambda s: s.replace("\n1\t", "\n1\t\t", 1), 3, "expected 4 .*columns, found 5"),
-])
+@pytest.mark.parametrize(
+    "task_dir, task, mutate, line, message",
+    [
+        ("MNLI", "mnli", lambda s: s.replace("\tcontradiction\n", "\tmaybe\n"), 10, "unknown label 'maybe'"),
+        ("QQP", "qqp", lambda s: s.replace("\t1\n", "\tyes\n", 1), 3, "label 'yes' is not an integer"),
+        ("QQP", "qqp", lambda s: s.replace("\t1\n", "\t7\n", 1), 3, "label 7 out of range"),
+        ("MRPC", "mrpc", lambda s: s.replace("\t2108831\t", "\t", 1), 3, "expected 5 .*columns, found 4"),
+        ("CoLA", "cola", lambda s: s.replace("They drank the pub.", " "), 3, "empty text"),
+        ("QNLI", "qnli", lambda s: s.replace("\n1\t", "\n1\t\t", 1), 3, "expected 4 .*columns, found 5"),
+    ],
+)
 def test_malformed_row_names_file_and_line(tmp_path, task_dir, task, mutate, line, message):
     path, text = copy_task(tmp_path, task_dir)
     path.write_text(mutate(text), encoding="utf-8")
@@ -186,6 +196,7 @@ def test_bad_split_source_and_dir(monkeypatch):
 
 # ---------------------------------------------------------------- hub (never touches the network)
 
+
 class FakeHub:
     """What `datasets.load_dataset` returns, as far as load_glue looks at it."""
 
@@ -206,6 +217,7 @@ def fake_datasets(monkeypatch, load):
 def test_hub_unreachable_becomes_data_error(monkeypatch):
     def load(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
+
     fake_datasets(monkeypatch, load)
     with pytest.raises(DataError, match=r"hub.*ConnectionError.*source: local.*RTE[/\\]dev\.tsv"):
         load_glue("rte", "dev", source="hub")
@@ -216,8 +228,8 @@ def test_hub_rows_converted(monkeypatch):
 
     def load(path, config, split):
         calls.append((path, config, split))
-        return FakeHub({"premise": ["p0", "p1"], "hypothesis": ["h0", "h1"],
-                                       "label": [2, 0], "idx": [0, 1]})
+        return FakeHub({"premise": ["p0", "p1"], "hypothesis": ["h0", "h1"], "label": [2, 0], "idx": [0, 1]})
+
     fake_datasets(monkeypatch, load)
     ds = load_glue("mnli-mm", "dev", source="hub")
     assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched")]
@@ -226,17 +238,16 @@ def test_hub_rows_converted(monkeypatch):
 
 
 def test_hub_regression_and_unlabeled(monkeypatch):
-    fake_datasets(monkeypatch, lambda path, config, split: FakeHub(
-        {"sentence1": ["a"], "sentence2": ["b"], "label": [3.8]}))
+    fake_datasets(monkeypatch, lambda path, config, split: FakeHub({"sentence1": ["a"], "sentence2": ["b"], "label": [3.8]}))
     ds = load_glue("stsb", "train", source="hub")
     assert ds.labels.dtype == np.float32 and ds.labels[0] == pytest.approx(3.8)
-    fake_datasets(monkeypatch, lambda path, config, split: FakeHub(
-        {"sentence": ["a"], "label": [-1]}))
+    fake_datasets(monkeypatch, lambda path, config, split: FakeHub({"sentence": ["a"], "label": [-1]}))
     with pytest.raises(DataError, match="unlabeled"):
         load_glue("sst2", "train", source="hub")
 
 
 # ---------------------------------------------------------------- source auto (no network either)
+
 
 def no_hub(*args, **kwargs):
     raise AssertionError("source auto must not ask the hub when the local copy is there")
@@ -244,8 +255,7 @@ def no_hub(*args, **kwargs):
 
 def test_auto_reads_the_local_copy_when_the_task_folder_exists(monkeypatch):
     fake_datasets(monkeypatch, no_hub)
-    assert load_glue("cola", "dev", source="auto", data_dir=FIXTURES).text_a == \
-        load_glue("cola", "dev", data_dir=FIXTURES).text_a
+    assert load_glue("cola", "dev", source="auto", data_dir=FIXTURES).text_a == load_glue("cola", "dev", data_dir=FIXTURES).text_a
 
 
 def test_auto_with_a_task_folder_but_no_file_is_a_local_error(tmp_path, monkeypatch):
@@ -261,6 +271,7 @@ def test_auto_falls_back_to_the_hub(tmp_path, monkeypatch):
     def load(path, config, split):
         calls.append((path, config, split))
         return FakeHub({"sentence1": ["a"], "sentence2": ["b"], "label": [1]})
+
     fake_datasets(monkeypatch, load)
     (tmp_path / "SST-2").mkdir()  # another task's folder does not count
     ds = load_glue("rte", "train", source="auto", data_dir=tmp_path)
@@ -270,13 +281,20 @@ def test_auto_falls_back_to_the_hub(tmp_path, monkeypatch):
 def test_auto_without_local_copy_or_hub_is_one_error(tmp_path, monkeypatch):
     def load(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub\n(OfflineModeIsEnabled)")
+
     fake_datasets(monkeypatch, load)
     with pytest.raises(DataError) as e:
         load_glue("sst2", "train", source="auto", data_dir=tmp_path / "glue")
     msg = str(e.value)
     assert "\n" not in msg
-    for needle in (f"no local copy of SST-2 at {tmp_path / 'glue' / 'SST-2'}", "hub is unreachable",
-                   "OfflineModeIsEnabled", "data.data_dir", "SST-2/train.tsv", "go online"):
+    for needle in (
+        f"no local copy of SST-2 at {tmp_path / 'glue' / 'SST-2'}",
+        "hub is unreachable",
+        "OfflineModeIsEnabled",
+        "data.data_dir",
+        "SST-2/train.tsv",
+        "go online",
+    ):
         assert needle in msg, (needle, msg)
 
 

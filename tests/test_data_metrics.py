@@ -39,7 +39,7 @@ def test_accuracy_three_classes_and_class_ids():
     gold = np.array([0, 1, 2, 2, 1, 0])
     pred = np.array([0, 2, 2, 2, 1, 1])
     assert compute_metrics("mnli", logits(pred, 3), gold) == {"accuracy": pytest.approx(4 / 6)}
-    assert compute_metrics("rte", PRED, GOLD) == {"accuracy": pytest.approx(5 / 8)}   # ids, not logits
+    assert compute_metrics("rte", PRED, GOLD) == {"accuracy": pytest.approx(5 / 8)}  # ids, not logits
     t = compute_metrics("sst2", torch.tensor(logits(PRED)), torch.tensor(GOLD))
     assert t == {"accuracy": pytest.approx(5 / 8)}
 
@@ -49,11 +49,11 @@ def test_stsb_pearson_and_spearman_by_formula():
     gold = np.array([2.0, 1.0, 4.0, 3.0, 5.0])
     dp, dg = pred - pred.mean(), gold - gold.mean()
     pearson = (dp @ dg) / math.sqrt((dp @ dp) * (dg @ dg))
-    d = np.array([1, 2, 3, 4, 5]) - np.array([2, 1, 4, 3, 5])       # rank differences
-    spearman = 1 - 6 * (d @ d) / (5 * (5 ** 2 - 1))
+    d = np.array([1, 2, 3, 4, 5]) - np.array([2, 1, 4, 3, 5])  # rank differences
+    spearman = 1 - 6 * (d @ d) / (5 * (5**2 - 1))
     m = compute_metrics("stsb", pred, gold)
     assert m["pearson"] == pytest.approx(pearson) and m["spearman"] == pytest.approx(spearman)
-    assert compute_metrics("STS-B", pred[:, None], gold) == m                          # (N, 1)
+    assert compute_metrics("STS-B", pred[:, None], gold) == m  # (N, 1)
     assert compute_metrics("stsb", torch.tensor(pred[:, None]), torch.tensor(gold)) == pytest.approx(m)
 
 
@@ -83,6 +83,5 @@ def test_shape_errors():
 
 
 def test_primary_metric():
-    assert [primary_metric(t) for t in ("cola", "stsb", "mrpc", "sst2")] == \
-        ["mcc", "pearson", "accuracy", "accuracy"]
+    assert [primary_metric(t) for t in ("cola", "stsb", "mrpc", "sst2")] == ["mcc", "pearson", "accuracy", "accuracy"]
     assert primary_metric(get_task("MNLI-mm")) == "accuracy"

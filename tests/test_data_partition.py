@@ -5,13 +5,17 @@ import csv
 import numpy as np
 import pytest
 
-from fedlora.data import (DataError, bin_names, format_histogram, label_histogram, partition,
-                          regression_bins, write_histogram_csv)
+from fedlora.data import DataError, bin_names, format_histogram, label_histogram, partition, regression_bins, write_histogram_csv
 
-LABELS = np.repeat(np.arange(4), 500)                      # 2000 examples, 4 balanced classes
+LABELS = np.repeat(np.arange(4), 500)  # 2000 examples, 4 balanced classes
 SCORES = np.random.default_rng(0).uniform(0, 5, 600).astype(np.float32)  # STS-B-like
-SCHEMES = [("iid", {}), ("dirichlet", {"alpha": 0.5}), ("dirichlet_class", {"alpha": 0.5}), ("pathological", {"labels_per_client": 2}),
-           ("quantity", {"alpha": 1.0})]
+SCHEMES = [
+    ("iid", {}),
+    ("dirichlet", {"alpha": 0.5}),
+    ("dirichlet_class", {"alpha": 0.5}),
+    ("pathological", {"labels_per_client": 2}),
+    ("quantity", {"alpha": 1.0}),
+]
 
 
 def mean_entropy(hist):
@@ -24,7 +28,7 @@ def mean_entropy(hist):
 def test_every_index_exactly_once(scheme, kw, labels):
     parts = partition(labels, 8, scheme, seed=0, **kw)
     assert len(parts) == 8 and all(len(p) >= 1 for p in parts)
-    assert all(p.dtype == np.int64 and np.all(np.diff(p) > 0) for p in parts)   # sorted, unique
+    assert all(p.dtype == np.int64 and np.all(np.diff(p) > 0) for p in parts)  # sorted, unique
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
 
 
@@ -89,22 +93,25 @@ def test_min_size():
     assert min(len(p) for p in parts) >= 50
 
 
-@pytest.mark.parametrize("args, kw, message", [
-    ((LABELS[:5], 6, "iid"), {}, r"more clients \(6\) than examples \(5\)"),
-    ((LABELS, 0, "iid"), {}, "num_clients must be a positive integer"),
-    ((LABELS, 2.5, "iid"), {}, "num_clients must be a positive integer"),
-    ((LABELS, 4, "dirichlet"), {}, "scheme 'dirichlet' needs alpha"),
-    ((LABELS, 4, "dirichlet"), {"alpha": 0.0}, "alpha must be > 0"),
-    ((LABELS, 4, "quantity"), {"alpha": -1.0}, "alpha must be > 0"),
-    ((LABELS, 4, "quantity"), {}, "scheme 'quantity' needs alpha"),
-    ((LABELS, 4, "pathological"), {}, r"labels_per_client must be in 1\.\.4"),
-    ((LABELS, 4, "pathological"), {"labels_per_client": 0}, r"labels_per_client must be in 1\.\.4"),
-    ((LABELS, 4, "pathological"), {"labels_per_client": 5}, r"labels_per_client must be in 1\.\.4"),
-    ((LABELS, 4, "label_skew"), {}, "unknown partition scheme 'label_skew'; choose one of iid, dirichlet, dirichlet_class"),
-    ((LABELS[:0], 1, "iid"), {}, "empty dataset"),
-    ((LABELS, 4, "iid"), {"min_size": 0}, "min_size must be at least 1"),
-    ((np.array(["a", "b"]), 2, "iid"), {}, "labels must be integer class ids or float scores"),
-])
+@pytest.mark.parametrize(
+    "args, kw, message",
+    [
+        ((LABELS[:5], 6, "iid"), {}, r"more clients \(6\) than examples \(5\)"),
+        ((LABELS, 0, "iid"), {}, "num_clients must be a positive integer"),
+        ((LABELS, 2.5, "iid"), {}, "num_clients must be a positive integer"),
+        ((LABELS, 4, "dirichlet"), {}, "scheme 'dirichlet' needs alpha"),
+        ((LABELS, 4, "dirichlet"), {"alpha": 0.0}, "alpha must be > 0"),
+        ((LABELS, 4, "quantity"), {"alpha": -1.0}, "alpha must be > 0"),
+        ((LABELS, 4, "quantity"), {}, "scheme 'quantity' needs alpha"),
+        ((LABELS, 4, "pathological"), {}, r"labels_per_client must be in 1\.\.4"),
+        ((LABELS, 4, "pathological"), {"labels_per_client": 0}, r"labels_per_client must be in 1\.\.4"),
+        ((LABELS, 4, "pathological"), {"labels_per_client": 5}, r"labels_per_client must be in 1\.\.4"),
+        ((LABELS, 4, "label_skew"), {}, "unknown partition scheme 'label_skew'; choose one of iid, dirichlet, dirichlet_class"),
+        ((LABELS[:0], 1, "iid"), {}, "empty dataset"),
+        ((LABELS, 4, "iid"), {"min_size": 0}, "min_size must be at least 1"),
+        ((np.array(["a", "b"]), 2, "iid"), {}, "labels must be integer class ids or float scores"),
+    ],
+)
 def test_bad_inputs(args, kw, message):
     with pytest.raises(DataError, match=message):
         partition(*args, seed=0, **kw)
@@ -133,8 +140,7 @@ def test_histogram_format_and_csv(tmp_path):
     assert format_histogram(hist).splitlines()[0].split() == ["client", "0", "1", "2", "3", "total"]
     write_histogram_csv(tmp_path / "h.csv", hist, ["ent", "neu", "con", "x"])
     rows = list(csv.reader(open(tmp_path / "h.csv")))
-    assert rows == [["client", "ent", "neu", "con", "x", "total"], ["0", "1", "1", "0", "0", "2"],
-                    ["1", "1", "0", "3", "0", "4"]]
+    assert rows == [["client", "ent", "neu", "con", "x", "total"], ["0", "1", "1", "0", "0", "2"], ["1", "1", "0", "3", "0", "4"]]
     with pytest.raises(DataError, match="2 label names for 4 histogram columns"):
         format_histogram(hist, ["a", "b"])
 

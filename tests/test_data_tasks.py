@@ -9,12 +9,28 @@ def test_all_tasks_present():
     assert set(TASKS) == {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "mnli-mm", "qnli", "rte", "wnli"}
 
 
-@pytest.mark.parametrize("alias, name", [
-    ("SST-2", "sst2"), ("sst2", "sst2"), ("Sst_2", "sst2"), ("STS-B", "stsb"), ("stsb", "stsb"),
-    ("CoLA", "cola"), ("MRPC", "mrpc"), ("QQP", "qqp"), ("QNLI", "qnli"), ("RTE", "rte"),
-    ("WNLI", "wnli"), ("MNLI", "mnli"), ("MNLI-m", "mnli"), ("mnli_matched", "mnli"),
-    ("MNLI-MM", "mnli-mm"), ("mnli_mm", "mnli-mm"), ("mnli-mismatched", "mnli-mm"),
-])
+@pytest.mark.parametrize(
+    "alias, name",
+    [
+        ("SST-2", "sst2"),
+        ("sst2", "sst2"),
+        ("Sst_2", "sst2"),
+        ("STS-B", "stsb"),
+        ("stsb", "stsb"),
+        ("CoLA", "cola"),
+        ("MRPC", "mrpc"),
+        ("QQP", "qqp"),
+        ("QNLI", "qnli"),
+        ("RTE", "rte"),
+        ("WNLI", "wnli"),
+        ("MNLI", "mnli"),
+        ("MNLI-m", "mnli"),
+        ("mnli_matched", "mnli"),
+        ("MNLI-MM", "mnli-mm"),
+        ("mnli_mm", "mnli-mm"),
+        ("mnli-mismatched", "mnli-mm"),
+    ],
+)
 def test_aliases(alias, name):
     assert get_task(alias).name == name
     assert get_task(get_task(alias)) is get_task(alias)
@@ -25,17 +41,20 @@ def test_unknown_task_lists_known():
         get_task("squad")
 
 
-@pytest.mark.parametrize("name, labels", [
-    ("cola", ("unacceptable", "acceptable")),
-    ("sst2", ("negative", "positive")),
-    ("mrpc", ("not_equivalent", "equivalent")),
-    ("qqp", ("not_duplicate", "duplicate")),
-    ("mnli", ("entailment", "neutral", "contradiction")),
-    ("mnli-mm", ("entailment", "neutral", "contradiction")),
-    ("qnli", ("entailment", "not_entailment")),
-    ("rte", ("entailment", "not_entailment")),
-    ("wnli", ("not_entailment", "entailment")),
-])
+@pytest.mark.parametrize(
+    "name, labels",
+    [
+        ("cola", ("unacceptable", "acceptable")),
+        ("sst2", ("negative", "positive")),
+        ("mrpc", ("not_equivalent", "equivalent")),
+        ("qqp", ("not_duplicate", "duplicate")),
+        ("mnli", ("entailment", "neutral", "contradiction")),
+        ("mnli-mm", ("entailment", "neutral", "contradiction")),
+        ("qnli", ("entailment", "not_entailment")),
+        ("rte", ("entailment", "not_entailment")),
+        ("wnli", ("not_entailment", "entailment")),
+    ],
+)
 def test_label_order_matches_hub(name, labels):
     t = get_task(name)
     assert t.label_names == labels and t.num_labels == len(labels) and not t.is_regression
@@ -47,12 +66,19 @@ def test_stsb_is_regression():
     assert t.metrics == ("pearson", "spearman") and t.primary_metric == "pearson"
 
 
-@pytest.mark.parametrize("name, metrics, primary", [
-    ("cola", ("mcc",), "mcc"), ("mrpc", ("accuracy", "f1"), "accuracy"),
-    ("qqp", ("accuracy", "f1"), "accuracy"), ("sst2", ("accuracy",), "accuracy"),
-    ("mnli", ("accuracy",), "accuracy"), ("qnli", ("accuracy",), "accuracy"),
-    ("rte", ("accuracy",), "accuracy"), ("wnli", ("accuracy",), "accuracy"),
-])
+@pytest.mark.parametrize(
+    "name, metrics, primary",
+    [
+        ("cola", ("mcc",), "mcc"),
+        ("mrpc", ("accuracy", "f1"), "accuracy"),
+        ("qqp", ("accuracy", "f1"), "accuracy"),
+        ("sst2", ("accuracy",), "accuracy"),
+        ("mnli", ("accuracy",), "accuracy"),
+        ("qnli", ("accuracy",), "accuracy"),
+        ("rte", ("accuracy",), "accuracy"),
+        ("wnli", ("accuracy",), "accuracy"),
+    ],
+)
 def test_official_metrics(name, metrics, primary):
     t = get_task(name)
     assert t.metrics == metrics and t.primary_metric == primary

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.data import (DataError, TextDataset, collate, length_bucketed_batches, tokenize)
+from fedlora.data import DataError, TextDataset, collate, length_bucketed_batches, tokenize
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a",
-         "dog", "ran", "to", "park", "big", "red", ".", "##s"]
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "park", "big", "red", ".", "##s"]
 
 
 @pytest.fixture(scope="module")
@@ -19,21 +18,23 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bert(tokenizer_dir):
-    from transformers import BertTokenizer   # a local folder: never touches the hub
+    from transformers import BertTokenizer  # a local folder: never touches the hub
+
     return BertTokenizer.from_pretrained(str(tokenizer_dir))
 
 
 @pytest.fixture(scope="module")
 def roberta_like(tokenizer_dir):
-    from transformers import BertTokenizer   # same vocab, but no token_type_ids (like RoBERTa)
-    return BertTokenizer.from_pretrained(str(tokenizer_dir),
-                                         model_input_names=["input_ids", "attention_mask"])
+    from transformers import BertTokenizer  # same vocab, but no token_type_ids (like RoBERTa)
+
+    return BertTokenizer.from_pretrained(str(tokenizer_dir), model_input_names=["input_ids", "attention_mask"])
 
 
 PAIRS = TextDataset(
     text_a=["the cat sat on the mat .", "a dog", "the big red dog ran to the park .", "cats", "a cat sat"],
     text_b=["the cat sat", "a dog ran", "a dog", "the dogs", "on the mat on the mat on the mat"],
-    labels=np.array([0, 1, 2, 1, 0]))
+    labels=np.array([0, 1, 2, 1, 0]),
+)
 
 
 def test_tokenize_pairs_matches_tokenizer(bert):
@@ -45,16 +46,16 @@ def test_tokenize_pairs_matches_tokenizer(bert):
         lo, hi = tok.offsets[i], tok.offsets[i + 1]
         assert tok.token_type_ids[lo:hi].tolist() == ref["token_type_ids"][i]
     assert tok.lengths.tolist() == [len(x) for x in ref["input_ids"]]
-    assert max(tok.lengths) <= 12 and tok.lengths[4] == 12         # truncated, longest first
+    assert max(tok.lengths) <= 12 and tok.lengths[4] == 12  # truncated, longest first
     assert tok.labels.dtype == torch.int64 and tok.labels.tolist() == [0, 1, 2, 1, 0]
     assert tok.offsets[-1] == len(tok.ids)
 
 
 def test_tokenize_single_regression_and_chunks(roberta_like):
     ds = TextDataset(["the cat", "a big dog ran", "park"], None, np.array([0.5, 4.0, 2.25]))
-    tok = tokenize(ds, roberta_like, max_length=16, chunk_size=2)      # two tokenizer calls
+    tok = tokenize(ds, roberta_like, max_length=16, chunk_size=2)  # two tokenizer calls
     assert tok.token_type_ids is None
-    assert tok.lengths.tolist() == [4, 6, 3]                           # [CLS] ... [SEP]
+    assert tok.lengths.tolist() == [4, 6, 3]  # [CLS] ... [SEP]
     assert tok.labels.dtype == torch.float32 and tok.labels.tolist() == [0.5, 4.0, 2.25]
     with pytest.raises(DataError, match="max_length"):
         tokenize(ds, roberta_like, max_length=1)
@@ -63,8 +64,7 @@ def test_tokenize_single_regression_and_chunks(roberta_like):
 def test_collate_pads_like_the_tokenizer(bert):
     tok = tokenize(PAIRS, bert, max_length=12)
     batch = collate(tok, np.array([1, 3, 0]), bert.pad_token_id)
-    ref = bert([PAIRS.text_a[i] for i in (1, 3, 0)], [PAIRS.text_b[i] for i in (1, 3, 0)],
-               truncation=True, max_length=12, padding=True, return_tensors="pt")
+    ref = bert([PAIRS.text_a[i] for i in (1, 3, 0)], [PAIRS.text_b[i] for i in (1, 3, 0)], truncation=True, max_length=12, padding=True, return_tensors="pt")
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
     for key in ("input_ids", "attention_mask", "token_type_ids"):
         assert torch.equal(batch[key], ref[key]), key
@@ -76,7 +76,7 @@ def test_collate_without_token_types_and_custom_pad(roberta_like):
     tok = tokenize(PAIRS, roberta_like, max_length=12)
     batch = collate(tok, [2, 1], pad_token_id=99)
     assert "token_type_ids" not in batch
-    assert batch["input_ids"][1, int(tok.lengths[1]):].eq(99).all()
+    assert batch["input_ids"][1, int(tok.lengths[1]) :].eq(99).all()
     assert batch["attention_mask"].sum(1).tolist() == tok.lengths[[2, 1]].tolist()
     with pytest.raises(DataError, match="pad_token_id"):
         collate(tok, [0], None)
@@ -86,17 +86,22 @@ LENGTHS = torch.tensor(np.random.default_rng(0).integers(3, 120, 1000))
 
 
 def test_batches_cover_indices_once():
-    idx = np.arange(0, 1000, 3)                     # a client's subset
-    batches = length_bucketed_batches(LENGTHS, idx, 16, generator=torch.Generator().manual_seed(0),
-                                      bucket_factor=4)
+    idx = np.arange(0, 1000, 3)  # a client's subset
+    batches = length_bucketed_batches(LENGTHS, idx, 16, generator=torch.Generator().manual_seed(0), bucket_factor=4)
     flat = np.concatenate(batches)
     assert np.array_equal(np.sort(flat), idx)
     assert sum(len(b) < 16 for b in batches) == 1 and all(len(b) <= 16 for b in batches)
 
 
 def test_batches_deterministic_with_generator():
-    run = lambda seed: length_bucketed_batches(LENGTHS, np.arange(1000), 8,   # noqa: E731
-                                               generator=torch.Generator().manual_seed(seed))
+    def run(seed):
+        return length_bucketed_batches(
+            LENGTHS,
+            np.arange(1000),
+            8,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
     a, b, c = run(1), run(1), run(2)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
@@ -117,7 +122,7 @@ def test_bucketing_reduces_padding():
     runs = sorted(whole, key=lambda b: (lengths[b].min(), lengths[b].max()))
     assert all(lengths[x].max() <= lengths[y].min() for x, y in zip(runs, runs[1:]))
     mins = [int(lengths[b].min()) for b in whole]
-    assert mins != sorted(mins)                                   # ...in shuffled order
+    assert mins != sorted(mins)  # ...in shuffled order
 
 
 def test_eval_batches_sorted_and_unshuffled():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from engine_support import GLUE, is_png, overrides, tiny_models  # noqa: F401
+
 from fedlora import cli
 from fedlora.config import ConfigError, load_config
 
@@ -86,14 +86,14 @@ def test_bad_override_is_one_error_line(tiny_models, small_glue, tmp_path, capsy
 def test_missing_data_dir(tiny_models, tmp_path, capsys):
     """source local (auto would try the hub: tests/test_cli_paths.py, offline, empty cache)."""
     out = tmp_path / "runs"
-    _assert_refused(capsys, out, ["run", *overrides(tiny_models["bert"], out, data__source="local", data__data_dir=tmp_path / "no-glue")],
-                    "GLUE file not found", "no-glue")
+    _assert_refused(
+        capsys, out, ["run", *overrides(tiny_models["bert"], out, data__source="local", data__data_dir=tmp_path / "no-glue")], "GLUE file not found", "no-glue"
+    )
 
 
 def test_malformed_tsv_row(tiny_models, bad_glue, tmp_path, capsys):
     out = tmp_path / "runs"
-    _assert_refused(capsys, out, ["run", *overrides(tiny_models["bert"], out, data__data_dir=bad_glue)],
-                    "train.tsv:4", "columns")
+    _assert_refused(capsys, out, ["run", *overrides(tiny_models["bert"], out, data__data_dir=bad_glue)], "train.tsv:4", "columns")
 
 
 def test_model_folder_without_config(tiny_models, small_glue, tmp_path, capsys):
@@ -108,13 +108,16 @@ def test_missing_config_file(tmp_path, capsys, monkeypatch):
     _assert_refused(capsys, tmp_path / "runs", ["run", str(tmp_path / "missing.yaml")], "missing.yaml", "does not exist")
 
 
-@pytest.mark.parametrize("name,text,needle", [
-    ("broken.yaml", "model: [unclosed\n", "not valid"),
-    ("broken.toml", "[model\nrank = 4\n", "not valid"),
-    ("list.yaml", "- 1\n- 2\n", "mapping"),
-    ("typo.yaml", "model:\n  rnak: 4\n", "model.rnak"),
-    ("config.txt", "model: {}\n", ".yaml"),
-])
+@pytest.mark.parametrize(
+    "name,text,needle",
+    [
+        ("broken.yaml", "model: [unclosed\n", "not valid"),
+        ("broken.toml", "[model\nrank = 4\n", "not valid"),
+        ("list.yaml", "- 1\n- 2\n", "mapping"),
+        ("typo.yaml", "model:\n  rnak: 4\n", "model.rnak"),
+        ("config.txt", "model: {}\n", ".yaml"),
+    ],
+)
 def test_invalid_config_file(tmp_path, capsys, monkeypatch, name, text, needle):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / name
@@ -151,11 +154,35 @@ def _table(text: str, heading: str) -> list[list[str]]:
 def test_compare_runs_then_collects(tiny_models, tmp_path, capsys, monkeypatch):
     runs, results = tmp_path / "runs", tmp_path / "results"
     base = tmp_path / "base.yaml"  # a config file plus dotted overrides, as a user would
-    base.write_text(yaml.safe_dump({"model": {"name": str(tiny_models["bert"]), "rank": 4, "max_length": 64},
-                                    "data": {"data_dir": str(GLUE), "max_train_examples": 40, "max_eval_examples": 16},
-                                    "fed": {"rounds": 3}, "progress": False, "threads": 1}))
-    argv = ["compare", str(base), "fed.rounds=1", "partition.num_clients=2", "train.batch_size=8", f"output_dir={runs}",
-            "--methods", ",".join(METHODS), "--partitions", ",".join(PARTITIONS), "--seeds", "0", "--out", str(results), "--jobs", "2"]
+    base.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": str(tiny_models["bert"]), "rank": 4, "max_length": 64},
+                "data": {"data_dir": str(GLUE), "max_train_examples": 40, "max_eval_examples": 16},
+                "fed": {"rounds": 3},
+                "progress": False,
+                "threads": 1,
+            }
+        )
+    )
+    argv = [
+        "compare",
+        str(base),
+        "fed.rounds=1",
+        "partition.num_clients=2",
+        "train.batch_size=8",
+        f"output_dir={runs}",
+        "--methods",
+        ",".join(METHODS),
+        "--partitions",
+        ",".join(PARTITIONS),
+        "--seeds",
+        "0",
+        "--out",
+        str(results),
+        "--jobs",
+        "2",
+    ]
     assert cli.main(argv) == 0
     capsys.readouterr()
 
@@ -203,10 +230,12 @@ def test_compare_runs_then_collects(tiny_models, tmp_path, capsys, monkeypatch):
     assert "results.md" in capsys.readouterr().out
 
     # a cell with no run, under --collect-only, is an error naming the whole spec (options with commas)
-    msg = _assert_refused(capsys, tmp_path / "nothing-here",
-                          [*argv[:-2], "--out", str(tmp_path / "nothing-here"), "--collect-only",
-                           "--methods", "hexa[restart=lstsq,drift_beta=0]"],
-                          "no finished run")
+    msg = _assert_refused(
+        capsys,
+        tmp_path / "nothing-here",
+        [*argv[:-2], "--out", str(tmp_path / "nothing-here"), "--collect-only", "--methods", "hexa[restart=lstsq,drift_beta=0]"],
+        "no finished run",
+    )
     assert "hexa[restart=lstsq,drift_beta=0]" in msg
 
 
@@ -220,14 +249,26 @@ def test_compare_rejects_bad_specs(tmp_path, capsys, monkeypatch):
 # --------------------------------------------------------------------------- config
 def test_yaml_and_toml_files_with_overrides(tmp_path):
     y = tmp_path / "c.yaml"
-    y.write_text("seed: 3\nmodel:\n  rank: 2\n  target_modules: [query]\n  client_ranks: [2, 1]\n"
-                 "fed:\n  method: fedex\n  rounds: 7\n  options: {drift_beta: 0.5}\ntrain:\n  lr: 0.001\n")
+    y.write_text(
+        "seed: 3\nmodel:\n  rank: 2\n  target_modules: [query]\n  client_ranks: [2, 1]\n"
+        "fed:\n  method: fedex\n  rounds: 7\n  options: {drift_beta: 0.5}\ntrain:\n  lr: 0.001\n"
+    )
     t = tmp_path / "c.toml"
-    t.write_text('seed = 3\n[model]\nrank = 2\ntarget_modules = ["query"]\nclient_ranks = [2, 1]\n'
-                 '[fed]\nmethod = "fedex"\nrounds = 7\n[fed.options]\ndrift_beta = 0.5\n[train]\nlr = 0.001\n')
+    t.write_text(
+        'seed = 3\n[model]\nrank = 2\ntarget_modules = ["query"]\nclient_ranks = [2, 1]\n'
+        '[fed]\nmethod = "fedex"\nrounds = 7\n[fed.options]\ndrift_beta = 0.5\n[train]\nlr = 0.001\n'
+    )
     j = tmp_path / "c.json"
-    j.write_text(json.dumps({"seed": 3, "model": {"rank": 2, "target_modules": ["query"], "client_ranks": [2, 1]},
-                             "fed": {"method": "fedex", "rounds": 7, "options": {"drift_beta": 0.5}}, "train": {"lr": 0.001}}))
+    j.write_text(
+        json.dumps(
+            {
+                "seed": 3,
+                "model": {"rank": 2, "target_modules": ["query"], "client_ranks": [2, 1]},
+                "fed": {"method": "fedex", "rounds": 7, "options": {"drift_beta": 0.5}},
+                "train": {"lr": 0.001},
+            }
+        )
+    )
     loaded = [load_config(p) for p in (y, t, j)]
     assert loaded[0] == loaded[1] == loaded[2]
     cfg = loaded[0]
@@ -242,21 +283,27 @@ def test_yaml_and_toml_files_with_overrides(tmp_path):
         assert cfg.fed.method == "fedex" and cfg.seed == 3  # file values not overridden stay
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("model.client_ranks=[4,2]", [4, 2]),
-    ("model.client_ranks=4,2", [4, 2]),
-    ("model.client_ranks=4", [4]),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("model.client_ranks=[4,2]", [4, 2]),
+        ("model.client_ranks=4,2", [4, 2]),
+        ("model.client_ranks=4", [4]),
+    ],
+)
 def test_list_of_ints_override(text, expected):
     assert load_config(None, [text]).model.client_ranks == expected
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("model.target_modules=query,value", ["query", "value"]),
-    ("model.target_modules=[c_attn]", ["c_attn"]),
-    ("model.target_modules=c_attn", ["c_attn"]),
-    ("model.target_modules=[query, key, value]", ["query", "key", "value"]),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("model.target_modules=query,value", ["query", "value"]),
+        ("model.target_modules=[c_attn]", ["c_attn"]),
+        ("model.target_modules=c_attn", ["c_attn"]),
+        ("model.target_modules=[query, key, value]", ["query", "key", "value"]),
+    ],
+)
 def test_list_of_strings_override(text, expected):
     assert load_config(None, [text]).model.target_modules == expected
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from engine_support import GLUE, overrides, tiny_models  # noqa: F401
+
 from fedlora.config import load_config
 from fedlora.engine import Simulator, build_experiment
 
@@ -78,8 +78,7 @@ def test_global_model_equals_dense_reference(tiny_models, tmp_path, case):
     assert len(modules) == (4 if arch == "bert" else 2)
     with torch.no_grad():
         for name in modules:
-            delta = sum(pi * (cfg.model.alpha / r) * u.adapters[name].B.double() @ u.adapters[name].A.double()
-                        for pi, u, r in zip(p, updates, ranks))
+            delta = sum(pi * (cfg.model.alpha / r) * u.adapters[name].B.double() @ u.adapters[name].A.double() for pi, u, r in zip(p, updates, ranks))
             # naive FedAvg of the factors (lower ranks zero-padded to rank 4)
             B_mean = sum(pi * _pad_cols(u.adapters[name].B.double() * (cfg.model.alpha / r), 4) for pi, u, r in zip(p, updates, ranks))
             A_mean = sum(pi * _pad_cols(u.adapters[name].A.double().T, 4).T for pi, u in zip(p, updates))

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from engine_support import GLUE, assert_tree_equal, is_png, overrides, read_jsonl, tiny_models, without_timings  # noqa: F401
+
 from fedlora import cli
 from fedlora.config import load_config
 from fedlora.engine import Simulator, build_experiment, run_experiment, run_name
@@ -71,13 +71,29 @@ def runs(tiny_models, tmp_path_factory):
     out = {}
     for method in ("fedex", "fedhl"):
         root = tmp_path_factory.mktemp(f"resume-{method}")
-        over_a = overrides(tiny_models["bert"], root / "A", fed__method=method, fed__rounds=ROUNDS,
-                           partition__num_clients=CLIENTS, data__max_train_examples=TRAIN, data__max_eval_examples=EVAL)
+        over_a = overrides(
+            tiny_models["bert"],
+            root / "A",
+            fed__method=method,
+            fed__rounds=ROUNDS,
+            partition__num_clients=CLIENTS,
+            data__max_train_examples=TRAIN,
+            data__max_eval_examples=EVAL,
+        )
         assert cli.main(["run", *over_a]) == 0
         cfg_a = load_config(None, over_a)
-        cfg_b = load_config(None, overrides(tiny_models["bert"], root / "B", fed__method=method, fed__rounds=ROUNDS,
-                                            partition__num_clients=CLIENTS, data__max_train_examples=TRAIN,
-                                            data__max_eval_examples=EVAL))
+        cfg_b = load_config(
+            None,
+            overrides(
+                tiny_models["bert"],
+                root / "B",
+                fed__method=method,
+                fed__rounds=ROUNDS,
+                partition__num_clients=CLIENTS,
+                data__max_train_examples=TRAIN,
+                data__max_eval_examples=EVAL,
+            ),
+        )
         run_b = _interrupted_then_resumed(cfg_b)
         out[method] = (cfg_a, Path(cfg_a.output_dir) / run_name(cfg_a), cfg_b, run_b)
     return out
@@ -123,12 +139,18 @@ def test_sigkill_then_resume_equals_uninterrupted(runs, tmp_path):
     import time
 
     cfg_a, dir_a, _, _ = runs["fedex"]
-    over = overrides(Path(cfg_a.model.name), tmp_path / "K", fed__method="fedex", fed__rounds=ROUNDS,
-                     partition__num_clients=CLIENTS, data__max_train_examples=TRAIN, data__max_eval_examples=EVAL)
+    over = overrides(
+        Path(cfg_a.model.name),
+        tmp_path / "K",
+        fed__method="fedex",
+        fed__rounds=ROUNDS,
+        partition__num_clients=CLIENTS,
+        data__max_train_examples=TRAIN,
+        data__max_eval_examples=EVAL,
+    )
     cfg_k = load_config(None, over)
     run_dir = Path(cfg_k.output_dir) / run_name(cfg_k)
-    proc = subprocess.Popen([sys.executable, "-m", "fedlora.cli", "run", *over],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "fedlora.cli", "run", *over], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -151,8 +173,7 @@ def test_sigkill_then_resume_equals_uninterrupted(runs, tmp_path):
     k = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     for part in ("state", "base", "folded"):
         assert_tree_equal(a[part], k[part], part)
-    assert [without_timings(r) for r in read_jsonl(dir_a / "metrics.jsonl")] == \
-        [without_timings(r) for r in read_jsonl(run_dir / "metrics.jsonl")]
+    assert [without_timings(r) for r in read_jsonl(dir_a / "metrics.jsonl")] == [without_timings(r) for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert read_jsonl(dir_a / "clients.jsonl") == read_jsonl(run_dir / "clients.jsonl")
 
 
@@ -173,9 +194,17 @@ def test_resume_with_a_different_config_is_refused_and_leaves_the_folder_alone(r
     cfg_a, dir_a, _, _ = runs["fedex"]
     config_before = (dir_a / "config.yaml").read_text()
     ckpt_before = (dir_a / "checkpoint.pt").read_bytes()
-    over = overrides(Path(cfg_a.model.name), Path(cfg_a.output_dir), fed__method="fedex", fed__rounds=ROUNDS,
-                     partition__num_clients=CLIENTS, data__max_train_examples=TRAIN, data__max_eval_examples=EVAL,
-                     train__lr=1e-3, name=dir_a.name)
+    over = overrides(
+        Path(cfg_a.model.name),
+        Path(cfg_a.output_dir),
+        fed__method="fedex",
+        fed__rounds=ROUNDS,
+        partition__num_clients=CLIENTS,
+        data__max_train_examples=TRAIN,
+        data__max_eval_examples=EVAL,
+        train__lr=1e-3,
+        name=dir_a.name,
+    )
     assert cli.main(["run", *over]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedlora: error:") and "different configuration" in err and "Traceback" not in err
@@ -187,8 +216,19 @@ def test_resume_with_a_different_config_is_refused_and_leaves_the_folder_alone(r
 def test_run_folder_contents(runs):
     cfg, run_dir, _, _ = runs["fedex"]
     names = {p.name for p in run_dir.iterdir()}
-    for f in ["config.yaml", "metrics.jsonl", "metrics.csv", "clients.jsonl", "clients.csv", "label_histogram.csv",
-              "label_histogram.png", "metrics.png", "summary.json", "checkpoint.pt", "adapter"]:
+    for f in [
+        "config.yaml",
+        "metrics.jsonl",
+        "metrics.csv",
+        "clients.jsonl",
+        "clients.csv",
+        "label_histogram.csv",
+        "label_histogram.png",
+        "metrics.png",
+        "summary.json",
+        "checkpoint.pt",
+        "adapter",
+    ]:
         assert f in names, f
     assert not [n for n in names if n.endswith(".tmp")], "no half-written files are left"
 

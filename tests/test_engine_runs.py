@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from engine_support import overrides, read_jsonl, tiny_models, without_timings  # noqa: F401
+
 from fedlora.config import load_config
 from fedlora.engine import build_experiment, run_experiment, run_name
 
@@ -28,8 +28,18 @@ def _upload_bytes(rank: int, labels: int = 2) -> int:
 # ---------------------------------------------------------------------- mixed ranks
 @pytest.mark.parametrize("method", ["hexa", "fedhl", "flexlora", "hetlora", "flora"])
 def test_mixed_client_ranks(tiny_models, tmp_path, method):
-    cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, fed__method=method, fed__rounds=2,
-                                      model__client_ranks="[4,2]", data__max_train_examples=60, data__max_eval_examples=24))
+    cfg = load_config(
+        None,
+        overrides(
+            tiny_models["bert"],
+            tmp_path,
+            fed__method=method,
+            fed__rounds=2,
+            model__client_ranks="[4,2]",
+            data__max_train_examples=60,
+            data__max_eval_examples=24,
+        ),
+    )
     summary, run_dir = _run(cfg, plots=False)
     clients = read_jsonl(run_dir / "clients.jsonl")
     assert len(clients) == 2 * 3
@@ -46,8 +56,18 @@ def test_mixed_client_ranks(tiny_models, tmp_path, method):
 
 # ------------------------------------------------------------------------ centralized
 def test_centralized_mode_has_one_client_with_all_examples(tiny_models, tmp_path):
-    cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, fed__mode="centralized", fed__rounds=2,
-                                      partition__num_clients=5, data__max_train_examples=60, data__max_eval_examples=24))
+    cfg = load_config(
+        None,
+        overrides(
+            tiny_models["bert"],
+            tmp_path,
+            fed__mode="centralized",
+            fed__rounds=2,
+            partition__num_clients=5,
+            data__max_train_examples=60,
+            data__max_eval_examples=24,
+        ),
+    )
     summary, run_dir = _run(cfg, plots=False, export=False)
     assert run_dir.name == "sst2-centralized-s0"
     clients = read_jsonl(run_dir / "clients.jsonl")
@@ -63,8 +83,19 @@ def test_centralized_mode_has_one_client_with_all_examples(tiny_models, tmp_path
 def test_stsb_regression_with_per_client_eval(tiny_models, tmp_path):
     # the saved tiny model has a 2-way classification head: the task's 1-output regression
     # head replaces it
-    cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, data__task="stsb", fed__rounds=2, fed__method="fedex",
-                                      fed__eval_clients="true", data__max_train_examples=60, data__max_eval_examples=24))
+    cfg = load_config(
+        None,
+        overrides(
+            tiny_models["bert"],
+            tmp_path,
+            data__task="stsb",
+            fed__rounds=2,
+            fed__method="fedex",
+            fed__eval_clients="true",
+            data__max_train_examples=60,
+            data__max_eval_examples=24,
+        ),
+    )
     summary, run_dir = _run(cfg, plots=False)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert len(rows) == 2
@@ -96,8 +127,7 @@ def test_new_head_is_initialised_from_the_run_seed(tiny_models, tmp_path):
     the run's seed only, not on what the process drew before."""
 
     def head(seed):
-        cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, data__task="stsb", seed=seed,
-                                          data__max_train_examples=30, data__max_eval_examples=8))
+        cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, data__task="stsb", seed=seed, data__max_train_examples=30, data__max_eval_examples=8))
         torch.rand(7)  # disturb the global generator
         return build_experiment(cfg).fm.read_dense()
 
@@ -109,8 +139,20 @@ def test_new_head_is_initialised_from_the_run_seed(tiny_models, tmp_path):
 
 # --------------------------------------------------------------------- client sampling
 def _sampling_run(model_dir, out, seed):
-    cfg = load_config(None, overrides(model_dir, out, fed__rounds=4, partition__num_clients=4, fed__fraction=0.5, seed=seed,
-                                      data__max_train_examples=40, data__max_eval_examples=8, fed__method="fedex"))
+    cfg = load_config(
+        None,
+        overrides(
+            model_dir,
+            out,
+            fed__rounds=4,
+            partition__num_clients=4,
+            fed__fraction=0.5,
+            seed=seed,
+            data__max_train_examples=40,
+            data__max_eval_examples=8,
+            fed__method="fedex",
+        ),
+    )
     _, run_dir = _run(cfg, plots=False, export=False)
     return read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "clients.jsonl")
 

@@ -7,10 +7,10 @@ folded tail) plus s_i·B_i·A_i. p_i = n_i/Σn, or 1/K with weighting="uniform".
 from __future__ import annotations
 
 import pytest
-
 import reference as ref
+from helpers import MIXED_RANKS, MIXED_SHAPES, SHAPES, assert_unchanged, client_effective_delta, global_after, make, run_round, snapshot
+
 from fedlora.core import available_methods, get_aggregator
-from helpers import MIXED_RANKS, MIXED_SHAPES, SHAPES, client_effective_delta, global_after, make, run_round, snapshot, assert_unchanged
 
 TOL = 1e-5
 NS = [30, 10, 45, 15]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from fedlora.core.factored import SVD, Factored, pairwise_inner
 
 F32_TOL = 2e-6

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Message
-
 from engine_support import GLUE, overrides, tiny_models  # noqa: F401  (fixture)
 from flower_support import LocalGrid
+from flwr.app import Message
+
 from fedlora.config import ConfigError, RunConfig, load_config
 from fedlora.core import Adapter, ClientStart, ClientUpdate, Factored
 from fedlora.engine import Server, Simulator, build_experiment
@@ -58,7 +58,9 @@ def test_records_round_trip_as_float32_arrays():
     start = ClientStart(
         adapters={"l.q": Adapter(torch.randn(6, 2, generator=g).bfloat16(), torch.randn(2, 5, generator=g).bfloat16(), 0.5)},
         base_delta={"l.q": Factored(torch.randn(6, 3, generator=g), torch.randn(3, 5, generator=g))},
-        dense={"head.w": torch.randn(2, 6, generator=g).half()}, train_A=False)
+        dense={"head.w": torch.randn(2, 6, generator=g).half()},
+        train_A=False,
+    )
     back, job = decode_start(encode_start(start, round=3, partition_id=1, rank=2, seed=42, send_label_counts=True))
     assert job == {"round": 3, "partition-id": 1, "rank": 2, "seed": 42, "train-a": False, "send-label-counts": True}
     a = back.adapters["l.q"]
@@ -66,8 +68,13 @@ def test_records_round_trip_as_float32_arrays():
     assert torch.equal(a.B, start.adapters["l.q"].B.float()) and a.scale == 0.5 and back.train_A is False
     assert torch.equal(back.base_delta["l.q"].L, start.base_delta["l.q"].L)
 
-    update = ClientUpdate("client1", 17, {"l.q": Adapter(torch.ones(6, 2), torch.ones(2, 5), 0.5)}, {"head.w": torch.zeros(2, 6)},
-                          label_counts=torch.tensor([10.0, 7.0], dtype=torch.float64))
+    update = ClientUpdate(
+        "client1",
+        17,
+        {"l.q": Adapter(torch.ones(6, 2), torch.ones(2, 5), 0.5)},
+        {"head.w": torch.zeros(2, 6)},
+        label_counts=torch.tensor([10.0, 7.0], dtype=torch.float64),
+    )
     content = encode_update(update, {"loss": 0.5, "steps": 3, "examples": 17, "tokens": 99}, partition_id=1)
     got, stats = decode_update(content, "client1")
     assert got.num_examples == 17 and torch.equal(got.label_counts, update.label_counts) and stats["tokens"] == 99
@@ -89,6 +96,21 @@ def test_pyproject_lists_every_fedlora_key_with_a_valid_value():
         config_from_run_config({**flat, "fed.methd": "fedex"})
     with pytest.raises(ConfigError, match="model.rank"):
         config_from_run_config({**flat, "model.rank": "eight"})
+
+
+def test_uv_never_installs_a_torch_of_its_own():
+    """Flower's runtime dependency installation runs `uv sync` on this pyproject: uv's override
+    gives torch a marker that no platform satisfies, so uv leaves the installed torch alone."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    overrides = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["uv"]["override-dependencies"]
+    (torch_req,) = [Requirement(r) for r in overrides if Requirement(r).name == "torch"]
+    assert torch_req.marker is not None
+    for platform in ("linux", "darwin", "win32"):
+        for machine in ("x86_64", "aarch64", "arm64", "AMD64"):
+            env = {**default_environment(), "sys_platform": platform, "platform_machine": machine}
+            assert not torch_req.marker.evaluate(env)
 
 
 def test_run_config_round_trips_lists_and_options():
@@ -115,8 +137,11 @@ def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
         assert g["eval_accuracy"] == w["eval_accuracy"]
         assert math.isclose(g["train_loss"], w["train_loss"], rel_tol=1e-4)
     # every train message carried its client's own rank
-    ranks = {m.content.config_records["fedlora.job"]["partition-id"]: m.content.config_records["fedlora.job"]["rank"]
-             for m in grid.sent if m.metadata.message_type == "train"}
+    ranks = {
+        m.content.config_records["fedlora.job"]["partition-id"]: m.content.config_records["fedlora.job"]["rank"]
+        for m in grid.sent
+        if m.metadata.message_type == "train"
+    }
     assert ranks and all(rank == server.exp.clients[pid].rank for pid, rank in ranks.items())
 
 
@@ -258,12 +283,16 @@ def test_server_killed_then_resumed_with_fresh_nodes_equals_uninterrupted(tiny_m
     assert spans == {"1-2"}  # the snapshot of rounds 1-2, folded by each resumed node
 
 
-@pytest.mark.parametrize("setting,nodes,message", [
-    ({"fed__mode": "centralized"}, 3, "fedlora: error: fed.mode='centralized' trains in one process: use `fedlora run`"),
-    ({"partition__num_clients": 2}, 3, "fedlora: error: node 1000 holds partition 0 of 3; the run has partition.num_clients=2"),
-    ({"fed__method": "fedavgg"}, 3, "fedlora: error: unknown aggregation method 'fedavgg'"),
-    ({"fed__client_timeout": 0.01}, 2, "fedlora: error: only 2 of 3 nodes connected"),
-], ids=["centralized", "partition-count", "unknown-method", "missing-nodes"])
+@pytest.mark.parametrize(
+    "setting,nodes,message",
+    [
+        ({"fed__mode": "centralized"}, 3, "fedlora: error: fed.mode='centralized' trains in one process: use `fedlora run`"),
+        ({"partition__num_clients": 2}, 3, "fedlora: error: node 1000 holds partition 0 of 3; the run has partition.num_clients=2"),
+        ({"fed__method": "fedavgg"}, 3, "fedlora: error: unknown aggregation method 'fedavgg'"),
+        ({"fed__client_timeout": 0.01}, 2, "fedlora: error: only 2 of 3 nodes connected"),
+    ],
+    ids=["centralized", "partition-count", "unknown-method", "missing-nodes"],
+)
 def test_server_app_refuses_bad_input_in_one_line_and_writes_nothing(tiny_models, tmp_path, caplog, setting, nodes, message):
     from flwr.app import Context, RecordDict
 
@@ -273,8 +302,7 @@ def test_server_app_refuses_bad_input_in_one_line_and_writes_nothing(tiny_models
         run_config = flower_run_config(overrides(tiny_models["bert"], tmp_path, **setting))
     except ConfigError as e:  # refused by fedlora's config loader already; Flower passes the raw value
         assert message.removeprefix("fedlora: error: ") in str(e)
-        run_config = {**flower_run_config(overrides(tiny_models["bert"], tmp_path)),
-                      **{k.replace("__", "."): v for k, v in setting.items()}}
+        run_config = {**flower_run_config(overrides(tiny_models["bert"], tmp_path)), **{k.replace("__", "."): v for k, v in setting.items()}}
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     with caplog.at_level(logging.ERROR, logger="fedlora"), pytest.raises(FedLoraRunError) as info:
         main(LocalGrid(client_module.app, run_config, nodes), context)

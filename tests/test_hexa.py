@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-
 import reference as ref
+import torch
+from helpers import MIXED_RANKS, MIXED_SHAPES, assert_unchanged, client_round, fdense, global_after, snapshot
+
 from fedlora.core import Adapter, ClientUpdate, LoraSpec, UpdateError, get_aggregator
-from helpers import MIXED_RANKS, MIXED_SHAPES, client_round, fdense, global_after, snapshot, assert_unchanged
 
 NS = [30, 10, 45, 15]
 R = 16
@@ -24,8 +24,7 @@ def random_global(agg, alpha=12.0, rslora=False, seed=0, shapes=MIXED_SHAPES, ra
     state = agg.init_state(shapes, rank, LoraSpec(alpha, rslora), dense=dense, seed=seed)
     g = torch.Generator().manual_seed(seed + 77)
     s = ref.lora_scale(alpha, rank, rslora)
-    adapters = {n: Adapter(0.3 * torch.randn(m, rank, generator=g), torch.randn(rank, k, generator=g) / math.sqrt(k), s)
-                for n, (m, k) in shapes.items()}
+    adapters = {n: Adapter(0.3 * torch.randn(m, rank, generator=g), torch.randn(rank, k, generator=g) / math.sqrt(k), s) for n, (m, k) in shapes.items()}
     return state.evolve(adapters=adapters)
 
 
@@ -222,13 +221,10 @@ def test_class_aware_head_hand_case():
     g = torch.Generator().manual_seed(0)
     thetas = [{k: torch.randn(v.shape, generator=g) for k, v in dense.items()} for _ in ns]
     _, ups = client_round(agg, state, [None] * 3, ns, seed=0)
-    updates = [ClientUpdate(f"c{i}", n, u.adapters, dense=th, label_counts=lc)
-               for i, (n, u, th, lc) in enumerate(zip(ns, ups, thetas, counts))]
+    updates = [ClientUpdate(f"c{i}", n, u.adapters, dense=th, label_counts=lc) for i, (n, u, th, lc) in enumerate(zip(ns, ups, thetas, counts))]
     new = agg.aggregate(state, updates)
     # per-class weights by hand: class 0 → (4, 0, 30)/34, class 1 → (6, 20, 0)/26, class 2 unseen → n_i/60
-    Wc = torch.tensor([[4 / 34, 6 / 26, 10 / 60],
-                       [0.0, 20 / 26, 20 / 60],
-                       [30 / 34, 0.0, 30 / 60]], dtype=torch.float64)  # (client, class)
+    Wc = torch.tensor([[4 / 34, 6 / 26, 10 / 60], [0.0, 20 / 26, 20 / 60], [30 / 34, 0.0, 30 / 60]], dtype=torch.float64)  # (client, class)
     for key in ("head.weight", "head.bias"):
         want = torch.stack([sum(Wc[i, c] * ref.d(thetas[i][key][c]) for i in range(3)) for c in range(C)])
         assert ref.rel_err(new.dense[key], want) < 1e-6
@@ -246,8 +242,7 @@ def test_class_aware_head_needs_label_counts():
     agg = get_aggregator("hexa", class_aware_head=True, head_keys=("head.weight", "head.bias"))
     state = random_global(agg, shapes={"q": (8, 6)}, rank=2, dense=dense)
     _, ups = client_round(agg, state, [None] * 2, [1, 2], seed=0)
-    updates = [ClientUpdate("a", 1, ups[0].adapters, dense=dense, label_counts=torch.tensor([1, 0, 0])),
-               ClientUpdate("b", 2, ups[1].adapters, dense=dense)]
+    updates = [ClientUpdate("a", 1, ups[0].adapters, dense=dense, label_counts=torch.tensor([1, 0, 0])), ClientUpdate("b", 2, ups[1].adapters, dense=dense)]
     snap = snapshot(state)
     with pytest.raises(UpdateError) as e:
         agg.aggregate(state, updates)

@@ -5,15 +5,24 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-
 import reference as ref
+import torch
+from helpers import (
+    MIXED_RANKS,
+    MIXED_SHAPES,
+    SHAPES,
+    assert_unchanged,
+    client_effective_delta,
+    client_round,
+    fdense,
+    global_after,
+    make,
+    run_round,
+    snapshot,
+)
+
 from fedlora.core import Adapter, AggregationError, ClientUpdate, UpdateError, available_methods, get_aggregator
 from fedlora.core.methods.hetlora import pruned_rank, tail_norm
-from helpers import (
-    MIXED_RANKS, MIXED_SHAPES, SHAPES, client_effective_delta, client_round, fdense, global_after, make,
-    run_round, snapshot, assert_unchanged,
-)
 
 NS = [30, 10, 45, 15]
 
@@ -66,9 +75,10 @@ def test_dense_params_weighted_average():
     agg, state = make("fedex", SHAPES, rank=4, dense=dense)
     starts, updates = client_round(agg, state, [None] * 3, [1, 2, 5], seed=3)
     g = torch.Generator().manual_seed(0)
-    updates = [ClientUpdate(u.client_id, u.num_examples, u.adapters,
-                            dense={k: v + torch.randn(v.shape, generator=g) for k, v in s.dense.items()})
-               for s, u in zip(starts, updates)]
+    updates = [
+        ClientUpdate(u.client_id, u.num_examples, u.adapters, dense={k: v + torch.randn(v.shape, generator=g) for k, v in s.dense.items()})
+        for s, u in zip(starts, updates)
+    ]
     new = agg.aggregate(state, updates)
     w = ref.data_weights([1, 2, 5])
     for k in dense:
@@ -115,9 +125,10 @@ def test_inexact_methods_fail_the_exactness_check():
         state = run_round(agg, state, [None] * 3, [1, 2, 3], seed=0).new
         rnd = run_round(agg, state, [None] * 3, [1, 2, 3], seed=1)
         w = ref.data_weights([1, 2, 3])
-        errs = [ref.rel_err(global_after(agg, rnd.new, n),
-                            ref.weighted_sum([client_effective_delta(s, u, n) for s, u in zip(rnd.starts, rnd.updates)], w))
-                for n in SHAPES]
+        errs = [
+            ref.rel_err(global_after(agg, rnd.new, n), ref.weighted_sum([client_effective_delta(s, u, n) for s, u in zip(rnd.starts, rnd.updates)], w))
+            for n in SHAPES
+        ]
         assert max(errs) > 1e-2
 
 
@@ -244,9 +255,15 @@ def test_flexlora_global_and_downloads(rslora, split):
 
 
 # --------------------------------------------------------------------- FedHL
-@pytest.mark.parametrize("alpha,rslora,times_data_size,split", [
-    (16.0, False, False, "B"), (8.0, True, False, "B"), (16.0, False, True, "B"), (8.0, True, True, "sqrt"),
-])
+@pytest.mark.parametrize(
+    "alpha,rslora,times_data_size,split",
+    [
+        (16.0, False, False, "B"),
+        (8.0, True, False, "B"),
+        (16.0, False, True, "B"),
+        (8.0, True, True, "sqrt"),
+    ],
+)
 def test_fedhl_three_rounds_dense(alpha, rslora, times_data_size, split):
     eps = 1e-6
     agg, state = make("fedhl", MIXED_SHAPES, rank=16, alpha=alpha, rslora=rslora, times_data_size=times_data_size, split=split)
@@ -277,8 +294,7 @@ def test_fedhl_three_rounds_dense(alpha, rslora, times_data_size, split):
         assert info["truncation_errors"] == pytest.approx(r_hat, rel=1e-4, abs=1e-9)
         assert info["fedhl_weights"] == pytest.approx(p, rel=1e-4)
         W = {
-            name: W[name] + ref.weighted_sum(
-                [P(u.adapters[name]) - ref.top_r(W[name], r) for u, r in zip(rnd.updates, MIXED_RANKS)], p)
+            name: W[name] + ref.weighted_sum([P(u.adapters[name]) - ref.top_r(W[name], r) for u, r in zip(rnd.updates, MIXED_RANKS)], p)
             for name in MIXED_SHAPES
         }
         for name in MIXED_SHAPES:
@@ -351,7 +367,7 @@ def test_hetlora_tail_norm(r, gamma):
     B = torch.randn(7, r, generator=g, dtype=torch.float64, requires_grad=True)
     A = torch.randn(r, 6, generator=g, dtype=torch.float64, requires_grad=True)
     t = max(1, math.ceil(gamma * r))
-    want = torch.linalg.norm(B[:, r - t:] @ A[r - t:])
+    want = torch.linalg.norm(B[:, r - t :] @ A[r - t :])
     got = tail_norm(B, A, gamma)
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
     # differentiable, with the dense expression's gradient
@@ -368,14 +384,17 @@ def test_hetlora_tail_norm_hand_value():
     assert float(tail_norm(B, A, 0.3)) == pytest.approx(10.0)
 
 
-@pytest.mark.parametrize("rank,now,before,gamma,min_rank,want", [
-    (8, 0.5, 1.0, 0.25, 1, 6),   # shrank: drop ⌈2⌉ = 2
-    (8, 1.0, 0.5, 0.25, 1, 8),   # grew: keep
-    (8, 1.0, 1.0, 0.25, 1, 8),   # equal: keep
-    (5, 0.1, 1.0, 0.1, 1, 4),    # ⌈0.5⌉ = 1
-    (2, 0.1, 1.0, 0.9, 1, 1),    # floor at min_rank
-    (6, 0.1, 1.0, 0.5, 4, 4),
-    (10, 0.0, 2.0, 0.33, 1, 6),  # ⌈3.3⌉ = 4
-])
+@pytest.mark.parametrize(
+    "rank,now,before,gamma,min_rank,want",
+    [
+        (8, 0.5, 1.0, 0.25, 1, 6),  # shrank: drop ⌈2⌉ = 2
+        (8, 1.0, 0.5, 0.25, 1, 8),  # grew: keep
+        (8, 1.0, 1.0, 0.25, 1, 8),  # equal: keep
+        (5, 0.1, 1.0, 0.1, 1, 4),  # ⌈0.5⌉ = 1
+        (2, 0.1, 1.0, 0.9, 1, 1),  # floor at min_rank
+        (6, 0.1, 1.0, 0.5, 4, 4),
+        (10, 0.0, 2.0, 0.33, 1, 6),  # ⌈3.3⌉ = 4
+    ],
+)
 def test_hetlora_pruned_rank(rank, now, before, gamma, min_rank, want):
     assert pruned_rank(rank, now, before, gamma, min_rank) == want

@@ -7,12 +7,12 @@ the wrong orientation raises nothing there, it only changes the layer's output.
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
+from helpers import run_round
 from torch import nn
 
-import reference as ref
 from fedlora.core import Factored, LoraSpec, fold_delta, get_aggregator
-from helpers import run_round
 
 
 class Conv1D(nn.Module):
@@ -84,7 +84,7 @@ def test_fold_bf16_weight(fan_in_fan_out):
     got = ref.d(w.T if fan_in_fan_out else w)
     exact = ref.d(W) + ref.mat(f.L, f.R)
     # one rounding to bf16 at the end: within one bf16 ulp (2^-7 relative) of the exact sum, elementwise
-    assert torch.all((got - exact).abs() <= 2.0 ** -7 * exact.abs() + 1e-30)
+    assert torch.all((got - exact).abs() <= 2.0**-7 * exact.abs() + 1e-30)
     # and equal to rounding the exact sum, except for rare ties at float32 accumulation
     rounded = exact.to(torch.bfloat16).double()
     assert (got != rounded).float().mean() < 0.02
@@ -97,8 +97,7 @@ def fedex_round(m, n, seed, rank=4):
     state = agg.init_state({"attn": (m, n)}, rank, LoraSpec(alpha=16.0))
     state = run_round(agg, state, [None] * 3, [5, 7, 9], seed=seed).new  # non-zero global adapter
     rnd = run_round(agg, state, [None] * 3, [5, 7, 9], seed=seed + 1)
-    ideal = ref.weighted_sum([ref.product(u.adapters["attn"].B, u.adapters["attn"].A, u.adapters["attn"].scale)
-                              for u in rnd.updates], [1 / 3] * 3)
+    ideal = ref.weighted_sum([ref.product(u.adapters["attn"].B, u.adapters["attn"].A, u.adapters["attn"].scale) for u in rnd.updates], [1 / 3] * 3)
     return rnd, ideal
 
 
@@ -164,4 +163,4 @@ def test_fedex_residual_into_bf16_linear():
     W_eff = ref.d(lin.weight) + ref.product(a.B, a.A, a.scale)
     # bf16 storage: the folded model is the dense reference up to bf16 rounding of the weight
     err = (W_eff - (W0 + ideal)).abs()
-    assert torch.all(err <= 2.0 ** -7 * ref.d(lin.weight).abs() + 1e-6)
+    assert torch.all(err <= 2.0**-7 * ref.d(lin.weight).abs() + 1e-6)

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from engine_support import GLUE, read_jsonl, tiny_models  # noqa: F401  (fixture)
+from flower_processes import BIN, ROOT, free_port, pids_matching, port_is_free, processes, wait_for_port
+
 from fedlora.engine import run_experiment
 from fedlora.engine.checkpoint import load_checkpoint
 from fedlora.flower.run_config import config_from_run_config, run_config_entries
-from flower_processes import BIN, ROOT, free_port, pids_matching, port_is_free, processes, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +45,22 @@ RUN_TIMEOUT = 420
 def readme_blocks() -> dict[str, str]:
     text = (ROOT / "README.md").read_text()
     blocks = dict(re.findall(r"<!-- flower: (\S+) -->\n```bash\n(.*?)```", text, flags=re.S))
-    assert {"setup", "simulation", "stop-local", "trial-superlink", "trial-supernodes", "trial-run", "certificates",
-            "superlink", "connection", "trial-data", "keys", "register", "supernode", "run"} <= set(blocks)
+    assert {
+        "setup",
+        "simulation",
+        "stop-local",
+        "trial-superlink",
+        "trial-supernodes",
+        "trial-run",
+        "certificates",
+        "superlink",
+        "connection",
+        "trial-data",
+        "keys",
+        "register",
+        "supernode",
+        "run",
+    } <= set(blocks)
     return blocks
 
 
@@ -55,8 +69,16 @@ BLOCKS = readme_blocks()
 
 def tiny(model_dir: Path, **extra) -> str:
     """The tiny model and budget added to a README command's run config (later keys win)."""
-    settings = {"model.name": f"'{model_dir}'", "model.rank": 4, "model.max_length": 64, "data.max_train_examples": 60,
-                "data.max_eval_examples": 30, "train.batch_size": 8, "threads": 1, **extra}
+    settings = {
+        "model.name": f"'{model_dir}'",
+        "model.rank": 4,
+        "model.max_length": 64,
+        "data.max_train_examples": 60,
+        "data.max_eval_examples": 30,
+        "train.batch_size": 8,
+        "threads": 1,
+        **extra,
+    }
     return " ".join(f"{k}={v}" for k, v in settings.items())
 
 
@@ -67,7 +89,7 @@ def with_settings(command: str, settings: str) -> str:
     new = dict(re.findall(pair, settings))
     *_, last = re.finditer(r'--run-config "([^"]*)"', command)
     old = re.sub(pair, lambda m: f"{m[1]}={new.pop(m[1], m[2])}", last[1])
-    return command[:last.start(1)] + " ".join([old, *(f"{k}={v}" for k, v in new.items())]) + command[last.end(1):]
+    return command[: last.start(1)] + " ".join([old, *(f"{k}={v}" for k, v in new.items())]) + command[last.end(1) :]
 
 
 class Checkout:
@@ -81,9 +103,16 @@ class Checkout:
         (tmp_path / "shared").symlink_to(GLUE.parents[1], target_is_directory=True)
         self.home = tmp_path / "flwr-home"
         self.env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("FLWR_")}
-        self.env.update({"FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0", "PATH": f"{BIN}:{self.env.get('PATH', '')}",
-                         # Flower's own knobs for the local SuperLink's ports: a developer's own one is left alone
-                         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())})
+        self.env.update(
+            {
+                "FLWR_HOME": str(self.home),
+                "FLWR_TELEMETRY_ENABLED": "0",
+                "PATH": f"{BIN}:{self.env.get('PATH', '')}",
+                # Flower's own knobs for the local SuperLink's ports: a developer's own one is left alone
+                "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+                "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+            }
+        )
 
     def script(self, name: str, settings: str = "") -> list[str]:
         block = with_settings(BLOCKS[name], settings) if settings else BLOCKS[name]
@@ -91,8 +120,7 @@ class Checkout:
 
     def run(self, name: str, settings: str = "", timeout: float = 60, **env) -> subprocess.CompletedProcess:
         try:
-            done = subprocess.run(self.script(name, settings), cwd=self.dir, env={**self.env, **env},
-                                  capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(self.script(name, settings), cwd=self.dir, env={**self.env, **env}, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
             pytest.fail(f"README block {name!r} did not finish in {timeout} s:\n{e.stdout}\n{e.stderr}")
         assert done.returncode == 0, f"README block {name!r} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -193,8 +221,11 @@ def test_insecure_trial_as_in_readme_a_killed_supernode_comes_back(tiny_models, 
         procs.start("superlink", co.script("trial-superlink"), cwd=co.dir)
         wait_for_port(9093)
         procs.start("supernodes", co.script("trial-supernodes"), cwd=co.dir)
-        run = procs.start("flwr-run", co.script("trial-run", tiny(tiny_models["bert"], **{
-            "fed.rounds": rounds, "fed.client_timeout": 60, "name": "'readme-trial'"})), cwd=co.dir)
+        run = procs.start(
+            "flwr-run",
+            co.script("trial-run", tiny(tiny_models["bert"], **{"fed.rounds": rounds, "fed.client_timeout": 60, "name": "'readme-trial'"})),
+            cwd=co.dir,
+        )
         out = co.dir / "runs" / "readme-trial"
         wait_for_rows(out / "metrics.jsonl", 2, run, RUN_TIMEOUT)
         # Crash node 1 (SIGKILL: no goodbye to the SuperLink), then restart it with README's line.
@@ -225,11 +256,23 @@ def test_tls_authenticated_nodes_with_their_own_data_as_in_readme_a_killed_super
             procs.start(f"supernode{i}", co.script("supernode"), cwd=co.dir, env={**co.env, **host, "PARTITION": str(i)})
         # An unregistered node (its own new key) is not admitted and cannot join the run.
         subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", str(co.dir / "keys" / "intruder")], check=True)
-        procs.start("intruder", ["bash", "-c", BLOCKS["setup"] + BLOCKS["supernode"].replace("keys/node$PARTITION", "keys/intruder")
-                                 .replace("--port $((9094 + PARTITION))", f"--port {free_port()}")], cwd=co.dir,
-                    env={**co.env, **host, "PARTITION": "1"})
-        run = procs.start("flwr-run", co.script("run", tiny(tiny_models["bert"], **{
-            "fed.rounds": rounds, "fed.client_timeout": 60, "name": "'readme-tls'"})), cwd=co.dir, env={**co.env, **host})
+        procs.start(
+            "intruder",
+            [
+                "bash",
+                "-c",
+                BLOCKS["setup"]
+                + BLOCKS["supernode"].replace("keys/node$PARTITION", "keys/intruder").replace("--port $((9094 + PARTITION))", f"--port {free_port()}"),
+            ],
+            cwd=co.dir,
+            env={**co.env, **host, "PARTITION": "1"},
+        )
+        run = procs.start(
+            "flwr-run",
+            co.script("run", tiny(tiny_models["bert"], **{"fed.rounds": rounds, "fed.client_timeout": 60, "name": "'readme-tls'"})),
+            cwd=co.dir,
+            env={**co.env, **host},
+        )
         out = co.dir / "runs" / "readme-tls"
         wait_for_rows(out / "metrics.jsonl", 2, run, RUN_TIMEOUT)
         procs.kill("supernode1")  # a crash: SIGKILL to the node and its ClientApps

@@ -27,13 +27,9 @@ def test_quiet_peft_silences_that_warning_only():
     assert [str(w.message) for w in seen] == ["something else is deprecated"]
 
 
-@pytest.mark.parametrize(
-    "rounds", [[1, 2], [1, 2, 3], [1, 2, 3, 4], list(range(1, 31))]
-)
+@pytest.mark.parametrize("rounds", [[1, 2], [1, 2, 3], [1, 2, 3, 4], list(range(1, 31))])
 def test_round_ticks_are_integers(rounds):
-    fig, ax = curves_figure(
-        {"accuracy": (rounds, [0.5 + 0.01 * r for r in rounds])}, "accuracy", "t"
-    )
+    fig, ax = curves_figure({"accuracy": (rounds, [0.5 + 0.01 * r for r in rounds])}, "accuracy", "t")
     try:
         lo, hi = ax.get_xlim()
         shown = [t for t in ax.get_xticks() if lo <= t <= hi]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from fedlora.core.factored import Factored
 
 CASES = [(12, 3, 10), (5, 12, 7), (9, 11, 4), (6, 20, 6), (16, 4, 16), (8, 1, 13), (40, 30, 300)]
@@ -13,8 +13,7 @@ CASES = [(12, 3, 10), (5, 12, 7), (9, 11, 4), (6, 20, 6), (16, 4, 16), (8, 1, 13
 
 def fac(m, k, n, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return Factored(torch.randn(m, k, generator=g, dtype=torch.float64).to(dtype),
-                    torch.randn(k, n, generator=g, dtype=torch.float64).to(dtype))
+    return Factored(torch.randn(m, k, generator=g, dtype=torch.float64).to(dtype), torch.randn(k, n, generator=g, dtype=torch.float64).to(dtype))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-11)])

@@ -4,8 +4,9 @@ so a reader (or a resumed run) never sees a half-written file."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, BinaryIO
+from typing import BinaryIO
 
 __all__ = ["atomic_write", "atomic_write_text"]
 

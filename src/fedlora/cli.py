@@ -24,8 +24,10 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = run_experiment(cfg, overwrite=args.overwrite)
     metric = summary["primary_metric"]
-    print(f"{run_name(cfg)}: best {metric} {summary['best'].get(metric, float('nan')):.4f} (round {summary['best_round']}), "
-          f"final {summary['final'].get(metric, float('nan')):.4f}; folder {cfg.output_dir}/{run_name(cfg)}")
+    print(
+        f"{run_name(cfg)}: best {metric} {summary['best'].get(metric, float('nan')):.4f} (round {summary['best_round']}), "
+        f"final {summary['final'].get(metric, float('nan')):.4f}; folder {cfg.output_dir}/{run_name(cfg)}"
+    )
     return 0
 
 
@@ -59,8 +61,9 @@ def _compare(args: argparse.Namespace) -> int:
     cells = [Cell(m, p, s) for p in _split_specs(args.partitions) for m in _split_specs(args.methods) for s in seeds]
     if not cells:
         raise ConfigError("--methods, --partitions and --seeds must each name at least one entry")
-    results = collect(cells, args.config, args.overrides, run=not (args.collect_only or args.partial),
-                      overwrite=args.overwrite, skip_missing=args.partial, jobs=args.jobs)
+    results = collect(
+        cells, args.config, args.overrides, run=not (args.collect_only or args.partial), overwrite=args.overwrite, skip_missing=args.partial, jobs=args.jobs
+    )
     path = write_report(results, Path(args.out), args.title)
     print(path.read_text())
     print(f"written: {path}, {path.with_suffix('.png')}, {path.with_suffix('.json')}")

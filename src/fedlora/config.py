@@ -103,7 +103,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         checks = [
             (self.model.rank >= 1, "model.rank must be ≥ 1"),
             (self.model.alpha > 0, "model.alpha must be > 0"),
@@ -113,7 +113,10 @@ class RunConfig:
             (bool(self.model.target_modules), "model.target_modules must not be empty"),
             (self.data.source in ("auto", "local", "hub"), f"data.source must be 'auto', 'local' or 'hub', got {self.data.source!r}"),
             (self.partition.num_clients >= 1, "partition.num_clients must be ≥ 1"),
-            (self.partition.scheme in ("iid", "dirichlet", "dirichlet_class", "pathological", "quantity"), f"partition.scheme must be iid, dirichlet, dirichlet_class, pathological or quantity, got {self.partition.scheme!r}"),
+            (
+                self.partition.scheme in ("iid", "dirichlet", "dirichlet_class", "pathological", "quantity"),
+                f"partition.scheme must be iid, dirichlet, dirichlet_class, pathological or quantity, got {self.partition.scheme!r}",
+            ),
             (self.partition.alpha > 0, f"partition.alpha must be > 0, got {self.partition.alpha}"),
             (self.partition.labels_per_client >= 1, "partition.labels_per_client must be ≥ 1"),
             (self.train.lr > 0, "train.lr must be > 0"),

@@ -53,7 +53,7 @@ def _reset_peak() -> bool:
 class PeakRSS:
     """``with PeakRSS() as p: ...`` then ``p.mib`` = peak extra resident memory in MiB."""
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         gc.collect()
         if _malloc_trim is not None:
             _malloc_trim(0)

@@ -97,8 +97,7 @@ def warm_up(cfg: dict) -> None:
     """The same row on two tiny modules, untimed: the first QR/SVD/float64 GEMM of a process
     pays one-off library initialisation that is no part of an aggregation."""
     small = {"warm.a": (48, 48), "warm.b": (48, 96)}
-    tiny = {**cfg, "shapes": small, "dense_modules": list(small), "repeats": 1, "fold": False, "profile": False,
-            "warm_libraries": False}
+    tiny = {**cfg, "shapes": small, "dense_modules": list(small), "repeats": 1, "fold": False, "profile": False, "warm_libraries": False}
     tiny["ranks"] = [min(x, 8) for x in cfg["ranks"]]
     tiny["rank"] = min(cfg["rank"], 8)
     run_row(tiny)
@@ -182,12 +181,23 @@ def run_row(cfg: dict) -> dict:
         del out, Ls, Rs, prev
 
     row = {
-        "label": cfg["label"], "method": cfg["method"], "options": cfg["options"], "ranks": ranks,
-        "exact": agg.exact, "check": cfg["check"], "dense_kind": cfg["dense"],
-        "agg_s": min(times), "agg_runs_s": times, "agg_cpu_s": cpu[times.index(min(times))],
-        "agg_peak_mib": agg_mib, "peak_exact": mem_exact,
-        "dense_module_s": dense_s, "dense_peak_mib": dense_mib, "max_rel_error": max(errors, default=float("nan")),
-        "download": down, "dense_download": dense_down,
+        "label": cfg["label"],
+        "method": cfg["method"],
+        "options": cfg["options"],
+        "ranks": ranks,
+        "exact": agg.exact,
+        "check": cfg["check"],
+        "dense_kind": cfg["dense"],
+        "agg_s": min(times),
+        "agg_runs_s": times,
+        "agg_cpu_s": cpu[times.index(min(times))],
+        "agg_peak_mib": agg_mib,
+        "peak_exact": mem_exact,
+        "dense_module_s": dense_s,
+        "dense_peak_mib": dense_mib,
+        "max_rel_error": max(errors, default=float("nan")),
+        "download": down,
+        "dense_download": dense_down,
         "weights": [round(float(x), 6) for x in w],
     }
     if "inexactness" in info:
@@ -234,7 +244,7 @@ def _label(file: str, line: int, name: str) -> str:
         return f"{file.rsplit('/', 1)[-1]}:{line}({name})"
     name = name.strip("<>")
     if name.startswith("built-in method "):
-        return name[len("built-in method "):].replace("torch._C._linalg.linalg_", "torch.linalg.")
+        return name[len("built-in method ") :].replace("torch._C._linalg.linalg_", "torch.linalg.")
     if name.startswith("method '"):
         return "Tensor." + name.split("'")[1]
     return name

@@ -28,15 +28,25 @@ import torch
 from ..core import available_methods
 
 PRESETS = {
-    "roberta-base": {"layers": 12, "modules": {"query": (768, 768), "value": (768, 768)},
-                     "clients": 3, "rank": 4, "repeats": 3, "dense_modules": None},  # None: all modules
-    "llama-7b": {"layers": 32, "modules": {**{t: (4096, 4096) for t in ("q", "k", "v", "o")},
-                                           "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)},
-                 "clients": 10, "rank": 16, "repeats": 1, "dense_modules": 2},
+    "roberta-base": {
+        "layers": 12,
+        "modules": {"query": (768, 768), "value": (768, 768)},
+        "clients": 3,
+        "rank": 4,
+        "repeats": 3,
+        "dense_modules": None,
+    },  # None: all modules
+    "llama-7b": {
+        "layers": 32,
+        "modules": {**{t: (4096, 4096) for t in ("q", "k", "v", "o")}, "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)},
+        "clients": 10,
+        "rank": 16,
+        "repeats": 1,
+        "dense_modules": 2,
+    },
 }
 SVD_KINDS = ("svd", "svd_residual", "fedhl")
-DENSE_LABELS = {"sum": "Σ", "residual": "Σ + residual", "svd": "Σ + SVD", "svd_residual": "Σ + SVD + residual",
-                "fedhl": "W_t update + SVD"}
+DENSE_LABELS = {"sum": "Σ", "residual": "Σ + residual", "svd": "Σ + SVD", "svd_residual": "Σ + SVD + residual", "fedhl": "W_t update + SVD"}
 
 
 @dataclass(frozen=True)
@@ -76,11 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", help="comma-separated methods (default: all registered)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, help="best of N timings (default: 3 roberta, 1 llama)")
-    parser.add_argument("--dense-modules", type=int,
-                        help="modules timed densely, spread over the shape classes (default: all for roberta, 2 for llama)")
+    parser.add_argument("--dense-modules", type=int, help="modules timed densely, spread over the shape classes (default: all for roberta, 2 for llama)")
     parser.add_argument("--threads", type=int, help="torch CPU threads, in every row's process (default: torch's, one per core)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also time one module of each shape alone and list the functions with the most own time")
+    parser.add_argument("--profile", action="store_true", help="also time one module of each shape alone and list the functions with the most own time")
     parser.add_argument("--out", help="also write the results as JSON to this file")
 
 
@@ -131,14 +139,36 @@ def run_preset(name: str, args: argparse.Namespace, methods: list[str], threads:
     dense_names = pick_dense_modules(shapes, dense_count)
     rows = [r for r in ROWS if r.method in methods]
     rows += [Row(m, m, "sum", "auto") for m in methods if m not in {r.method for r in ROWS}]  # newly registered
-    config = {"preset": name, "layers": layers, "modules": len(shapes), "clients": clients, "rank": rank,
-              "repeats": repeats, "dense_modules": dense_names, "seed": args.seed, "shapes": dict(preset["modules"])}
+    config = {
+        "preset": name,
+        "layers": layers,
+        "modules": len(shapes),
+        "clients": clients,
+        "rank": rank,
+        "repeats": repeats,
+        "dense_modules": dense_names,
+        "seed": args.seed,
+        "shapes": dict(preset["modules"]),
+    }
     results = []
     for row in rows:
-        cfg = {"label": row.label, "method": row.method, "options": row.options, "dense": row.dense, "check": row.check,
-               "warmup": row.warmup, "fold": row.fold, "ranks": client_ranks(rank, clients, row.mixed), "rank": rank,
-               "shapes": shapes, "dense_modules": dense_names, "repeats": repeats, "seed": args.seed, "threads": threads,
-               "profile": args.profile}
+        cfg = {
+            "label": row.label,
+            "method": row.method,
+            "options": row.options,
+            "dense": row.dense,
+            "check": row.check,
+            "warmup": row.warmup,
+            "fold": row.fold,
+            "ranks": client_ranks(rank, clients, row.mixed),
+            "rank": rank,
+            "shapes": shapes,
+            "dense_modules": dense_names,
+            "repeats": repeats,
+            "seed": args.seed,
+            "threads": threads,
+            "profile": args.profile,
+        }
         print(f"[{name}] {row.label} …", file=sys.stderr, flush=True)
         # A fresh process per row: its peak RSS is this row's alone.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -148,8 +178,9 @@ def run_preset(name: str, args: argparse.Namespace, methods: list[str], threads:
         res["dense_s"] = extrapolate(res["dense_module_s"], shapes)
         res["dense_extrapolated"] = len(dense_names) < len(shapes)
         res["speedup"] = res["dense_s"] / res["agg_s"]
-        print(f"[{name}] {row.label}: aggregate {res['agg_s']:.3f} s, dense {res['dense_s']:.2f} s, "
-              f"error {res['max_rel_error']:.2e}", file=sys.stderr, flush=True)
+        print(
+            f"[{name}] {row.label}: aggregate {res['agg_s']:.3f} s, dense {res['dense_s']:.2f} s, error {res['max_rel_error']:.2e}", file=sys.stderr, flush=True
+        )
         results.append(res)
     out = {"config": config, "rows": results}
     out["targets"] = check_targets(out)
@@ -161,17 +192,26 @@ def check_targets(result: dict) -> list[dict]:
     if cfg["preset"] == "llama-7b":
         for r in rows:
             if r["dense_kind"] in SVD_KINDS:
-                targets.append({"target": f"{r['label']}: ≥100× faster than the dense SVD reference at 4096 width",
-                                "value": f"{r['speedup']:.0f}×", "pass": r["speedup"] >= 100})
+                targets.append(
+                    {
+                        "target": f"{r['label']}: ≥100× faster than the dense SVD reference at 4096 width",
+                        "value": f"{r['speedup']:.0f}×",
+                        "pass": r["speedup"] >= 100,
+                    }
+                )
         for r in rows:
-            targets.append({"target": f"{r['label']}: whole-model aggregation ({cfg['modules']} modules) ≤ 10 s",
-                            "value": f"{r['agg_s']:.2f} s", "pass": r["agg_s"] <= 10.0})
+            targets.append(
+                {
+                    "target": f"{r['label']}: whole-model aggregation ({cfg['modules']} modules) ≤ 10 s",
+                    "value": f"{r['agg_s']:.2f} s",
+                    "pass": r["agg_s"] <= 10.0,
+                }
+            )
     if cfg["preset"] == "roberta-base":
         for r in rows:
             if r["method"] in ("fedex", "hexa"):
                 ratio = r["dense_download"] / r["download"]
-                targets.append({"target": f"{r['label']}: download ≥10× smaller than with a dense residual",
-                                "value": f"{ratio:.1f}×", "pass": ratio >= 10})
+                targets.append({"target": f"{r['label']}: download ≥10× smaller than with a dense residual", "value": f"{ratio:.1f}×", "pass": ratio >= 10})
     return targets
 
 
@@ -182,8 +222,9 @@ def _ranks(ranks: list[int]) -> str:
 
 def _error(r: dict) -> str:
     e = f"{r['max_rel_error']:.1e}"
-    return {"exact": e, "inexact": f"{e} (inexactness vs exact Σ)", "fedhl": f"{e} (vs FedHL dense formula)",
-            "truncation": f"{e} (vs dense SVD truncation)"}[r["check"]]
+    return {"exact": e, "inexact": f"{e} (inexactness vs exact Σ)", "fedhl": f"{e} (vs FedHL dense formula)", "truncation": f"{e} (vs dense SVD truncation)"}[
+        r["check"]
+    ]
 
 
 def format_table(result: dict) -> str:
@@ -203,39 +244,57 @@ def format_table(result: dict) -> str:
         lines.append(
             f"| {r['label']} | {_ranks(r['ranks'])} | {DENSE_LABELS[r['dense_kind']]} | {r['agg_s']:.3f} | {r['agg_cpu_s']:.3f} | {dense} "
             f"| {r['speedup']:.0f}× | {_error(r)} | {peak} | {r['dense_peak_mib']:.0f} "
-            f"| {r['download'] / 1e6:.3f} M | {r['dense_download'] / 1e6:.3f} M | {r['dense_download'] / r['download']:.1f}× |")
+            f"| {r['download'] / 1e6:.3f} M | {r['dense_download'] / 1e6:.3f} M | {r['dense_download'] / r['download']:.1f}× |"
+        )
     lines.append("")
     if ext:
-        lines.append(f"\\* extrapolated: the dense reference was timed on {len(cfg['dense_modules'])} modules "
-                     f"({', '.join(cfg['dense_modules'])}) and scaled per shape class to all {cfg['modules']} modules.")
+        lines.append(
+            f"\\* extrapolated: the dense reference was timed on {len(cfg['dense_modules'])} modules "
+            f"({', '.join(cfg['dense_modules'])}) and scaled per shape class to all {cfg['modules']} modules."
+        )
     else:
         lines.append(f"Dense reference timed on all {cfg['modules']} modules (not extrapolated).")
-    lines.append("aggregate: wall time, best of the repeats (perf_counter); agg. CPU: process CPU time of that run, all threads. "
-                 "Peak RSS: resident-memory high-water mark during aggregate() minus RSS before it, in a fresh process per row.")
-    lines.append("download/client: numbers one client downloads for the next round (its ClientStart adapters and client-only "
-                 "base delta, plus the shared state.base_delta), largest over the clients; with dense residual: the same adapters "
-                 "plus one dense m×n delta per module.")
-    lines.append(f"Errors: relative Frobenius error in float64 on {', '.join(cfg['dense_modules'][:4])}"
-                 f"{' …' if len(cfg['dense_modules']) > 4 else ''}, max over those modules.")
+    lines.append(
+        "aggregate: wall time, best of the repeats (perf_counter); agg. CPU: process CPU time of that run, all threads. "
+        "Peak RSS: resident-memory high-water mark during aggregate() minus RSS before it, in a fresh process per row."
+    )
+    lines.append(
+        "download/client: numbers one client downloads for the next round (its ClientStart adapters and client-only "
+        "base delta, plus the shared state.base_delta), largest over the clients; with dense residual: the same adapters "
+        "plus one dense m×n delta per module."
+    )
+    lines.append(
+        f"Errors: relative Frobenius error in float64 on {', '.join(cfg['dense_modules'][:4])}"
+        f"{' …' if len(cfg['dense_modules']) > 4 else ''}, max over those modules."
+    )
     for r in result["rows"]:
         if "fold_s" in r:
-            lines.append(f"Folding {r['label']}'s base_delta into dense fp32 base weights, all {cfg['modules']} modules "
-                         f"(one weight per shape, reused): {r['fold_s']:.3f} s.")
+            lines.append(
+                f"Folding {r['label']}'s base_delta into dense fp32 base weights, all {cfg['modules']} modules "
+                f"(one weight per shape, reused): {r['fold_s']:.3f} s."
+            )
     lines.append("")
     lines += [f"- {'PASS' if t['pass'] else 'FAIL'}: {t['target']} ({t['value']})" for t in result["targets"]]
     profiled = [r for r in result["rows"] if "profile" in r]
     if profiled:
-        lines += ["", "Where the time goes (--profile): one module of each shape aggregated alone (best of 3), "
-                  "scaled by the module counts; and the functions with the most own time in one whole-model run (cProfile).", "",
-                  "| method | per module (ms) | × module counts (s) | whole model (s) | most own time (s) |", "|---|---|--:|--:|---|"]
+        lines += [
+            "",
+            "Where the time goes (--profile): one module of each shape aggregated alone (best of 3), "
+            "scaled by the module counts; and the functions with the most own time in one whole-model run (cProfile).",
+            "",
+            "| method | per module (ms) | × module counts (s) | whole model (s) | most own time (s) |",
+            "|---|---|--:|--:|---|",
+        ]
         counts: dict = {}
         for m, n in cfg["shapes"].values():
             counts[f"{m}×{n}"] = counts.get(f"{m}×{n}", 0) + cfg["layers"]
         for r in profiled:
             per = r["profile"]["per_module_s"]
             tops = ", ".join(f"{name} {sec:.2f}" for name, sec in r["profile"]["top_functions"])
-            lines.append(f"| {r['label']} | {', '.join(f'{k}: {v * 1e3:.0f}' for k, v in per.items())} "
-                         f"| {sum(v * counts[k] for k, v in per.items()):.2f} | {r['agg_s']:.2f} | {tops} |")
+            lines.append(
+                f"| {r['label']} | {', '.join(f'{k}: {v * 1e3:.0f}' for k, v in per.items())} "
+                f"| {sum(v * counts[k] for k, v in per.items()):.2f} | {r['agg_s']:.2f} | {tops} |"
+            )
     return "\n".join(lines)
 
 
@@ -254,20 +313,33 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     threads = torch.get_num_threads()
     argv = ["fedlora", *sys.argv[1:]] if os.path.basename(sys.argv[0]) == "fedlora" else sys.argv
-    header = {"torch": torch.__version__, "threads": threads, "cpus": os.cpu_count(), "python": platform.python_version(),
-              "machine": platform.machine(), "command": shlex.join(argv), "load_before": os.getloadavg()[0],
-              "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}
-    print(f"## Aggregation benchmark\n\ntorch {header['torch']}, {threads} thread{'s' * (threads != 1)}, {header['cpus']} CPUs, "
-          f"Python {header['python']} ({header['machine']}), OMP_WAIT_POLICY={header['omp_wait_policy']}, "
-          f"1-min load average at start {header['load_before']:.2f}  \n"
-          f"command: `{header['command']}`\n", flush=True)
+    header = {
+        "torch": torch.__version__,
+        "threads": threads,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "command": shlex.join(argv),
+        "load_before": os.getloadavg()[0],
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+    }
+    print(
+        f"## Aggregation benchmark\n\ntorch {header['torch']}, {threads} thread{'s' * (threads != 1)}, {header['cpus']} CPUs, "
+        f"Python {header['python']} ({header['machine']}), OMP_WAIT_POLICY={header['omp_wait_policy']}, "
+        f"1-min load average at start {header['load_before']:.2f}  \n"
+        f"command: `{header['command']}`\n",
+        flush=True,
+    )
     results = {}
     for name in presets:
         results[name] = run_preset(name, args, methods, threads)
         print(format_table(results[name]) + "\n", flush=True)
     header["load_after"] = os.getloadavg()[0]
-    print(f"1-min load average at the end: {header['load_after']:.2f} (other processes share the CPUs when it exceeds "
-          f"{header['cpus']}; timings are then pessimistic)", flush=True)
+    print(
+        f"1-min load average at the end: {header['load_after']:.2f} (other processes share the CPUs when it exceeds "
+        f"{header['cpus']}; timings are then pessimistic)",
+        flush=True,
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"header": header, "presets": results}, f, indent=1)

@@ -39,19 +39,27 @@ def measure(config: str | None, overrides: list[str]) -> dict:
         fed = run_experiment(load_config(config, common + ["fed.mode=federated"]), export=False, plots=False)
     fed_s = fed["train_s"] + fed["aggregate_s"] + fed["fold_s"]
     cen_s = cen["train_s"] + cen["aggregate_s"] + cen["fold_s"]
-    return {"federated_s": fed_s, "centralized_s": cen_s, "overhead": fed_s / cen_s,
-            "overhead_per_token": (fed_s / fed["train_tokens"]) / (cen_s / cen["train_tokens"]),
-            "federated_parts": {k: fed[k] for k in ("train_s", "aggregate_s", "fold_s", "train_steps", "train_tokens")},
-            "centralized_parts": {k: cen[k] for k in ("train_s", "aggregate_s", "fold_s", "train_steps", "train_tokens")}}
+    return {
+        "federated_s": fed_s,
+        "centralized_s": cen_s,
+        "overhead": fed_s / cen_s,
+        "overhead_per_token": (fed_s / fed["train_tokens"]) / (cen_s / cen["train_tokens"]),
+        "federated_parts": {k: fed[k] for k in ("train_s", "aggregate_s", "fold_s", "train_steps", "train_tokens")},
+        "centralized_parts": {k: cen[k] for k in ("train_s", "aggregate_s", "fold_s", "train_steps", "train_tokens")},
+    }
 
 
 def main(args: argparse.Namespace) -> int:
     r = measure(args.config, args.overrides)
-    print(f"federated  (train {r['federated_parts']['train_s']:.1f} s + aggregate {r['federated_parts']['aggregate_s']:.3f} s + fold {r['federated_parts']['fold_s']:.3f} s) = {r['federated_s']:.1f} s")
+    print(
+        f"federated  (train {r['federated_parts']['train_s']:.1f} s + aggregate {r['federated_parts']['aggregate_s']:.3f} s + fold {r['federated_parts']['fold_s']:.3f} s) = {r['federated_s']:.1f} s"
+    )
     print(f"centralized (train {r['centralized_parts']['train_s']:.1f} s) = {r['centralized_s']:.1f} s")
     f, c = r["federated_parts"], r["centralized_parts"]
-    print(f"work: federated {f['train_steps']} steps, {f['train_tokens']} padded tokens; "
-          f"centralized {c['train_steps']} steps, {c['train_tokens']} padded tokens ({f['train_tokens'] / c['train_tokens']:.3f}×)")
+    print(
+        f"work: federated {f['train_steps']} steps, {f['train_tokens']} padded tokens; "
+        f"centralized {c['train_steps']} steps, {c['train_tokens']} padded tokens ({f['train_tokens'] / c['train_tokens']:.3f}×)"
+    )
     print(f"overhead = {r['overhead']:.3f}  (target ≤ 1.05)")
     print(f"overhead per padded token = {r['overhead_per_token']:.3f}  (what the engine adds beyond the clients' extra padding)")
     return 0

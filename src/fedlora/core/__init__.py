@@ -5,15 +5,29 @@ and Flower) call into this package and nothing else for aggregation.
 """
 
 from .adapter import Adapter, LoraSpec, init_adapter
-from .aggregator import Aggregator, available_methods, get_aggregator, register
+from .aggregator import Aggregator
 from .errors import AggregationError, UpdateError
 from .factored import SVD, Factored, pairwise_inner
 from .fold import fold_delta
+from .methods import available_methods, get_aggregator
+from .registry import register
 from .state import ClientStart, ClientUpdate, ServerState
-from . import methods  # noqa: F401  (registers every method)
 
 __all__ = [
-    "Adapter", "LoraSpec", "init_adapter", "Aggregator", "available_methods", "get_aggregator", "register",
-    "AggregationError", "UpdateError", "SVD", "Factored", "pairwise_inner", "fold_delta",
-    "ClientStart", "ClientUpdate", "ServerState",
+    "Adapter",
+    "LoraSpec",
+    "init_adapter",
+    "Aggregator",
+    "available_methods",
+    "get_aggregator",
+    "register",
+    "AggregationError",
+    "UpdateError",
+    "SVD",
+    "Factored",
+    "pairwise_inner",
+    "fold_delta",
+    "ClientStart",
+    "ClientUpdate",
+    "ServerState",
 ]

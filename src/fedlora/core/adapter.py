@@ -57,11 +57,11 @@ class Adapter:
     def numel(self) -> int:
         return self.B.numel() + self.A.numel()
 
-    def rescaled(self, scale: float) -> "Adapter":
+    def rescaled(self, scale: float) -> Adapter:
         """The same effective update s·B·A expressed with another scaling s'."""
         return Adapter(self.B * (self.scale / scale), self.A, scale)
 
-    def head(self, rank: int, scale: float) -> "Adapter":
+    def head(self, rank: int, scale: float) -> Adapter:
         """The first ``rank`` components, re-expressed at scaling ``scale``."""
         return Adapter(self.B[:, :rank] * (self.scale / scale), self.A[:rank], scale)
 
@@ -69,7 +69,7 @@ class Adapter:
         """s·B[:, rank:]·A[rank:], the part :meth:`head` leaves out."""
         return Factored(self.scale * self.B[:, rank:], self.A[rank:])
 
-    def clone(self) -> "Adapter":
+    def clone(self) -> Adapter:
         return Adapter(self.B.clone(), self.A.clone(), self.scale)
 
 

@@ -23,7 +23,7 @@ from .state import ClientStart, ClientUpdate, ServerState
 from .validate import validate_updates
 from .weights import WEIGHTINGS, base_weights
 
-__all__ = ["Aggregator", "RoundOutput", "register", "get_aggregator", "available_methods"]
+__all__ = ["Aggregator", "RoundOutput"]
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Aggregator(ABC):
         self,
         shapes: Mapping[str, tuple[int, int]],
         rank: int,
-        lora: LoraSpec = LoraSpec(),
+        lora: LoraSpec = LoraSpec(),  # noqa: B008  (frozen dataclass: an immutable default)
         dense: Mapping[str, Tensor] | None = None,
         seed: int = 0,
     ) -> ServerState:
@@ -70,10 +70,7 @@ class Aggregator(ABC):
             if rank > min(m, n):
                 raise AggregationError(f"module {name!r}: rank {rank} exceeds min(out, in) = {min(m, n)}")
         scale = lora.scale(rank)
-        adapters = {
-            name: init_adapter(shape, rank, scale, module_generator(seed, 0, name))
-            for name, shape in shapes.items()
-        }
+        adapters = {name: init_adapter(shape, rank, scale, module_generator(seed, 0, name)) for name, shape in shapes.items()}
         state = ServerState(round=0, rank=rank, lora=lora, adapters=adapters, dense=clone_dense(dense or {}), seed=seed)
         return state.evolve(extra=self._init_extra(state))
 
@@ -141,29 +138,3 @@ class Aggregator(ABC):
     @abstractmethod
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
         """The method itself: updates are valid, p (float64) sums to one."""
-
-
-_REGISTRY: dict[str, type[Aggregator]] = {}
-
-
-def register(cls: type[Aggregator]) -> type[Aggregator]:
-    """Class decorator: make a method available by its ``name``."""
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available_methods() -> list[str]:
-    from . import methods  # noqa: F401  (importing registers every method)
-
-    return sorted(_REGISTRY)
-
-
-def get_aggregator(name: str, **options: Any) -> Aggregator:
-    """An aggregator by registry name, e.g. ``get_aggregator("hexa", drift_beta=1.0)``."""
-    known = available_methods()
-    if name not in _REGISTRY:
-        raise AggregationError(f"unknown aggregation method {name!r}; known methods: {', '.join(known)}")
-    try:
-        return _REGISTRY[name](**options)
-    except (TypeError, ValueError) as e:  # unknown keyword, or a value the method's constructor refuses
-        raise AggregationError(f"bad options for method {name!r}: {e}") from None

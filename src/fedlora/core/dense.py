@@ -23,7 +23,9 @@ def weighted_average(updates: Sequence[ClientUpdate], p: Tensor) -> dict[str, Te
         return {}
     out = {}
     for name, ref in updates[0].dense.items():
-        acc = sum(float(w) * u.dense[name].double() for w, u in zip(p, updates))
+        acc = torch.zeros_like(ref, dtype=torch.float64)
+        for w, u in zip(p, updates, strict=True):
+            acc += float(w) * u.dense[name].double()
         out[name] = acc.to(ref.dtype)
     return out
 
@@ -41,7 +43,9 @@ def class_aware_average(
     parameter gets the plain average.
     """
     out = weighted_average(updates, p)
-    counts = torch.stack([u.label_counts.double() for u in updates])  # (K, C)
+    if any(u.label_counts is None for u in updates):
+        raise ValueError("class-aware averaging needs every client's label counts")
+    counts = torch.stack([u.label_counts.double() for u in updates if u.label_counts is not None])  # (K, C)
     totals = counts.sum(0)  # (C,)
     per_class = torch.where(totals > 0, counts / totals.clamp_min(1e-300), p[:, None].double())  # (K, C)
     for key in output_keys:

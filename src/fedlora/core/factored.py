@@ -36,15 +36,15 @@ class SVD:
     def rank(self) -> int:
         return int(self.S.numel())
 
-    def truncate(self, rank: int) -> "SVD":
+    def truncate(self, rank: int) -> SVD:
         """The best rank-``rank`` approximation (Eckart–Young)."""
         return SVD(self.U[:, :rank], self.S[:rank], self.Vh[:rank])
 
-    def tail(self, rank: int) -> "SVD":
+    def tail(self, rank: int) -> SVD:
         """Everything the rank-``rank`` truncation drops: M − M_rank."""
         return SVD(self.U[:, rank:], self.S[rank:], self.Vh[rank:])
 
-    def factored(self) -> "Factored":
+    def factored(self) -> Factored:
         """M as factors (U·Σ)·Vh."""
         return Factored(self.U * self.S, self.Vh)
 
@@ -83,12 +83,12 @@ class Factored:
         return self.L.numel() + self.R.numel()
 
     @staticmethod
-    def zeros(m: int, n: int, dtype: torch.dtype = torch.float32) -> "Factored":
+    def zeros(m: int, n: int, dtype: torch.dtype = torch.float32) -> Factored:
         return Factored(torch.zeros(m, 0, dtype=dtype), torch.zeros(0, n, dtype=dtype))
 
     # ---------------------------------------------------------------- algebra
     @staticmethod
-    def stack(terms: Sequence["Factored"], coefs: Sequence[float] | None = None) -> "Factored":
+    def stack(terms: Sequence[Factored], coefs: Sequence[float] | None = None) -> Factored:
         """Σ_j c_j·M_j exactly, as one factored matrix of inner dimension Σ_j k_j."""
         if not terms:
             raise ValueError("stack needs at least one term")
@@ -101,25 +101,25 @@ class Factored:
         R = torch.cat([t.R for t in terms], dim=0)
         return Factored(L, R)
 
-    def __add__(self, other: "Factored") -> "Factored":
+    def __add__(self, other: Factored) -> Factored:
         return Factored.stack([self, other])
 
-    def __sub__(self, other: "Factored") -> "Factored":
+    def __sub__(self, other: Factored) -> Factored:
         return Factored.stack([self, other], [1.0, -1.0])
 
-    def __neg__(self) -> "Factored":
+    def __neg__(self) -> Factored:
         return Factored(-self.L, self.R)
 
-    def __mul__(self, c: float) -> "Factored":
+    def __mul__(self, c: float) -> Factored:
         return Factored(c * self.L, self.R)
 
     __rmul__ = __mul__
 
-    def t(self) -> "Factored":
+    def t(self) -> Factored:
         """Mᵀ = Rᵀ·Lᵀ."""
         return Factored(self.R.T, self.L.T)
 
-    def to(self, dtype: torch.dtype) -> "Factored":
+    def to(self, dtype: torch.dtype) -> Factored:
         return Factored(self.L.to(dtype), self.R.to(dtype))
 
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
@@ -128,7 +128,7 @@ class Factored:
         return L @ R
 
     # ----------------------------------------------------------------- norms
-    def inner(self, other: "Factored") -> float:
+    def inner(self, other: Factored) -> float:
         """⟨M₁, M₂⟩_F = trace(M₁ᵀM₂) = Σ (L₁ᵀL₂) ∘ (R₁R₂ᵀ), accumulated in float64."""
         if self.shape != other.shape:
             raise ValueError(f"inner product of shapes {self.shape} and {other.shape}")
@@ -185,7 +185,7 @@ class Factored:
         Vh = torch.ormqr(hR, tauR, _pad_rows(Vch[:keep].T.to(dtype), n)).T.contiguous()
         return SVD(U, S[:keep], Vh), float(S[keep:].double().square().sum())
 
-    def compress(self, rtol: float = 1e-7) -> "Factored":
+    def compress(self, rtol: float = 1e-7) -> Factored:
         """The same matrix with the smallest inner dimension its numerical rank allows."""
         if self.inner_dim <= 1:
             return self
@@ -219,5 +219,3 @@ def pairwise_inner(terms: Sequence[Factored]) -> Tensor:
     P = torch.zeros(len(terms), prod.shape[0], dtype=torch.float64)
     P[seg, torch.arange(prod.shape[0])] = 1.0
     return P @ prod @ P.T
-
-

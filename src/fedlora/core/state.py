@@ -56,11 +56,7 @@ class ClientStart:
     train_A: bool = True
 
     def numel(self) -> int:
-        return (
-            sum(a.numel() for a in self.adapters.values())
-            + sum(f.numel() for f in self.base_delta.values())
-            + sum(t.numel() for t in self.dense.values())
-        )
+        return sum(a.numel() for a in self.adapters.values()) + sum(f.numel() for f in self.base_delta.values()) + sum(t.numel() for t in self.dense.values())
 
 
 @dataclass(frozen=True)
@@ -81,7 +77,7 @@ class ServerState:
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {name: a.shape for name, a in self.adapters.items()}
 
-    def evolve(self, **changes: Any) -> "ServerState":
+    def evolve(self, **changes: Any) -> ServerState:
         return replace(self, **changes)
 
     def broadcast_numel(self) -> int:

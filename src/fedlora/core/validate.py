@@ -77,14 +77,20 @@ def validate_updates(
             if r < 1:
                 raise UpdateError(cid, name, "rank 0 adapter")
             if same_rank and r != state.adapters[name].rank:
-                raise UpdateError(cid, name, f"rank {r} differs from the global rank {state.adapters[name].rank}; this method needs equal ranks (use hexa, fedhl, flexlora, hetlora or flora for mixed ranks)")
+                raise UpdateError(
+                    cid,
+                    name,
+                    f"rank {r} differs from the global rank {state.adapters[name].rank}; this method needs equal ranks (use hexa, fedhl, flexlora, hetlora or flora for mixed ranks)",
+                )
             if max_rank is not None and r > max_rank:
                 raise UpdateError(cid, name, f"rank {r} exceeds the global rank {max_rank}")
             if not isinstance(a.scale, (int, float)) or not math.isfinite(a.scale) or a.scale <= 0:
                 raise UpdateError(cid, name, f"scaling must be a positive finite number, got {a.scale!r}")
             want = state.lora.scale(r)
             if abs(a.scale - want) > 1e-6 * want:
-                raise UpdateError(cid, name, f"scaling {a.scale:g} does not match the run's LoRA spec ({'α/√r' if state.lora.rslora else 'α/r'} = {want:g} at rank {r})")
+                raise UpdateError(
+                    cid, name, f"scaling {a.scale:g} does not match the run's LoRA spec ({'α/√r' if state.lora.rslora else 'α/r'} = {want:g} at rank {r})"
+                )
         if set(u.dense) != set(state.dense):
             diff = sorted(set(u.dense) ^ set(state.dense))
             raise UpdateError(cid, diff[0], "dense parameter set differs from the global model's")

@@ -22,9 +22,9 @@ from .text import TextDataset
 __all__ = ["load_text_file"]
 
 
-def load_text_file(path: str | os.PathLike, text_columns: str | Sequence[str], label_column: str,
-                   *, label_names: Sequence[str] | None = None,
-                   regression: bool = False) -> TextDataset:
+def load_text_file(
+    path: str | os.PathLike, text_columns: str | Sequence[str], label_column: str, *, label_names: Sequence[str] | None = None, regression: bool = False
+) -> TextDataset:
     """Read ``path`` (``.csv`` or ``.jsonl``/``.json``/``.ndjson``) into a `TextDataset`."""
     path = Path(path)
     cols = [text_columns] if isinstance(text_columns, str) else list(text_columns)
@@ -48,8 +48,7 @@ def load_text_file(path: str | os.PathLike, text_columns: str | Sequence[str], l
     for lineno, row in rows:
         missing = [c for c in (*cols, label_column) if c not in row]
         if missing:
-            raise DataError(f"{path}:{lineno}: missing column(s) {missing}; "
-                            f"columns found: {list(row)}")
+            raise DataError(f"{path}:{lineno}: missing column(s) {missing}; columns found: {list(row)}")
         for bucket, c in zip(texts, cols):
             value = row[c]
             if value is None or not str(value).strip():
@@ -61,8 +60,7 @@ def load_text_file(path: str | os.PathLike, text_columns: str | Sequence[str], l
             raise DataError(f"{path}:{lineno}: {e}") from None
     if not labels:
         raise DataError(f"{path}: empty file (no examples)")
-    return TextDataset(texts[0], texts[1] if len(cols) == 2 else None,
-                       np.asarray(labels, dtype=np.float32 if regression else np.int64), names)
+    return TextDataset(texts[0], texts[1] if len(cols) == 2 else None, np.asarray(labels, dtype=np.float32 if regression else np.int64), names)
 
 
 def _csv_rows(path: Path):
@@ -73,11 +71,9 @@ def _csv_rows(path: Path):
         rows = []
         for row in reader:
             if None in row:  # more fields than header names
-                raise DataError(f"{path}:{reader.line_num}: more fields than the header's "
-                                f"{len(reader.fieldnames)} columns {reader.fieldnames}")
+                raise DataError(f"{path}:{reader.line_num}: more fields than the header's {len(reader.fieldnames)} columns {reader.fieldnames}")
             if any(v is None for v in row.values()):  # fewer fields than header names
-                raise DataError(f"{path}:{reader.line_num}: fewer fields than the header's "
-                                f"{len(reader.fieldnames)} columns {reader.fieldnames}")
+                raise DataError(f"{path}:{reader.line_num}: fewer fields than the header's {len(reader.fieldnames)} columns {reader.fieldnames}")
             rows.append((reader.line_num, row))
     return rows
 
@@ -121,7 +117,6 @@ def _label(raw, names: list[str] | None, regression: bool) -> int | float:
         except (TypeError, ValueError):
             value = None
     if value is None or value < 0 or (names is not None and value >= len(names)):
-        known = f"one of {names} or an id 0..{len(names) - 1}" if names is not None \
-            else "a non-negative integer class id (pass label_names for string labels)"
+        known = f"one of {names} or an id 0..{len(names) - 1}" if names is not None else "a non-negative integer class id (pass label_names for string labels)"
         raise ValueError(f"unknown label {raw!r}; expected {known}")
     return value

@@ -44,9 +44,9 @@ __all__ = ["load_glue", "glue_path"]
 class _Layout:
     """Where texts and label sit in one task's TSV, and how the label is written."""
 
-    text: tuple[str | int, ...]   # header names, or column indices when there is no header
+    text: tuple[str | int, ...]  # header names, or column indices when there is no header
     label: str | int
-    label_kind: str               # "int" (class id), "name" (class name) or "float" (score)
+    label_kind: str  # "int" (class id), "name" (class name) or "float" (score)
     header: bool = True
     num_columns: int | None = None  # only for header-less files
 
@@ -82,9 +82,16 @@ def glue_path(task: str | TaskSpec, split: str, data_dir: str | os.PathLike) -> 
     return Path(data_dir) / spec.local_dir / name
 
 
-def load_glue(task: str | TaskSpec, split: str, *, source: str = "local",
-              data_dir: str | os.PathLike | None = None, max_examples: int | None = None,
-              seed: int = 0, strict: bool = True) -> TextDataset:
+def load_glue(
+    task: str | TaskSpec,
+    split: str,
+    *,
+    source: str = "local",
+    data_dir: str | os.PathLike | None = None,
+    max_examples: int | None = None,
+    seed: int = 0,
+    strict: bool = True,
+) -> TextDataset:
     """Load ``split`` ("train" or "dev") of a GLUE ``task`` as a `TextDataset`.
 
     ``source="local"`` reads ``data_dir`` (default: ``$FEDLORA_GLUE_DIR``, then
@@ -103,17 +110,18 @@ def load_glue(task: str | TaskSpec, split: str, *, source: str = "local",
         ds = _load_auto_hub(spec, split, data_dir)
     elif source in ("local", "auto"):
         if not data_dir:
-            raise DataError("load_glue(source='local') needs data_dir (or $FEDLORA_GLUE_DIR / "
-                            "$GLUE_DIR) pointing at a GLUE download")
+            raise DataError("load_glue(source='local') needs data_dir (or $FEDLORA_GLUE_DIR / $GLUE_DIR) pointing at a GLUE download")
         ds = _read_tsv(glue_path(spec, split, data_dir), spec, strict=strict)
     else:
         try:
             ds = load_hub(spec, split)
         except HubUnavailable as e:
             hub_split = spec.hub_train_split if split == "train" else spec.hub_dev_split
-            raise DataError(f"could not load {HUB_DATASET} config {spec.hub_config!r} split {hub_split!r} from "
-                            f"the Hugging Face hub (unreachable?): {e}; use source: local with data_dir pointing "
-                            f"at a GLUE download (<data_dir>/{_local_file(spec, split)})") from e
+            raise DataError(
+                f"could not load {HUB_DATASET} config {spec.hub_config!r} split {hub_split!r} from "
+                f"the Hugging Face hub (unreachable?): {e}; use source: local with data_dir pointing "
+                f"at a GLUE download (<data_dir>/{_local_file(spec, split)})"
+            ) from e
     return _take(ds, max_examples, seed)
 
 
@@ -128,9 +136,11 @@ def _load_auto_hub(spec: TaskSpec, split: str, data_dir: str | os.PathLike | Non
         return load_hub(spec, split, probe=True)
     except HubUnavailable as e:
         where = f"at {Path(data_dir) / spec.local_dir}" if data_dir else "(data.data_dir is empty)"
-        raise DataError(f"data.source auto: no local copy of {spec.local_dir} {where} and the Hugging Face hub "
-                        f"is unreachable ({e}); point data.data_dir at a GLUE copy "
-                        f"(<data_dir>/{_local_file(spec, split)}) or go online") from e
+        raise DataError(
+            f"data.source auto: no local copy of {spec.local_dir} {where} and the Hugging Face hub "
+            f"is unreachable ({e}); point data.data_dir at a GLUE copy "
+            f"(<data_dir>/{_local_file(spec, split)}) or go online"
+        ) from e
 
 
 def _take(ds: TextDataset, max_examples: int | None, seed: int) -> TextDataset:
@@ -145,8 +155,7 @@ def _take(ds: TextDataset, max_examples: int | None, seed: int) -> TextDataset:
 def _read_tsv(path: Path, spec: TaskSpec, *, strict: bool) -> TextDataset:
     layout = _LAYOUTS[spec.local_dir]
     if not path.is_file():
-        raise DataError(f"GLUE file not found: {path} (task {spec.name}; expected the "
-                        f"download_glue_data.py layout <data_dir>/{spec.local_dir}/<split>.tsv)")
+        raise DataError(f"GLUE file not found: {path} (task {spec.name}; expected the download_glue_data.py layout <data_dir>/{spec.local_dir}/<split>.tsv)")
     texts: list[list[str]] = [[] for _ in layout.text]
     labels: list[float | int] = []
     skipped: list[str] = []
@@ -163,8 +172,7 @@ def _read_tsv(path: Path, spec: TaskSpec, *, strict: bool) -> TextDataset:
             try:
                 cols = [header.index(c) for c in (*layout.text, layout.label)]
             except ValueError:
-                raise DataError(f"{path}:1: header {header} lacks one of the columns "
-                                f"{[*layout.text, layout.label]} of task {spec.name}") from None
+                raise DataError(f"{path}:1: header {header} lacks one of the columns {[*layout.text, layout.label]} of task {spec.name}") from None
             ncols = len(header)
         else:
             cols, ncols = [*layout.text, layout.label], layout.num_columns
@@ -184,14 +192,13 @@ def _read_tsv(path: Path, spec: TaskSpec, *, strict: bool) -> TextDataset:
                 bucket.append(text)
             labels.append(row[-1])
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} malformed row(s) in {path}; first: {skipped[0]}",
-                      stacklevel=3)
+        warnings.warn(f"skipped {len(skipped)} malformed row(s) in {path}; first: {skipped[0]}", stacklevel=3)
     if not labels:
         raise DataError(f"{path}: no examples")
     dtype = np.float32 if spec.is_regression else np.int64
-    return TextDataset(texts[0], texts[1] if len(texts) > 1 else None,
-                       np.asarray(labels, dtype=dtype),
-                       None if spec.label_names is None else list(spec.label_names))
+    return TextDataset(
+        texts[0], texts[1] if len(texts) > 1 else None, np.asarray(labels, dtype=dtype), None if spec.label_names is None else list(spec.label_names)
+    )
 
 
 def _parse_row(line: str, ncols: int, cols: list[int], layout: _Layout, spec: TaskSpec):

@@ -36,10 +36,7 @@ def _one_line(e: BaseException) -> str:
 def hub_offline() -> bool:
     """Hugging Face offline mode (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE`` or
     ``TRANSFORMERS_OFFLINE`` set): ``datasets`` reads only its cache, at once."""
-    env = any(
-        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
+    env = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
     try:
         from huggingface_hub import constants
     except ImportError:  # pragma: no cover - transformers depends on it
@@ -58,10 +55,7 @@ def _probe(timeout: float = PROBE_TIMEOUT_S) -> None:
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout)
     except Exception as e:  # DNS, refused, timed out, TLS ...: all mean "not now"
-        raise HubUnavailable(
-            f"no answer from {constants.ENDPOINT} within {timeout:g} s ({type(e).__name__}; "
-            f"HF_HUB_OFFLINE=1 uses a cached copy)"
-        ) from e
+        raise HubUnavailable(f"no answer from {constants.ENDPOINT} within {timeout:g} s ({type(e).__name__}; HF_HUB_OFFLINE=1 uses a cached copy)") from e
 
 
 def load_hub(spec: TaskSpec, split: str, *, probe: bool = False) -> TextDataset:
@@ -70,29 +64,20 @@ def load_hub(spec: TaskSpec, split: str, *, probe: bool = False) -> TextDataset:
     try:
         import datasets
     except ImportError as e:
-        raise HubUnavailable(
-            f"loading from the hub needs the 'datasets' package ({e})"
-        ) from e
+        raise HubUnavailable(f"loading from the hub needs the 'datasets' package ({e})") from e
     if probe and not hub_offline():
         _probe()
     try:
         hf = datasets.load_dataset(HUB_DATASET, spec.hub_config, split=hub_split)
     except Exception as e:  # offline, rate-limited, renamed ...: all end the same way
         raise HubUnavailable(f"{type(e).__name__}: {_one_line(e)}") from e
-    missing = [
-        c for c in (*spec.text_columns, spec.label_column) if c not in hf.column_names
-    ]
+    missing = [c for c in (*spec.text_columns, spec.label_column) if c not in hf.column_names]
     if missing:
-        raise DataError(
-            f"hub dataset {HUB_DATASET}/{spec.hub_config} lacks columns {missing}; "
-            f"found {hf.column_names}"
-        )
+        raise DataError(f"hub dataset {HUB_DATASET}/{spec.hub_config} lacks columns {missing}; found {hf.column_names}")
     dtype = np.float32 if spec.is_regression else np.int64
     labels = np.asarray(hf[spec.label_column], dtype=dtype)
     if not spec.is_regression and (labels < 0).any():
-        raise DataError(
-            f"hub split {hub_split!r} of {spec.name} has unlabeled rows (label -1)"
-        )
+        raise DataError(f"hub split {hub_split!r} of {spec.name} has unlabeled rows (label -1)")
     texts = [list(hf[c]) for c in spec.text_columns]
     return TextDataset(
         texts[0],

@@ -56,16 +56,13 @@ def compute_metrics(task_spec: TaskSpec | str, predictions, labels) -> dict[str,
         if pred.ndim == 2 and pred.shape[1] == 1:
             pred = pred[:, 0]
         if pred.shape != gold.shape:
-            raise DataError(f"{spec.name}: predictions {pred.shape} vs labels {gold.shape}; "
-                            "regression expects (N,) or (N, 1)")
+            raise DataError(f"{spec.name}: predictions {pred.shape} vs labels {gold.shape}; regression expects (N,) or (N, 1)")
         pred, gold = pred.astype(np.float64), gold.astype(np.float64)
-        return {"pearson": _correlation(pearsonr, pred, gold),
-                "spearman": _correlation(spearmanr, pred, gold)}
+        return {"pearson": _correlation(pearsonr, pred, gold), "spearman": _correlation(spearmanr, pred, gold)}
 
     if pred.ndim == 2:
         if pred.shape[1] != spec.num_labels:
-            raise DataError(f"{spec.name}: logits have {pred.shape[1]} columns, "
-                            f"task has {spec.num_labels} labels")
+            raise DataError(f"{spec.name}: logits have {pred.shape[1]} columns, task has {spec.num_labels} labels")
         pred = pred.argmax(axis=1)
     if pred.shape != gold.shape:
         raise DataError(f"{spec.name}: predictions {pred.shape} vs labels {gold.shape}")

@@ -35,8 +35,7 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["SCHEMES", "partition", "regression_bins", "bin_names", "label_histogram",
-           "format_histogram", "write_histogram_csv"]
+__all__ = ["SCHEMES", "partition", "regression_bins", "bin_names", "label_histogram", "format_histogram", "write_histogram_csv"]
 
 SCHEMES = ("iid", "dirichlet", "dirichlet_class", "pathological", "quantity")
 _MAX_DRAWS = 10  # quantity skew: redraws before giving up (as flwr's Dirichlet does)
@@ -60,8 +59,7 @@ def regression_bins(scores, num_bins: int = 5) -> tuple[np.ndarray, np.ndarray]:
 def bin_names(edges: Sequence[float]) -> list[str]:
     """Column names for regression bins: ["[0.00,1.00)", ..., "[4.00,5.00]"]."""
     e = list(edges)
-    return [f"[{lo:.2f},{hi:.2f}{']' if i == len(e) - 2 else ')'}"
-            for i, (lo, hi) in enumerate(zip(e[:-1], e[1:]))]
+    return [f"[{lo:.2f},{hi:.2f}{']' if i == len(e) - 2 else ')'}" for i, (lo, hi) in enumerate(zip(e[:-1], e[1:]))]
 
 
 def _classes(labels: np.ndarray, num_bins: int) -> np.ndarray:
@@ -73,9 +71,9 @@ def _classes(labels: np.ndarray, num_bins: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def partition(labels, num_clients: int, scheme: str, *, seed: int, alpha: float | None = None,
-              labels_per_client: int | None = None, min_size: int = 1,
-              num_bins: int = 5) -> list[np.ndarray]:
+def partition(
+    labels, num_clients: int, scheme: str, *, seed: int, alpha: float | None = None, labels_per_client: int | None = None, min_size: int = 1, num_bins: int = 5
+) -> list[np.ndarray]:
     """Client index arrays (each sorted, int64) that together hold every index once.
 
     ``labels``: int class ids, or float scores (binned into ``num_bins`` for label skew).
@@ -87,8 +85,7 @@ def partition(labels, num_clients: int, scheme: str, *, seed: int, alpha: float 
     if labels.ndim != 1:
         raise DataError(f"labels must be one-dimensional, got shape {labels.shape}")
     n = len(labels)
-    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) \
-            or num_clients < 1:
+    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
         raise DataError(f"num_clients must be a positive integer, got {num_clients!r}")
     if n == 0:
         raise DataError("cannot partition an empty dataset")
@@ -109,8 +106,7 @@ def partition(labels, num_clients: int, scheme: str, *, seed: int, alpha: float 
     num_present = len(np.unique(classes))
     if scheme == "pathological":
         if labels_per_client is None or not 1 <= labels_per_client <= num_present:
-            raise DataError(f"scheme 'pathological': labels_per_client must be in 1..{num_present} "
-                            f"(classes present), got {labels_per_client}")
+            raise DataError(f"scheme 'pathological': labels_per_client must be in 1..{num_present} (classes present), got {labels_per_client}")
 
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)  # shuffled first, so flwr's contiguous splits pick random examples
@@ -122,8 +118,7 @@ def partition(labels, num_clients: int, scheme: str, *, seed: int, alpha: float 
         sizes = [n // num_clients + (1 if i < n % num_clients else 0) for i in range(num_clients)]
         parts = _run_flwr("dirichlet", classes, perm, num_clients, alpha=alpha, sizes=sizes, seed=sub_seed)
     else:
-        parts = _run_flwr(scheme, classes, perm, num_clients, alpha=alpha, min_size=min_size,
-                          labels_per_client=labels_per_client, seed=sub_seed)
+        parts = _run_flwr(scheme, classes, perm, num_clients, alpha=alpha, min_size=min_size, labels_per_client=labels_per_client, seed=sub_seed)
     parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
     _check(parts, n, scheme, alpha, min_size, classes)
     return parts
@@ -138,35 +133,37 @@ def _quantity_sizes(n, k, alpha, min_size, rng) -> list[int]:
         sizes[np.argsort(sizes - share, kind="stable")[:rest]] += 1
         if sizes.min() >= min_size:
             return [int(s) for s in sizes]
-    raise DataError(f"scheme 'quantity' (alpha={alpha}, {k} clients, {n} examples) left a client "
-                    f"with fewer than min_size={min_size} examples in {_MAX_DRAWS} draws; "
-                    f"use a larger alpha or fewer clients")
+    raise DataError(
+        f"scheme 'quantity' (alpha={alpha}, {k} clients, {n} examples) left a client "
+        f"with fewer than min_size={min_size} examples in {_MAX_DRAWS} draws; "
+        f"use a larger alpha or fewer clients"
+    )
 
 
-def _run_flwr(scheme, classes, perm, k, *, alpha=None, labels_per_client=None, min_size=1,
-              seed=0, sizes=None) -> list[list[int]]:
+def _run_flwr(scheme, classes, perm, k, *, alpha=None, labels_per_client=None, min_size=1, seed=0, sizes=None) -> list[list[int]]:
     """Run the flwr-datasets partitioner on an in-memory Dataset; return original indices."""
     import datasets
-    from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner,
-                                           InnerDirichletPartitioner, PathologicalPartitioner,
-                                           SizePartitioner)
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, InnerDirichletPartitioner, PathologicalPartitioner, SizePartitioner
 
     # arrow format: flwr's column reads become array views, not per-row Python iteration
     ds = datasets.Dataset.from_dict({"label": classes[perm], "idx": perm}).with_format("arrow")
     if scheme == "iid":
         part = IidPartitioner(num_partitions=k)
     elif scheme == "dirichlet":
-        part = InnerDirichletPartitioner(partition_sizes=sizes, partition_by="label",
-                                         alpha=float(alpha), shuffle=True, seed=seed)
+        part = InnerDirichletPartitioner(partition_sizes=sizes, partition_by="label", alpha=float(alpha), shuffle=True, seed=seed)
     elif scheme == "dirichlet_class":
-        part = DirichletPartitioner(num_partitions=k, partition_by="label", alpha=float(alpha),
-                                    min_partition_size=min_size, self_balancing=False,
-                                    shuffle=True, seed=seed)
+        part = DirichletPartitioner(
+            num_partitions=k, partition_by="label", alpha=float(alpha), min_partition_size=min_size, self_balancing=False, shuffle=True, seed=seed
+        )
     elif scheme == "pathological":
-        part = PathologicalPartitioner(num_partitions=k, partition_by="label",
-                                       num_classes_per_partition=int(labels_per_client),
-                                       class_assignment_mode="first-deterministic",
-                                       shuffle=True, seed=seed)
+        part = PathologicalPartitioner(
+            num_partitions=k,
+            partition_by="label",
+            num_classes_per_partition=int(labels_per_client),
+            class_assignment_mode="first-deterministic",
+            shuffle=True,
+            seed=seed,
+        )
     else:
         part = SizePartitioner(partition_sizes=sizes)
     part.dataset = ds
@@ -182,9 +179,11 @@ def _run_flwr(scheme, classes, perm, k, *, alpha=None, labels_per_client=None, m
             return [np.asarray(part.load_partition(i)["idx"]) for i in range(k)]
     except ValueError as e:
         if scheme.startswith("dirichlet"):
-            raise DataError(f"scheme {scheme!r} (alpha={alpha}, {k} clients, {len(perm)} examples) "
-                            f"left a client with fewer than min_size={min_size} examples in every "
-                            f"draw (flwr: {e}); use a larger alpha or fewer clients") from e
+            raise DataError(
+                f"scheme {scheme!r} (alpha={alpha}, {k} clients, {len(perm)} examples) "
+                f"left a client with fewer than min_size={min_size} examples in every "
+                f"draw (flwr: {e}); use a larger alpha or fewer clients"
+            ) from e
         raise DataError(f"scheme {scheme!r} with {k} clients failed: {e}") from e
 
 
@@ -194,20 +193,22 @@ def _check(parts, n, scheme, alpha, min_size, classes) -> None:
     small = [i for i, s in enumerate(sizes) if s < min_size]
     if small:
         hint = "fewer clients" if alpha is None else "a larger alpha or fewer clients"
-        raise DataError(f"scheme {scheme!r}" + (f" (alpha={alpha})" if alpha is not None else "")
-                        + f" left client(s) {small} with fewer than min_size={min_size} "
-                        f"examples; use {hint}")
+        raise DataError(
+            f"scheme {scheme!r}" + (f" (alpha={alpha})" if alpha is not None else "") + f" left client(s) {small} with fewer than min_size={min_size} "
+            f"examples; use {hint}"
+        )
     used = np.concatenate(parts)
     if len(used) != n or len(np.unique(used)) != n:
         dropped = sorted(set(range(n)) - set(used.tolist()))
         lost = sorted(set(classes[dropped].tolist())) if dropped else []
-        raise DataError(f"scheme {scheme!r} assigned {len(np.unique(used))} of {n} examples "
-                        f"(labels {lost} were given to no client); use more clients or more "
-                        "labels_per_client so every label is held by some client")
+        raise DataError(
+            f"scheme {scheme!r} assigned {len(np.unique(used))} of {n} examples "
+            f"(labels {lost} were given to no client); use more clients or more "
+            "labels_per_client so every label is held by some client"
+        )
 
 
-def label_histogram(labels, parts: Sequence[np.ndarray], num_classes: int | None = None,
-                    num_bins: int = 5) -> np.ndarray:
+def label_histogram(labels, parts: Sequence[np.ndarray], num_classes: int | None = None, num_bins: int = 5) -> np.ndarray:
     """Counts per client and class (K × C, int64); regression scores are binned as above."""
     labels = np.asarray(labels)
     classes = _classes(labels, num_bins)
@@ -236,13 +237,14 @@ def format_histogram(hist: np.ndarray, label_names: Sequence[str] | None = None)
     rows = [[str(i), *map(str, row), str(row.sum())] for i, row in enumerate(hist)]
     rows.append(["all", *map(str, hist.sum(0)), str(hist.sum())])
     widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if j == 0 else c.rjust(w)  # noqa: E731
-                              for j, (c, w) in enumerate(zip(r, widths)))
+
+    def fmt(r):
+        return "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+
     return "\n".join([fmt(header), *map(fmt, rows)])
 
 
-def write_histogram_csv(path: str | os.PathLike, hist: np.ndarray,
-                        label_names: Sequence[str] | None = None) -> None:
+def write_histogram_csv(path: str | os.PathLike, hist: np.ndarray, label_names: Sequence[str] | None = None) -> None:
     """Write the histogram as CSV: client, <one column per class>, total."""
     hist = np.asarray(hist)
     with open(path, "w", newline="", encoding="utf-8") as f:

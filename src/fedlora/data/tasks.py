@@ -21,13 +21,13 @@ __all__ = ["TaskSpec", "TASKS", "get_task", "available_tasks"]
 class TaskSpec:
     """Everything the data layer needs to know about one GLUE task."""
 
-    name: str                          # canonical name: "sst2", "mnli-mm", ...
-    hub_config: str                    # config of `nyu-mll/glue` ("mnli" for mnli-mm)
-    text_columns: tuple[str, ...]      # hub text columns, one or two
+    name: str  # canonical name: "sst2", "mnli-mm", ...
+    hub_config: str  # config of `nyu-mll/glue` ("mnli" for mnli-mm)
+    text_columns: tuple[str, ...]  # hub text columns, one or two
     label_names: tuple[str, ...] | None  # id -> name; None for regression (stsb)
-    metrics: tuple[str, ...]           # keys produced by `compute_metrics`
-    primary_metric: str                # the one number reported per task
-    local_dir: str                     # GLUE download folder: "SST-2", "MNLI", ...
+    metrics: tuple[str, ...]  # keys produced by `compute_metrics`
+    primary_metric: str  # the one number reported per task
+    local_dir: str  # GLUE download folder: "SST-2", "MNLI", ...
     train_file: str = "train.tsv"
     dev_file: str = "dev.tsv"
     hub_train_split: str = "train"
@@ -50,33 +50,43 @@ class TaskSpec:
 
 _NLI2 = ("entailment", "not_entailment")
 
-TASKS: dict[str, TaskSpec] = {t.name: t for t in [
-    TaskSpec("cola", "cola", ("sentence",), ("unacceptable", "acceptable"),
-             ("mcc",), "mcc", "CoLA"),
-    TaskSpec("sst2", "sst2", ("sentence",), ("negative", "positive"),
-             ("accuracy",), "accuracy", "SST-2"),
-    TaskSpec("mrpc", "mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"),
-             ("accuracy", "f1"), "accuracy", "MRPC"),
-    TaskSpec("stsb", "stsb", ("sentence1", "sentence2"), None,
-             ("pearson", "spearman"), "pearson", "STS-B"),
-    TaskSpec("qqp", "qqp", ("question1", "question2"), ("not_duplicate", "duplicate"),
-             ("accuracy", "f1"), "accuracy", "QQP"),
-    TaskSpec("mnli", "mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
-             ("accuracy",), "accuracy", "MNLI",
-             dev_file="dev_matched.tsv", hub_dev_split="validation_matched"),
-    TaskSpec("mnli-mm", "mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
-             ("accuracy",), "accuracy", "MNLI",
-             dev_file="dev_mismatched.tsv", hub_dev_split="validation_mismatched"),
-    TaskSpec("qnli", "qnli", ("question", "sentence"), _NLI2,
-             ("accuracy",), "accuracy", "QNLI"),
-    TaskSpec("rte", "rte", ("sentence1", "sentence2"), _NLI2,
-             ("accuracy",), "accuracy", "RTE"),
-    TaskSpec("wnli", "wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"),
-             ("accuracy",), "accuracy", "WNLI"),
-]}
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in [
+        TaskSpec("cola", "cola", ("sentence",), ("unacceptable", "acceptable"), ("mcc",), "mcc", "CoLA"),
+        TaskSpec("sst2", "sst2", ("sentence",), ("negative", "positive"), ("accuracy",), "accuracy", "SST-2"),
+        TaskSpec("mrpc", "mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1"), "accuracy", "MRPC"),
+        TaskSpec("stsb", "stsb", ("sentence1", "sentence2"), None, ("pearson", "spearman"), "pearson", "STS-B"),
+        TaskSpec("qqp", "qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"), "accuracy", "QQP"),
+        TaskSpec(
+            "mnli",
+            "mnli",
+            ("premise", "hypothesis"),
+            ("entailment", "neutral", "contradiction"),
+            ("accuracy",),
+            "accuracy",
+            "MNLI",
+            dev_file="dev_matched.tsv",
+            hub_dev_split="validation_matched",
+        ),
+        TaskSpec(
+            "mnli-mm",
+            "mnli",
+            ("premise", "hypothesis"),
+            ("entailment", "neutral", "contradiction"),
+            ("accuracy",),
+            "accuracy",
+            "MNLI",
+            dev_file="dev_mismatched.tsv",
+            hub_dev_split="validation_mismatched",
+        ),
+        TaskSpec("qnli", "qnli", ("question", "sentence"), _NLI2, ("accuracy",), "accuracy", "QNLI"),
+        TaskSpec("rte", "rte", ("sentence1", "sentence2"), _NLI2, ("accuracy",), "accuracy", "RTE"),
+        TaskSpec("wnli", "wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), "accuracy", "WNLI"),
+    ]
+}
 
-_ALIASES = {"mnli-m": "mnli", "mnlim": "mnli", "mnli-matched": "mnli",
-            "mnlimm": "mnli-mm", "mnli-mismatched": "mnli-mm"}
+_ALIASES = {"mnli-m": "mnli", "mnlim": "mnli", "mnli-matched": "mnli", "mnlimm": "mnli-mm", "mnli-mismatched": "mnli-mm"}
 
 
 def available_tasks() -> list[str]:

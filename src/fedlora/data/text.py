@@ -36,8 +36,8 @@ class TextDataset:
         n = len(self.text_a)
         if self.labels.shape != (n,) or (self.text_b is not None and len(self.text_b) != n):
             raise DataError(
-                f"text_a ({n}), text_b ({None if self.text_b is None else len(self.text_b)}) "
-                f"and labels {self.labels.shape} must have the same length")
+                f"text_a ({n}), text_b ({None if self.text_b is None else len(self.text_b)}) and labels {self.labels.shape} must have the same length"
+            )
 
     def __len__(self) -> int:
         return len(self.text_a)
@@ -55,7 +55,7 @@ class TextDataset:
             return len(self.label_names)
         return int(self.labels.max()) + 1 if len(self.labels) else 0
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "TextDataset":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> TextDataset:
         """A new dataset with the examples at ``indices`` (in that order)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         return TextDataset(

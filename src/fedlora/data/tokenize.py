@@ -44,24 +44,22 @@ class TokenizedDataset:
 
     def input_ids(self, i: int) -> Tensor:
         """Token ids of example i (a view)."""
-        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
 
 
-def tokenize(dataset: TextDataset, tokenizer, max_length: int, *,
-             chunk_size: int = 4096) -> TokenizedDataset:
+def tokenize(dataset: TextDataset, tokenizer, max_length: int, *, chunk_size: int = 4096) -> TokenizedDataset:
     """Tokenize every example once: truncation to ``max_length`` (longest-first for pairs),
     special tokens added, no padding. Works with any Hugging Face tokenizer."""
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
-    ids: list[np.ndarray] = []     # one flat int64 array per chunk
+    ids: list[np.ndarray] = []  # one flat int64 array per chunk
     types: list[np.ndarray] = []
     lengths: list[int] = []
     has_types = None
     for start in range(0, len(dataset), chunk_size):
-        a = dataset.text_a[start:start + chunk_size]
-        b = None if dataset.text_b is None else dataset.text_b[start:start + chunk_size]
-        enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=False,
-                        return_attention_mask=False)
+        a = dataset.text_a[start : start + chunk_size]
+        b = None if dataset.text_b is None else dataset.text_b[start : start + chunk_size]
+        enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=False, return_attention_mask=False)
         has_types = "token_type_ids" in enc if has_types is None else has_types
         lengths.extend(len(seq) for seq in enc["input_ids"])
         ids.append(np.fromiter(chain.from_iterable(enc["input_ids"]), dtype=np.int64))
@@ -81,9 +79,9 @@ def tokenize(dataset: TextDataset, tokenizer, max_length: int, *,
     )
 
 
-def length_bucketed_batches(lengths, indices, batch_size: int, *,
-                            generator: torch.Generator | None, shuffle: bool = True,
-                            bucket_factor: int = 50) -> list[np.ndarray]:
+def length_bucketed_batches(
+    lengths, indices, batch_size: int, *, generator: torch.Generator | None, shuffle: bool = True, bucket_factor: int = 50
+) -> list[np.ndarray]:
     """Batches (arrays of dataset indices) with similar lengths, to waste little padding.
 
     Training (``shuffle=True``): shuffle ``indices``, cut them into chunks of
@@ -96,13 +94,12 @@ def length_bucketed_batches(lengths, indices, batch_size: int, *,
     if batch_size < 1 or bucket_factor < 1:
         raise DataError(f"batch_size and bucket_factor must be ≥ 1, got {batch_size}, {bucket_factor}")
     lengths = np.asarray(lengths.numpy() if isinstance(lengths, Tensor) else lengths)
-    idx = np.asarray(indices.numpy() if isinstance(indices, Tensor) else indices,
-                     dtype=np.int64).reshape(-1)
+    idx = np.asarray(indices.numpy() if isinstance(indices, Tensor) else indices, dtype=np.int64).reshape(-1)
     if len(idx) == 0:
         return []
 
     def cut(sorted_idx: np.ndarray) -> list[np.ndarray]:
-        return [sorted_idx[i:i + batch_size] for i in range(0, len(sorted_idx), batch_size)]
+        return [sorted_idx[i : i + batch_size] for i in range(0, len(sorted_idx), batch_size)]
 
     if not shuffle:
         return cut(idx[np.argsort(lengths[idx], kind="stable")])
@@ -110,7 +107,7 @@ def length_bucketed_batches(lengths, indices, batch_size: int, *,
     chunk = batch_size * bucket_factor
     batches: list[np.ndarray] = []
     for start in range(0, len(idx), chunk):
-        part = idx[start:start + chunk]
+        part = idx[start : start + chunk]
         batches.extend(cut(part[np.argsort(lengths[part], kind="stable")]))
     order = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in order]
@@ -132,10 +129,10 @@ def collate(tokenized: TokenizedDataset, batch_indices, pad_token_id: int) -> di
     types = None if tokenized.token_type_ids is None else torch.zeros_like(input_ids)
     for row, i in enumerate(idx.tolist()):
         lo, hi = int(tokenized.offsets[i]), int(tokenized.offsets[i + 1])
-        input_ids[row, :hi - lo] = tokenized.ids[lo:hi]
-        mask[row, :hi - lo] = 1
+        input_ids[row, : hi - lo] = tokenized.ids[lo:hi]
+        mask[row, : hi - lo] = 1
         if types is not None:
-            types[row, :hi - lo] = tokenized.token_type_ids[lo:hi]
+            types[row, : hi - lo] = tokenized.token_type_ids[lo:hi]
     out = {"input_ids": input_ids, "attention_mask": mask}
     if types is not None:
         out["token_type_ids"] = types

@@ -100,8 +100,12 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     if not centralized and num_clients > len(train_text):
         raise ConfigError(f"partition.num_clients={num_clients} exceeds the {len(train_text)} training examples")
     parts = partition(
-        train_text.labels, num_clients, "iid" if centralized else cfg.partition.scheme, seed=cfg.seed,
-        alpha=cfg.partition.alpha, labels_per_client=cfg.partition.labels_per_client,
+        train_text.labels,
+        num_clients,
+        "iid" if centralized else cfg.partition.scheme,
+        seed=cfg.seed,
+        alpha=cfg.partition.alpha,
+        labels_per_client=cfg.partition.labels_per_client,
     )
     ranks = [cfg.model.rank] if centralized else client_ranks(cfg, num_clients)
 
@@ -119,7 +123,9 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     fm = FedModel(model, settings, ranks)
     aggregator = make_aggregator(cfg, fm)
     if any(r != cfg.model.rank for r in ranks) and not aggregator.mixed_ranks:
-        raise ConfigError(f"method {cfg.fed.method!r} needs every client at model.rank={cfg.model.rank}; mixed client_ranks need hexa, fedhl, flexlora, hetlora or flora")
+        raise ConfigError(
+            f"method {cfg.fed.method!r} needs every client at model.rank={cfg.model.rank}; mixed client_ranks need hexa, fedhl, flexlora, hetlora or flora"
+        )
     train = tokenize(train_text, tokenizer, cfg.model.max_length)
     dev = tokenize(dev_text, tokenizer, cfg.model.max_length)
     hist = label_histogram(train_text.labels, parts)

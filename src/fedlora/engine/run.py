@@ -38,20 +38,31 @@ def summarise(exp: Experiment, rows: list[dict[str, Any]]) -> dict[str, Any]:
     pick = lambda r: {k[5:]: v for k, v in r.items() if k.startswith("eval_") and k != "eval_s"}  # noqa: E731
     cfg = exp.cfg
     return {
-        "task": exp.task.name, "method": "centralized" if cfg.fed.mode == "centralized" else cfg.fed.method,
-        "partition": cfg.partition.scheme, "alpha": cfg.partition.alpha, "seed": cfg.seed,
-        "primary_metric": exp.task.primary_metric, "rounds": len(rows),
-        "final": pick(final), "best": pick(best), "best_round": best.get("round"),
-        "train_s": sum(r["train_s"] for r in rows), "aggregate_s": sum(r["aggregate_s"] for r in rows),
-        "fold_s": sum(r["fold_s"] for r in rows), "eval_s": sum(r.get("eval_s", 0.0) for r in rows),
+        "task": exp.task.name,
+        "method": "centralized" if cfg.fed.mode == "centralized" else cfg.fed.method,
+        "partition": cfg.partition.scheme,
+        "alpha": cfg.partition.alpha,
+        "seed": cfg.seed,
+        "primary_metric": exp.task.primary_metric,
+        "rounds": len(rows),
+        "final": pick(final),
+        "best": pick(best),
+        "best_round": best.get("round"),
+        "train_s": sum(r["train_s"] for r in rows),
+        "aggregate_s": sum(r["aggregate_s"] for r in rows),
+        "fold_s": sum(r["fold_s"] for r in rows),
+        "eval_s": sum(r.get("eval_s", 0.0) for r in rows),
         # .get: rounds checkpointed by fedlora versions before these counters existed
-        "train_steps": sum(r.get("train_steps", 0) for r in rows), "train_tokens": sum(r.get("train_tokens", 0) for r in rows),
-        "bytes_down": sum(r["bytes_down"] for r in rows), "bytes_up": sum(r["bytes_up"] for r in rows),
+        "train_steps": sum(r.get("train_steps", 0) for r in rows),
+        "train_tokens": sum(r.get("train_tokens", 0) for r in rows),
+        "bytes_down": sum(r["bytes_down"] for r in rows),
+        "bytes_up": sum(r["bytes_up"] for r in rows),
     }
 
 
-def run_experiment(cfg: RunConfig, *, overwrite: bool = False, export: bool = True, plots: bool = True,
-                   engine: Callable[[Simulator, ServerState], ServerState] | None = None) -> dict[str, Any]:
+def run_experiment(
+    cfg: RunConfig, *, overwrite: bool = False, export: bool = True, plots: bool = True, engine: Callable[[Simulator, ServerState], ServerState] | None = None
+) -> dict[str, Any]:
     """Run (or resume) one experiment; returns its summary.
 
     ``engine(server, state)`` drives the rounds from ``state`` to ``fed.rounds``
@@ -82,7 +93,9 @@ def run_experiment(cfg: RunConfig, *, overwrite: bool = False, export: bool = Tr
     on_round(sim)
     summary = summarise(exp, sim.rounds)
     if export:
-        ranks = export_peft_adapter(exp.fm, sim.total_delta(state), state.dense, cfg.model.name, exp.task.num_labels, exp.task.is_regression, run_dir / "adapter")
+        ranks = export_peft_adapter(
+            exp.fm, sim.total_delta(state), state.dense, cfg.model.name, exp.task.num_labels, exp.task.is_regression, run_dir / "adapter"
+        )
         summary["adapter_max_rank"] = max(ranks.values())
     if plots:
         metric = "eval_" + exp.task.primary_metric

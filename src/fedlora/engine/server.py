@@ -95,14 +95,17 @@ class Server:
         return state_from_dict(ckpt["state"])
 
     def checkpoint(self, state: ServerState) -> None:
-        save_checkpoint(self.ckpt_path, {
-            "config": _plain(config_to_dict(self.cfg)),
-            "state": state_to_dict(state),
-            "base": self.exp.fm.base_state(),
-            "rounds": self.rounds,
-            "clients": self.client_rows,
-            "folded": {k: {"L": f.L, "R": f.R} for k, f in self.folded.items()},
-        })
+        save_checkpoint(
+            self.ckpt_path,
+            {
+                "config": _plain(config_to_dict(self.cfg)),
+                "state": state_to_dict(state),
+                "base": self.exp.fm.base_state(),
+                "rounds": self.rounds,
+                "clients": self.client_rows,
+                "folded": {k: {"L": f.L, "R": f.R} for k, f in self.folded.items()},
+            },
+        )
 
     # ----------------------------------------------------------------- rounds
     def sample(self, t: int) -> list[int]:
@@ -117,8 +120,16 @@ class Server:
         jobs = []
         for i in self.sample(t):
             client = self.exp.clients[i]
-            jobs.append(ClientJob(round=t + 1, index=i, client=client, start=self.exp.aggregator.client_start(state, client.rank),
-                                  seed=derive_seed(self.cfg.seed, t, client.client_id), send_label_counts=send_counts))
+            jobs.append(
+                ClientJob(
+                    round=t + 1,
+                    index=i,
+                    client=client,
+                    start=self.exp.aggregator.client_start(state, client.rank),
+                    seed=derive_seed(self.cfg.seed, t, client.client_id),
+                    send_label_counts=send_counts,
+                )
+            )
         return jobs
 
     def finish(self, state: ServerState, jobs: list[ClientJob], results: list[ClientResult], train_s: float) -> ServerState:
@@ -132,12 +143,20 @@ class Server:
                 rows.append({"round": t + 1, "client": job.client.client_id, "rank": job.client.rank, "dropped": res.error})
                 continue
             updates.append(res.update)
-            rows.append({
-                "round": t + 1, "client": job.client.client_id, "rank": job.client.rank, "examples": res.update.num_examples,
-                "train_loss": res.stats["loss"], "steps": int(res.stats["steps"]), "tokens": int(res.stats["tokens"]),
-                "bytes_down": BYTES_PER_NUMBER * (job.start.numel() + broadcast), "bytes_up": BYTES_PER_NUMBER * res.update.numel(),
-                **(res.wire or {}),
-            })
+            rows.append(
+                {
+                    "round": t + 1,
+                    "client": job.client.client_id,
+                    "rank": job.client.rank,
+                    "examples": res.update.num_examples,
+                    "train_loss": res.stats["loss"],
+                    "steps": int(res.stats["steps"]),
+                    "tokens": int(res.stats["tokens"]),
+                    "bytes_down": BYTES_PER_NUMBER * (job.start.numel() + broadcast),
+                    "bytes_up": BYTES_PER_NUMBER * res.update.numel(),
+                    **(res.wire or {}),
+                }
+            )
         if not updates:
             raise RoundFailed(f"round {t + 1}: no sampled client finished; " + "; ".join(f"{r['client']}: {r['dropped']}" for r in rows))
         t1 = time.perf_counter()
@@ -147,11 +166,19 @@ class Server:
         self.accumulate_folded(state)
         t3 = time.perf_counter()
         done = [r for r in rows if "dropped" not in r]
-        row = {"round": t + 1, "clients": len(done), "dropped": len(rows) - len(done),
-               "train_loss": sum(r["train_loss"] * r["examples"] for r in done) / max(1, sum(r["examples"] for r in done)),
-               "train_s": train_s, "aggregate_s": t2 - t1, "fold_s": t3 - t2,
-               "train_steps": sum(r["steps"] for r in done), "train_tokens": sum(r["tokens"] for r in done),
-               "bytes_down": sum(r["bytes_down"] for r in done), "bytes_up": sum(r["bytes_up"] for r in done)}
+        row = {
+            "round": t + 1,
+            "clients": len(done),
+            "dropped": len(rows) - len(done),
+            "train_loss": sum(r["train_loss"] * r["examples"] for r in done) / max(1, sum(r["examples"] for r in done)),
+            "train_s": train_s,
+            "aggregate_s": t2 - t1,
+            "fold_s": t3 - t2,
+            "train_steps": sum(r["steps"] for r in done),
+            "train_tokens": sum(r["tokens"] for r in done),
+            "bytes_down": sum(r["bytes_down"] for r in done),
+            "bytes_up": sum(r["bytes_up"] for r in done),
+        }
         for key in ("wire_bytes_down", "wire_bytes_up"):
             if any(key in r for r in done):
                 row[key] = sum(r.get(key, 0) for r in done)

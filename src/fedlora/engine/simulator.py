@@ -44,6 +44,15 @@ class Simulator(Server):
 
     def train(self, job: ClientJob, progress=None) -> ClientResult:
         exp = self.exp
-        update, stats = run_client(exp.fm, job.start, job.client, exp.train, self.cfg.train, job.seed,
-                                   pad_token_id=exp.pad_token_id, send_label_counts=job.send_label_counts, progress=progress)
+        update, stats = run_client(
+            exp.fm,
+            job.start,
+            job.client,
+            exp.train,
+            self.cfg.train,
+            job.seed,
+            pad_token_id=exp.pad_token_id,
+            send_label_counts=job.send_label_counts,
+            progress=progress,
+        )
         return ClientResult(update=update, stats=stats.as_dict())

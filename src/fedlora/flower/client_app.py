@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor
@@ -142,6 +141,7 @@ def train(msg: Message, context: Context) -> Message:
         return Message(content=encode_resync(gap.through), reply_to=msg)
     exp.fm.load_base_state(local.pristine)
     exp.fm.fold(base)
-    update, stats = run_client(exp.fm, start, client, data, exp.cfg.train, int(job["seed"]),
-                               pad_token_id=exp.pad_token_id, send_label_counts=bool(job["send-label-counts"]))
+    update, stats = run_client(
+        exp.fm, start, client, data, exp.cfg.train, int(job["seed"]), pad_token_id=exp.pad_token_id, send_label_counts=bool(job["send-label-counts"])
+    )
     return Message(content=encode_update(update, stats.as_dict(), pid), reply_to=msg)

@@ -35,11 +35,26 @@ from torch import Tensor
 
 from ..core import Adapter, ClientStart, ClientUpdate, Factored
 
-__all__ = ["encode_start", "decode_start", "encode_update", "decode_update", "encode_broadcast", "decode_broadcast",
-           "encode_resync", "decode_resync", "MalformedRecord"]
+__all__ = [
+    "encode_start",
+    "decode_start",
+    "encode_update",
+    "decode_update",
+    "encode_broadcast",
+    "decode_broadcast",
+    "encode_resync",
+    "decode_resync",
+    "MalformedRecord",
+]
 
 JOB, SCALES, ADAPTERS, DENSE, CLIENT_DELTA, BROADCAST = (
-    "fedlora.job", "fedlora.scales", "fedlora.adapters", "fedlora.dense", "fedlora.client-delta", "fedlora.broadcast")
+    "fedlora.job",
+    "fedlora.scales",
+    "fedlora.adapters",
+    "fedlora.dense",
+    "fedlora.client-delta",
+    "fedlora.broadcast",
+)
 LABEL_COUNTS, METRICS, RESYNC = "fedlora.label-counts", "fedlora.metrics", "fedlora.resync"
 
 
@@ -100,8 +115,9 @@ def _get_adapters(content: RecordDict) -> dict[str, Adapter]:
 # ------------------------------------------------------------------ server → client
 def encode_start(start: ClientStart, *, round: int, partition_id: int, rank: int, seed: int, send_label_counts: bool) -> RecordDict:
     content = RecordDict()
-    content[JOB] = ConfigRecord({"round": round, "partition-id": partition_id, "rank": rank, "seed": seed,
-                                 "train-a": bool(start.train_A), "send-label-counts": bool(send_label_counts)})
+    content[JOB] = ConfigRecord(
+        {"round": round, "partition-id": partition_id, "rank": rank, "seed": seed, "train-a": bool(start.train_A), "send-label-counts": bool(send_label_counts)}
+    )
     _put_adapters(content, start.adapters)
     content[DENSE] = _arrays(start.dense)
     content[CLIENT_DELTA] = _arrays(_factored(start.base_delta))
@@ -137,8 +153,7 @@ def decode_broadcast(content: RecordDict) -> dict[tuple[int, int], dict[str, Fac
         except ValueError:
             raise MalformedRecord(f"{BROADCAST}: bad round span in key {key!r}") from None
         out.setdefault((first, last), {})[rest] = t
-    return {span: {mod: Factored(L, R) for mod, (L, R) in _split(flat, ("L", "R"), BROADCAST).items()}
-            for span, flat in sorted(out.items())}
+    return {span: {mod: Factored(L, R) for mod, (L, R) in _split(flat, ("L", "R"), BROADCAST).items()} for span, flat in sorted(out.items())}
 
 
 # ------------------------------------------------------------------ client → server
@@ -148,8 +163,7 @@ def encode_update(update: ClientUpdate, stats: Mapping[str, float], partition_id
     content[DENSE] = _arrays(update.dense)
     if update.label_counts is not None:
         content[LABEL_COUNTS] = _arrays({"counts": update.label_counts})
-    content[METRICS] = MetricRecord({"num-examples": int(update.num_examples), "partition-id": int(partition_id),
-                                     **{k: float(v) for k, v in stats.items()}})
+    content[METRICS] = MetricRecord({"num-examples": int(update.num_examples), "partition-id": int(partition_id), **{k: float(v) for k, v in stats.items()}})
     return content
 
 
@@ -161,9 +175,7 @@ def decode_update(content: RecordDict, client_id: str) -> tuple[ClientUpdate, di
     n = metrics.get("num-examples")
     if not isinstance(n, int):
         raise MalformedRecord(f"num-examples must be an integer, got {n!r}")
-    update = ClientUpdate(client_id=client_id, num_examples=n,
-                          adapters=_get_adapters(content),
-                          dense=_tensors(content, DENSE), label_counts=counts)
+    update = ClientUpdate(client_id=client_id, num_examples=n, adapters=_get_adapters(content), dense=_tensors(content, DENSE), label_counts=counts)
     missing = [k for k in ("loss", "steps", "examples", "tokens") if k not in metrics]
     if missing:
         raise MalformedRecord(f"{METRICS} lacks {missing}")

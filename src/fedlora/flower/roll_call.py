@@ -50,8 +50,7 @@ def ask_partitions(grid: Grid, node_ids: Iterable[int], num_clients: int, *, tim
             continue
         info = reply.content.config_records[NODE_INFO]
         if "partition-id" not in info:
-            refused[node] = (f"node {node} has no partition-id in its node config "
-                             f"(flower-supernode --node-config \"partition-id=0 num-partitions={num_clients}\")")
+            refused[node] = f'node {node} has no partition-id in its node config (flower-supernode --node-config "partition-id=0 num-partitions={num_clients}")'
             continue
         pid, total = int(info["partition-id"]), int(info.get("num-partitions", num_clients))
         if total != num_clients or not 0 <= pid < num_clients:
@@ -76,8 +75,10 @@ def discover_nodes(grid: Grid, num_clients: int, *, timeout: float, poll_s: floa
     while len(node_ids := list(grid.get_node_ids())) < num_clients:
         now = time.monotonic()
         if now > deadline:
-            raise ConfigError(f"only {len(node_ids)} of {num_clients} nodes connected within {timeout:g} s: start one SuperNode per "
-                              f"partition (simulation: flwr run … --federation-config \"num-supernodes={num_clients}\")")
+            raise ConfigError(
+                f"only {len(node_ids)} of {num_clients} nodes connected within {timeout:g} s: start one SuperNode per "
+                f'partition (simulation: flwr run … --federation-config "num-supernodes={num_clients}")'
+            )
         if now > next_report:
             log.warning("waiting for nodes: %d of %d connected (partition.num_clients=%d)", len(node_ids), num_clients, num_clients)
             next_report = now + report_s

@@ -43,7 +43,7 @@ def run_config_entries(cfg: RunConfig | None = None) -> dict[str, Any]:
     """fedlora's config as flat Flower run-config entries (what pyproject.toml lists)."""
     out: dict[str, Any] = {}
     for key, value in config_to_dict(cfg or RunConfig()).items():
-        for k, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+        for k, v in value.items() if isinstance(value, dict) else [(None, value)]:
             name = key if k is None else f"{key}.{k}"
             if isinstance(v, list):
                 v = ",".join(str(x) for x in v)

@@ -54,8 +54,7 @@ class FedLoraStrategy(Strategy):
     ``timeout`` bounds each round's wait for replies (``fed.client_timeout``).
     """
 
-    def __init__(self, server: Server, state: ServerState, nodes: dict[int, int], *,
-                 folded: dict[str, Factored] | None = None, timeout: float | None = None):
+    def __init__(self, server: Server, state: ServerState, nodes: dict[int, int], *, folded: dict[str, Factored] | None = None, timeout: float | None = None):
         self.server = server
         self.state = state
         self.nodes = dict(nodes)
@@ -79,9 +78,16 @@ class FedLoraStrategy(Strategy):
         log.info("fedlora %s on %d nodes: %d rounds, fraction %.2f", cfg.fed.method, len(self.nodes), cfg.fed.rounds, cfg.fed.fraction)
 
     # ------------------------------------------------------------------ the run
-    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
-              timeout: float | None = None, train_config: ConfigRecord | None = None,
-              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int | None = None,
+        timeout: float | None = None,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn=None,
+    ) -> Result:
         """Rounds ``state.round+1 … fed.rounds`` (or ``num_rounds`` more), one log line each.
 
         Flower's default loop would print fedlora's server-side metrics as
@@ -112,8 +118,7 @@ class FedLoraStrategy(Strategy):
         self._grid = grid
         self._refresh_nodes(grid)
         self._jobs = self.server.plan(self.state)
-        self._messages = [(self._message(job, self.synced.get(self.nodes[job.index], 0)), job)
-                          for job in self._jobs if job.index in self.nodes]
+        self._messages = [(self._message(job, self.synced.get(self.nodes[job.index], 0)), job) for job in self._jobs if job.index in self.nodes]
         self._t0 = time.perf_counter()
         return [m for m, _ in self._messages]
 
@@ -138,8 +143,7 @@ class FedLoraStrategy(Strategy):
     # ----------------------------------------------------------------- helpers
     def _message(self, job: ClientJob, since: int) -> Message:
         """The job's train message with every base delta after round ``since``."""
-        content = encode_start(job.start, round=job.round, partition_id=job.index, rank=job.client.rank,
-                               seed=job.seed, send_label_counts=job.send_label_counts)
+        content = encode_start(job.start, round=job.round, partition_id=job.index, rank=job.client.rank, seed=job.seed, send_label_counts=job.send_label_counts)
         encode_broadcast(content, {span: d for span, d in self.history.items() if span[1] > since})
         self._sent_bytes[job.index] = _array_bytes(content)
         return Message(content=content, dst_node_id=self.nodes[job.index], message_type=MessageType.TRAIN)
@@ -160,8 +164,9 @@ class FedLoraStrategy(Strategy):
         messages = []
         for index, last in through.items():
             node = self.nodes[index]
-            log.warning("round %d: node %d (partition %d) has folded only through round %d; sending it every base delta since",
-                        jobs[index].round, node, index, last)
+            log.warning(
+                "round %d: node %d (partition %d) has folded only through round %d; sending it every base delta since", jobs[index].round, node, index, last
+            )
             self.synced[node] = last
             messages.append((self._message(jobs[index], last), jobs[index]))
         left = max(1.0, self.timeout - (time.perf_counter() - self._t0))
@@ -204,8 +209,7 @@ class FedLoraStrategy(Strategy):
         except (MalformedRecord, AggregationError) as e:
             return ClientResult(error=f"node {node} sent a bad update: {e}")
         self.synced[node] = job.round - 1  # it folded every base delta before this round
-        return ClientResult(update=update, stats=stats,
-                            wire={"wire_bytes_down": self._sent_bytes[job.index], "wire_bytes_up": _array_bytes(reply.content)})
+        return ClientResult(update=update, stats=stats, wire={"wire_bytes_down": self._sent_bytes[job.index], "wire_bytes_up": _array_bytes(reply.content)})
 
     # -------------------------------------------- evaluation: on the server, in finish
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -220,8 +224,7 @@ def _number(v) -> bool:
 
 
 def _round_line(row: dict) -> str:
-    parts = [f"{row['clients']} clients" + (f", {row['dropped']} dropped" if row.get("dropped") else ""),
-             f"train loss {row['train_loss']:.4f}"]
+    parts = [f"{row['clients']} clients" + (f", {row['dropped']} dropped" if row.get("dropped") else ""), f"train loss {row['train_loss']:.4f}"]
     parts += [f"{k} {v:.4f}" for k, v in row.items() if k.startswith("eval_") and k != "eval_s" and _number(v)]
     parts.append(f"{row['train_s']:.1f} s")
     return " · ".join(parts)

@@ -106,10 +106,39 @@ def _ensure_pad(model, tokenizer) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [
-    "the", "a", "movie", "good", "bad", "great", "awful", "is", "was", "not", "very", "film", "fun", "dull",
-    "it", "and", "but", "plot", "actors", "love", "hate", "best", "worst", "story", "##s", "##ing", "##ly",
-]
+TINY_VOCAB = (
+    ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    + [
+        "the",
+        "a",
+        "movie",
+        "good",
+        "bad",
+        "great",
+        "awful",
+        "is",
+        "was",
+        "not",
+        "very",
+        "film",
+        "fun",
+        "dull",
+        "it",
+        "and",
+        "but",
+        "plot",
+        "actors",
+        "love",
+        "hate",
+        "best",
+        "worst",
+        "story",
+        "##s",
+        "##ing",
+        "##ly",
+    ]
+)
 
 
 def tiny_model(arch: str = "bert", num_labels: int = 2, regression: bool = False, seed: int = 0):
@@ -130,13 +159,17 @@ def tiny_model(arch: str = "bert", num_labels: int = 2, regression: bool = False
         cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, max_position_embeddings=64, **common)
         model = tf.BertForSequenceClassification(cfg)
     elif arch == "roberta":
-        cfg = tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, max_position_embeddings=70, pad_token_id=0, **common)
+        cfg = tf.RobertaConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, max_position_embeddings=70, pad_token_id=0, **common
+        )
         model = tf.RobertaForSequenceClassification(cfg)
     elif arch == "gpt2":
         cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, pad_token_id=0, bos_token_id=2, eos_token_id=3, **common)
         model = tf.GPT2ForSequenceClassification(cfg)
     elif arch == "deberta":
-        cfg = tf.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, max_position_embeddings=64, pad_token_id=0, **common)
+        cfg = tf.DebertaV2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, max_position_embeddings=64, pad_token_id=0, **common
+        )
         model = tf.DebertaV2ForSequenceClassification(cfg)
     else:
         raise ModelError(f"unknown tiny architecture {arch!r}; use bert, roberta, gpt2 or deberta")

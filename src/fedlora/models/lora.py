@@ -74,9 +74,7 @@ class FedModel:
         self.base = self.peft.get_base_model()
         prefix = "base_model.model."
         self.layers: dict[str, LoraLayer] = {
-            name[len(prefix):] if name.startswith(prefix) else name: m
-            for name, m in self.peft.named_modules()
-            if isinstance(m, LoraLayer)
+            name[len(prefix) :] if name.startswith(prefix) else name: m for name, m in self.peft.named_modules() if isinstance(m, LoraLayer)
         }
         if not self.layers:
             raise ModelError(f"no module matches LoRA target_modules {list(settings.target_modules)}")
@@ -95,7 +93,7 @@ class FedModel:
     def shapes(self) -> dict[str, tuple[int, int]]:
         """(out, in) of every adapted weight, whatever its storage layout."""
         r = adapter_name(self.settings.rank)
-        return {n: (l.lora_B[r].out_features, l.lora_A[r].in_features) for n, l in self.layers.items()}
+        return {n: (layer.lora_B[r].out_features, layer.lora_A[r].in_features) for n, layer in self.layers.items()}
 
     def output_keys(self) -> list[str]:
         """Dense keys of the output layer (rows = classes), for class-aware averaging."""
@@ -139,8 +137,8 @@ class FedModel:
         """The active adapter's (B, A, s) as float32 copies."""
         name = adapter_name(self.active_rank)
         return {
-            mod: Adapter(l.lora_B[name].weight.detach().float().clone(), l.lora_A[name].weight.detach().float().clone(), float(l.scaling[name]))
-            for mod, l in self.layers.items()
+            mod: Adapter(layer.lora_B[name].weight.detach().float().clone(), layer.lora_A[name].weight.detach().float().clone(), float(layer.scaling[name]))
+            for mod, layer in self.layers.items()
         }
 
     # ------------------------------------------------------------------- heads

@@ -80,8 +80,9 @@ def _run_cell(cfg, overwrite: bool) -> dict:
     return run_experiment(cfg, overwrite=overwrite)
 
 
-def collect(cells: list[Cell], config: str | None, base_overrides: list[str], run: bool, overwrite: bool = False,
-            skip_missing: bool = False, jobs: int = 1) -> dict[Cell, dict]:
+def collect(
+    cells: list[Cell], config: str | None, base_overrides: list[str], run: bool, overwrite: bool = False, skip_missing: bool = False, jobs: int = 1
+) -> dict[Cell, dict]:
     """Each cell's summary: read from its run folder, or run it first when ``run``
     (in ``jobs`` worker processes; give each ``threads`` = cores / jobs).
     ``skip_missing`` leaves unfinished cells out (the table shows how many seeds each has)."""
@@ -132,7 +133,7 @@ def markdown_table(results: dict[Cell, dict], which: str = "best", scale: float 
     methods = list(dict.fromkeys(c.method for c in results))
     parts = list(dict.fromkeys(c.partition for c in results))
     metric = next(iter(results.values()))["primary_metric"]
-    lines = [f"| method | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
+    lines = ["| method | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
     for m in methods:
         cells = []
         for p in parts:
@@ -183,8 +184,16 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     text = f"# {title}\n\n## Best over rounds\n\n" + markdown_table(results, "best") + "\n## Final round\n\n" + markdown_table(results, "final")
     atomic_write_text(out_dir / "results.md", text)
-    rows = [{"method": c.method, "partition": c.partition, "seed": c.seed, **{f"best_{k}": v for k, v in r["best"].items()}, **{f"final_{k}": v for k, v in r["final"].items()}} for c, r in results.items()]
+    rows = [
+        {
+            "method": c.method,
+            "partition": c.partition,
+            "seed": c.seed,
+            **{f"best_{k}": v for k, v in r["best"].items()},
+            **{f"final_{k}": v for k, v in r["final"].items()},
+        }
+        for c, r in results.items()
+    ]
     atomic_write_text(out_dir / "results.json", json.dumps(rows, indent=1))
     plot_grid(results, "best", out_dir / "results.png")
     return out_dir / "results.md"
-

@@ -1,12 +1,12 @@
 """A run folder's files, each rewritten atomically from the run's history:
 
-    config.yaml         the resolved configuration
-    metrics.jsonl/.csv  one row per round: global-model metrics, losses, bytes, timings
-    clients.jsonl/.csv  one row per client per round: examples, loss, rank, bytes down/up
-    label_histogram.csv per-client label counts (and label_histogram.png)
-    summary.json        best-over-rounds and final-round metrics
-    checkpoint.pt       server state + folded base weights (resume)
-    adapter/            the final global adapter in peft format
+config.yaml         the resolved configuration
+metrics.jsonl/.csv  one row per round: global-model metrics, losses, bytes, timings
+clients.jsonl/.csv  one row per client per round: examples, loss, rank, bytes down/up
+label_histogram.csv per-client label counts (and label_histogram.png)
+summary.json        best-over-rounds and final-round metrics
+checkpoint.pt       server state + folded base weights (resume)
+adapter/            the final global adapter in peft format
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter
-from ..aggregator import Aggregator, RoundOutput, register
+from ..aggregator import Aggregator, RoundOutput
 from ..factored import Factored
+from ..registry import register
 from ..state import ClientUpdate, ServerState
 from ._common import mean_factors, module_adapters
 

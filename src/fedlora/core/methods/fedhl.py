@@ -25,8 +25,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..aggregator import RoundOutput, register
+from ..aggregator import RoundOutput
 from ..factored import Factored
+from ..registry import register
 from ..state import ClientUpdate, ServerState
 from ..weights import normalise
 from .flexlora import SVDGlobal, svd_download
@@ -37,8 +38,9 @@ class FedHL(SVDGlobal):
     name = "fedhl"
     exact = False
 
-    def __init__(self, weighting: str = "data_size", eps: float = 1e-6, times_data_size: bool = False,
-                 split: str = "B", rtol: float = 1e-7, max_rank: int | None = None):
+    def __init__(
+        self, weighting: str = "data_size", eps: float = 1e-6, times_data_size: bool = False, split: str = "B", rtol: float = 1e-7, max_rank: int | None = None
+    ):
         super().__init__(weighting, split, rtol)
         self.eps = eps
         self.times_data_size = times_data_size

@@ -13,8 +13,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..adapter import Adapter
-from ..aggregator import Aggregator, RoundOutput, register
-from ..factored import Factored
+from ..aggregator import Aggregator, RoundOutput
+from ..registry import register
 from ..state import ClientUpdate, ServerState
 from ._common import mean_factors, module_adapters, weighted_sum_of_deltas
 

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter
-from ..aggregator import Aggregator, RoundOutput, register
+from ..aggregator import Aggregator, RoundOutput
 from ..errors import UpdateError
+from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
 from ._common import mean_factors, module_adapters
 

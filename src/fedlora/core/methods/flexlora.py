@@ -15,8 +15,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..adapter import adapter_from_svd, module_generator
-from ..aggregator import Aggregator, RoundOutput, register
+from ..aggregator import Aggregator, RoundOutput
 from ..factored import SVD, Factored
+from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
 from ._common import module_adapters, weighted_sum_of_deltas
 
@@ -24,10 +25,7 @@ from ._common import module_adapters, weighted_sum_of_deltas
 def svd_download(state: ServerState, svds: dict[str, SVD], rank: int, split: str) -> dict:
     """Every module's rank-``rank`` adapter whose product is the top-``rank`` part of its SVD."""
     scale = state.lora.scale(rank)
-    return {
-        name: adapter_from_svd(svd, rank, scale, split, module_generator(state.seed, state.round, name, f"r{rank}"))
-        for name, svd in svds.items()
-    }
+    return {name: adapter_from_svd(svd, rank, scale, split, module_generator(state.seed, state.round, name, f"r{rank}")) for name, svd in svds.items()}
 
 
 def zero_svds(state: ServerState) -> dict[str, SVD]:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..adapter import init_adapter, module_generator
-from ..aggregator import Aggregator, RoundOutput, register
+from ..aggregator import Aggregator, RoundOutput
+from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
 from ._common import module_adapters, weighted_sum_of_deltas
 

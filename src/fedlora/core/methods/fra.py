@@ -21,7 +21,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..adapter import Adapter, adapter_from_svd, module_generator
-from ..aggregator import Aggregator, RoundOutput, register
+from ..aggregator import Aggregator, RoundOutput
+from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
 from ._common import module_adapters, weighted_sum_of_deltas
 from .ffa import average_B, check_frozen_A

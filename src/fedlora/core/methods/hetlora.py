@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter
-from ..aggregator import Aggregator, RoundOutput, register
+from ..aggregator import Aggregator, RoundOutput
+from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
 from ..weights import normalise
 

@@ -46,9 +46,10 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter, adapter_from_svd, module_generator
-from ..aggregator import Aggregator, RoundOutput, register
+from ..aggregator import Aggregator, RoundOutput
 from ..dense import class_aware_average
 from ..factored import Factored, pairwise_inner
+from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
 from ..weights import normalise
 from ._common import mean_factors
@@ -165,4 +166,3 @@ class HEXA(Aggregator):
             if c > 0:
                 new = Adapter(new.B / c, new.A * c, s)
         return new, svd.tail(r).factored()
-
