@@ -2,11 +2,16 @@
 
 Flower's ``Grid`` is a small ABC; this one keeps a ``Context`` per node (so
 ``context.state`` persists between rounds, as Flower guarantees) and turns a
-ClientApp exception into an error reply, as Flower's runtimes do. ``slow``
-nodes never answer a train message: the round's timeout. Each message gets an
-id when it is sent, as Flower's Grids give it, and replies name it.
-``restart`` gives a node a fresh context (its state lost), under the same id
-or a new one, as a SuperNode restarted with or without authentication.
+ClientApp exception into an error reply, as Flower's runtimes do. Each message
+gets an id when it is pushed, as Flower's Grids give it, and replies name it.
+
+* ``slow`` nodes never answer a train message: the round's timeout.
+* ``mute`` nodes are online but answer nothing (crashed; the SuperLink has not
+  noticed yet).
+* A message to a node that is gone is answered by "the SuperLink": Flower's own
+  error reply, from node 0, not from the node.
+* ``restart`` gives a node a fresh context (its state lost), under the same id
+  or a new one, as a SuperNode restarted with or without authentication.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import uuid
 from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -30,17 +36,21 @@ class LocalGrid(Grid):
             for i, nid in enumerate(ids)
         }
         self.slow = set(slow)
-        self.offline: set[int] = set()
+        self.mute: set[int] = set()
         self.sent: list[Message] = []
+        self._outbox: dict[str, Message] = {}  # message id → its reply, until pulled
 
-    def restart(self, node_id: int, new_id: int | None = None) -> int:
-        """Node ``node_id`` restarts with empty state, as ``new_id`` if given (the old id goes offline)."""
-        old = self.contexts.pop(node_id)
+    def restart(self, node_id: int, new_id: int | None = None, *, old_stays_online: bool = False) -> int:
+        """Node ``node_id`` restarts with empty state, as ``new_id`` if given. The old id goes
+        offline, or stays listed but mute (a crash the SuperLink has not noticed yet)."""
+        old = self.contexts[node_id] if old_stays_online else self.contexts.pop(node_id)
+        if old_stays_online:
+            self.mute.add(node_id)
         nid = node_id if new_id is None else new_id
         self.contexts[nid] = Context(run_id=1, node_id=nid, node_config=dict(old.node_config), state=RecordDict(), run_config=dict(old.run_config))
         return nid
 
-    def set_run(self, run_id):  # noqa: D401 - Grid API
+    def set_run(self, run_id):
         pass
 
     @property
@@ -51,27 +61,32 @@ class LocalGrid(Grid):
         return Message(content=content, dst_node_id=dst_node_id, message_type=message_type)
 
     def get_node_ids(self) -> Iterable[int]:
-        return [n for n in self.contexts if n not in self.offline]
+        return list(self.contexts)
 
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what Grid.push_messages does
             self.sent.append(msg)
-            nid = msg.metadata.dst_node_id
-            if nid in self.slow and msg.metadata.message_type == "train":
-                continue
-            if nid not in self.contexts or nid in self.offline:  # the SuperLink answers for a node that is gone
-                replies.append(Message(Error(code=4, reason="NODE_UNAVAILABLE"), reply_to=msg))
-                continue
-            try:
-                replies.append(self.client_app(msg, self.contexts[nid]))
-            except Exception as e:  # what Flower's runtime does with a ClientApp exception
-                replies.append(Message(Error(code=3, reason=f"{type(e).__name__}: {e}"), reply_to=msg))
-        return replies
+            ids.append(msg.metadata.message_id)
+            reply = self._deliver(msg)
+            if reply is not None:
+                self._outbox[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._outbox.pop(i) for i in list(message_ids) if i in self._outbox]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    def _deliver(self, msg: Message) -> Message | None:
+        nid = msg.metadata.dst_node_id
+        if nid in self.mute or (nid in self.slow and msg.metadata.message_type == "train"):
+            return None
+        if nid not in self.contexts:  # what the SuperLink answers for a node that went offline
+            return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+        try:
+            return self.client_app(msg, self.contexts[nid])
+        except Exception as e:  # noqa: BLE001 - what Flower's runtime does with a ClientApp exception
+            return Message(Error(code=3, reason=f"{type(e).__name__}: {e}"), reply_to=msg)

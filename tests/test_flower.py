@@ -147,7 +147,7 @@ def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
 
 # ------------------------------------------------------------------ failures
 def test_failed_and_slow_clients_are_dropped_and_the_round_stays_exact(tiny_models, tmp_path, monkeypatch, caplog):
-    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__rounds=2)
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__rounds=2, fed__client_timeout=0.5)
     real = client_module.run_client
 
     def flaky(fm, start, client, *a, **kw):
@@ -191,7 +191,7 @@ def test_failed_and_slow_clients_are_dropped_and_the_round_stays_exact(tiny_mode
 
 
 def test_a_round_with_no_finished_client_fails_loudly(tiny_models, tmp_path):
-    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedit", fed__rounds=1, partition__num_clients=2)
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedit", fed__rounds=1, partition__num_clients=2, fed__client_timeout=0.5)
     with pytest.raises(RoundFailed, match="no sampled client finished"):
         run_flower(over, tmp_path, slow={1000, 1007})
 
@@ -227,6 +227,10 @@ def test_node_roll_call_errors(tiny_models, tmp_path):
     grid = LocalGrid(client_module.app, run_config, 3)
     with pytest.raises(ConfigError, match="holds partition 0 of 3; the run has partition.num_clients=2"):
         discover_nodes(grid, 2, timeout=1)
+    grid = LocalGrid(client_module.app, run_config, 3)
+    grid.contexts[1007].node_config["data"] = str(tmp_path / "no-such-hospital")
+    with pytest.raises(ConfigError, match="node 1007: its node config names data=.*no-such-hospital.*does not exist on that machine"):
+        discover_nodes(grid, 3, timeout=1)
 
 
 def test_client_refuses_a_job_for_another_partition(tiny_models, tmp_path):
@@ -314,24 +318,25 @@ def test_server_app_refuses_bad_input_in_one_line_and_writes_nothing(tiny_models
 
 
 # ------------------------------------------------------- nodes that die and come back
-def _restart_after_round(monkeypatch, grid_holder: dict, after: int, node: int, new_id: int | None):
+def _restart_after_round(monkeypatch, grid_holder: dict, after: int, node: int, new_id: int | None, old_online: bool = False):
     """After round ``after``'s checkpoint, node ``node`` restarts with empty state (as ``new_id``)."""
     original = Server.checkpoint
 
     def checkpoint_then_restart(self, state):
         original(self, state)
         if state.round == after:
-            grid_holder["grid"].restart(node, new_id)
+            grid_holder["grid"].restart(node, new_id, old_stays_online=old_online)
 
     monkeypatch.setattr(Server, "checkpoint", checkpoint_then_restart)
 
 
-@pytest.mark.parametrize("new_id", [None, 5000], ids=["same-id", "new-id"])
-def test_a_restarted_node_rejoins_and_the_run_equals_an_uninterrupted_one(tiny_models, tmp_path, monkeypatch, caplog, new_id):
+@pytest.mark.parametrize("new_id,old_online", [(None, False), (5000, False), (5000, True)], ids=["same-id", "new-id", "new-id-old-still-listed"])
+def test_a_restarted_node_rejoins_and_the_run_equals_an_uninterrupted_one(tiny_models, tmp_path, monkeypatch, caplog, new_id, old_online):
     """A SuperNode restarts between rounds 2 and 3 and loses its context.state (its sum of
     base deltas; the server believes it holds round 1's). With the same id (authenticated nodes) it asks to be resynchronised and gets
     every base delta since round 0 within the round; with a new id it claims its partition.
-    Either way no client is dropped and the run equals the in-process one."""
+    Either way no client is dropped and the run equals the in-process one. A replaced node
+    that the SuperLink still lists (crashed, not yet marked offline) is never asked again."""
     over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex")
     sim, want = run_in_process(over, tmp_path)
     run_config = flower_run_config(over)
@@ -339,7 +344,7 @@ def test_a_restarted_node_rejoins_and_the_run_equals_an_uninterrupted_one(tiny_m
     (tmp_path / "flower").mkdir()
     server = Server(build_experiment(cfg), tmp_path / "flower")
     grid = LocalGrid(client_module.app, run_config, 3)
-    _restart_after_round(monkeypatch, {"grid": grid}, 2, 1007, new_id)
+    _restart_after_round(monkeypatch, {"grid": grid}, 2, 1007, new_id, old_online)
     with caplog.at_level(logging.WARNING, logger="fedlora"):
         got = flower_engine(grid)(server, server.initial_state())
     assert [r["clients"] for r in server.rounds] == [3, 3, 3] and all(r["dropped"] == 0 for r in server.rounds)
@@ -352,7 +357,10 @@ def test_a_restarted_node_rejoins_and_the_run_equals_an_uninterrupted_one(tiny_m
         resent = [m for m in grid.sent if m.metadata.dst_node_id == 1007 and m.metadata.message_type == "train"]
         assert len(resent) == 4  # rounds 1, 2, 3 (answered "resync": it lacks round 1), 3 again with everything
     else:
-        assert f"partition 1: node {new_id} joins in place of node 1007" in caplog.text
+        takeover = "replaces node 1007, which still looks online" if old_online else "joins in place of node 1007"
+        assert f"partition 1: node {new_id}" in caplog.text and takeover in caplog.text
+        queries_to_old = [m for m in grid.sent if m.metadata.dst_node_id == 1007 and m.metadata.message_type == "query"]
+        assert len(queries_to_old) == 1  # the first roll-call only
 
 
 def test_a_node_that_dies_is_dropped_with_the_superlinks_reason(tiny_models, tmp_path, monkeypatch, caplog):
@@ -364,18 +372,18 @@ def test_a_node_that_dies_is_dropped_with_the_superlinks_reason(tiny_models, tmp
     (tmp_path / "flower").mkdir()
     server = Server(build_experiment(cfg), tmp_path / "flower")
     grid = LocalGrid(client_module.app, run_config, 3)
-    real_send = grid.send_and_receive
+    real_push = grid.push_messages
 
-    def die_during_round_2(messages, *, timeout=None):
+    def die_during_round_2(messages):
         messages = list(messages)
         if any(m.content.config_records["fedlora.job"]["round"] == 2 for m in messages if m.metadata.message_type == "train"):
             grid.contexts.pop(1014)  # the node dies once the round's messages are out
-        return real_send(messages, timeout=timeout)
+        return real_push(messages)
 
-    monkeypatch.setattr(grid, "send_and_receive", die_during_round_2)
+    monkeypatch.setattr(grid, "push_messages", die_during_round_2)
     with caplog.at_level(logging.WARNING, logger="fedlora"):
         flower_engine(grid)(server, server.initial_state())
-    assert "client2 dropped: node 1014 failed: NODE_UNAVAILABLE" in caplog.text
+    assert "client2 dropped: node 1014 failed: Error: Node Unavailable" in caplog.text
     assert [r["clients"] for r in server.rounds] == [3, 2]
 
 
@@ -412,3 +420,21 @@ def test_wire_bytes_are_the_float32_arrays_sent(tiny_models, tmp_path):
     numbers = [sum(a.numpy().size for rec in m.content.array_records.values() for a in rec.values()) for m in sent]
     assert sum(r["wire_bytes_down"] for r in server.client_rows) >= 4 * sum(numbers)
     assert all(m.content["fedlora.adapters"][k].dtype == "float32" for m in sent for k in m.content["fedlora.adapters"])
+
+
+def test_a_malformed_resync_answer_drops_that_client_only(tiny_models, tmp_path, monkeypatch, caplog):
+    """A node that restarted answers "resync" with a round that cannot be: that client is
+    dropped with the reason, the round finishes over the others, the run goes on."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex")
+    run_config = flower_run_config(over)
+    (tmp_path / "flower").mkdir()
+    server = Server(build_experiment(config_from_run_config(run_config)), tmp_path / "flower")
+    grid = LocalGrid(client_module.app, run_config, 3)
+    _restart_after_round(monkeypatch, {"grid": grid}, 2, 1007, None)
+    monkeypatch.setattr(client_module, "encode_resync", lambda through: RecordDict({"fedlora.resync": ConfigRecord({"through": -1})}))
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        flower_engine(grid)(server, server.initial_state())
+    assert [r["clients"] for r in server.rounds] == [3, 3, 2]
+    assert "client1 dropped: node 1007 sent a bad update: fedlora.resync: through must be a round ≥ 0" in caplog.text

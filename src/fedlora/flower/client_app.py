@@ -21,6 +21,7 @@ and tokenised once per process) never keeps one node's folds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,9 +120,12 @@ def _sync_base(content: RecordDict, context: Context) -> dict[str, Factored]:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """The server's roll-call: which partition this node holds."""
-    cfg = ConfigRecord({k: int(context.node_config[k]) for k in ("partition-id", "num-partitions") if k in context.node_config})
-    return Message(content=RecordDict({"fedlora.node": cfg}), reply_to=msg)
+    """The server's roll-call: which partition this node holds (and whether its own data is there)."""
+    info: dict[str, int | str] = {k: int(context.node_config[k]) for k in ("partition-id", "num-partitions") if k in context.node_config}
+    data = context.node_config.get("data")
+    if data and not Path(str(data)).exists():
+        info["error"] = f"its node config names data={data!r}, which does not exist on that machine"
+    return Message(content=RecordDict({"fedlora.node": ConfigRecord(info)}), reply_to=msg)
 
 
 @app.train()

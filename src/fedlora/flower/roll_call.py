@@ -25,13 +25,14 @@ log = logging.getLogger("fedlora")
 NODE_INFO = "fedlora.node"
 
 
-def ask_partitions(grid: Grid, node_ids: Iterable[int], num_clients: int, *, timeout: float) -> tuple[dict[int, int], dict[int, str]]:
+def ask_partitions(grid: Grid, node_ids: Iterable[int], num_clients: int, *, timeout: float) -> tuple[dict[int, int], dict[int, str], dict[int, str]]:
     """Ask ``node_ids`` which partition they hold.
 
-    Returns ``(claims, refused)``: partition → node for the nodes that hold one
-    of this run's ``num_clients`` partitions (the first claim wins; later ones
-    are refused), and node → why for the others (no answer, no partition-id,
-    another partition count).
+    Returns ``(claims, refused, silent)``: partition → node for the nodes that hold
+    one of this run's ``num_clients`` partitions (the first claim wins); node → why
+    for the nodes that cannot take part (no partition-id, another partition count,
+    a partition already claimed, a ``data`` path the node does not have); and
+    node → why for the nodes that did not answer in time (they may later).
     """
     queries = {n: Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids}
     replies = list(grid.send_and_receive(list(queries.values()), timeout=max(1.0, timeout)))
@@ -39,16 +40,20 @@ def ask_partitions(grid: Grid, node_ids: Iterable[int], num_clients: int, *, tim
     answers = {node_of[r.metadata.reply_to_message_id]: r for r in replies if r.metadata.reply_to_message_id in node_of}
     claims: dict[int, int] = {}
     refused: dict[int, str] = {}
+    silent: dict[int, str] = {}
     for node in queries:
         reply = answers.get(node)
         if reply is None:
-            refused[node] = f"node {node} did not answer the roll-call within {timeout:g} s"
+            silent[node] = f"node {node} did not answer the roll-call within {max(1.0, timeout):g} s"
             continue
         if reply.has_error() or NODE_INFO not in reply.content.config_records:
             reason = reply.error.reason if reply.has_error() else "no fedlora.node record"
             refused[node] = f"node {node} did not say which partition it holds ({reason})"
             continue
         info = reply.content.config_records[NODE_INFO]
+        if "error" in info:
+            refused[node] = f"node {node}: {info['error']}"
+            continue
         if "partition-id" not in info:
             refused[node] = f'node {node} has no partition-id in its node config (flower-supernode --node-config "partition-id=0 num-partitions={num_clients}")'
             continue
@@ -59,7 +64,7 @@ def ask_partitions(grid: Grid, node_ids: Iterable[int], num_clients: int, *, tim
             refused[node] = f"partition {pid} is held by two nodes ({claims[pid]} and {node})"
         else:
             claims[pid] = node
-    return claims, refused
+    return claims, refused, silent
 
 
 def discover_nodes(grid: Grid, num_clients: int, *, timeout: float, poll_s: float = 1.0, report_s: float = 10.0) -> dict[int, int]:
@@ -83,9 +88,11 @@ def discover_nodes(grid: Grid, num_clients: int, *, timeout: float, poll_s: floa
             log.warning("waiting for nodes: %d of %d connected (partition.num_clients=%d)", len(node_ids), num_clients, num_clients)
             next_report = now + report_s
         time.sleep(poll_s)
-    claims, refused = ask_partitions(grid, node_ids, num_clients, timeout=max(1.0, deadline - time.monotonic()))
-    if refused:
-        raise ConfigError(sorted(refused.values())[0])
+    # Nodes that connected just now may still be starting their ClientApp: at least 30 s to answer.
+    answer_s = max(deadline - time.monotonic(), min(timeout, 30.0))
+    claims, refused, silent = ask_partitions(grid, node_ids, num_clients, timeout=answer_s)
+    if refused or silent:
+        raise ConfigError(min({**silent, **refused}.values()))
     missing = sorted(set(range(num_clients)) - set(claims))
     if missing:
         raise ConfigError(f"no node answered for partitions {missing}")

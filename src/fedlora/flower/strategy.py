@@ -20,9 +20,10 @@ a node that died.
 Nodes that come back. Before every round the strategy asks the Grid which
 nodes are online. A node it has not seen (a SuperNode restarted without
 authentication gets a new id) is asked which partition it holds and takes that
-partition over. A node that lost its state (restarted with the same id, as
-authenticated SuperNodes are) answers with the last round it folded; it is
-sent every base delta since then, at once, within the same round.
+partition over; the node it replaces is not used again. A node that lost its
+state (restarted with the same id, as authenticated SuperNodes are) answers
+with the last round it folded; it is sent, at once and with a full timeout of
+its own, every base delta since then (one snapshot Σ_t ΔW0_t when it has none).
 """
 
 from __future__ import annotations
@@ -65,12 +66,13 @@ class FedLoraStrategy(Strategy):
         if state.round > 0 and folded:
             self.history[(1, state.round)] = dict(folded)
         self.synced: dict[int, int] = {}  # node → last round whose base delta it acknowledged
-        self.strangers: set[int] = set()  # online nodes that hold no partition of this run
+        self.strangers: set[int] = set()  # online nodes never to use: replaced, or holding no partition of this run
+        self.poll_s = 1.0  # how often a round asks the Grid for replies
         self._grid: Grid | None = None
         self._jobs: list[ClientJob] = []
-        self._sent: dict[str, ClientJob] = {}  # message id → job (ids exist once the Grid pushed them)
-        self._messages: list[tuple[Message, ClientJob]] = []
-        self._sent_bytes: dict[int, int] = {}  # partition → array bytes of this round's train message
+        self._messages: list[tuple[Message, ClientJob]] = []  # this round's train messages (resends included)
+        self._bytes_down: dict[int, int] = {}  # partition → array bytes sent to its node this round
+        self._bytes_up: dict[int, int] = {}  # partition → array bytes of its resync answers this round
         self._t0 = 0.0
 
     def summary(self) -> None:
@@ -102,8 +104,8 @@ class FedLoraStrategy(Strategy):
         self.summary()
         while self.state.round < last:
             t = self.state.round + 1
-            replies = grid.send_and_receive(self.configure_train(t, ArrayRecord(), ConfigRecord(), grid), timeout=self.timeout)
-            arrays, metrics = self.aggregate_train(t, replies)
+            self.configure_train(t, ArrayRecord(), ConfigRecord(), grid)
+            arrays, _metrics = self.aggregate_train(t, self._exchange(grid))
             result.arrays = arrays
             row = self.server.rounds[-1]
             result.train_metrics_clientapp[t] = MetricRecord({k: v for k, v in row.items() if _number(v) and not k.startswith("eval_")})
@@ -118,16 +120,16 @@ class FedLoraStrategy(Strategy):
         self._grid = grid
         self._refresh_nodes(grid)
         self._jobs = self.server.plan(self.state)
+        self._bytes_down, self._bytes_up = {}, {}
         self._messages = [(self._message(job, self.synced.get(self.nodes[job.index], 0)), job) for job in self._jobs if job.index in self.nodes]
         self._t0 = time.perf_counter()
         return [m for m, _ in self._messages]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         by_job = self._match(replies)
-        resync = {}
-        for index, reply in by_job.items():
-            if reply is not None and not reply.has_error() and (through := decode_resync(reply.content)) is not None:
-                resync[index] = through
+        # Resync answers still here came through Flower's own loop (send_and_receive); ``start``
+        # resends them as they arrive instead (``_exchange``).
+        resync = {index: through for index, reply in by_job.items() if (through := _resync(reply)) is not None}
         if resync:
             by_job.update(self._resend(resync))
         train_s = time.perf_counter() - self._t0
@@ -142,11 +144,52 @@ class FedLoraStrategy(Strategy):
 
     # ----------------------------------------------------------------- helpers
     def _message(self, job: ClientJob, since: int) -> Message:
-        """The job's train message with every base delta after round ``since``."""
+        """The job's train message with every base delta after round ``since``: one snapshot
+        Σ_t ΔW0_t for a node that holds none (its size does not grow with the rounds)."""
         content = encode_start(job.start, round=job.round, partition_id=job.index, rank=job.client.rank, seed=job.seed, send_label_counts=job.send_label_counts)
-        encode_broadcast(content, {span: d for span, d in self.history.items() if span[1] > since})
-        self._sent_bytes[job.index] = _array_bytes(content)
+        last = job.round - 1
+        if since == 0 and last >= 1 and self.server.folded:
+            deltas = {(1, last): dict(self.server.folded)}
+        else:
+            deltas = {span: d for span, d in self.history.items() if span[1] > since}
+        encode_broadcast(content, deltas)
+        self._bytes_down[job.index] = self._bytes_down.get(job.index, 0) + _array_bytes(content)
         return Message(content=content, dst_node_id=self.nodes[job.index], message_type=MessageType.TRAIN)
+
+    def _exchange(self, grid: Grid) -> list[Message]:
+        """Push this round's messages and pull replies as they come, each message with
+        ``timeout`` seconds to be answered. A node that answers "resync" is sent its
+        base deltas at once, with a full timeout of its own."""
+        ids = grid.push_messages([m for m, _ in self._messages])
+        del ids  # the Grid wrote each message's id into it
+        start = time.monotonic()
+        pending = {m.metadata.message_id: (job, start + self.timeout) for m, job in self._messages}
+        replies: list[Message] = []
+        while pending:
+            for reply in grid.pull_messages(list(pending)):
+                job, _ = pending.pop(reply.metadata.reply_to_message_id, (None, 0.0))
+                if job is None:
+                    continue
+                through = _resync(reply)
+                if through is None:
+                    replies.append(reply)
+                    continue
+                self._bytes_up[job.index] = self._bytes_up.get(job.index, 0) + _array_bytes(reply.content)
+                message = self._resync_message(job, through)
+                grid.push_messages([message])
+                self._messages.append((message, job))
+                pending[message.metadata.message_id] = (job, time.monotonic() + self.timeout)
+            now = time.monotonic()
+            pending = {k: v for k, v in pending.items() if v[1] > now}
+            if pending:
+                time.sleep(min(self.poll_s, max(0.01, min(v[1] for v in pending.values()) - now)))
+        return replies
+
+    def _resync_message(self, job: ClientJob, through: int) -> Message:
+        node = self.nodes[job.index]
+        log.warning("round %d: node %d (partition %d) has folded only through round %d; sending it every base delta since", job.round, node, job.index, through)
+        self.synced[node] = through
+        return self._message(job, through)
 
     def _match(self, replies: Iterable[Message], messages: list[tuple[Message, ClientJob]] | None = None) -> dict[int, Message | None]:
         """Partition → its reply (None when none came), by the id of the message each reply answers."""
@@ -161,16 +204,8 @@ class FedLoraStrategy(Strategy):
     def _resend(self, through: dict[int, int]) -> dict[int, Message | None]:
         """Nodes that lost their base deltas get all of them since the round they name, in this round."""
         jobs = {job.index: job for job in self._jobs}
-        messages = []
-        for index, last in through.items():
-            node = self.nodes[index]
-            log.warning(
-                "round %d: node %d (partition %d) has folded only through round %d; sending it every base delta since", jobs[index].round, node, index, last
-            )
-            self.synced[node] = last
-            messages.append((self._message(jobs[index], last), jobs[index]))
-        left = max(1.0, self.timeout - (time.perf_counter() - self._t0))
-        replies = self._grid.send_and_receive([m for m, _ in messages], timeout=left)
+        messages = [(self._resync_message(jobs[index], last), jobs[index]) for index, last in through.items()]
+        replies = self._grid.send_and_receive([m for m, _ in messages], timeout=self.timeout)
         return self._match(replies, messages)
 
     def _refresh_nodes(self, grid: Grid) -> None:
@@ -180,16 +215,21 @@ class FedLoraStrategy(Strategy):
         if not newcomers:
             return
         num_clients = len(self.server.exp.clients)
-        claims, refused = ask_partitions(grid, sorted(newcomers), num_clients, timeout=min(self.timeout, 60.0))
+        claims, refused, silent = ask_partitions(grid, sorted(newcomers), num_clients, timeout=min(self.timeout, 60.0))
         for node, reason in refused.items():
             log.warning("node %d is not used: %s", node, reason)
             self.strangers.add(node)
+        for node in silent:  # asked again before the next round
+            log.warning("node %d did not say which partition it holds; asking again next round", node)
         for pid, node in sorted(claims.items()):
             old = self.nodes.get(pid)
             if old is not None and old in online:
                 log.warning("partition %d: node %d (new) replaces node %d, which still looks online", pid, node, old)
             else:
                 log.warning("partition %d: node %d joins%s", pid, node, "" if old is None else f" in place of node {old}")
+            if old is not None:
+                self.strangers.add(old)  # never asked again, never swapped back
+                self.synced.pop(old, None)
             self.nodes[pid] = node
             self.synced.pop(node, None)
 
@@ -209,13 +249,25 @@ class FedLoraStrategy(Strategy):
         except (MalformedRecord, AggregationError) as e:
             return ClientResult(error=f"node {node} sent a bad update: {e}")
         self.synced[node] = job.round - 1  # it folded every base delta before this round
-        return ClientResult(update=update, stats=stats, wire={"wire_bytes_down": self._sent_bytes[job.index], "wire_bytes_up": _array_bytes(reply.content)})
+        up = self._bytes_up.get(job.index, 0) + _array_bytes(reply.content)
+        return ClientResult(update=update, stats=stats, wire={"wire_bytes_down": self._bytes_down[job.index], "wire_bytes_up": up})
 
     # -------------------------------------------- evaluation: on the server, in finish
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+
+def _resync(reply: Message | None) -> int | None:
+    """The round a reply asks to be resynchronised from; None for anything else (a malformed
+    resync record is left for ``_result`` to refuse, with the node's name)."""
+    if reply is None or reply.has_error():
+        return None
+    try:
+        return decode_resync(reply.content)
+    except MalformedRecord:
         return None
 
 
