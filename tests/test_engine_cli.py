@@ -72,6 +72,10 @@ BAD_OVERRIDES = {
     "wrong-type-int": ({"fed__rounds": "two"}, ["fed.rounds", "integer"]),
     "fraction-zero": ({"fed__fraction": 0}, ["fed.fraction"]),
     "bad-mode": ({"fed__mode": "solo"}, ["fed.mode"]),
+    "device-absent": ({"train__device": "cuda"}, ["train.device='cuda'", "no CUDA device"]),
+    "device-unknown": ({"train__device": "tpu"}, ["train.device", "tpu"]),
+    "precision-unknown": ({"train__precision": "int4"}, ["train.precision", "int4"]),
+    "fp16-on-cpu": ({"train__device": "cpu", "train__precision": "fp16"}, ["fp16 needs a GPU", "bf16"]),
 }
 
 

@@ -82,6 +82,12 @@ def _bench_overhead(args: argparse.Namespace) -> int:
     return overhead_main(args)
 
 
+def _bench_precision(args: argparse.Namespace) -> int:
+    from .bench.precision import main as precision_main
+
+    return precision_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning with exact aggregation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     ovh.add_argument("config", nargs="?")
     ovh.add_argument("overrides", nargs="*")
     ovh.set_defaults(func=_bench_overhead)
+    prec = bench_sub.add_parser("precision", help="fp32 against bf16 autocast over whole runs: throughput and final metric, paired by seed")
+    prec.add_argument("config", nargs="?")
+    prec.add_argument("overrides", nargs="*")
+    prec.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (each runs fp32 and bf16)")
+    prec.set_defaults(func=_bench_precision)
     return parser
 
 

@@ -75,6 +75,9 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     eval_batch_size: int = 128
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (auto: CUDA if present, else MPS, else CPU)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast; weights and aggregation stay fp32
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
 
 
 @dataclass

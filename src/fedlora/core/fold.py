@@ -23,7 +23,8 @@ def fold_delta(weight: Tensor, delta: Factored, *, fan_in_fan_out: bool = False)
     """weight += delta (or deltaᵀ for fan_in_fan_out), in place, without an extra m×n temporary.
 
     The product is accumulated in float32 or wider; a bf16/fp16 weight is
-    rounded once, at the end.
+    rounded once, at the end. The factors go to the weight's device (the
+    model may train on a GPU while the core aggregates on the CPU).
     """
     m, n = delta.shape
     expected = (n, m) if fan_in_fan_out else (m, n)
@@ -34,7 +35,7 @@ def fold_delta(weight: Tensor, delta: Factored, *, fan_in_fan_out: bool = False)
         return weight
     L, R = (delta.R.T, delta.L.T) if fan_in_fan_out else (delta.L, delta.R)
     if weight.dtype in (torch.float32, torch.float64):
-        weight.addmm_(L.to(weight.dtype), R.to(weight.dtype))
+        weight.addmm_(L.to(weight.device, weight.dtype), R.to(weight.device, weight.dtype))
     else:
-        weight.copy_((weight.float() + L.float() @ R.float()).to(weight.dtype))
+        weight.copy_((weight.float() + L.to(weight.device, torch.float32) @ R.to(weight.device, torch.float32)).to(weight.dtype))
     return weight

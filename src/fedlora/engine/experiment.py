@@ -13,6 +13,7 @@ from ..config import ConfigError, RunConfig
 from ..core import Aggregator, get_aggregator
 from ..data import TaskSpec, bin_names, get_task, label_histogram, load_glue, load_text_file, partition, regression_bins, tokenize
 from ..models import FedModel, LoraSettings, load_pretrained
+from ..models.device import resolve_placement
 from ..models.hub import max_input_length
 from .client import ClientData
 from .seeding import derive_seed
@@ -93,6 +94,7 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     """Load and check everything. ``model``/``tokenizer`` may be passed in (tests)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    placement = resolve_placement(cfg.train.device, cfg.train.precision)  # a missing device fails before any loading
     task, train_text, dev_text = load_datasets(cfg)
 
     centralized = cfg.fed.mode == "centralized"
@@ -120,7 +122,16 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     if limit is not None and cfg.model.max_length > limit:
         raise ConfigError(f"model.max_length={cfg.model.max_length} exceeds the {limit} positions of model {cfg.model.name!r}")
     settings = LoraSettings(tuple(cfg.model.target_modules), cfg.model.rank, cfg.model.alpha, cfg.model.dropout, cfg.model.rslora)
-    fm = FedModel(model, settings, ranks)
+    if cfg.train.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"train.gradient_checkpointing: model {cfg.model.name!r} does not support it")
+        # Non-reentrant checkpointing: gradients reach the LoRA factors although the frozen inputs need none.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5 (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    fm = FedModel(model, settings, ranks, placement)
     aggregator = make_aggregator(cfg, fm)
     if any(r != cfg.model.rank for r in ranks) and not aggregator.mixed_ranks:
         raise ConfigError(

@@ -210,12 +210,12 @@ class Server:
         out: dict[str, float] = {}
         with exp.fm.global_view(exp.aggregator.global_delta(state), state.dense) as model:
             all_dev = torch.arange(len(exp.eval.labels)).numpy()
-            for k, v in evaluate(model, exp.eval, all_dev, exp.task, self.cfg.train.eval_batch_size, exp.pad_token_id).items():
+            for k, v in evaluate(model, exp.eval, all_dev, exp.task, self.cfg.train.eval_batch_size, exp.pad_token_id, exp.fm.placement).items():
                 out["eval_" + k] = v
             if self.cfg.fed.eval_clients:
                 primary = exp.task.primary_metric
                 for c in exp.clients:
-                    m = evaluate(model, exp.train, c.indices, exp.task, self.cfg.train.eval_batch_size, exp.pad_token_id)
+                    m = evaluate(model, exp.train, c.indices, exp.task, self.cfg.train.eval_batch_size, exp.pad_token_id, exp.fm.placement)
                     out[f"local_{primary}_{c.client_id}"] = m[primary]
         out["eval_s"] = time.perf_counter() - t0
         return out

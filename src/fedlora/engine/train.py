@@ -1,6 +1,7 @@
 """The one local training loop, used by every client of every engine and by
 centralized training: AdamW, linear warm-up/decay, gradient accumulation,
-gradient clipping, length-bucketed batches."""
+gradient clipping, length-bucketed batches, on the model's device under its
+autocast precision (``models/device.py``; fp16 with a gradient scaler)."""
 
 from __future__ import annotations
 
@@ -51,23 +52,34 @@ def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = planned_steps(len(indices), cfg)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+    place = fm.placement
+    scaler = torch.amp.GradScaler(place.device.type) if place.needs_scaler else None
     model = fm.peft
     model.train()
-    steps, micro, examples, tokens, loss_sum, loss_n = 0, 0, 0, 0, 0.0, 0
+    steps, micro, examples, tokens, loss_n = 0, 0, 0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=place.device)  # on the device: no sync per step
     while steps < total:
         for batch_idx in length_bucketed_batches(data.lengths, indices, cfg.batch_size, generator=gen, shuffle=True):
-            batch = collate(data, batch_idx, pad_token_id)
-            loss = model(**batch).loss
-            (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach()) * len(batch_idx)
+            batch = place.batch(collate(data, batch_idx, pad_token_id))
+            with place.autocast():
+                loss = model(**batch).loss
+            scaled = loss.float() / cfg.grad_accum
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            loss_sum += loss.detach().double() * len(batch_idx)
             loss_n += len(batch_idx)
             examples += len(batch_idx)
             tokens += batch["input_ids"].numel()
             micro += 1
             if micro % cfg.grad_accum == 0:
+                if scaler:
+                    scaler.unscale_(opt)  # clip the true gradients
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 steps += 1
@@ -76,4 +88,4 @@ def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed:
                 if steps >= total:
                     break
     model.eval()
-    return TrainStats(loss=loss_sum / max(loss_n, 1), steps=steps, examples=examples, tokens=tokens)
+    return TrainStats(loss=float(loss_sum) / max(loss_n, 1), steps=steps, examples=examples, tokens=tokens)

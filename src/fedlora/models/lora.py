@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter, Factored, LoraSpec, fold_delta
+from .device import Placement
 from .hub import ModelError
 
 __all__ = ["LoraSettings", "FedModel", "HEAD_MODULES"]
@@ -57,7 +58,7 @@ def adapter_name(rank: int) -> str:
 class FedModel:
     """A Hugging Face model wrapped once with one peft adapter per client rank."""
 
-    def __init__(self, model: nn.Module, settings: LoraSettings, ranks: Iterable[int] = ()):
+    def __init__(self, model: nn.Module, settings: LoraSettings, ranks: Iterable[int] = (), placement: Placement | None = None):
         import warnings
 
         from peft import get_peft_model
@@ -84,9 +85,8 @@ class FedModel:
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.activate(settings.rank)
-        # Pretrained weights of the adapted modules: the export subtracts them to
-        # express everything folded so far as one adapter on the original base.
-        self.pretrained = {name: layer.get_base_layer().weight.detach().clone() for name, layer in self.layers.items()}
+        self.placement = placement or Placement(torch.device("cpu"))
+        self.peft.to(self.placement.device)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -134,16 +134,15 @@ class FedModel:
 
     @torch.no_grad()
     def read_adapters(self) -> dict[str, Adapter]:
-        """The active adapter's (B, A, s) as float32 copies."""
+        """The active adapter's (B, A, s) as float32 CPU copies (what the core aggregates)."""
         name = adapter_name(self.active_rank)
         return {
-            mod: Adapter(layer.lora_B[name].weight.detach().float().clone(), layer.lora_A[name].weight.detach().float().clone(), float(layer.scaling[name]))
-            for mod, layer in self.layers.items()
+            mod: Adapter(_cpu32(layer.lora_B[name].weight), _cpu32(layer.lora_A[name].weight), float(layer.scaling[name])) for mod, layer in self.layers.items()
         }
 
     # ------------------------------------------------------------------- heads
     def read_dense(self) -> dict[str, Tensor]:
-        return {n: p.detach().float().clone() for n, p in self.head.items()}
+        return {n: _cpu32(p) for n, p in self.head.items()}
 
     @torch.no_grad()
     def load_dense(self, dense: Mapping[str, Tensor]) -> None:
@@ -180,8 +179,8 @@ class FedModel:
             yield self.peft
 
     def base_state(self) -> dict[str, Tensor]:
-        """Current (folded) base weights of the adapted modules, for checkpoints."""
-        return {mod: self.base_weight(mod).detach().clone() for mod in self.layers}
+        """Current (folded) base weights of the adapted modules, on the CPU, for checkpoints."""
+        return {mod: self.base_weight(mod).detach().to("cpu", copy=True) for mod in self.layers}
 
     @torch.no_grad()
     def load_base_state(self, weights: Mapping[str, Tensor]) -> None:
@@ -190,3 +189,8 @@ class FedModel:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.peft.parameters() if p.requires_grad]
+
+
+def _cpu32(t: Tensor) -> Tensor:
+    """A float32 CPU copy, whatever the tensor's device and dtype."""
+    return t.detach().to("cpu", torch.float32, copy=True)

@@ -1,0 +1,91 @@
+"""Where the model trains and in what precision (``train.device``, ``train.precision``).
+
+Only the model and its batches move. Aggregation never does: clients hand the
+core float32 CPU copies of their adapters (``FedModel.read_adapters``), the core
+works in float32/float64 on CPU, and folds into the base weights wherever they
+live (``core.fold``). So a bf16 or CUDA run aggregates exactly what an fp32 CPU
+run would aggregate from the same adapters.
+
+Precision is autocast: the weights stay float32 (the trainable adapters and
+heads in particular), matrix products run in bf16 or fp16. fp16 needs a
+gradient scaler (its 5-bit exponent underflows small gradients); bf16 has
+fp32's range and needs none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError
+
+__all__ = ["Placement", "resolve_placement", "DEVICE_PATTERN", "PRECISIONS"]
+
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A resolved device and autocast dtype (None: plain fp32)."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype is torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.device.type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+def _available(kind: str) -> bool:
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    return True
+
+
+def resolve_placement(device: str = "auto", precision: str = "auto") -> Placement:
+    """``train.device`` and ``train.precision`` → a :class:`Placement`, or a ConfigError naming what is missing.
+
+    ``auto`` device: CUDA when torch sees one, else MPS, else the CPU. ``auto``
+    precision: bf16 on a GPU that supports it (fp16 with a scaler on older ones),
+    fp32 elsewhere (measured: BENCHMARKS.md, "Precision").
+    """
+    if not re.fullmatch(DEVICE_PATTERN, device):
+        raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device == "auto":
+        device = next(d for d in ("cuda", "mps", "cpu") if _available(d))
+    dev = torch.device(device)
+    if not _available(dev.type):
+        raise ConfigError(f"train.device={device!r} but torch sees no {dev.type.upper()} device (torch {torch.__version__}); use train.device=cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={device!r} but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if precision == "auto":
+        if dev.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision == "fp16" and dev.type == "cpu":
+        raise ConfigError("train.precision=fp16 needs a GPU; on the CPU use bf16 (autocast) or fp32")
+    return Placement(dev, _DTYPES[precision])

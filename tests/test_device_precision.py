@@ -1,0 +1,81 @@
+"""Devices and precision (``models/device.py``): what resolves to what, that autocast really
+runs the matrix products in bf16 while the trained weights and everything the core aggregates
+stay float32 on the CPU, and that gradient checkpointing recomputes activations without
+changing the gradients. (No GPU here: CUDA paths are checked by the same code on a GPU machine.)"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from engine_support import overrides, tiny_models  # noqa: F401  (fixture)
+
+from fedlora.config import ConfigError, load_config
+from fedlora.engine import Server, build_experiment
+from fedlora.engine.client import run_client
+from fedlora.models.device import Placement, resolve_placement
+
+
+def test_resolution_on_this_machine():
+    assert resolve_placement("auto", "auto") == Placement(torch.device("cpu"), None)  # fp32 on CPU: BENCHMARKS.md
+    assert resolve_placement("cpu", "bf16").dtype is torch.bfloat16
+    assert resolve_placement("cpu", "fp32").precision == "fp32"
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        resolve_placement("cuda:0", "auto")
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        resolve_placement("cpu", "fp16")
+    with pytest.raises(ConfigError, match="train.device must be"):
+        resolve_placement("gpu", "auto")
+    with pytest.raises(ConfigError, match="train.precision must be"):
+        resolve_placement("cpu", "fp8")
+
+
+def _one_client_round(exp, server):
+    state = server.initial_state()
+    job = server.plan(state)[0]
+    return run_client(exp.fm, job.start, job.client, exp.train, exp.cfg.train, job.seed, pad_token_id=exp.pad_token_id)
+
+
+def test_bf16_autocast_trains_in_bf16_and_hands_the_core_float32(tiny_models, tmp_path):
+    exp = build_experiment(load_config(None, overrides(tiny_models["bert"], tmp_path, train__precision="bf16", fed__rounds=1)))
+    server = Server(exp, tmp_path / "run")
+    seen = set()
+    query = next(layer for name, layer in exp.fm.layers.items() if name.endswith("query"))
+    hook = query.get_base_layer().register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
+    try:
+        update, stats = _one_client_round(exp, server)
+    finally:
+        hook.remove()
+    assert seen == {torch.bfloat16}  # the frozen base matmuls ran in bf16
+    assert all(p.dtype == torch.float32 for p in exp.fm.trainable_parameters())  # master weights stay fp32
+    for a in update.adapters.values():
+        assert a.B.dtype == a.A.dtype == torch.float32 and a.B.device.type == "cpu"
+    assert all(t.dtype == torch.float32 for t in update.dense.values())
+    assert math.isfinite(stats.loss) and stats.steps > 0
+    state = exp.aggregator.aggregate(server.initial_state(), [update])
+    assert all(a.B.dtype == torch.float32 for a in state.adapters.values())
+
+
+def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_models, tmp_path):
+    """Same seed, same batches: adapters equal with and without checkpointing, while each
+    encoder layer's insides run twice per step (once more in backward; the layer's own hooks
+    stay outside the checkpoint, so the count is taken inside it)."""
+    results = {}
+    for gc in (False, True):
+        cfg = load_config(None, overrides(tiny_models["bert"], tmp_path / str(gc), fed__rounds=1, train__gradient_checkpointing=str(gc).lower()))
+        exp = build_experiment(cfg)
+        server = Server(exp, tmp_path / str(gc) / "run")
+        calls = []
+        inside = exp.fm.base.bert.encoder.layer[0].intermediate
+        hook = inside.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        try:
+            update, stats = _one_client_round(exp, server)
+        finally:
+            hook.remove()
+        results[gc] = (update, stats.steps, len(calls))
+    (plain, steps, n_plain), (ckpt, steps_gc, n_gc) = results[False], results[True]
+    assert steps == steps_gc and n_plain == steps and n_gc == 2 * steps
+    for name, a in plain.adapters.items():
+        torch.testing.assert_close(ckpt.adapters[name].B, a.B, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ckpt.adapters[name].A, a.A, atol=1e-6, rtol=1e-5)
