@@ -14,11 +14,14 @@ from engine_support import overrides, tiny_models  # noqa: F401  (fixture)
 from fedlora.config import ConfigError, load_config
 from fedlora.engine import Server, build_experiment
 from fedlora.engine.client import run_client
-from fedlora.models.device import Placement, resolve_placement
+from fedlora.models.device import Placement, cpu_has_bf16, resolve_placement
 
 
 def test_resolution_on_this_machine():
-    assert resolve_placement("auto", "auto") == Placement(torch.device("cpu"), None)  # fp32 on CPU: BENCHMARKS.md
+    # auto: bf16 where the CPU computes it natively (BENCHMARKS.md "Precision"), else fp32
+    want = torch.bfloat16 if "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open("/proc/cpuinfo").read() else None
+    assert cpu_has_bf16() == (want is not None)
+    assert resolve_placement("auto", "auto") == Placement(torch.device("cpu"), want)
     assert resolve_placement("cpu", "bf16").dtype is torch.bfloat16
     assert resolve_placement("cpu", "fp32").precision == "fp32"
     with pytest.raises(ConfigError, match="no CUDA device"):

@@ -91,7 +91,7 @@ def test_pyproject_lists_every_fedlora_key_with_a_valid_value():
         flat.update({f"{k}.{kk}": vv for kk, vv in v.items()} if isinstance(v, dict) else {k: v})
     assert set(flat) == set(run_config_entries())
     cfg = config_from_run_config(flat)
-    assert isinstance(cfg, RunConfig) and cfg.model.target_modules == ["query", "value"]
+    assert isinstance(cfg, RunConfig) and cfg.model.target_modules == []  # the architecture's default
     with pytest.raises(ConfigError, match="fed.methd"):
         config_from_run_config({**flat, "fed.methd": "fedex"})
     with pytest.raises(ConfigError, match="model.rank"):

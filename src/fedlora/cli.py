@@ -31,6 +31,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from .engine.generate import generate_from_run
+
+    for prompt, answer in zip(args.prompts, generate_from_run(args.run_dir, args.prompts, args.max_new_tokens)):
+        print(f"### {prompt}\n{answer}\n")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -97,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. fed.method=fedex train.lr=1e-3")
     run.add_argument("--overwrite", action="store_true", help="delete an existing run folder of the same name first")
     run.set_defaults(func=_run)
+
+    gen = sub.add_parser("generate", help="answer prompts with a finished causal-LM run's global model (its exported adapter)")
+    gen.add_argument("run_dir", help="the run folder (runs/<name>)")
+    gen.add_argument("prompts", nargs="+", help="one or more prompts, each answered on its own")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    gen.set_defaults(func=_generate)
 
     cmp_ = sub.add_parser("compare", help="run or collect a grid of methods × partitions × seeds; write a table and a plot")
     cmp_.add_argument("config", nargs="?", help="base config file")

@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "minilm"  # short name, local folder or hub id
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    target_modules: list[str] = field(default_factory=list)  # empty: the architecture's default (peft's table)
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -44,7 +44,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "sst2"  # GLUE task, or "file" for train_file/eval_file
+    task: str = "sst2"  # GLUE task; "file" (classification from train_file/eval_file); "instruct" (causal LM)
     source: str = "auto"  # auto (local copy if there, else the hub) | local | hub
     data_dir: str = "../shared/data/glue"  # without a config file: relative to the working folder
     train_file: str = ""
@@ -54,6 +54,9 @@ class DataConfig:
     regression: bool = False
     max_train_examples: int = 0  # 0 = all
     max_eval_examples: int = 0
+    category_field: str = ""  # instruct: the field partitions skew by (empty: none, every example in one category)
+    sample_prompts: int = 3  # instruct: answers generated for the first N eval prompts after every evaluation
+    sample_tokens: int = 48  # instruct: new tokens per generated answer (greedy)
 
 
 @dataclass
@@ -113,7 +116,6 @@ class RunConfig:
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
             (all(r >= 1 for r in self.model.client_ranks), "model.client_ranks must all be ≥ 1"),
             (self.model.max_length >= 8, "model.max_length must be ≥ 8"),
-            (bool(self.model.target_modules), "model.target_modules must not be empty"),
             (self.data.source in ("auto", "local", "hub"), f"data.source must be 'auto', 'local' or 'hub', got {self.data.source!r}"),
             (self.partition.num_clients >= 1, "partition.num_clients must be ≥ 1"),
             (

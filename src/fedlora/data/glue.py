@@ -122,7 +122,7 @@ def load_glue(
                 f"the Hugging Face hub (unreachable?): {e}; use source: local with data_dir pointing "
                 f"at a GLUE download (<data_dir>/{_local_file(spec, split)})"
             ) from e
-    return _take(ds, max_examples, seed)
+    return take_random(ds, max_examples, seed)
 
 
 def _local_file(spec: TaskSpec, split: str) -> str:
@@ -143,7 +143,8 @@ def _load_auto_hub(spec: TaskSpec, split: str, data_dir: str | os.PathLike | Non
         ) from e
 
 
-def _take(ds: TextDataset, max_examples: int | None, seed: int) -> TextDataset:
+def take_random(ds, max_examples: int | None, seed: int):
+    """A random subset of ``max_examples`` examples (chosen with ``seed``), kept in file order; all when None or larger."""
     if max_examples is None or max_examples >= len(ds):
         return ds
     if max_examples < 1:

@@ -33,6 +33,7 @@ class TaskSpec:
     hub_train_split: str = "train"
     hub_dev_split: str = "validation"
     label_column: str = "label"
+    lower_is_better: bool = False  # the primary metric is a loss (perplexity): the best round has the least
 
     @property
     def is_regression(self) -> bool:

@@ -31,6 +31,9 @@ class TokenizedDataset:
     ``ids``: int64 (total tokens,); ``offsets``: int64 (N+1,); ``token_type_ids``: like
     ``ids`` or None when the tokenizer makes none (RoBERTa, GPT-2); ``labels``: int64 or
     float32 (N,); ``lengths``: int64 (N,), tokens per example (special tokens included).
+    ``loss_mask``: like ``ids``, 1 on the tokens a causal LM learns to produce (an
+    instruction's answer), or None for classification; then ``labels`` are only the
+    examples' categories (for partitions), and batches get per-token labels.
     """
 
     ids: Tensor
@@ -38,6 +41,11 @@ class TokenizedDataset:
     token_type_ids: Tensor | None
     labels: Tensor
     lengths: Tensor
+    loss_mask: Tensor | None = None
+
+    @property
+    def is_causal(self) -> bool:
+        return self.loss_mask is not None
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -117,7 +125,8 @@ def collate(tokenized: TokenizedDataset, batch_indices, pad_token_id: int) -> di
     """Right-pad one batch to its longest example.
 
     Returns ``input_ids``, ``attention_mask`` (1 = token, 0 = pad), ``token_type_ids``
-    (padded with 0; only if the tokenizer made them) and ``labels``.
+    (padded with 0; only if the tokenizer made them) and ``labels``: per example, or for
+    causal LM data per token (the ids where ``loss_mask`` is 1, -100 elsewhere and on pads).
     """
     if pad_token_id is None:
         raise DataError("collate needs a pad_token_id (set tokenizer.pad_token, e.g. to eos)")
@@ -127,14 +136,17 @@ def collate(tokenized: TokenizedDataset, batch_indices, pad_token_id: int) -> di
     input_ids = torch.full((len(idx), width), int(pad_token_id), dtype=torch.int64)
     mask = torch.zeros((len(idx), width), dtype=torch.int64)
     types = None if tokenized.token_type_ids is None else torch.zeros_like(input_ids)
+    learn = None if tokenized.loss_mask is None else torch.zeros_like(input_ids)
     for row, i in enumerate(idx.tolist()):
         lo, hi = int(tokenized.offsets[i]), int(tokenized.offsets[i + 1])
         input_ids[row, : hi - lo] = tokenized.ids[lo:hi]
         mask[row, : hi - lo] = 1
         if types is not None:
             types[row, : hi - lo] = tokenized.token_type_ids[lo:hi]
+        if learn is not None:
+            learn[row, : hi - lo] = tokenized.loss_mask[lo:hi]
     out = {"input_ids": input_ids, "attention_mask": mask}
     if types is not None:
         out["token_type_ids"] = types
-    out["labels"] = tokenized.labels[idx]
+    out["labels"] = tokenized.labels[idx] if learn is None else input_ids.masked_fill(learn == 0, -100)
     return out

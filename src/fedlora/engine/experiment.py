@@ -12,7 +12,9 @@ import torch
 from ..config import ConfigError, RunConfig
 from ..core import Aggregator, get_aggregator
 from ..data import TaskSpec, bin_names, get_task, label_histogram, load_glue, load_text_file, partition, regression_bins, tokenize
-from ..models import FedModel, LoraSettings, load_pretrained
+from ..data.glue import take_random
+from ..data.instruct import load_instruct_file, render_prompt, tokenize_instruct
+from ..models import FedModel, LoraSettings, default_target_modules, load_causal_lm, load_pretrained
 from ..models.device import resolve_placement
 from ..models.hub import max_input_length
 from .client import ClientData
@@ -34,6 +36,11 @@ class Experiment:
     clients: list[ClientData]
     histogram: np.ndarray
     label_names: list[str] = field(default_factory=list)
+    sample_prompts: list[tuple[str, list[int]]] = field(default_factory=list)  # causal LMs: (text, prompt ids) to answer each round
+
+    @property
+    def causal(self) -> bool:
+        return self.task.name == "instruct"
 
     @property
     def pad_token_id(self) -> int:
@@ -47,8 +54,21 @@ def file_task(cfg: RunConfig, label_names: list[str] | None) -> TaskSpec:
     return TaskSpec("file", "", tuple(cfg.data.text_columns), tuple(label_names or ()), ("accuracy", "f1_macro"), "accuracy", "")
 
 
+def instruct_task(label_names: list[str]) -> TaskSpec:
+    """Instruction tuning of a causal LM: held-out loss and perplexity of the answers (lower is better)."""
+    return TaskSpec("instruct", "", ("messages",), tuple(label_names), ("loss", "perplexity"), "perplexity", "", lower_is_better=True)
+
+
 def load_datasets(cfg: RunConfig):
     d = cfg.data
+    if d.task == "instruct":
+        if not d.train_file or not d.eval_file:
+            raise ConfigError("data.task=instruct needs data.train_file and data.eval_file (JSONL or CSV)")
+        train = load_instruct_file(d.train_file, category_field=d.category_field)
+        dev = load_instruct_file(d.eval_file, category_field=d.category_field, category_names=train.label_names)
+        # One evaluation subset for every seed, as for GLUE.
+        train, dev = take_random(train, d.max_train_examples or None, cfg.seed), take_random(dev, d.max_eval_examples or None, 0)
+        return instruct_task(train.label_names), train, dev
     if d.task == "file":
         if not d.train_file or not d.eval_file:
             raise ConfigError("data.task=file needs data.train_file and data.eval_file")
@@ -65,9 +85,11 @@ def load_datasets(cfg: RunConfig):
 
 
 def load_node_examples(cfg: RunConfig, task: TaskSpec, path: str, label_names: list[str] | None):
-    """A node's own training examples: a CSV/JSONL file (``data.task=file``, the run's
-    columns) or a folder in the GLUE layout (``<path>/<TASK>/train.tsv``)."""
+    """A node's own training examples: a CSV/JSONL file (``data.task=file`` or ``instruct``,
+    the run's columns) or a folder in the GLUE layout (``<path>/<TASK>/train.tsv``)."""
     d = cfg.data
+    if d.task == "instruct":
+        return load_instruct_file(path, category_field=d.category_field, category_names=label_names)
     if d.task == "file":
         return load_text_file(path, d.text_columns, d.label_column, label_names=label_names, regression=d.regression)
     return load_glue(task, "train", source="local", data_dir=path)
@@ -83,6 +105,8 @@ def make_aggregator(cfg: RunConfig, fm: FedModel) -> Aggregator:
     if cfg.fed.mode == "centralized":
         return get_aggregator("fedit", weighting="uniform")
     options = dict(cfg.fed.options)
+    if options.get("class_aware_head") and not fm.head:
+        raise ConfigError("fed.options.class_aware_head needs a classification head; a causal LM has none")
     if options.get("class_aware_head") and fm.base.config.num_labels < 2:
         raise ConfigError("fed.options.class_aware_head needs a classification task (this one is regression)")
     if options.get("class_aware_head") and not options.get("head_keys"):
@@ -112,16 +136,21 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     ranks = [cfg.model.rank] if centralized else client_ranks(cfg, num_clients)
 
     model_path = cfg.model.name
+    causal = task.name == "instruct"
     if model is None:
         # A head the checkpoint lacks is initialised randomly: from the run's seed, not from
         # whatever the process drew before, so a run (and its resume) starts from the same head.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, "model"))
-            model, tokenizer = load_pretrained(cfg.model.name, task.num_labels, regression=task.is_regression)
+            if causal:
+                model, tokenizer = load_causal_lm(cfg.model.name)
+            else:
+                model, tokenizer = load_pretrained(cfg.model.name, task.num_labels, regression=task.is_regression)
     limit = max_input_length(model, tokenizer)
     if limit is not None and cfg.model.max_length > limit:
         raise ConfigError(f"model.max_length={cfg.model.max_length} exceeds the {limit} positions of model {cfg.model.name!r}")
-    settings = LoraSettings(tuple(cfg.model.target_modules), cfg.model.rank, cfg.model.alpha, cfg.model.dropout, cfg.model.rslora)
+    targets = tuple(cfg.model.target_modules) or tuple(default_target_modules(model))
+    settings = LoraSettings(targets, cfg.model.rank, cfg.model.alpha, cfg.model.dropout, cfg.model.rslora)
     if cfg.train.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"train.gradient_checkpointing: model {cfg.model.name!r} does not support it")
@@ -131,14 +160,15 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    fm = FedModel(model, settings, ranks, placement)
+    fm = FedModel(model, settings, ranks, placement, head=not causal)
     aggregator = make_aggregator(cfg, fm)
     if any(r != cfg.model.rank for r in ranks) and not aggregator.mixed_ranks:
         raise ConfigError(
             f"method {cfg.fed.method!r} needs every client at model.rank={cfg.model.rank}; mixed client_ranks need hexa, fedhl, flexlora, hetlora or flora"
         )
-    train = tokenize(train_text, tokenizer, cfg.model.max_length)
-    dev = tokenize(dev_text, tokenizer, cfg.model.max_length)
+    encode = tokenize_instruct if causal else tokenize
+    train = encode(train_text, tokenizer, cfg.model.max_length)
+    dev = encode(dev_text, tokenizer, cfg.model.max_length)
     hist = label_histogram(train_text.labels, parts)
     clients = []
     for i, (idx, r) in enumerate(zip(parts, ranks)):
@@ -147,4 +177,8 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
             counts = torch.bincount(torch.as_tensor(train_text.labels[idx]), minlength=task.num_labels).double()
         clients.append(ClientData(client_id=f"client{i}", indices=np.asarray(idx), rank=r, label_counts=counts))
     names = list(train_text.label_names or []) or bin_names(regression_bins(train_text.labels)[1])
-    return Experiment(cfg, task, model_path, fm, tokenizer, aggregator, train, dev, clients, hist, names)
+    samples = []
+    if causal:
+        for messages in dev_text.prompts[: cfg.data.sample_prompts]:
+            samples.append((messages[-1]["content"], render_prompt(tokenizer, messages)))
+    return Experiment(cfg, task, model_path, fm, tokenizer, aggregator, train, dev, clients, hist, names, samples)

@@ -34,7 +34,8 @@ def summarise(exp: Experiment, rows: list[dict[str, Any]]) -> dict[str, Any]:
     primary = "eval_" + exp.task.primary_metric
     evaluated = [r for r in rows if primary in r]
     final = evaluated[-1] if evaluated else {}
-    best = max(evaluated, key=lambda r: r[primary]) if evaluated else {}
+    pick_best = min if exp.task.lower_is_better else max
+    best = pick_best(evaluated, key=lambda r: r[primary]) if evaluated else {}
     pick = lambda r: {k[5:]: v for k, v in r.items() if k.startswith("eval_") and k != "eval_s"}  # noqa: E731
     cfg = exp.cfg
     return {
@@ -78,6 +79,8 @@ def run_experiment(
     def on_round(sim: Simulator) -> None:
         writer.write_rows("metrics", sim.rounds)
         writer.write_rows("clients", sim.client_rows)
+        if sim.samples:
+            writer.write_rows("samples", sim.samples)
 
     sim = Simulator(exp, run_dir, on_round=on_round)
     # A checkpoint of another configuration is refused here, before config.yaml is rewritten.
@@ -94,7 +97,7 @@ def run_experiment(
     summary = summarise(exp, sim.rounds)
     if export:
         ranks = export_peft_adapter(
-            exp.fm, sim.total_delta(state), state.dense, cfg.model.name, exp.task.num_labels, exp.task.is_regression, run_dir / "adapter"
+            exp.fm, sim.total_delta(state), state.dense, cfg.model.name, exp.task.num_labels, exp.task.is_regression, run_dir / "adapter", causal=exp.causal
         )
         summary["adapter_max_rank"] = max(ranks.values())
     if plots:

@@ -28,7 +28,7 @@ from ..core import ClientStart, ClientUpdate, Factored, ServerState
 from ..core.serialize import state_from_dict, state_to_dict
 from .checkpoint import load_checkpoint, save_checkpoint
 from .client import ClientData
-from .evaluate import evaluate
+from .evaluate import evaluate, generate_answers
 from .experiment import Experiment
 from .seeding import derive_seed, generator
 
@@ -74,6 +74,7 @@ class Server:
         self.on_round = on_round  # callback(history) after each round's checkpoint
         self.rounds: list[dict[str, Any]] = []
         self.client_rows: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = []  # causal LMs: the global model's answers to fixed prompts, per evaluation
         # Σ_t ΔW0_t: everything folded into the base so far, kept factored (and
         # compressed to its numerical rank) for the export on the pretrained base.
         self.folded: dict[str, Factored] = {}
@@ -91,6 +92,7 @@ class Server:
             raise ConfigError(f"{self.run_dir} holds a run with a different configuration; choose another run name or output_dir")
         self.exp.fm.load_base_state(ckpt["base"])
         self.rounds, self.client_rows = ckpt["rounds"], ckpt["clients"]
+        self.samples = ckpt.get("samples", [])
         self.folded = {k: Factored(v["L"], v["R"]) for k, v in ckpt["folded"].items()}
         return state_from_dict(ckpt["state"])
 
@@ -103,6 +105,7 @@ class Server:
                 "base": self.exp.fm.base_state(),
                 "rounds": self.rounds,
                 "clients": self.client_rows,
+                "samples": self.samples,
                 "folded": {k: {"L": f.L, "R": f.R} for k, f in self.folded.items()},
             },
         )
@@ -217,6 +220,9 @@ class Server:
                 for c in exp.clients:
                     m = evaluate(model, exp.train, c.indices, exp.task, self.cfg.train.eval_batch_size, exp.pad_token_id, exp.fm.placement)
                     out[f"local_{primary}_{c.client_id}"] = m[primary]
+            if exp.sample_prompts:
+                answers = generate_answers(model, exp.tokenizer, [ids for _, ids in exp.sample_prompts], self.cfg.data.sample_tokens, exp.fm.placement)
+                self.samples.extend({"round": state.round, "prompt": text, "answer": a} for (text, _), a in zip(exp.sample_prompts, answers))
         out["eval_s"] = time.perf_counter() - t0
         return out
 

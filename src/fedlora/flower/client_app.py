@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..core import Factored
 from ..data import tokenize
+from ..data.instruct import tokenize_instruct
 from ..engine.client import ClientData, run_client
 from ..engine.experiment import Experiment, build_experiment, load_node_examples
 from .records import decode_broadcast, decode_start, encode_resync, encode_update
@@ -82,7 +83,7 @@ def _client_data(local: _Local, context: Context, pid: int) -> tuple[ClientData,
     key = (str(path), pid)
     if key not in local.node_data:
         text = load_node_examples(exp.cfg, exp.task, str(path), list(exp.task.label_names or ()) or None)
-        data = tokenize(text, exp.tokenizer, exp.cfg.model.max_length)
+        data = (tokenize_instruct if exp.causal else tokenize)(text, exp.tokenizer, exp.cfg.model.max_length)
         counts = None if exp.task.is_regression else torch.bincount(torch.as_tensor(text.labels), minlength=exp.task.num_labels).double()
         client = ClientData(client_id=exp.clients[pid].client_id, indices=np.arange(len(text)), rank=exp.clients[pid].rank, label_counts=counts)
         local.node_data[key] = (client, data)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..core import Factored
-from .hub import load_pretrained
+from .hub import load_causal_lm, load_pretrained
 from .lora import HEAD_MODULES, FedModel
 
 __all__ = ["export_peft_adapter"]
@@ -48,6 +48,8 @@ def export_peft_adapter(
     regression: bool,
     out_dir: Path,
     rtol: float = 1e-6,
+    *,
+    causal: bool = False,
 ) -> dict[str, int]:
     """Write ``out_dir`` (adapter_config.json + adapter_model.safetensors); returns rank per module."""
     from peft import LoraConfig, get_peft_model
@@ -61,17 +63,17 @@ def export_peft_adapter(
         else:
             B, A = svd.U * svd.S, svd.Vh
         factors[name], ranks[name] = (B, A), B.shape[1]
-    base, _ = load_pretrained(model_path, num_labels, regression)
+    base = load_causal_lm(model_path)[0] if causal else load_pretrained(model_path, num_labels, regression)[0]
     heads = sorted({k.split(".")[0] for k in dense} & set(HEAD_MODULES))
     top = max(ranks.values())
     config = LoraConfig(
-        task_type="SEQ_CLS",
+        task_type="CAUSAL_LM" if causal else "SEQ_CLS",
         r=top,
         lora_alpha=top,
         target_modules=list(fm.settings.target_modules),
         rank_pattern={re.escape(n): r for n, r in ranks.items()},
         alpha_pattern={re.escape(n): r for n, r in ranks.items()},
-        modules_to_save=heads,
+        modules_to_save=heads or None,
         fan_in_fan_out=any(layer.fan_in_fan_out for layer in fm.layers.values()),  # GPT-2's Conv1D
     )
     with quiet_peft():

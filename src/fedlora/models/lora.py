@@ -58,7 +58,7 @@ def adapter_name(rank: int) -> str:
 class FedModel:
     """A Hugging Face model wrapped once with one peft adapter per client rank."""
 
-    def __init__(self, model: nn.Module, settings: LoraSettings, ranks: Iterable[int] = (), placement: Placement | None = None):
+    def __init__(self, model: nn.Module, settings: LoraSettings, ranks: Iterable[int] = (), placement: Placement | None = None, *, head: bool = True):
         import warnings
 
         from peft import get_peft_model
@@ -69,7 +69,12 @@ class FedModel:
         with warnings.catch_warnings():  # peft warns when it switches Conv1D to fan_in_fan_out
             warnings.simplefilter("ignore")
             first, *rest = self.ranks
-            self.peft = get_peft_model(model, settings.peft_config(first), adapter_name=adapter_name(first))
+            try:
+                self.peft = get_peft_model(model, settings.peft_config(first), adapter_name=adapter_name(first))
+            except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+                if "not found" not in str(e):
+                    raise
+                raise ModelError(f"no module matches LoRA target_modules {list(settings.target_modules)} in this {model.config.model_type} model") from None
             for r in rest:
                 self.peft.add_adapter(adapter_name(r), settings.peft_config(r))
         self.base = self.peft.get_base_model()
@@ -79,8 +84,9 @@ class FedModel:
         }
         if not self.layers:
             raise ModelError(f"no module matches LoRA target_modules {list(settings.target_modules)}")
-        self.head = {name: p for name, p in self.base.named_parameters() if name.split(".")[0] in HEAD_MODULES}
-        if not self.head:
+        # Classifiers train their head in full; a causal LM's output layer stays frozen (head=False).
+        self.head = {name: p for name, p in self.base.named_parameters() if name.split(".")[0] in HEAD_MODULES} if head else {}
+        if head and not self.head:
             raise ModelError("the model has no classification head named 'classifier' or 'score'")
         for p in self.base.parameters():
             p.requires_grad_(False)
