@@ -4,7 +4,7 @@ for federated instruction tuning of a causal LM where clients differ in what the
     python examples/make_glue_instruct.py            # writes examples/data/glue_instruct_{train,eval}.jsonl
 
 Each line: {"instruction", "input", "output", "category"}. Tasks: SST-2 (sentiment), RTE and
-QNLI (entailment), STS-B (similarity, answered as a number 0-5). Deterministic (seeded).
+QNLI (entailment; from halves of its dev set when the copy lacks train.tsv), STS-B (similarity, answered as a number 0-5). Deterministic (seeded).
 """
 
 from __future__ import annotations
@@ -58,7 +58,12 @@ def main() -> None:
     for split, n in (("train", args.train_per_task), ("eval", args.eval_per_task)):
         rows = []
         for task, (instruction, inp, answer) in TEMPLATES.items():
-            source = read_tsv(Path(args.glue) / FOLDERS[task] / ("train.tsv" if split == "train" else "dev.tsv"))
+            folder = Path(args.glue) / FOLDERS[task]
+            if (folder / "train.tsv").is_file():
+                source = read_tsv(folder / ("train.tsv" if split == "train" else "dev.tsv"))
+            else:  # a copy without train.tsv (QNLI here): its dev set, halved, serves both splits
+                dev = read_tsv(folder / "dev.tsv")
+                source = dev[: len(dev) // 2] if split == "train" else dev[len(dev) // 2 :]
             for r in rng.sample(source, min(n, len(source))):
                 rows.append({"instruction": instruction, "input": inp(r), "output": answer(r), "category": task})
         rng.shuffle(rows)

@@ -73,7 +73,7 @@ def test_files_in_every_format_and_bad_ones(tmp_path):
         "empty-output": (json.dumps({"instruction": "x", "output": " "}), "no response"),
         "no-assistant": (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "no response"),
         "fields": (json.dumps({"question": "x"}), "needs 'instruction' and 'output'"),
-        "json": ("{not json", ":1: not valid JSON"),
+        "json": ("{not json", ":1: invalid JSON"),
     }
     for name, (line, words) in bad.items():
         (tmp_path / f"{name}.jsonl").write_text(line + "\n")

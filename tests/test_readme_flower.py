@@ -169,8 +169,14 @@ def test_simulation_as_in_readme_equals_in_process_and_its_superlink_stops(tiny_
     with processes(co.env, tmp_path) as procs:
         try:
             out = co.run("simulation", tiny(model, **{"fed.rounds": 2, "name": "'readme-sim'"}), timeout=RUN_TIMEOUT)
+            # Bad input through Flower: 10 SuperNodes, 3 partitions. One line naming the problem,
+            # no traceback of fedlora's own, no run folder (flwr run itself exits 0: Flower's rule).
+            bad = co.run("simulation", tiny(model, **{"partition.num_clients": 3, "name": "'readme-bad'"}), timeout=RUN_TIMEOUT)
         finally:
             co.run("stop-local")
+        bad_text = bad.stdout + bad.stderr
+        assert "fedlora: error: node" in bad_text and "the run has partition.num_clients=3" in bad_text, bad_text[-3000:]
+        assert not (co.dir / "runs" / "readme-bad").exists()
         text = out.stdout + out.stderr
         assert "fedlora: round 2/2: 10 clients" in text and "Aggregated ClientApp-side Train Metrics" not in text
         link = f"{co.home}/local-superlink"

@@ -38,7 +38,7 @@ def load_text_file(
     if suffix == ".csv":
         rows = _csv_rows(path)
     elif suffix in (".jsonl", ".json", ".ndjson"):
-        rows = _jsonl_rows(path)
+        rows = jsonl_rows(path)
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv or .jsonl")
 
@@ -78,7 +78,8 @@ def _csv_rows(path: Path):
     return rows
 
 
-def _jsonl_rows(path: Path):
+def jsonl_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file; DataError naming the line otherwise."""
     rows = []
     with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):

@@ -21,7 +21,6 @@ elsewhere), so prompts never train the model to produce them.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .files import jsonl_rows
 from .tokenize import TokenizedDataset
 
 __all__ = ["InstructDataset", "load_instruct_file", "tokenize_instruct", "render_prompt", "PLAIN_PROMPT"]
@@ -83,18 +83,7 @@ def load_instruct_file(path: str | Path, *, category_field: str = "", category_n
     if not path.is_file():
         raise DataError(f"instruction file {str(path)!r} not found")
     if path.suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{n}: each line must be a JSON object")
-                rows.append((f"{path}:{n}", row))
+        rows = [(f"{path}:{n}", row) for n, row in jsonl_rows(path)]
     elif path.suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
             rows = [(f"{path}:{n}", row) for n, row in enumerate(csv.DictReader(f), 2)]

@@ -35,6 +35,8 @@ def quiet_peft() -> Iterator[None]:
     only that one, while fedlora calls peft."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        # A base loaded from a GGUF file (smollm2) has no config.json beside it; its vocabulary is the file's.
+        warnings.filterwarnings("ignore", message=r"Could not find a config file in .* will assume that the vocabulary was not modified", category=UserWarning)
         yield
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -91,18 +92,32 @@ def resolve_model(name: str) -> str:
     return name
 
 
+@contextmanager
+def _quiet_transformers(failure: str):
+    """Loading as fedlora wants it: transformers' expected notices ("newly initialised
+    classifier") and progress bars off, and a loading failure as one ModelError line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    except (OSError, ImportError) as e:
+        raise ModelError(f"{failure}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_pretrained(name: str, num_labels: int, regression: bool = False):
     """(model, tokenizer) for sequence classification. GPT-2-style models get a pad token."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     path = resolve_model(name)
     problem = "regression" if regression else "single_label_classification"
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the "newly initialised classifier" notice is expected
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr
-    try:
+    with _quiet_transformers(f"cannot load model {name!r} ({path})"):
         tokenizer = AutoTokenizer.from_pretrained(path)
         # The task decides the head: a folder saved with another head (a fine-tuned
         # checkpoint: other num_labels or problem_type) gets a fresh head of the right size.
@@ -111,12 +126,6 @@ def load_pretrained(name: str, num_labels: int, regression: bool = False):
         config.num_labels = num_labels
         config.problem_type = problem
         model = AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True)
-    except OSError as e:
-        raise ModelError(f"cannot load model {name!r} ({path}): {str(e).splitlines()[0]}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
     _ensure_pad(model, tokenizer)
     return model, tokenizer
 
@@ -126,23 +135,12 @@ def load_causal_lm(name: str):
     file, which transformers dequantizes to float32 on load and needs the ``gguf`` package
     for), a local folder or a hub id. The tokenizer gets a pad token (EOS) if it lacks one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     path, gguf = CAUSAL_SHORT_NAMES[name]() if name in CAUSAL_SHORT_NAMES else (resolve_model(name), None)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
+    with _quiet_transformers(f"cannot load causal LM {name!r} ({path}{' ' + gguf if gguf else ''})"):
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ImportError) as e:
-        raise ModelError(f"cannot load causal LM {name!r} ({path}{' ' + gguf if gguf else ''}): {str(e).splitlines()[0]}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
     _ensure_pad(model, tokenizer)
     return model, tokenizer
 
