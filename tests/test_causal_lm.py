@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from engine_support import GLUE, read_jsonl
@@ -236,3 +237,91 @@ def test_flower_clientapp_trains_causal_lms_as_the_in_process_engine(tiny_llama,
         torch.testing.assert_close(got.adapters[name].B, a.B, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(got.adapters[name].A, a.A, atol=1e-5, rtol=1e-4)
     assert [r["eval_loss"] for r in server.rounds] == pytest.approx([r["eval_loss"] for r in sim.rounds], rel=1e-5)
+
+
+# ------------------------------------------------------------------- GLUE as prompts
+def test_glue_tasks_become_label_word_instructions():
+    from fedlora.data import TextDataset, get_task
+    from fedlora.data.prompts import glue_as_instructions
+
+    sst = glue_as_instructions(get_task("sst2"), TextDataset(["a fun film", "dull"], None, [1, 0], ["negative", "positive"]))
+    assert sst.responses == ["positive", "negative"] and sst.prompts[0][0]["content"].endswith("\n\na fun film")
+    sts = glue_as_instructions(get_task("stsb"), TextDataset(["x", "y"], ["x", "z"], [4.6, 0.2]))
+    assert sts.responses == ["5", "0"] and sts.labels.tolist() == [5, 0] and sts.prompts[1][0]["content"].endswith("y\nz")
+    wnli = glue_as_instructions(get_task("wnli"), TextDataset(["a"], ["b"], [1], ["not_entailment", "entailment"]))
+    assert wnli.responses == ["yes"]
+
+
+def test_label_word_scores_and_metrics_against_per_pair_log_likelihoods():
+    from fedlora.data import get_task
+    from fedlora.data.prompts import prompt_metrics
+    from fedlora.engine.evaluate import label_word_scores
+
+    model, tok = tiny_causal_lm("llama")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 40, (n,), generator=g).tolist() for n in (7, 3, 11)]
+    answers = [[[41, 3], [42, 3]], [[41, 3], [42, 3]], [[41, 3], [42, 3]]]
+    got = label_word_scores(model, prompts, answers, batch_size=4, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            for k, a in enumerate(answers[i]):
+                seq = torch.tensor([p + a])
+                logp = torch.log_softmax(model(input_ids=seq).logits[0].double(), -1)
+                want = sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(a))
+                assert got[i, k] == pytest.approx(want, abs=1e-4)
+    # STS-B: the expected bin under softmax(s); classes: argmax.
+    s = np.log(np.array([[0.1, 0.2, 0.3, 0.2, 0.1, 0.1], [0.0 + 1e-9, 0, 0, 0, 0, 1.0]]) + 1e-12)
+    m = prompt_metrics(get_task("stsb"), s, np.array([2.4, 5.0]))
+    assert set(m) == {"pearson", "spearman"}
+    acc = prompt_metrics(get_task("sst2"), np.array([[0.0, -1.0], [-2.0, -0.5], [-1.0, 0.0]]), np.array([0, 1, 0]))
+    assert acc["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_sst2_as_prompts_run_reports_accuracy_from_label_words(tiny_llama, tmp_path):
+    over = [
+        f"model.name={tiny_llama}",
+        "model.rank=4",
+        "model.max_length=64",
+        "data.task=sst2",
+        "data.as_prompt=true",
+        f"data.data_dir={GLUE}",
+        "data.max_train_examples=60",
+        "data.max_eval_examples=20",
+        "data.sample_prompts=1",
+        "data.sample_tokens=3",
+        "partition.num_clients=2",
+        "fed.rounds=1",
+        "fed.method=fedex",
+        "train.batch_size=8",
+        "progress=false",
+        "threads=1",
+        f"output_dir={tmp_path}",
+        "name=prompt",
+    ]
+    summary = run_experiment(load_config(None, over), export=False, plots=False)
+    row = read_jsonl(tmp_path / "prompt" / "metrics.jsonl")[-1]
+    assert summary["primary_metric"] == "accuracy" and 0.0 <= row["eval_accuracy"] <= 1.0
+    assert row["eval_accuracy"] * 20 == pytest.approx(round(row["eval_accuracy"] * 20))  # a count over 20 examples
+    assert "eval_loss" in row and "eval_perplexity" in row
+
+
+def test_label_words_the_tokenizer_cannot_tell_apart_are_refused(tiny_llama, tmp_path, capsys, monkeypatch):
+    from fedlora.data import prompts as prompt_module
+
+    monkeypatch.setitem(prompt_module.PROMPTS, "sst2", prompt_module.PromptTemplate("is it good", ("zzzz", "qqqq")))
+    out = tmp_path / "runs"
+    over = [
+        f"model.name={tiny_llama}",
+        "model.max_length=64",
+        "data.task=sst2",
+        "data.as_prompt=true",
+        f"data.data_dir={GLUE}",
+        "data.max_train_examples=20",
+        "data.max_eval_examples=4",
+        "partition.num_clients=2",
+        f"output_dir={out}",
+    ]
+    code = cli.main(["run", *over])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("fedlora: error:") and "cannot tell the classes apart" in err and "zzzz" in err
+    assert not out.exists()

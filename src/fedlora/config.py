@@ -54,6 +54,7 @@ class DataConfig:
     regression: bool = False
     max_train_examples: int = 0  # 0 = all
     max_eval_examples: int = 0
+    as_prompt: bool = False  # a GLUE task as label-word prompts for a causal LM (data/prompts.py)
     category_field: str = ""  # instruct: the field partitions skew by (empty: none, every example in one category)
     sample_prompts: int = 3  # instruct: answers generated for the first N eval prompts after every evaluation
     sample_tokens: int = 48  # instruct: new tokens per generated answer (greedy)

@@ -31,7 +31,7 @@ from .errors import DataError
 from .files import jsonl_rows
 from .tokenize import TokenizedDataset
 
-__all__ = ["InstructDataset", "load_instruct_file", "tokenize_instruct", "render_prompt", "PLAIN_PROMPT"]
+__all__ = ["InstructDataset", "load_instruct_file", "tokenize_instruct", "render_prompt", "answer_ids", "PLAIN_PROMPT"]
 
 PLAIN_PROMPT = "### Instruction:\n{user}\n\n### Response:\n"
 
@@ -117,7 +117,7 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return list(tokenizer(PLAIN_PROMPT.format(user=user))["input_ids"])
 
 
-def _answer_ids(tokenizer, messages: list[dict[str, str]], answer: str, prompt: list[int]) -> list[int]:
+def answer_ids(tokenizer, messages: list[dict[str, str]], answer: str, prompt: list[int]) -> list[int]:
     """Token ids of the answer as the template ends it (end-of-turn or EOS)."""
     if getattr(tokenizer, "chat_template", None):
         full = list(tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=True, return_dict=False))
@@ -138,7 +138,7 @@ def tokenize_instruct(dataset: InstructDataset, tokenizer, max_length: int) -> T
     ids, mask, lengths = [], [], []
     for messages, answer in zip(dataset.prompts, dataset.responses):
         prompt = render_prompt(tokenizer, messages)
-        ans = _answer_ids(tokenizer, messages, answer, prompt)
+        ans = answer_ids(tokenizer, messages, answer, prompt)
         keep_ans = min(len(ans), max(max_length - len(prompt), max_length // 2))
         keep_prompt = min(len(prompt), max_length - keep_ans)
         prompt, ans = prompt[len(prompt) - keep_prompt :], ans[:keep_ans]

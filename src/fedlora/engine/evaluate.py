@@ -11,7 +11,7 @@ import torch
 from ..data import collate, compute_metrics, length_bucketed_batches
 from ..models.device import Placement
 
-__all__ = ["predict", "evaluate", "language_model_loss", "generate_answers"]
+__all__ = ["predict", "evaluate", "language_model_loss", "generate_answers", "label_word_scores"]
 
 CPU = Placement(torch.device("cpu"))
 
@@ -46,6 +46,36 @@ def language_model_loss(model, data, indices: np.ndarray, batch_size: int, pad_t
         count += int((target != -100).sum())
     loss = float(nll) / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+@torch.no_grad()
+def label_word_scores(
+    model, prompts: list[list[int]], answers: list[list[list[int]]], batch_size: int, pad_token_id: int, place: Placement = CPU
+) -> np.ndarray:
+    """s[i, k] = Σ_t log p(a_ikt | prompt_i, a_ik<t): how likely the model finds answer k after prompt i.
+
+    Every (prompt, answer) pair is one sequence; sequences are sorted by length and
+    right-padded in batches, so a prompt's score never depends on its batch."""
+    model.eval()
+    pairs = [(i, k, prompts[i] + a, len(prompts[i])) for i in range(len(prompts)) for k, a in enumerate(answers[i])]
+    pairs.sort(key=lambda q: len(q[2]))
+    scores = np.zeros((len(prompts), max(len(a) for a in answers)), dtype=np.float64)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        width = max(len(q[2]) for q in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        answer = torch.zeros((len(chunk), width - 1), dtype=torch.bool)  # position t predicts token t+1
+        for r, (_, _, seq, n_prompt) in enumerate(chunk):
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+            answer[r, n_prompt - 1 : len(seq) - 1] = True
+        with place.autocast():
+            logits = model(input_ids=ids.to(place.device), attention_mask=mask.to(place.device)).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None].to(place.device))[..., 0].cpu().double()
+        for r, (i, k, _, _) in enumerate(chunk):
+            scores[i, k] = float(logp[r][answer[r]].sum())
+    return scores
 
 
 @torch.no_grad()

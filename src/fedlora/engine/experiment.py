@@ -13,7 +13,8 @@ from ..config import ConfigError, RunConfig
 from ..core import Aggregator, get_aggregator
 from ..data import TaskSpec, bin_names, get_task, label_histogram, load_glue, load_text_file, partition, regression_bins, tokenize
 from ..data.glue import take_random
-from ..data.instruct import load_instruct_file, render_prompt, tokenize_instruct
+from ..data.instruct import answer_ids, load_instruct_file, render_prompt, tokenize_instruct
+from ..data.prompts import PROMPTS, glue_as_instructions
 from ..models import FedModel, LoraSettings, default_target_modules, load_causal_lm, load_pretrained
 from ..models.device import resolve_placement
 from ..models.hub import max_input_length
@@ -21,6 +22,15 @@ from .client import ClientData
 from .seeding import derive_seed
 
 __all__ = ["Experiment", "build_experiment", "client_ranks"]
+
+
+@dataclass
+class PromptEval:
+    """A GLUE dev set as label-word prompts: prompt ids, each label word's answer ids, the targets."""
+
+    prompts: list[list[int]]
+    answers: list[list[list[int]]]
+    targets: np.ndarray  # class ids, or STS-B's unbinned scores
 
 
 @dataclass
@@ -37,10 +47,8 @@ class Experiment:
     histogram: np.ndarray
     label_names: list[str] = field(default_factory=list)
     sample_prompts: list[tuple[str, list[int]]] = field(default_factory=list)  # causal LMs: (text, prompt ids) to answer each round
-
-    @property
-    def causal(self) -> bool:
-        return self.task.name == "instruct"
+    causal: bool = False  # a causal LM (instruction data, or a GLUE task as label-word prompts)
+    prompt_eval: PromptEval | None = None
 
     @property
     def pad_token_id(self) -> int:
@@ -90,6 +98,8 @@ def load_node_examples(cfg: RunConfig, task: TaskSpec, path: str, label_names: l
     d = cfg.data
     if d.task == "instruct":
         return load_instruct_file(path, category_field=d.category_field, category_names=label_names)
+    if d.as_prompt:
+        return glue_as_instructions(task, load_glue(task, "train", source="local", data_dir=path))
     if d.task == "file":
         return load_text_file(path, d.text_columns, d.label_column, label_names=label_names, regression=d.regression)
     return load_glue(task, "train", source="local", data_dir=path)
@@ -120,6 +130,12 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
         torch.set_num_threads(cfg.threads)
     placement = resolve_placement(cfg.train.device, cfg.train.precision)  # a missing device fails before any loading
     task, train_text, dev_text = load_datasets(cfg)
+    dev_targets = None
+    if cfg.data.as_prompt:
+        if task.name in ("file", "instruct"):
+            raise ConfigError(f"data.as_prompt turns a GLUE task into label-word prompts; data.task={task.name!r} is not one")
+        dev_targets = dev_text.labels
+        train_text, dev_text = glue_as_instructions(task, train_text), glue_as_instructions(task, dev_text)
 
     centralized = cfg.fed.mode == "centralized"
     num_clients = 1 if centralized else cfg.partition.num_clients
@@ -136,7 +152,7 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     ranks = [cfg.model.rank] if centralized else client_ranks(cfg, num_clients)
 
     model_path = cfg.model.name
-    causal = task.name == "instruct"
+    causal = task.name == "instruct" or cfg.data.as_prompt
     if model is None:
         # A head the checkpoint lacks is initialised randomly: from the run's seed, not from
         # whatever the process drew before, so a run (and its resume) starts from the same head.
@@ -149,8 +165,8 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     limit = max_input_length(model, tokenizer)
     if limit is not None and cfg.model.max_length > limit:
         raise ConfigError(f"model.max_length={cfg.model.max_length} exceeds the {limit} positions of model {cfg.model.name!r}")
-    targets = tuple(cfg.model.target_modules) or tuple(default_target_modules(model))
-    settings = LoraSettings(targets, cfg.model.rank, cfg.model.alpha, cfg.model.dropout, cfg.model.rslora)
+    lora_targets = tuple(cfg.model.target_modules) or tuple(default_target_modules(model))
+    settings = LoraSettings(lora_targets, cfg.model.rank, cfg.model.alpha, cfg.model.dropout, cfg.model.rslora)
     if cfg.train.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"train.gradient_checkpointing: model {cfg.model.name!r} does not support it")
@@ -181,4 +197,23 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     if causal:
         for messages in dev_text.prompts[: cfg.data.sample_prompts]:
             samples.append((messages[-1]["content"], render_prompt(tokenizer, messages)))
-    return Experiment(cfg, task, model_path, fm, tokenizer, aggregator, train, dev, clients, hist, names, samples)
+    prompt_eval = None if dev_targets is None else label_word_prompts(dev_text, PROMPTS[task.name].words, dev_targets, tokenizer, cfg.model.max_length)
+    return Experiment(cfg, task, model_path, fm, tokenizer, aggregator, train, dev, clients, hist, names, samples, causal, prompt_eval)
+
+
+def label_word_prompts(dev, words: tuple[str, ...], targets: np.ndarray, tokenizer, max_length: int) -> PromptEval:
+    """Each dev prompt's ids (cut from the start to leave room for the longest answer) and the ids
+    of every label word as the template ends an answer; refused if the tokenizer cannot tell
+    two label words apart."""
+    prompts, answers = [], []
+    for messages in dev.prompts:
+        prompt = render_prompt(tokenizer, messages)
+        cands = [answer_ids(tokenizer, messages, w, prompt) for w in words]
+        if len({tuple(c) for c in cands}) < len(words):
+            raise ConfigError(f"the tokenizer gives label words {list(words)} identical token ids: the prompts cannot tell the classes apart")
+        keep = max_length - max(len(c) for c in cands)
+        if keep < 1:
+            raise ConfigError(f"model.max_length={max_length} leaves no room for a prompt before the label words")
+        prompts.append(prompt[-keep:])
+        answers.append(cands)
+    return PromptEval(prompts, answers, np.asarray(targets))

@@ -26,9 +26,10 @@ import torch
 from ..config import ConfigError, config_to_dict
 from ..core import ClientStart, ClientUpdate, Factored, ServerState
 from ..core.serialize import state_from_dict, state_to_dict
+from ..data.prompts import prompt_metrics
 from .checkpoint import load_checkpoint, save_checkpoint
 from .client import ClientData
-from .evaluate import evaluate, generate_answers
+from .evaluate import evaluate, generate_answers, label_word_scores
 from .experiment import Experiment
 from .seeding import derive_seed, generator
 
@@ -219,7 +220,12 @@ class Server:
                 primary = exp.task.primary_metric
                 for c in exp.clients:
                     m = evaluate(model, exp.train, c.indices, exp.task, self.cfg.train.eval_batch_size, exp.pad_token_id, exp.fm.placement)
-                    out[f"local_{primary}_{c.client_id}"] = m[primary]
+                    key = primary if primary in m else "loss"  # a causal LM's training data has answers, not classes
+                    out[f"local_{key}_{c.client_id}"] = m[key]
+            if exp.prompt_eval is not None:  # a GLUE task as prompts: its official metric from the label words' likelihoods
+                pe = exp.prompt_eval
+                scores = label_word_scores(model, pe.prompts, pe.answers, self.cfg.train.eval_batch_size, exp.pad_token_id, exp.fm.placement)
+                out.update({"eval_" + k: v for k, v in prompt_metrics(exp.task, scores, pe.targets).items()})
             if exp.sample_prompts:
                 answers = generate_answers(model, exp.tokenizer, [ids for _, ids in exp.sample_prompts], self.cfg.data.sample_tokens, exp.fm.placement)
                 self.samples.extend({"round": state.round, "prompt": text, "answer": a} for (text, _), a in zip(exp.sample_prompts, answers))

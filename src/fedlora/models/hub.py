@@ -208,6 +208,18 @@ TINY_VOCAB = (
         "##s",
         "##ing",
         "##ly",
+        # label words of the GLUE prompts (data/prompts.py), so tiny causal LMs can answer with them
+        "positive",
+        "negative",
+        "yes",
+        "no",
+        "maybe",
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
     ]
 )
 
