@@ -6,7 +6,8 @@ import math
 import pytest
 
 from fedlora.config import ConfigError
-from fedlora.report.compare import Cell, collect, markdown_table, parse_method, parse_partition
+from fedlora.engine.grid import Cell, collect, parse_method, parse_partition
+from fedlora.report.compare import markdown_table
 
 
 def write_summary(root, name, acc, task="sst2"):

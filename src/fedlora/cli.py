@@ -60,7 +60,8 @@ def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .config import ConfigError
-    from .report.compare import Cell, collect, write_report
+    from .engine.grid import Cell, collect
+    from .report.compare import write_report
 
     try:
         seeds = [int(x) for x in _split_specs(args.seeds)]

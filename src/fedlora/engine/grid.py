@@ -1,0 +1,118 @@
+"""The grid behind ``fedlora compare``: cells (method × partition × seed), the overrides of
+each, and their summaries, read from finished run folders or run here first. Tables and
+plots of the result are ``report/compare.py``'s.
+
+Method specs may carry options, for ablations: ``hexa``, ``hexa[drift_beta=0]``,
+``hexa[restart=svd_sqrt,drift_beta=2]``, ``fra[fra_rounds=3]``, and
+``centralized`` for the centralized baseline. Partition specs: ``iid``,
+``dirichlet:0.1``, ``quantity:0.5``, ``pathological:1``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, load_config
+from .run import run_experiment, run_name
+
+__all__ = ["Cell", "parse_method", "parse_partition", "grid_overrides", "collect"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str  # the spec as written, e.g. "hexa[drift_beta=0]"
+    partition: str
+    seed: int
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    m = re.fullmatch(r"([a-z_]+)(?:\[(.*)\])?", spec.strip())
+    if not m:
+        raise ConfigError(f"bad method spec {spec!r}; use name or name[key=value,...]")
+    opts: dict[str, Any] = {}
+    for item in filter(None, (m.group(2) or "").split(",")):
+        if "=" not in item:
+            raise ConfigError(f"bad option {item!r} in method spec {spec!r}; use key=value")
+        k, v = item.split("=", 1)
+        opts[k.strip()] = yaml.safe_load(v)
+    return m.group(1), opts
+
+
+def parse_partition(spec: str) -> list[str]:
+    scheme, _, arg = spec.partition(":")
+    if scheme not in ("iid", "dirichlet", "dirichlet_class", "quantity", "pathological"):
+        raise ConfigError(f"bad partition spec {spec!r}; use iid, dirichlet:<alpha>, dirichlet_class:<alpha>, quantity:<alpha> or pathological:<k>")
+    out = [f"partition.scheme={scheme}"]
+    if scheme in ("dirichlet", "dirichlet_class", "quantity"):
+        out.append(f"partition.alpha={arg or '0.5'}")
+    elif scheme == "pathological":
+        out.append(f"partition.labels_per_client={arg or '1'}")
+    return out
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", spec).strip("_")
+
+
+def grid_overrides(cell: Cell, base_overrides: list[str], task: str) -> list[str]:
+    """The overrides of one cell. The run name carries the task, so grids over different
+    tasks may share one ``output_dir`` without reading each other's runs."""
+    name, opts = parse_method(cell.method)
+    over = list(base_overrides) + parse_partition(cell.partition) + [f"seed={cell.seed}"]
+    if name == "centralized":
+        over += ["fed.mode=centralized"]
+    else:
+        over += [f"fed.method={name}", "fed.options=" + json.dumps(opts)]
+    # Centralized training ignores the partition: one run per seed serves every column.
+    where = "" if name == "centralized" else f"-{_slug(cell.partition)}"
+    return over + [f"name=compare-{task}-{_slug(cell.method)}{where}-s{cell.seed}"]
+
+
+def _run_cell(cfg, overwrite: bool) -> dict:
+    return run_experiment(cfg, overwrite=overwrite)
+
+
+def collect(
+    cells: list[Cell], config: str | None, base_overrides: list[str], run: bool, overwrite: bool = False, skip_missing: bool = False, jobs: int = 1
+) -> dict[Cell, dict]:
+    """Each cell's summary: read from its run folder, or run it first when ``run``
+    (in ``jobs`` worker processes; give each ``threads`` = cores / jobs).
+    ``skip_missing`` leaves unfinished cells out (the table shows how many seeds each has)."""
+    out: dict[Cell, dict] = {}
+    todo: dict[Path, tuple[Any, list[Cell]]] = {}  # run folder → (config, cells it serves)
+    task = load_config(config, list(base_overrides)).data.task  # once per grid, not per cell
+    for cell in cells:
+        cfg = load_config(config, grid_overrides(cell, base_overrides, task))
+        run_dir = Path(cfg.output_dir) / run_name(cfg)
+        summary_path = run_dir / "summary.json"
+        if summary_path.exists() and not overwrite:
+            summary = json.loads(summary_path.read_text())
+            if summary.get("task") != cfg.data.task:
+                raise ConfigError(f"{summary_path} is a run on task {summary.get('task')!r}, not {cfg.data.task!r}")
+            out[cell] = summary
+        elif run:
+            # one centralized run per seed serves every partition column
+            todo.setdefault(run_dir, (cfg, []))[1].append(cell)
+        elif not skip_missing:
+            raise ConfigError(f"no finished run for {cell.method} / {cell.partition} / seed {cell.seed} at {summary_path}")
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a fresh interpreter per worker, no forked torch thread pools.
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [(pool.submit(_run_cell, cfg, overwrite), served) for cfg, served in todo.values()]
+            for fut, served in futures:
+                out.update(dict.fromkeys(served, fut.result()))
+    else:
+        for cfg, served in todo.values():
+            out.update(dict.fromkeys(served, _run_cell(cfg, overwrite)))
+    if not out:
+        raise ConfigError("no finished run for any cell of the grid")
+    return {cell: out[cell] for cell in cells if cell in out}
