@@ -82,3 +82,16 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_models, tmp_
     for name, a in plain.adapters.items():
         torch.testing.assert_close(ckpt.adapters[name].B, a.B, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(ckpt.adapters[name].A, a.A, atol=1e-6, rtol=1e-5)
+
+
+def test_bench_commands_run_and_report_their_ratios(tiny_models, tmp_path, capsys):
+    from fedlora import cli
+
+    over = overrides(tiny_models["bert"], tmp_path, fed__rounds=1)
+    assert cli.main(["bench", "loop", *over, "--repeats", "1", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "plain peft+torch" in out and "median ratio fedlora ÷ plain" in out
+    assert cli.main(["bench", "precision", *over, "--seeds", "0"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["0"]]
+    assert [r[1] for r in rows] == ["fp32", "bf16"] and "bf16 ÷ fp32 throughput" in out

@@ -97,6 +97,12 @@ def _bench_precision(args: argparse.Namespace) -> int:
     return precision_main(args)
 
 
+def _bench_loop(args: argparse.Namespace) -> int:
+    from .bench.loop import main as loop_main
+
+    return loop_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning with exact aggregation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     prec.add_argument("overrides", nargs="*")
     prec.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (each runs fp32 and bf16)")
     prec.set_defaults(func=_bench_precision)
+    loop = bench_sub.add_parser("loop", help="fedlora's training loop against a plain peft + torch loop on the same batches")
+    loop.add_argument("config", nargs="?")
+    loop.add_argument("overrides", nargs="*")
+    loop.add_argument("--repeats", type=_positive_int, default=3)
+    loop.add_argument("--steps", type=_positive_int, default=20, help="optimiser steps per timed loop")
+    loop.set_defaults(func=_bench_loop)
     return parser
 
 
