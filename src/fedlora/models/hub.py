@@ -111,6 +111,24 @@ def _quiet_transformers(failure: str):
             hf_logging.enable_progress_bar()
 
 
+@contextmanager
+def _quiet_gguf(active: bool):
+    """transformers' GGUF reader draws its own tqdm bar, which its progress-bar switch does not reach."""
+    if not active:
+        yield
+        return
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    bar = reader.tqdm
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
+
+
 def load_pretrained(name: str, num_labels: int, regression: bool = False):
     """(model, tokenizer) for sequence classification. GPT-2-style models get a pad token."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -138,7 +156,7 @@ def load_causal_lm(name: str):
 
     path, gguf = CAUSAL_SHORT_NAMES[name]() if name in CAUSAL_SHORT_NAMES else (resolve_model(name), None)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    with _quiet_transformers(f"cannot load causal LM {name!r} ({path}{' ' + gguf if gguf else ''})"):
+    with _quiet_transformers(f"cannot load causal LM {name!r} ({path}{' ' + gguf if gguf else ''})"), _quiet_gguf(bool(gguf)):
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     _ensure_pad(model, tokenizer)
