@@ -2,10 +2,11 @@
 
 Both train the same peft LoRA model (the run's ``FedModel``, so the same adapters,
 head, device and autocast precision) for the same optimiser steps on the same
-batches (length-bucketed and collated once, before timing). The plain loop is the
-textbook one: forward under autocast, ``loss.backward()``, clip, ``AdamW.step()``,
-``zero_grad``. fedlora's is ``engine.train.train_local``, the loop every client
-runs (its batching and collation included, as in a real round). They alternate
+batches: the plain loop takes exactly the index batches ``train_local`` draws for
+that seed and collates each as it goes, as a DataLoader would. The plain loop is
+the textbook one: collate, forward under autocast, ``loss.backward()``, clip,
+``AdamW.step()``, ``zero_grad``. fedlora's is ``engine.train.train_local``, the
+loop every client runs (learning-rate schedule, accumulation and counters included). They alternate
 ``--repeats`` times; the command prints padded tokens per second of each and the
 ratio fedlora ÷ plain per repeat and its median (target ≥ 0.95).
 """
@@ -26,11 +27,12 @@ from ..engine.seeding import generator
 from ..engine.train import planned_steps, train_local
 
 
-def _plain_loop(model, params, batches, cfg, place) -> float:
+def _plain_loop(model, params, data, index_batches, pad_token_id, cfg, place) -> float:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     t0 = time.perf_counter()
-    for batch in batches:
+    for idx in index_batches:
+        batch = place.batch(collate(data, idx, pad_token_id))
         with place.autocast():
             loss = model(**batch).loss
         loss.float().backward()
@@ -42,24 +44,44 @@ def _plain_loop(model, params, batches, cfg, place) -> float:
     return time.perf_counter() - t0
 
 
+def _time_train_local(exp, indices, cfg, seed: int, tokens: int) -> float:
+    """Tokens per second of ``train_local`` for ``seed``; refuses a run whose batches differ from the plain loop's."""
+    t0 = time.perf_counter()
+    stats = train_local(exp.fm, exp.train, indices, cfg, seed=seed, pad_token_id=exp.pad_token_id)
+    if exp.fm.placement.device.type == "cuda":
+        torch.cuda.synchronize()
+    if stats.tokens != tokens:  # the comparison is void unless both loops see the same batches
+        raise RuntimeError(f"train_local saw {stats.tokens} padded tokens, the plain loop's batches hold {tokens}")
+    return tokens / (time.perf_counter() - t0)
+
+
 def measure(config: str | None, overrides: list[str], repeats: int = 3, steps: int = 20) -> list[dict]:
     cfg = load_config(config, [*overrides, "progress=false", f"train.steps={steps}", "train.grad_accum=1"])
     exp = build_experiment(cfg)
     fm, place = exp.fm, exp.fm.placement
     indices = np.arange(len(exp.train))
     total = planned_steps(len(indices), cfg.train)
-    order = length_bucketed_batches(exp.train.lengths, indices, cfg.train.batch_size, generator=generator(0, "batches"), shuffle=True)
-    batches = [place.batch(collate(exp.train, b, exp.pad_token_id)) for b in (order * (total // len(order) + 1))[:total]]
-    tokens = sum(int(b["input_ids"].numel()) for b in batches)
     rows = []
     for r in range(repeats):
-        t0 = time.perf_counter()
-        stats = train_local(fm, exp.train, indices, cfg.train, seed=r, pad_token_id=exp.pad_token_id)
-        if place.device.type == "cuda":
-            torch.cuda.synchronize()
-        ours = stats.tokens / (time.perf_counter() - t0)
-        plain = tokens / _plain_loop(fm.peft, fm.trainable_parameters(), batches, cfg.train, place)
-        rows.append({"repeat": r, "fedlora_tokens_per_s": ours, "plain_tokens_per_s": plain, "ratio": ours / plain})
+        # The index batches train_local draws for seed r (its generator, its epochs).
+        gen, index_batches = generator(r, "batches"), []
+        while len(index_batches) < total:
+            index_batches += length_bucketed_batches(exp.train.lengths, indices, cfg.train.batch_size, generator=gen, shuffle=True)
+        index_batches = index_batches[:total]
+        tokens = sum(len(b) * int(exp.train.lengths[b].max()) for b in index_batches)
+        ours = lambda r=r, tokens=tokens: _time_train_local(exp, indices, cfg.train, r, tokens)  # noqa: E731
+        plain = lambda tokens=tokens, batches=index_batches: (
+            tokens
+            / _plain_loop(  # noqa: E731
+                fm.peft, fm.trainable_parameters(), exp.train, batches, exp.pad_token_id, cfg.train, place
+            )
+        )
+        # Alternate which loop goes first, so neither always inherits the other's warm caches.
+        if r % 2:
+            p_tps, o_tps = plain(), ours()
+        else:
+            o_tps, p_tps = ours(), plain()
+        rows.append({"repeat": r, "fedlora_tokens_per_s": o_tps, "plain_tokens_per_s": p_tps, "ratio": o_tps / p_tps})
     return rows
 
 
