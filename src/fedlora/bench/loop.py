@@ -69,18 +69,13 @@ def measure(config: str | None, overrides: list[str], repeats: int = 3, steps: i
             index_batches += length_bucketed_batches(exp.train.lengths, indices, cfg.train.batch_size, generator=gen, shuffle=True)
         index_batches = index_batches[:total]
         tokens = sum(len(b) * int(exp.train.lengths[b].max()) for b in index_batches)
-        ours = lambda r=r, tokens=tokens: _time_train_local(exp, indices, cfg.train, r, tokens)  # noqa: E731
-        plain = lambda tokens=tokens, batches=index_batches: (
-            tokens
-            / _plain_loop(  # noqa: E731
-                fm.peft, fm.trainable_parameters(), exp.train, batches, exp.pad_token_id, cfg.train, place
-            )
-        )
         # Alternate which loop goes first, so neither always inherits the other's warm caches.
         if r % 2:
-            p_tps, o_tps = plain(), ours()
+            p_tps = tokens / _plain_loop(fm.peft, fm.trainable_parameters(), exp.train, index_batches, exp.pad_token_id, cfg.train, place)
+            o_tps = _time_train_local(exp, indices, cfg.train, r, tokens)
         else:
-            o_tps, p_tps = ours(), plain()
+            o_tps = _time_train_local(exp, indices, cfg.train, r, tokens)
+            p_tps = tokens / _plain_loop(fm.peft, fm.trainable_parameters(), exp.train, index_batches, exp.pad_token_id, cfg.train, place)
         rows.append({"repeat": r, "fedlora_tokens_per_s": o_tps, "plain_tokens_per_s": p_tps, "ratio": o_tps / p_tps})
     return rows
 

@@ -42,7 +42,7 @@ def language_model_loss(model, data, indices: np.ndarray, batch_size: int, pad_t
         with place.autocast():
             logits = model(**batch).logits
         target = labels[:, 1:]  # token t is predicted from the tokens before it
-        nll += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum").double().cpu()
+        nll += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum").cpu().double()
         count += int((target != -100).sum())
     loss = float(nll) / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}

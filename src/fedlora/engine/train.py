@@ -57,7 +57,9 @@ def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed:
     model = fm.peft
     model.train()
     steps, micro, examples, tokens, loss_n = 0, 0, 0, 0, 0
-    loss_sum = torch.zeros((), dtype=torch.float64, device=place.device)  # on the device: no sync per step
+    # On the device (no sync per step); MPS has no float64.
+    acc = torch.float32 if place.device.type == "mps" else torch.float64
+    loss_sum = torch.zeros((), dtype=acc, device=place.device)
     while steps < total:
         for batch_idx in length_bucketed_batches(data.lengths, indices, cfg.batch_size, generator=gen, shuffle=True):
             batch = place.batch(collate(data, batch_idx, pad_token_id))
@@ -65,7 +67,7 @@ def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed:
                 loss = model(**batch).loss
             scaled = loss.float() / cfg.grad_accum
             (scaler.scale(scaled) if scaler else scaled).backward()
-            loss_sum += loss.detach().double() * len(batch_idx)
+            loss_sum += loss.detach().to(acc) * len(batch_idx)
             loss_n += len(batch_idx)
             examples += len(batch_idx)
             tokens += batch["input_ids"].numel()
