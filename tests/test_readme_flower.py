@@ -9,8 +9,9 @@ the first one's keys of the same section), the local SuperLink's ports
 moved by Flower's own environment variables (so a developer's own SuperLink is left alone),
 and ``SUPERLINK_HOST``/``PARTITION`` set as the README tells each machine to.
 
-* the Simulation Engine through the default ``local`` connection: its result equals an
-  in-process run of the same config, and README's command stops the background SuperLink;
+* the Simulation Engine through the default ``local`` connection: a tiny BERT, whose result
+  equals an in-process run of the same config; a bad run (one error line, no folder); a tiny
+  Llama on SST-2 as label-word prompts; then README's command stops the background SuperLink;
 * the insecure one-machine trial, with a SuperNode killed mid-run and restarted (it comes back
   under a new node id and takes over its partition);
 * TLS with the README's certificate recipe, SuperNode authentication and node-local data, with
@@ -172,6 +173,15 @@ def test_simulation_as_in_readme_equals_in_process_and_its_superlink_stops(tiny_
             # Bad input through Flower: 10 SuperNodes, 3 partitions. One line naming the problem,
             # no traceback of fedlora's own, no run folder (flwr run itself exits 0: Flower's rule).
             bad = co.run("simulation", tiny(model, **{"partition.num_clients": 3, "name": "'readme-bad'"}), timeout=RUN_TIMEOUT)
+            # A causal LM through the same Simulation Engine: a tiny Llama on SST-2 as label-word prompts.
+            from fedlora.models import tiny_causal_lm
+
+            llama, tok = tiny_causal_lm("llama")
+            llama.save_pretrained(tmp_path / "tiny-llama")
+            tok.save_pretrained(tmp_path / "tiny-llama")
+            co.run(
+                "simulation", tiny(tmp_path / "tiny-llama", **{"fed.rounds": 1, "data.as_prompt": "true", "name": "'readme-sim-llama'"}), timeout=RUN_TIMEOUT
+            )
         finally:
             co.run("stop-local")
         bad_text = bad.stdout + bad.stderr
@@ -185,6 +195,8 @@ def test_simulation_as_in_readme_equals_in_process_and_its_superlink_stops(tiny_
             time.sleep(0.2)
         assert pids_matching(link) == [], "README's stop command left the background SuperLink running"
     assert procs.alive_groups() == []
+    (llama_row,) = read_jsonl(co.dir / "runs" / "readme-sim-llama" / "metrics.jsonl")
+    assert llama_row["clients"] == 10 and {"eval_accuracy", "eval_loss", "eval_perplexity"} <= set(llama_row)
     run = co.dir / "runs" / "readme-sim"
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 10 and r["dropped"] == 0 for r in rows)
