@@ -76,6 +76,11 @@ BAD_OVERRIDES = {
     "device-unknown": ({"train__device": "tpu"}, ["train.device", "tpu"]),
     "precision-unknown": ({"train__precision": "int4"}, ["train.precision", "int4"]),
     "fp16-on-cpu": ({"train__device": "cpu", "train__precision": "fp16"}, ["fp16 needs a GPU", "bf16"]),
+    "quantization-without-cuda": ({"train__device": "cpu", "model__quantization": "4bit"}, ["model.quantization=4bit", "CUDA"]),
+    "quantization-8bit-without-cuda": ({"model__quantization": "8bit"}, ["model.quantization=8bit", "CUDA"]),
+    "quantization-unknown": ({"model__quantization": "3bit"}, ["model.quantization", "3bit"]),
+    "fold-on-quantized": ({"model__quantization": "4bit", "model__base_delta": "fold"}, ["base_delta=fold", "quantized"]),
+    "base-delta-unknown": ({"model__base_delta": "lazy"}, ["model.base_delta", "lazy"]),
 }
 
 

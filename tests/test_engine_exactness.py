@@ -104,7 +104,7 @@ def test_global_model_equals_dense_reference(tiny_models, tmp_path, case):
             model.eval()
             engine = model(**batch).logits
             # the effective weights of the global model, in the module's own storage layout
-            engine_w = {name: exp.fm.base_weight(name).detach().clone() for name in modules}
+            engine_w = {name: exp.fm.deltas.effective_weight(name).float() for name in modules}
         expected = ref(**batch).logits
         pretrained = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()(**batch).logits
 

@@ -119,7 +119,11 @@ def test_run_config_round_trips_lists_and_options():
 
 
 # --------------------------------------------------------------- equivalence
-@pytest.mark.parametrize("method,extra", [("fedex", ["fed.fraction=0.67"]), ("hexa", ["model.client_ranks=[2,4,4]"])])
+@pytest.mark.parametrize(
+    "method,extra",
+    [("fedex", ["fed.fraction=0.67"]), ("hexa", ["model.client_ranks=[2,4,4]"]), ("fedex", ["fed.fraction=0.67", "model.base_delta=factored"])],
+    ids=["fedex", "hexa", "fedex-factored"],
+)
 def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
     """Same seed → the same global adapters, heads and metrics as the in-process engine.
     fedex with sampling: nodes skip rounds and must catch up on several base deltas."""
@@ -127,11 +131,14 @@ def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
     sim, want = run_in_process(over, tmp_path)
     server, got, grid = run_flower(over, tmp_path)
     assert got.round == want.round == 3
+    # A node sums the base deltas it is sent (one compressed sum) where the in-process model
+    # appends them round by round: with factored base deltas the round-off differs a little more.
+    atol = 3e-5 if "model.base_delta=factored" in extra else 1e-5
     for name, a in want.adapters.items():
-        torch.testing.assert_close(got.adapters[name].B, a.B, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(got.adapters[name].A, a.A, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.adapters[name].B, a.B, atol=atol, rtol=1e-4)
+        torch.testing.assert_close(got.adapters[name].A, a.A, atol=atol, rtol=1e-4)
     for name, t in want.dense.items():
-        torch.testing.assert_close(got.dense[name], t, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.dense[name], t, atol=atol, rtol=1e-4)
     for w, g in zip(sim.rounds, server.rounds, strict=True):
         assert g["clients"] == w["clients"] and g["bytes_up"] == w["bytes_up"] and g["train_tokens"] == w["train_tokens"]
         assert g["eval_accuracy"] == w["eval_accuracy"]

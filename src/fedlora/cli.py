@@ -85,6 +85,12 @@ def _bench_aggregation(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _bench_base_delta(args: argparse.Namespace) -> int:
+    from .bench.base_delta import main as base_delta_main
+
+    return base_delta_main(args)
+
+
 def _bench_overhead(args: argparse.Namespace) -> int:
     from .bench.overhead import main as overhead_main
 
@@ -140,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(agg)
     agg.set_defaults(func=_bench_aggregation)
+    bd = bench_sub.add_parser("base-delta", help="base deltas beside W0 (factored) against folded into W0: time per round, memory, forward cost")
+    from .bench.base_delta import add_arguments as add_base_delta_arguments
+
+    add_base_delta_arguments(bd)
+    bd.set_defaults(func=_bench_base_delta)
     ovh = bench_sub.add_parser("overhead", help="federated wall time / centralized wall time, evaluation excluded")
     ovh.add_argument("config", nargs="?")
     ovh.add_argument("overrides", nargs="*")

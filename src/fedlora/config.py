@@ -40,6 +40,8 @@ class ModelConfig:
     rslora: bool = False
     client_ranks: list[int] = field(default_factory=list)  # per client, cycled; empty = all at `rank`
     max_length: int = 128
+    quantization: str = "none"  # none | 4bit (NF4, QLoRA) | 8bit: bitsandbytes, CUDA only
+    base_delta: str = "auto"  # where exact methods' ΔW0 lives: fold (into W0) | factored (beside it) | auto (factored iff quantized)
 
 
 @dataclass
@@ -54,6 +56,8 @@ class DataConfig:
     regression: bool = False
     max_train_examples: int = 0  # 0 = all
     max_eval_examples: int = 0
+    eval_split: str = "dev"  # dev | holdout: evaluate on `holdout_examples` held out of the training set (recipe sweeps never see dev)
+    holdout_examples: int = 500  # eval_split=holdout: a fixed subset (the same for every seed), never trained on
     as_prompt: bool = False  # a GLUE task as label-word prompts for a causal LM (data/prompts.py)
     category_field: str = ""  # instruct: the field partitions skew by (empty: none, every example in one category)
     sample_prompts: int = 3  # instruct: answers generated for the first N eval prompts after every evaluation
@@ -71,6 +75,7 @@ class PartitionConfig:
 @dataclass
 class TrainConfig:
     lr: float = 5e-4
+    head_lr: float = 0.0  # the classification/regression head's learning rate; 0 = train.lr
     weight_decay: float = 0.01
     epochs: float = 1.0  # local epochs per round (ignored when steps > 0)
     steps: int = 0  # local optimiser steps per round
@@ -117,6 +122,12 @@ class RunConfig:
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
             (all(r >= 1 for r in self.model.client_ranks), "model.client_ranks must all be ≥ 1"),
             (self.model.max_length >= 8, "model.max_length must be ≥ 8"),
+            (self.model.quantization in ("none", "4bit", "8bit"), f"model.quantization must be none, 4bit or 8bit, got {self.model.quantization!r}"),
+            (self.model.base_delta in ("auto", "fold", "factored"), f"model.base_delta must be auto, fold or factored, got {self.model.base_delta!r}"),
+            (
+                not (self.model.quantization != "none" and self.model.base_delta == "fold"),
+                "model.base_delta=fold cannot add base deltas exactly to a quantized W0: use factored or auto",
+            ),
             (self.data.source in ("auto", "local", "hub"), f"data.source must be 'auto', 'local' or 'hub', got {self.data.source!r}"),
             (self.partition.num_clients >= 1, "partition.num_clients must be ≥ 1"),
             (
@@ -126,6 +137,9 @@ class RunConfig:
             (self.partition.alpha > 0, f"partition.alpha must be > 0, got {self.partition.alpha}"),
             (self.partition.labels_per_client >= 1, "partition.labels_per_client must be ≥ 1"),
             (self.train.lr > 0, "train.lr must be > 0"),
+            (self.train.head_lr >= 0, "train.head_lr must be ≥ 0 (0: the same as train.lr)"),
+            (self.data.eval_split in ("dev", "holdout"), f"data.eval_split must be 'dev' or 'holdout', got {self.data.eval_split!r}"),
+            (self.data.holdout_examples >= 1, "data.holdout_examples must be ≥ 1"),
             (self.train.epochs > 0 or self.train.steps > 0, "train.epochs or train.steps must be > 0"),
             (self.train.batch_size >= 1 and self.train.grad_accum >= 1, "train.batch_size and train.grad_accum must be ≥ 1"),
             (0 <= self.train.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),

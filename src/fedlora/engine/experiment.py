@@ -17,7 +17,7 @@ from ..data.instruct import answer_ids, load_instruct_file, render_prompt, token
 from ..data.prompts import PROMPTS, glue_as_instructions
 from ..models import FedModel, LoraSettings, default_target_modules, load_causal_lm, load_pretrained
 from ..models.device import resolve_placement
-from ..models.hub import max_input_length
+from ..models.hub import max_input_length, quantized_loading
 from .client import ClientData
 from .seeding import derive_seed
 
@@ -86,10 +86,26 @@ def load_datasets(cfg: RunConfig):
     else:
         task = get_task(d.task)
         kw = dict(source=d.source, data_dir=d.data_dir)
+        if d.eval_split == "holdout":
+            return task, *holdout_split(load_glue(task, "train", **kw), d.holdout_examples, d.max_train_examples, cfg.seed)
         train = load_glue(task, "train", max_examples=d.max_train_examples or None, seed=cfg.seed, **kw)
         # One evaluation subset for every seed, so seeds differ only in what they train on.
         dev = load_glue(task, "dev", max_examples=d.max_eval_examples or None, seed=0, **kw)
+    if d.eval_split == "holdout":
+        return task, *holdout_split(train, d.holdout_examples, d.max_train_examples, cfg.seed)
     return task, train, dev
+
+
+def holdout_split(full, holdout: int, max_train: int, seed: int):
+    """(train, evaluation) both from the training set: a fixed ``holdout`` examples (the same
+    for every seed) to evaluate on, and a per-seed subset of the rest to train on. What recipe
+    sweeps tune on, so the dev set stays unseen until the final runs."""
+    if holdout >= len(full):
+        raise ConfigError(f"data.holdout_examples={holdout} leaves nothing to train on: the training set has {len(full)} examples")
+    perm = np.random.default_rng(20261127).permutation(len(full))
+    evaluation = full.subset(np.sort(perm[:holdout]))
+    train = take_random(full.subset(np.sort(perm[holdout:])), max_train or None, seed)
+    return train, evaluation
 
 
 def load_node_examples(cfg: RunConfig, task: TaskSpec, path: str, label_names: list[str] | None):
@@ -129,6 +145,7 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     placement = resolve_placement(cfg.train.device, cfg.train.precision)  # a missing device fails before any loading
+    loading = quantized_loading(cfg.model.quantization, placement.device, placement.dtype)  # and so does quantization without CUDA
     task, train_text, dev_text = load_datasets(cfg)
     dev_targets = None
     if cfg.data.as_prompt:
@@ -159,14 +176,18 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, "model"))
             if causal:
-                model, tokenizer = load_causal_lm(cfg.model.name)
+                model, tokenizer = load_causal_lm(cfg.model.name, loading)
             else:
-                model, tokenizer = load_pretrained(cfg.model.name, task.num_labels, regression=task.is_regression)
+                model, tokenizer = load_pretrained(cfg.model.name, task.num_labels, regression=task.is_regression, loading=loading)
     limit = max_input_length(model, tokenizer)
     if limit is not None and cfg.model.max_length > limit:
         raise ConfigError(f"model.max_length={cfg.model.max_length} exceeds the {limit} positions of model {cfg.model.name!r}")
     lora_targets = tuple(cfg.model.target_modules) or tuple(default_target_modules(model))
     settings = LoraSettings(lora_targets, cfg.model.rank, cfg.model.alpha, cfg.model.dropout, cfg.model.rslora)
+    if loading:  # QLoRA: layer norms to float32, inputs that carry gradients (peft's recipe for k-bit bases)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if cfg.train.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"train.gradient_checkpointing: model {cfg.model.name!r} does not support it")
@@ -176,7 +197,7 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    fm = FedModel(model, settings, ranks, placement, head=not causal)
+    fm = FedModel(model, settings, ranks, placement, head=not causal, base_delta=cfg.model.base_delta)
     aggregator = make_aggregator(cfg, fm)
     if any(r != cfg.model.rank for r in ranks) and not aggregator.mixed_ranks:
         raise ConfigError(

@@ -14,6 +14,7 @@ from ..config import ConfigError, load_config
 from ..data.instruct import render_prompt
 from ..models import load_causal_lm
 from ..models.device import resolve_placement
+from ..models.hub import quantized_loading
 from .evaluate import generate_answers
 
 __all__ = ["generate_from_run"]
@@ -29,7 +30,10 @@ def generate_from_run(run_dir: str | Path, prompts: list[str], max_new_tokens: i
     if cfg.data.task != "instruct":
         raise ConfigError(f"{run_dir} fine-tuned a classifier (data.task={cfg.data.task!r}); fedlora generate needs a causal LM run (data.task=instruct)")
     place = resolve_placement(cfg.train.device, cfg.train.precision)
-    base, tokenizer = load_causal_lm(cfg.model.name)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).to(place.device)
+    loading = quantized_loading(cfg.model.quantization, place.device, place.dtype)
+    base, tokenizer = load_causal_lm(cfg.model.name, loading)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    if not loading:  # a quantized base is placed as it loads
+        model = model.to(place.device)
     ids = [render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     return generate_answers(model, tokenizer, ids, max_new_tokens, place)

@@ -49,7 +49,9 @@ def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed:
     torch.manual_seed(derive_seed(seed, "dropout"))
     gen = generator(seed, "batches")
     params = fm.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head = {id(p) for p in fm.head.values()}
+    groups = [{"params": [p for p in params if id(p) not in head]}, {"params": [p for p in params if id(p) in head], "lr": cfg.head_lr or cfg.lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = planned_steps(len(indices), cfg)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     place = fm.placement

@@ -22,6 +22,7 @@ __all__ = [
     "resolve_model",
     "load_pretrained",
     "load_causal_lm",
+    "quantized_loading",
     "default_target_modules",
     "max_input_length",
     "tiny_model",
@@ -129,8 +130,33 @@ def _quiet_gguf(active: bool):
         reader.tqdm = bar
 
 
-def load_pretrained(name: str, num_labels: int, regression: bool = False):
-    """(model, tokenizer) for sequence classification. GPT-2-style models get a pad token."""
+def quantized_loading(quantization: str, device, compute_dtype) -> dict:
+    """``from_pretrained`` keywords that load the base in 4-bit NF4 (QLoRA: double quantization,
+    matrix products in ``compute_dtype``) or 8-bit through bitsandbytes, placed on ``device``
+    (a CUDA device: bitsandbytes' kernels need one). ``{}`` for ``none``."""
+    if quantization == "none":
+        return {}
+    if getattr(device, "type", None) != "cuda":
+        raise ModelError(f"model.quantization={quantization} needs a CUDA GPU (bitsandbytes); this run trains on {device}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(f"model.quantization={quantization} needs the bitsandbytes package: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16
+        )
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    bnb.llm_int8_skip_modules = ["classifier", "score", "lm_head"]  # heads stay in full precision (trained, or tied)
+    return {"quantization_config": bnb, "device_map": {"": device.index or 0}}
+
+
+def load_pretrained(name: str, num_labels: int, regression: bool = False, loading: dict | None = None):
+    """(model, tokenizer) for sequence classification. GPT-2-style models get a pad token.
+    ``loading``: extra ``from_pretrained`` keywords (:func:`quantized_loading`)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model(name)
@@ -143,22 +169,23 @@ def load_pretrained(name: str, num_labels: int, regression: bool = False):
         config.problem_type = None  # checked against num_labels on assignment
         config.num_labels = num_labels
         config.problem_type = problem
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True)
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True, **(loading or {}))
     _ensure_pad(model, tokenizer)
     return model, tokenizer
 
 
-def load_causal_lm(name: str):
+def load_causal_lm(name: str, loading: dict | None = None):
     """(model, tokenizer) of a causal LM: a short name (``smollm2``: offline, from its GGUF
     file, which transformers dequantizes to float32 on load and needs the ``gguf`` package
-    for), a local folder or a hub id. The tokenizer gets a pad token (EOS) if it lacks one."""
+    for), a local folder or a hub id. The tokenizer gets a pad token (EOS) if it lacks one.
+    ``loading``: extra ``from_pretrained`` keywords (:func:`quantized_loading`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf = CAUSAL_SHORT_NAMES[name]() if name in CAUSAL_SHORT_NAMES else (resolve_model(name), None)
     kwargs = {"gguf_file": gguf} if gguf else {}
     with _quiet_transformers(f"cannot load causal LM {name!r} ({path}{' ' + gguf if gguf else ''})"), _quiet_gguf(bool(gguf)):
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **(loading or {}))
     _ensure_pad(model, tokenizer)
     return model, tokenizer
 

@@ -9,6 +9,7 @@ and the head; so K clients cost one base model plus K small adapter copies.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter, Factored, LoraSpec, fold_delta
+from ..core import Adapter, Factored, LoraSpec
+from .base_delta import BaseDeltas, is_quantized
 from .device import Placement
 from .hub import ModelError
 
@@ -58,7 +60,16 @@ def adapter_name(rank: int) -> str:
 class FedModel:
     """A Hugging Face model wrapped once with one peft adapter per client rank."""
 
-    def __init__(self, model: nn.Module, settings: LoraSettings, ranks: Iterable[int] = (), placement: Placement | None = None, *, head: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        settings: LoraSettings,
+        ranks: Iterable[int] = (),
+        placement: Placement | None = None,
+        *,
+        head: bool = True,
+        base_delta: str = "auto",
+    ):
         import warnings
 
         from peft import get_peft_model
@@ -92,7 +103,12 @@ class FedModel:
             p.requires_grad_(False)
         self.activate(settings.rank)
         self.placement = placement or Placement(torch.device("cpu"))
-        self.peft.to(self.placement.device)
+        base_layers = {mod: layer.get_base_layer() for mod, layer in self.layers.items()}
+        self.quantized = any(is_quantized(layer) for layer in base_layers.values())
+        if not self.quantized:  # a bitsandbytes model is placed when loaded (device_map) and cannot move
+            self.peft.to(self.placement.device)
+        # Where ΔW0 lives: folded into W0, or beside it as frozen factors (models/base_delta.py).
+        self.deltas = BaseDeltas(base_layers, {mod: layer.fan_in_fan_out for mod, layer in self.layers.items()}, base_delta)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -160,21 +176,13 @@ class FedModel:
         return self.layers[module].get_base_layer().weight
 
     def fold(self, deltas: Mapping[str, Factored]) -> None:
-        """W0 += Δ for every module, once (the round's broadcast base delta)."""
-        for mod, delta in deltas.items():
-            fold_delta(self.base_weight(mod).data, delta, fan_in_fan_out=self.layers[mod].fan_in_fan_out)
+        """W0 += Δ for every module, for good (the round's broadcast base delta), where
+        ``model.base_delta`` keeps it: in W0 or beside it."""
+        self.deltas.fold(deltas)
 
-    @contextmanager
-    def folded(self, deltas: Mapping[str, Factored]) -> Iterator[None]:
-        """Temporarily W0 += Δ; the original weights are restored bit for bit."""
-        saved = {mod: self.base_weight(mod).detach().clone() for mod in deltas}
-        try:
-            self.fold(deltas)
-            yield
-        finally:
-            with torch.no_grad():
-                for mod, w in saved.items():
-                    self.base_weight(mod).copy_(w)
+    def folded(self, deltas: Mapping[str, Factored]) -> contextlib.AbstractContextManager:
+        """W0 + Δ inside the block only, as frozen factors beside W0: nothing is copied or written."""
+        return self.deltas.added(deltas)
 
     @contextmanager
     def global_view(self, delta: Mapping[str, Factored], dense: Mapping[str, Tensor]) -> Iterator[nn.Module]:
@@ -185,13 +193,12 @@ class FedModel:
             yield self.peft
 
     def base_state(self) -> dict[str, Tensor]:
-        """Current (folded) base weights of the adapted modules, on the CPU, for checkpoints."""
-        return {mod: self.base_weight(mod).detach().to("cpu", copy=True) for mod in self.layers}
+        """What the base deltas changed (full-precision W0 of the adapted modules, side
+        factors), as CPU tensors, for checkpoints and a node's pristine copy."""
+        return self.deltas.state()
 
-    @torch.no_grad()
-    def load_base_state(self, weights: Mapping[str, Tensor]) -> None:
-        for mod, w in weights.items():
-            self.base_weight(mod).copy_(w)
+    def load_base_state(self, state: Mapping[str, Tensor]) -> None:
+        self.deltas.load_state(state)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.peft.parameters() if p.requires_grad]

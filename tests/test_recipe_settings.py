@@ -1,0 +1,59 @@
+"""Settings the task recipes rely on: an evaluation set held out of the training data
+(``data.eval_split=holdout``, so sweeps never see dev) and a separate head learning rate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from engine_support import GLUE, overrides, tiny_models  # noqa: F401
+
+from fedlora.config import ConfigError, load_config
+from fedlora.data import load_glue
+from fedlora.engine import build_experiment
+from fedlora.engine.train import train_local
+
+
+def _pairs(ds) -> set[tuple]:
+    return set(zip(ds.text_a, ds.text_b or [None] * len(ds), ds.labels.tolist()))
+
+
+def test_holdout_comes_from_train_is_fixed_across_seeds_and_disjoint(tiny_models, tmp_path):
+    from fedlora.engine.experiment import load_datasets
+
+    sets = {}
+    for seed in (0, 1):
+        cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, data__task="rte", data__eval_split="holdout", data__holdout_examples=50, seed=seed))
+        _, train, held = load_datasets(cfg)
+        assert len(held) == 50 and len(train) == 80
+        sets[seed] = (_pairs(train), _pairs(held))
+    full_train = _pairs(load_glue("rte", "train", data_dir=GLUE))
+    dev = _pairs(load_glue("rte", "dev", data_dir=GLUE))
+    assert sets[0][1] == sets[1][1], "the held-out set is the same for every seed"
+    assert sets[0][0] != sets[1][0], "seeds draw different training subsets"
+    for seed in (0, 1):
+        train, held = sets[seed]
+        assert held <= full_train and not held & dev and not train & held
+
+
+def test_holdout_larger_than_the_training_set_is_refused(tiny_models, tmp_path):
+    from fedlora.engine.experiment import load_datasets
+
+    cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, data__task="rte", data__eval_split="holdout", data__holdout_examples=10**6))
+    with pytest.raises(ConfigError, match="holdout_examples=1000000"):
+        load_datasets(cfg)
+
+
+@pytest.mark.parametrize("lr,head_lr,moves", [(1e-9, 1e-2, "head"), (1e-2, 1e-9, "adapter")])
+def test_head_lr_is_the_heads_own(tiny_models, tmp_path, lr, head_lr, moves):
+    cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, train__lr=lr, train__head_lr=head_lr, train__warmup_ratio=0))
+    exp = build_experiment(cfg)
+    fm = exp.fm
+    head0 = {k: v.clone() for k, v in fm.read_dense().items()}
+    train_local(fm, exp.train, np.arange(40), cfg.train, seed=0, pad_token_id=exp.pad_token_id)
+    head_move = max(float((fm.read_dense()[k] - v).abs().max()) for k, v in head0.items())
+    b_move = max(float(a.B.abs().max()) for a in fm.read_adapters().values())  # B starts at zero
+    if moves == "head":
+        assert head_move > 1e-3 and b_move < 1e-6
+    else:
+        assert b_move > 1e-3 and head_move < 1e-6
