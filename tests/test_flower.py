@@ -121,8 +121,14 @@ def test_run_config_round_trips_lists_and_options():
 # --------------------------------------------------------------- equivalence
 @pytest.mark.parametrize(
     "method,extra",
-    [("fedex", ["fed.fraction=0.67"]), ("hexa", ["model.client_ranks=[2,4,4]"]), ("fedex", ["fed.fraction=0.67", "model.base_delta=factored"])],
-    ids=["fedex", "hexa", "fedex-factored"],
+    [
+        ("fedex", ["fed.fraction=0.67"]),
+        ("hexa", ["model.client_ranks=[2,4,4]"]),
+        ("fedex", ["fed.fraction=0.67", "model.base_delta=factored"]),
+        ("fedex", ["fed.fraction=0.67", "privacy.mode=client", "fed.weighting=uniform", "privacy.noise_multiplier=0.3", "privacy.delta=1e-3"]),
+        ("hexa", ["privacy.mode=local", "privacy.noise_multiplier=1.0", "privacy.delta=1e-3"]),
+    ],
+    ids=["fedex", "hexa", "fedex-factored", "fedex-client-dp", "hexa-local-dp"],
 )
 def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
     """Same seed → the same global adapters, heads and metrics as the in-process engine.
@@ -132,8 +138,11 @@ def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
     server, got, grid = run_flower(over, tmp_path)
     assert got.round == want.round == 3
     # A node sums the base deltas it is sent (one compressed sum) where the in-process model
-    # appends them round by round: with factored base deltas the round-off differs a little more.
-    atol = 3e-5 if "model.base_delta=factored" in extra else 1e-5
+    # folds them round by round: with factored or full-rank (DP) base deltas the round-off
+    # differs a little more.
+    atol = 3e-5 if {"model.base_delta=factored", "privacy.mode=client"} & set(extra) else 1e-5
+    if "privacy.mode=local" in extra:  # every client's ε reached the server through Flower's metric records
+        assert [r["epsilon"] for r in server.rounds] == [r["epsilon"] for r in sim.rounds] and server.rounds[-1]["epsilon"] > 0
     for name, a in want.adapters.items():
         torch.testing.assert_close(got.adapters[name].B, a.B, atol=atol, rtol=1e-4)
         torch.testing.assert_close(got.adapters[name].A, a.A, atol=atol, rtol=1e-4)

@@ -7,13 +7,13 @@ import pytest
 
 from fedlora.config import ConfigError
 from fedlora.engine.grid import Cell, collect, parse_method, parse_partition
-from fedlora.report.compare import markdown_table
+from fedlora.report.compare import markdown_table, paired_table, write_report
 
 
-def write_summary(root, name, acc, task="sst2"):
+def write_summary(root, name, acc, task="sst2", metric="accuracy"):
     d = root / name
     d.mkdir(parents=True)
-    (d / "summary.json").write_text(json.dumps({"task": task, "primary_metric": "accuracy", "best": {"accuracy": acc}, "final": {"accuracy": acc - 0.01}}))
+    (d / "summary.json").write_text(json.dumps({"task": task, "primary_metric": metric, "best": {metric: acc}, "final": {metric: acc - 0.01}, "train_s": 10.0}))
 
 
 def test_partial_collect_and_table_mean_std(tmp_path):
@@ -29,8 +29,9 @@ def test_partial_collect_and_table_mean_std(tmp_path):
     assert len(results) == 3
     table = markdown_table(results, "best")
     sd = math.sqrt(((70 - 75) ** 2 + (80 - 75) ** 2) / 1)
-    assert f"| hexa | 75.00 ± {sd:.2f} (2) |" in table
-    assert "| centralized | 90.00 ± 0.00 (1) |" in table
+    half = 12.7062047 * sd / math.sqrt(2)  # t_{0.975, 1} from a t table
+    assert f"| hexa | 75.00 ± {half:.2f} (2) |" in table
+    assert "| centralized | 90.00 ± n/a (1) |" in table
     assert "fedex" not in table
     with pytest.raises(ConfigError, match="no finished run for any cell"):
         collect([Cell("fedit", "iid", 0)], None, over, run=False, skip_missing=True)
@@ -51,3 +52,59 @@ def test_runs_of_another_task_are_never_read(tmp_path):
     write_summary(tmp_path, "compare-rte-hexa-iid-s0", 0.60, task="sst2")
     with pytest.raises(ConfigError, match="task 'sst2', not 'rte'"):
         collect([Cell("hexa", "iid", 0)], None, [f"output_dir={tmp_path}", "data.task=rte"], run=False)
+
+
+FEDIT = [70.0, 72.0, 68.0, 75.0, 71.0]
+HEXA = [71.0, 73.5, 69.0, 76.0, 72.5]  # fedit + [1, 1.5, 1, 1, 1.5] at each seed
+FEDEX = [73.0, 69.0, 70.0, 73.0, 71.0]  # fedit + [3, -3, 2, -2, 0]
+
+
+def _grid(tmp_path, metric="accuracy", scale=100.0):
+    for seed in range(5):
+        for method, xs in (("fedit", FEDIT), ("hexa", HEXA), ("fedex", FEDEX)):
+            write_summary(tmp_path, f"compare-sst2-{method}-iid-s{seed}", xs[seed] / scale, metric=metric)
+    cells = [Cell(m, "iid", s) for m in ("fedit", "hexa", "fedex") for s in range(5)]
+    return collect(cells, None, [f"output_dir={tmp_path}", "data.task=sst2"], run=False)
+
+
+def test_paired_differences_by_seed(tmp_path):
+    """Hand-computed: d = [1, 1.5, 1, 1, 1.5], mean 1.2, s = √0.075, t_{0.975,4} = 2.776445:
+    1.20 ± 0.34, ahead, although hexa's own interval overlaps fedit's (the seeds' spread is shared)."""
+    results = _grid(tmp_path)
+    table = paired_table(results, "fedit", "best")
+    half = 2.776445 * math.sqrt(0.075) / math.sqrt(5)
+    assert f"| hexa | 1.20 ± {half:.2f} (5) **ahead** |" in table
+    assert "| fedex | 0.00 ±" in table and "fedex | 0.00 ± 3." in table and "ahead" not in table.split("fedex")[1] and "behind" not in table
+    means = markdown_table(results, "best")
+    assert "| hexa | 72.40 ±" in means and "| fedit | 71.20 ±" in means
+    path = write_report(results, tmp_path / "report", "t", baseline="fedit")
+    text = path.read_text()
+    assert "### Paired difference from fedit (best)" in text and "## Compute per run" in text and (tmp_path / "report" / "results.png").stat().st_size > 0
+    with pytest.raises(ConfigError, match="--baseline 'nope'"):
+        write_report(results, tmp_path / "report", "t", baseline="nope")
+
+
+def test_paired_differences_of_a_loss_lower_is_better(tmp_path):
+    """Perplexity: a method whose values are lower at every seed is ahead, higher is behind."""
+    results = _grid(tmp_path, metric="perplexity", scale=1.0)
+    table = paired_table(results, "hexa", "best", scale=1.0)
+    assert "| fedit | -1.20 ±" in table and "**ahead**" in table.split("| fedit |")[1].split("\n")[0]
+    table = paired_table(results, "fedit", "best", scale=1.0)
+    assert "**behind**" in table.split("| hexa |")[1].split("\n")[0]
+
+
+def test_method_specs_with_config_overrides():
+    from fedlora.engine.grid import grid_overrides
+
+    over = grid_overrides(Cell("ffa[train.lr=3e-3]", "dirichlet:0.1", 2), ["data.task=sst2"], "sst2")
+    assert "train.lr=3e-3" in over and "fed.method=ffa" in over and "fed.options={}" in over
+    assert over[-1] == "name=compare-sst2-ffa_train.lr=3e-3-dirichlet_0.1-s2"
+    over = grid_overrides(Cell("hexa[drift_beta=0,train.head_lr=0.01]", "iid", 0), [], "sst2")
+    assert "train.head_lr=0.01" in over and 'fed.options={"drift_beta": 0}' in over
+    over = grid_overrides(Cell("centralized[train.epochs=2]", "iid", 0), [], "sst2")
+    assert "train.epochs=2" in over and "fed.mode=centralized" in over
+    with pytest.raises(ConfigError, match="centralized takes config overrides"):
+        grid_overrides(Cell("centralized[drift_beta=0]", "iid", 0), [], "sst2")
+    from fedlora.config import load_config
+
+    assert load_config(None, grid_overrides(Cell("ffa[train.lr=3e-3]", "iid", 0), [], "sst2")).train.lr == 3e-3

@@ -73,7 +73,7 @@ def _compare(args: argparse.Namespace) -> int:
     results = collect(
         cells, args.config, args.overrides, run=not (args.collect_only or args.partial), overwrite=args.overwrite, skip_missing=args.partial, jobs=args.jobs
     )
-    path = write_report(results, Path(args.out), args.title)
+    path = write_report(results, Path(args.out), args.title, baseline=args.baseline)
     print(path.read_text())
     print(f"written: {path}, {path.with_suffix('.png')}, {path.with_suffix('.json')}")
     return 0
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--seeds", default="0", help="comma-separated seeds")
     cmp_.add_argument("--out", default="results", help="folder for results.md / .png / .json")
     cmp_.add_argument("--title", default="fedlora comparison")
+    cmp_.add_argument("--baseline", help="method the others are compared with, paired by seed (default: fedit if in the grid, else the first)")
     cmp_.add_argument("--collect-only", action="store_true", help="do not run missing cells; fail instead")
     cmp_.add_argument("--partial", action="store_true", help="like --collect-only, but leave unfinished cells out of the table")
     cmp_.add_argument("--overwrite", action="store_true", help="re-run cells that already finished")

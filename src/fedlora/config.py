@@ -103,6 +103,19 @@ class FedConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy (docs/privacy.md)."""
+
+    mode: str = "none"  # none | client (DP-FedAvg: clip each client's whole update, noise the sum) | local (DP-SGD on each client)
+    clip: float = 1.0  # C: client mode, the L2 bound of a client's update; local mode, of a per-example gradient
+    noise_multiplier: float = 0.0  # z: the noise's standard deviation is z·C (0 with target_epsilon > 0: from the accountant)
+    target_epsilon: float = 0.0  # > 0: choose z so that the planned rounds spend exactly this ε
+    delta: float = 1e-5
+    accountant: str = "rdp"  # rdp | prv (Opacus' accountants)
+    secure_noise: bool = False  # seed the noise from the OS's entropy (not reproducible) instead of the run's seed
+
+
+@dataclass
 class RunConfig:
     name: str = ""
     output_dir: str = "runs"
@@ -114,6 +127,7 @@ class RunConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> RunConfig:
         checks = [
@@ -148,6 +162,12 @@ class RunConfig:
             (0 < self.fed.fraction <= 1, f"fed.fraction must be in (0, 1], got {self.fed.fraction}"),
             (self.fed.eval_every >= 1, "fed.eval_every must be ≥ 1"),
             (self.fed.client_timeout > 0, f"fed.client_timeout must be > 0 seconds, got {self.fed.client_timeout}"),
+            (self.privacy.mode in ("none", "client", "local"), f"privacy.mode must be none, client or local, got {self.privacy.mode!r}"),
+            (self.privacy.clip > 0, f"privacy.clip must be > 0, got {self.privacy.clip}"),
+            (self.privacy.noise_multiplier >= 0, f"privacy.noise_multiplier must be ≥ 0, got {self.privacy.noise_multiplier}"),
+            (self.privacy.target_epsilon >= 0, f"privacy.target_epsilon must be ≥ 0, got {self.privacy.target_epsilon}"),
+            (0 < self.privacy.delta < 1, f"privacy.delta must be in (0, 1), got {self.privacy.delta}"),
+            (self.privacy.accountant in ("rdp", "prv"), f"privacy.accountant must be rdp or prv, got {self.privacy.accountant!r}"),
         ]
         for ok, message in checks:
             if not ok:

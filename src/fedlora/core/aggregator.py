@@ -129,6 +129,11 @@ class Aggregator(ABC):
             dense=dense if updates[0].dense else dict(state.dense),
         )
 
+    def dp_space(self, state: ServerState) -> str | None:
+        """Where client-level DP clips and noises this method's updates in this round
+        (``core/privacy.py``: factors, B, dense, dense_exact), or None: no DP mechanism."""
+        return None
+
     def _max_client_rank(self, state: ServerState) -> int | None:
         return state.rank
 

@@ -11,6 +11,7 @@ import torch
 from ..config import TrainConfig
 from ..core import ClientStart, ClientUpdate
 from ..models import FedModel
+from .dp_sgd import LocalDP, train_local_dp
 from .train import TrainStats, train_local
 
 __all__ = ["ClientData", "run_client"]
@@ -37,13 +38,17 @@ def run_client(
     pad_token_id: int,
     send_label_counts: bool = False,
     progress=None,
+    privacy: LocalDP | None = None,
 ) -> tuple[ClientUpdate, TrainStats]:
     fm.activate(client.rank, train_A=start.train_A)
     fm.load_adapters(start.adapters)
     if start.dense:
         fm.load_dense(start.dense)
     with fm.folded(start.base_delta):  # client-only frozen delta (HEXA's mixed ranks)
-        stats = train_local(fm, data, client.indices, cfg, seed, pad_token_id=pad_token_id, progress=progress)
+        if privacy is None:
+            stats = train_local(fm, data, client.indices, cfg, seed, pad_token_id=pad_token_id, progress=progress)
+        else:  # local DP-SGD (privacy.mode=local)
+            stats = train_local_dp(fm, data, client.indices, cfg, seed, privacy, pad_token_id=pad_token_id, progress=progress)
     update = ClientUpdate(
         client_id=client.client_id,
         num_examples=int(len(client.indices)),

@@ -18,6 +18,7 @@ from ..data.prompts import PROMPTS, glue_as_instructions
 from ..models import FedModel, LoraSettings, default_target_modules, load_causal_lm, load_pretrained
 from ..models.device import resolve_placement
 from ..models.hub import max_input_length, quantized_loading
+from ..privacy import PrivacyPlan, plan_privacy
 from .client import ClientData
 from .seeding import derive_seed
 
@@ -49,10 +50,16 @@ class Experiment:
     sample_prompts: list[tuple[str, list[int]]] = field(default_factory=list)  # causal LMs: (text, prompt ids) to answer each round
     causal: bool = False  # a causal LM (instruction data, or a GLUE task as label-word prompts)
     prompt_eval: PromptEval | None = None
+    privacy: PrivacyPlan | None = None  # privacy.mode != none: the checked plan (noise multiplier, sampling, accountant)
 
     @property
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
+
+    @property
+    def local_dp(self):
+        """What each client's DP-SGD needs (privacy.mode=local), else None."""
+        return None if self.privacy is None else self.privacy.local
 
 
 def file_task(cfg: RunConfig, label_names: list[str] | None) -> TaskSpec:
@@ -199,6 +206,7 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     fm = FedModel(model, settings, ranks, placement, head=not causal, base_delta=cfg.model.base_delta)
     aggregator = make_aggregator(cfg, fm)
+    privacy = plan_privacy(cfg, aggregator, [len(p) for p in parts])
     if any(r != cfg.model.rank for r in ranks) and not aggregator.mixed_ranks:
         raise ConfigError(
             f"method {cfg.fed.method!r} needs every client at model.rank={cfg.model.rank}; mixed client_ranks need hexa, fedhl, flexlora, hetlora or flora"
@@ -219,7 +227,7 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
         for messages in dev_text.prompts[: cfg.data.sample_prompts]:
             samples.append((messages[-1]["content"], render_prompt(tokenizer, messages)))
     prompt_eval = None if dev_targets is None else label_word_prompts(dev_text, PROMPTS[task.name].words, dev_targets, tokenizer, cfg.model.max_length)
-    return Experiment(cfg, task, model_path, fm, tokenizer, aggregator, train, dev, clients, hist, names, samples, causal, prompt_eval)
+    return Experiment(cfg, task, model_path, fm, tokenizer, aggregator, train, dev, clients, hist, names, samples, causal, prompt_eval, privacy)
 
 
 def label_word_prompts(dev, words: tuple[str, ...], targets: np.ndarray, tokenizer, max_length: int) -> PromptEval:

@@ -58,6 +58,11 @@ def summarise(exp: Experiment, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "train_tokens": sum(r.get("train_tokens", 0) for r in rows),
         "bytes_down": sum(r["bytes_down"] for r in rows),
         "bytes_up": sum(r["bytes_up"] for r in rows),
+        **(
+            {"epsilon": rows[-1].get("epsilon"), "delta": exp.privacy.delta, "noise_multiplier": exp.privacy.noise_multiplier, "privacy": exp.privacy.mode}
+            if exp.privacy is not None and rows
+            else {}
+        ),
     }
 
 

@@ -25,6 +25,7 @@ import torch
 
 from ..config import ConfigError, config_to_dict
 from ..core import ClientStart, ClientUpdate, Factored, ServerState
+from ..core.privacy import private_aggregate
 from ..core.serialize import state_from_dict, state_to_dict
 from ..data.prompts import prompt_metrics
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -32,6 +33,18 @@ from .client import ClientData
 from .evaluate import evaluate, generate_answers, label_word_scores
 from .experiment import Experiment
 from .seeding import derive_seed, generator
+
+
+def privacy_generator(cfg, t: int) -> torch.Generator:
+    """The DP noise of round t: from the run's seed (reproducible, and a resume replays it), or,
+    with privacy.secure_noise, from the operating system's entropy (what a deployment needs:
+    noise anyone can regenerate from the config protects nobody)."""
+    if cfg.privacy.secure_noise:
+        import secrets
+
+        return torch.Generator().manual_seed(secrets.randbits(63))
+    return generator(cfg.seed, t, "dp-noise")
+
 
 __all__ = ["Server", "ClientJob", "ClientResult", "RoundFailed", "BYTES_PER_NUMBER"]
 
@@ -114,6 +127,11 @@ class Server:
     # ----------------------------------------------------------------- rounds
     def sample(self, t: int) -> list[int]:
         k = len(self.exp.clients)
+        if self.exp.privacy is not None and self.exp.privacy.client is not None:
+            # Poisson sampling, what the accountant assumes: each client independently with
+            # probability q (a round may have none: its release is noise alone).
+            draws = torch.rand(k, generator=generator(self.cfg.seed, t, "sample"), dtype=torch.float64)
+            return (draws < self.cfg.fed.fraction).nonzero().flatten().tolist()
         m = max(1, round(self.cfg.fed.fraction * k))
         return sorted(torch.randperm(k, generator=generator(self.cfg.seed, t, "sample"))[:m].tolist())
 
@@ -156,15 +174,21 @@ class Server:
                     "train_loss": res.stats["loss"],
                     "steps": int(res.stats["steps"]),
                     "tokens": int(res.stats["tokens"]),
+                    **({"sample_rate": res.stats["sample_rate"]} if "sample_rate" in res.stats else {}),
                     "bytes_down": BYTES_PER_NUMBER * (job.start.numel() + broadcast),
                     "bytes_up": BYTES_PER_NUMBER * res.update.numel(),
                     **(res.wire or {}),
                 }
             )
-        if not updates:
+        if not updates and jobs:
             raise RoundFailed(f"round {t + 1}: no sampled client finished; " + "; ".join(f"{r['client']}: {r['dropped']}" for r in rows))
         t1 = time.perf_counter()
-        state = self.exp.aggregator.aggregate(state, updates)
+        plan = self.exp.privacy
+        if plan is not None and plan.client is not None:
+            noise = privacy_generator(self.cfg, t)
+            state = private_aggregate(self.exp.aggregator, state, updates, plan.client, noise)
+        else:
+            state = self.exp.aggregator.aggregate(state, updates)
         t2 = time.perf_counter()
         self.exp.fm.fold(state.base_delta)
         self.accumulate_folded(state)
@@ -174,7 +198,7 @@ class Server:
             "round": t + 1,
             "clients": len(done),
             "dropped": len(rows) - len(done),
-            "train_loss": sum(r["train_loss"] * r["examples"] for r in done) / max(1, sum(r["examples"] for r in done)),
+            "train_loss": sum(r["train_loss"] * r["examples"] for r in done) / sum(r["examples"] for r in done) if done else float("nan"),
             "train_s": train_s,
             "aggregate_s": t2 - t1,
             "fold_s": t3 - t2,
@@ -187,6 +211,16 @@ class Server:
             if any(key in r for r in done):
                 row[key] = sum(r.get(key, 0) for r in done)
         row.update({k: v for k, v in state.info.items() if isinstance(v, (int, float))})
+        if plan is not None and plan.client is not None:
+            row["epsilon"] = plan.epsilon_after(t + 1)
+        if plan is not None and plan.local is not None:  # each client's own ε; the run's is the largest
+            per_client = plan.local_epsilon(self.client_rows + rows)
+            for r in rows:
+                if r["client"] in per_client and "dropped" not in r:
+                    r["epsilon"] = per_client[r["client"]]
+            row["epsilon"] = max(per_client.values(), default=0.0)
+        if plan is not None:
+            row["dp_noise_multiplier"] = plan.noise_multiplier
         if (t + 1) % self.cfg.fed.eval_every == 0 or t + 1 == self.cfg.fed.rounds:
             row.update(self.evaluate(state))
         self.client_rows.extend(rows)

@@ -54,5 +54,6 @@ class Simulator(Server):
             pad_token_id=exp.pad_token_id,
             send_label_counts=job.send_label_counts,
             progress=progress,
+            privacy=exp.local_dp,
         )
         return ClientResult(update=update, stats=stats.as_dict())

@@ -16,7 +16,7 @@ from ..data import collate, length_bucketed_batches
 from ..models import FedModel
 from .seeding import derive_seed, generator
 
-__all__ = ["TrainStats", "train_local", "planned_steps"]
+__all__ = ["TrainStats", "train_local", "planned_steps", "optimizer_groups"]
 
 
 @dataclass
@@ -25,9 +25,11 @@ class TrainStats:
     steps: int
     examples: int
     tokens: int  # padded tokens through forward and backward: the compute actually done
+    sample_rate: float = 0.0  # local DP-SGD: q of its Poisson batches (0: not DP)
 
     def as_dict(self) -> dict[str, float]:
-        return {"loss": self.loss, "steps": self.steps, "examples": self.examples, "tokens": self.tokens}
+        out = {"loss": self.loss, "steps": self.steps, "examples": self.examples, "tokens": self.tokens}
+        return out | ({"sample_rate": self.sample_rate} if self.sample_rate else {})
 
 
 def planned_steps(num_examples: int, cfg: TrainConfig) -> int:
@@ -36,6 +38,13 @@ def planned_steps(num_examples: int, cfg: TrainConfig) -> int:
         return cfg.steps
     per_epoch = math.ceil(num_examples / cfg.batch_size)
     return max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
+
+
+def optimizer_groups(fm: FedModel, params: list, cfg: TrainConfig) -> list[dict]:
+    """The adapters at ``train.lr``, the head at ``train.head_lr`` (when set)."""
+    head = {id(p) for p in fm.head.values()}
+    groups = [{"params": [p for p in params if id(p) not in head]}, {"params": [p for p in params if id(p) in head], "lr": cfg.head_lr or cfg.lr}]
+    return [g for g in groups if g["params"]]
 
 
 def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed: int, *, pad_token_id: int, progress=None) -> TrainStats:
@@ -49,9 +58,7 @@ def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed:
     torch.manual_seed(derive_seed(seed, "dropout"))
     gen = generator(seed, "batches")
     params = fm.trainable_parameters()
-    head = {id(p) for p in fm.head.values()}
-    groups = [{"params": [p for p in params if id(p) not in head]}, {"params": [p for p in params if id(p) in head], "lr": cfg.head_lr or cfg.lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(optimizer_groups(fm, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = planned_steps(len(indices), cfg)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     place = fm.placement

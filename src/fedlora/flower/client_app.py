@@ -147,6 +147,14 @@ def train(msg: Message, context: Context) -> Message:
     exp.fm.load_base_state(local.pristine)
     exp.fm.fold(base)
     update, stats = run_client(
-        exp.fm, start, client, data, exp.cfg.train, int(job["seed"]), pad_token_id=exp.pad_token_id, send_label_counts=bool(job["send-label-counts"])
+        exp.fm,
+        start,
+        client,
+        data,
+        exp.cfg.train,
+        int(job["seed"]),
+        pad_token_id=exp.pad_token_id,
+        send_label_counts=bool(job["send-label-counts"]),
+        privacy=exp.local_dp,
     )
     return Message(content=encode_update(update, stats.as_dict(), pid), reply_to=msg)

@@ -179,7 +179,10 @@ def decode_update(content: RecordDict, client_id: str) -> tuple[ClientUpdate, di
     missing = [k for k in ("loss", "steps", "examples", "tokens") if k not in metrics]
     if missing:
         raise MalformedRecord(f"{METRICS} lacks {missing}")
-    return update, {k: metrics[k] for k in ("loss", "steps", "examples", "tokens")}
+    stats = {k: metrics[k] for k in ("loss", "steps", "examples", "tokens")}
+    if "sample_rate" in metrics:  # local DP-SGD: the rate its batches were drawn at (the server accounts its ε)
+        stats["sample_rate"] = metrics["sample_rate"]
+    return update, stats
 
 
 def encode_resync(through: int) -> RecordDict:

@@ -1,6 +1,7 @@
-"""``fedlora compare``'s report: a markdown table (mean ± std over seeds), a plot and a JSON
-of a grid's summaries (collected by ``engine/grid.py``). Reads summaries only: nothing here
-runs a model."""
+"""``fedlora compare``'s report: markdown tables (means with 95% intervals over seeds,
+differences from a baseline paired by seed, compute per run), a plot with 95% intervals and a
+JSON of a grid's summaries (collected by ``engine/grid.py``). Reads summaries only: nothing
+here runs a model; the statistics are ``report/stats.py``'s."""
 
 from __future__ import annotations
 
@@ -10,35 +11,74 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..atomic import atomic_write_text
+from ..config import ConfigError
+from .stats import Interval, mean_interval, paired_interval
 
 if TYPE_CHECKING:
     from ..engine.grid import Cell
 
-__all__ = ["markdown_table", "plot_grid", "write_report"]
+__all__ = ["markdown_table", "paired_table", "compute_table", "plot_grid", "write_report"]
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, s
+def _values(results: dict[Cell, dict], which: str, method: str, partition: str, scale: float) -> dict[int, float]:
+    """{seed: value of the primary metric} of one method in one partition."""
+    metric = next(iter(results.values()))["primary_metric"]
+    return {c.seed: r[which][metric] * scale for c, r in results.items() if c.method == method and c.partition == partition and metric in r[which]}
+
+
+def _lower_is_better(results: dict[Cell, dict]) -> bool:
+    return next(iter(results.values()))["primary_metric"] in ("loss", "perplexity")
+
+
+def _fmt(iv: Interval) -> str:
+    half = "n/a" if math.isnan(iv.half) else f"{iv.half:.2f}"
+    return f"{iv.mean:.2f} ± {half} ({iv.n})"
 
 
 def markdown_table(results: dict[Cell, dict], which: str = "best", scale: float = 100.0) -> str:
-    """Rows = methods, columns = partitions, cells = mean ± std (n) of the primary metric."""
+    """Rows = methods, columns = partitions, cells = mean ± half-width of the 95% interval (n seeds)."""
     methods = list(dict.fromkeys(c.method for c in results))
     parts = list(dict.fromkeys(c.partition for c in results))
-    metric = next(iter(results.values()))["primary_metric"]
     lines = ["| method | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
     for m in methods:
         cells = []
         for p in parts:
-            xs = [r[which][metric] * scale for c, r in results.items() if c.method == m and c.partition == p and metric in r[which]]
-            if xs:
-                mu, sd = _mean_std(xs)
-                cells.append(f"{mu:.2f} ± {sd:.2f} ({len(xs)})")
-            else:
-                cells.append("–")
+            xs = _values(results, which, m, p, scale)
+            cells.append(_fmt(mean_interval(list(xs.values()))) if xs else "–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(results: dict[Cell, dict], baseline: str, which: str = "best", scale: float = 100.0) -> str:
+    """Each method minus ``baseline``, paired by seed: mean ± half-width of the 95% interval
+    (n pairs), marked ahead / behind only where the interval excludes zero."""
+    methods = [m for m in dict.fromkeys(c.method for c in results) if m != baseline]
+    parts = list(dict.fromkeys(c.partition for c in results))
+    lower = _lower_is_better(results)
+    lines = ["| method − " + baseline + " | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
+    for m in methods:
+        cells = []
+        for p in parts:
+            iv = paired_interval(_values(results, which, m, p, scale), _values(results, which, baseline, p, scale))
+            if iv is None:
+                cells.append("–")
+                continue
+            verdict = ""
+            if iv.excludes_zero():
+                verdict = " **ahead**" if (iv.mean < 0) == lower else " **behind**"
+            cells.append(_fmt(iv) + verdict)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compute_table(results: dict[Cell, dict]) -> str:
+    """Compute per run, mean over the runs of each method: client training seconds, padded
+    tokens trained on, optimiser steps, and aggregation seconds."""
+    lines = ["| method | runs | training s | tokens | steps | aggregation s |", "|---|---|---|---|---|---|"]
+    for m in dict.fromkeys(c.method for c in results):
+        rs = [r for c, r in results.items() if c.method == m]
+        mean = {key: sum(r.get(key, 0.0) for r in rs) / len(rs) for key in ("train_s", "train_tokens", "train_steps", "aggregate_s")}
+        lines.append(f"| {m} | {len(rs)} | {mean['train_s']:.0f} | {mean['train_tokens']:.0f} | {mean['train_steps']:.0f} | {mean['aggregate_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -55,16 +95,16 @@ def plot_grid(results: dict[Cell, dict], which: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(methods) * len(parts) / 2 + 3), 4.0))
     width = 0.8 / len(parts)
     for j, p in enumerate(parts):
-        mus, sds = [], []
+        mus, halves = [], []
         for m in methods:
-            xs = [r[which][metric] * 100 for c, r in results.items() if c.method == m and c.partition == p and metric in r[which]]
-            mu, sd = _mean_std(xs) if xs else (float("nan"), 0.0)
-            mus.append(mu)
-            sds.append(sd)
-        ax.bar(np.arange(len(methods)) + j * width, mus, width, yerr=sds, capsize=2, label=p)
+            xs = list(_values(results, which, m, p, 100.0).values())
+            iv = mean_interval(xs) if xs else Interval(float("nan"), 0.0, 0)
+            mus.append(iv.mean)
+            halves.append(0.0 if math.isnan(iv.half) else iv.half)
+        ax.bar(np.arange(len(methods)) + j * width, mus, width, yerr=halves, capsize=2, label=p)
     ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2)
     ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(f"{which} {metric} (×100)")
+    ax.set_ylabel(f"{which} {metric} (×100), 95% interval")
     finite = [r[which][metric] * 100 for r in results.values() if metric in r[which]]
     if finite:
         ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 3))
@@ -75,9 +115,25 @@ def plot_grid(results: dict[Cell, dict], which: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: dict[Cell, dict], out_dir: Path, title: str) -> Path:
+def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline: str | None = None) -> Path:
+    """results.md (means with 95% intervals; differences from ``baseline`` paired by seed;
+    compute per run), results.json (one row per run) and results.png (bars with 95% intervals)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = f"# {title}\n\n## Best over rounds\n\n" + markdown_table(results, "best") + "\n## Final round\n\n" + markdown_table(results, "final")
+    methods = list(dict.fromkeys(c.method for c in results))
+    if baseline is None:
+        baseline = "fedit" if "fedit" in methods else methods[0]
+    elif baseline not in methods:
+        raise ConfigError(f"--baseline {baseline!r} is not one of the grid's methods ({', '.join(methods)})")
+    note = (
+        "Cells: mean ± half-width of the 95% interval (Student's t over seeds; n in brackets). "
+        f"Differences: each method minus {baseline} at the same seed (same partition, data and batches), "
+        "called ahead or behind only where the interval excludes zero.\n"
+    )
+    text = f"# {title}\n\n{note}"
+    for which, heading in (("best", "Best over rounds"), ("final", "Final round")):
+        text += f"\n## {heading}\n\n" + markdown_table(results, which)
+        text += f"\n### Paired difference from {baseline} ({which})\n\n" + paired_table(results, baseline, which)
+    text += "\n## Compute per run (mean)\n\n" + compute_table(results)
     atomic_write_text(out_dir / "results.md", text)
     rows = [
         {
@@ -86,6 +142,7 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str) -> Path:
             "seed": c.seed,
             **{f"best_{k}": v for k, v in r["best"].items()},
             **{f"final_{k}": v for k, v in r["final"].items()},
+            **{k: r[k] for k in ("train_s", "train_tokens", "train_steps", "aggregate_s") if k in r},
         }
         for c, r in results.items()
     ]

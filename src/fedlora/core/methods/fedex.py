@@ -37,6 +37,9 @@ class FedEx(Aggregator):
     name = "fedex"
     exact = True
 
+    def dp_space(self, state: ServerState) -> str:
+        return "dense_exact"
+
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
         adapters, residual = {}, {}
         for name, g in state.adapters.items():

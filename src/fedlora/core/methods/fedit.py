@@ -28,6 +28,9 @@ class FedIT(Aggregator):
         super().__init__(weighting)
         self.measure_error = measure_error
 
+    def dp_space(self, state: ServerState) -> str:
+        return "factors"
+
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
         adapters, num, den = {}, 0.0, 0.0
         for name, g in state.adapters.items():

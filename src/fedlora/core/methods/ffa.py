@@ -52,6 +52,9 @@ class FFA(Aggregator):
         start = super().client_start(state, rank)
         return ClientStart(adapters=start.adapters, dense=start.dense, train_A=False)
 
+    def dp_space(self, state: ServerState) -> str:
+        return "B"
+
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
         check_frozen_A(state, updates, self.frozen_rtol)
         return RoundOutput(adapters=average_B(state, updates, p))

@@ -50,6 +50,9 @@ class FRA(Aggregator):
         start = super().client_start(state, rank)
         return ClientStart(adapters=start.adapters, dense=start.dense, train_A=not self.in_ffa_phase(state))
 
+    def dp_space(self, state: ServerState) -> str:
+        return "B" if self.in_ffa_phase(state) else "dense"
+
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
         if self.in_ffa_phase(state):
             check_frozen_A(state, updates, self.frozen_rtol)

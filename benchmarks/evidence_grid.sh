@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The evidence grids (BENCHMARKS.md "Evidence"): every method at its task recipe's budget
+# (benchmarks/recipes/<task>.yaml), seeds paired (a seed fixes the partition, the training
+# subset and every client's batches), reported as means with 95% intervals and differences
+# from fedit paired by seed. Finished cells are read back and interrupted ones resume, so each
+# part can run in pieces. JOBS worker processes of one thread each (2 cores → JOBS=2).
+#
+# Usage: [SEEDS=0,1,2,3,4] [JOBS=2] bash benchmarks/evidence_grid.sh PART
+#   lr        each method's learning rate at SST-2 Dirichlet(0.1), seed 0 (FFA-LoRA trains only B)
+#   sst2      SST-2 × {iid, Dirichlet 1.0, Dirichlet 0.1} × the nine methods and centralized
+#   stsb      STS-B × {iid, Dirichlet 0.1} × hexa, fedex, fedit, flexlora, fedhl, centralized
+#   rte       RTE, the same
+#   ranks     SST-2 with client ranks 2/4/8/16 (FedHL's setting): hexa, fedhl, flexlora, hetlora, flora
+#   quantity  SST-2 with quantity skew (Dirichlet 0.5 over sizes): the nine methods
+#   ablation  HEXA's ablation at SST-2 Dirichlet(0.1)
+# Compute per run (2 cores, bf16): see the "Compute per run" table each part writes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+part=${1:?usage: bash benchmarks/evidence_grid.sh lr|sst2|stsb|rte|ranks|quantity|ablation}
+seeds=${SEEDS:-0,1,2,3,4}
+nine="hexa,fedex,fedit,ffa[train.lr=3e-3],fra,flora,flexlora,hetlora,fedhl"
+grid() { local task=$1; shift; fedlora compare "benchmarks/recipes/$task.yaml" threads=1 --jobs "${JOBS:-2}" --baseline fedit "$@"; }
+case $part in
+  lr)
+    grid sst2 --methods "fedit[train.lr=3e-4],fedit,fedit[train.lr=3e-3],ffa[train.lr=1e-3],ffa[train.lr=3e-3],ffa[train.lr=1e-2],hexa[train.lr=3e-4],hexa,hexa[train.lr=3e-3]" \
+      --partitions dirichlet:0.1 --seeds 0 --out results/evidence/lr --title "Learning rate per method: SST-2, Dirichlet(0.1), seed 0" ;;
+  sst2)
+    grid sst2 --methods "$nine,centralized" --partitions "iid,dirichlet:1.0,dirichlet:0.1" --seeds "$seeds" \
+      --out results/evidence/sst2 --title "SST-2, MiniLM-L6, 10 clients, recipe budget" ;;
+  stsb|rte)
+    grid "$part" --methods "hexa,fedex,fedit,flexlora,fedhl,centralized" --partitions "iid,dirichlet:0.1" --seeds "$seeds" \
+      --out "results/evidence/$part" --title "$part, MiniLM-L6, 10 clients, recipe budget" ;;
+  ranks)
+    grid sst2 model.client_ranks="[2,4,8,16]" model.rank=16 --methods "hexa,fedhl,flexlora,hetlora,flora" --partitions "iid,dirichlet:0.1" \
+      --seeds "$seeds" --baseline flexlora --out results/evidence/ranks --title "SST-2, client ranks 2/4/8/16" ;;
+  quantity)
+    grid sst2 --methods "$nine" --partitions "quantity:0.5" --seeds "$seeds" --out results/evidence/quantity --title "SST-2, quantity skew" ;;
+  ablation)
+    grid sst2 --methods "hexa,hexa[drift_beta=0],hexa[fold_residual=false],hexa[class_aware_head=true],hexa[restart=svd_sqrt],hexa[restart=lstsq],fedex,fedit" \
+      --partitions dirichlet:0.1 --seeds "$seeds" --baseline hexa --out results/evidence/ablation --title "HEXA ablation, SST-2, Dirichlet(0.1)" ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac

@@ -1,0 +1,150 @@
+"""Privacy accounting and the checks a DP run passes before it trains (docs/privacy.md).
+
+Accounting is Opacus' (``opacus.accountants``: RDP, or PRV for tighter ε), never a formula of
+ours: client-level DP is one Gaussian mechanism per round with sampling rate q = fed.fraction
+(Poisson sampling) and noise multiplier z, so ε after t rounds is the accountant's ε for
+(z, q, t steps, δ). A target ε becomes z through ``get_noise_multiplier`` for the planned rounds.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .config import ConfigError, RunConfig
+from .core import Aggregator
+from .core.privacy import ClientDP
+
+if TYPE_CHECKING:
+    from .engine.dp_sgd import LocalDP
+
+__all__ = ["PrivacyPlan", "epsilon", "noise_for_epsilon", "plan_privacy"]
+
+
+def _accountant(name: str):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return {"rdp": RDPAccountant, "prv": PRVAccountant}[name]()
+
+
+def epsilon(accountant: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """ε spent by ``steps`` Gaussian mechanisms (z, q), at δ, by Opacus' accountant."""
+    if steps == 0:
+        return 0.0
+    acc = _accountant(accountant)
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha": still a valid bound
+        warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(delta))
+
+
+def noise_for_epsilon(accountant: str, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The smallest z (to Opacus' tolerance, 0.01 in ε) whose ``steps`` mechanisms spend at most ``target_epsilon``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant, epsilon_tolerance=0.01
+            )
+        )
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    mode: str  # client | local
+    accountant: str
+    delta: float
+    noise_multiplier: float  # z, given or from the target ε
+    sample_rate: float  # client mode: q of the clients per round (local mode: per client, see local_epsilon)
+    client: ClientDP | None = None
+    local: LocalDP | None = None
+
+    def epsilon_after(self, rounds: int) -> float:
+        """Client mode: ε of the whole run after ``rounds`` rounds."""
+        return epsilon(self.accountant, self.noise_multiplier, self.sample_rate, rounds, self.delta)
+
+    def local_epsilon(self, client_rows: list[dict]) -> dict[str, float]:
+        """Local mode: each client's ε over every DP-SGD step it has taken (rows of clients.jsonl)."""
+        steps: dict[str, int] = {}
+        rate: dict[str, float] = {}
+        for r in client_rows:
+            if "dropped" not in r and r.get("sample_rate"):
+                steps[r["client"]] = steps.get(r["client"], 0) + int(r["steps"])
+                rate[r["client"]] = float(r["sample_rate"])
+        return {c: epsilon(self.accountant, self.noise_multiplier, rate[c], steps[c], self.delta) for c in steps}
+
+
+def plan_privacy(cfg: RunConfig, aggregator: Aggregator, client_sizes: list[int]) -> PrivacyPlan | None:
+    """``privacy.*`` checked against the rest of the run and resolved into a plan, or a
+    ConfigError naming what would break the guarantee. None when privacy.mode is none."""
+    p = cfg.privacy
+    if p.mode == "none":
+        return None
+    if p.noise_multiplier > 0 and p.target_epsilon > 0:
+        raise ConfigError("give privacy.noise_multiplier or privacy.target_epsilon, not both")
+    if p.noise_multiplier == 0 and p.target_epsilon == 0:
+        raise ConfigError(f"privacy.mode={p.mode} needs privacy.noise_multiplier > 0 or privacy.target_epsilon > 0 (without noise ε is infinite)")
+    if cfg.fed.eval_clients:
+        raise ConfigError("fed.eval_clients reports the global model's metric on each client's training data, which the DP guarantee does not cover")
+    if p.mode == "local":
+        return _plan_local(cfg, client_sizes)
+    num_clients = len(client_sizes)
+    if cfg.fed.mode != "federated":
+        raise ConfigError("privacy.mode=client protects clients of a federation; fed.mode=centralized has none (privacy.mode=local is DP-SGD)")
+    if aggregator.dp_space(aggregator_state_stub()) is None:
+        raise ConfigError(f"fed.method={cfg.fed.method} has no client-level DP mechanism: use fedit, ffa, fra or fedex (docs/privacy.md says why)")
+    if cfg.fed.weighting != "uniform":
+        raise ConfigError(
+            "privacy.mode=client needs fed.weighting=uniform: data-size weights let a client's share grow with its example count, which the clip C does not bound"
+        )
+    if p.delta >= 1 / num_clients:
+        raise ConfigError(
+            f"privacy.delta={p.delta} must be below 1/num_clients = {1 / num_clients:.3g}: at that δ one client's update may be released in the clear"
+        )
+    q = cfg.fed.fraction
+    z = p.noise_multiplier
+    if p.target_epsilon > 0:
+        try:
+            z = noise_for_epsilon(p.accountant, p.target_epsilon, p.delta, q, cfg.fed.rounds)
+        except ValueError as e:
+            raise ConfigError(f"privacy.target_epsilon={p.target_epsilon} cannot be met over {cfg.fed.rounds} rounds at q={q}: {e}") from None
+    return PrivacyPlan("client", p.accountant, p.delta, z, q, client=ClientDP(clip=p.clip, noise_multiplier=z, denominator=q * num_clients))
+
+
+def _plan_local(cfg: RunConfig, client_sizes: list[int]) -> PrivacyPlan:
+    """Local DP-SGD: per-example clipping on every client. A target ε sets z for the client that
+    spends the most (the smallest one: largest q) if it trains in every round."""
+    p, t = cfg.privacy, cfg.train
+    if t.grad_accum != 1:
+        raise ConfigError("privacy.mode=local clips and noises every optimiser step: use train.grad_accum=1 (a larger train.batch_size instead)")
+    if t.precision == "fp16":
+        raise ConfigError("privacy.mode=local does not support train.precision=fp16 (its gradient scaler would scale the noise); use bf16 or fp32")
+    if t.gradient_checkpointing:
+        raise ConfigError("privacy.mode=local needs per-example activations: train.gradient_checkpointing must be false")
+    smallest = min(client_sizes)
+    if p.delta >= 1 / smallest:
+        raise ConfigError(f"privacy.delta={p.delta} must be below 1/n = {1 / smallest:.3g} for the smallest client's n = {smallest} examples")
+    z = p.noise_multiplier
+    if p.target_epsilon > 0:
+        from .engine.dp_sgd import sample_rate
+        from .engine.train import planned_steps
+
+        try:
+            z = max(
+                noise_for_epsilon(p.accountant, p.target_epsilon, p.delta, sample_rate(n, t), planned_steps(n, t) * cfg.fed.rounds) for n in set(client_sizes)
+            )
+        except ValueError as e:
+            raise ConfigError(f"privacy.target_epsilon={p.target_epsilon} cannot be met by local DP-SGD over {cfg.fed.rounds} rounds: {e}") from None
+    from .engine.dp_sgd import LocalDP
+
+    return PrivacyPlan("local", p.accountant, p.delta, z, 0.0, local=LocalDP(clip=p.clip, noise_multiplier=z, secure_noise=p.secure_noise))
+
+
+def aggregator_state_stub():
+    """A round-0 state with no modules: enough to ask a method for its DP space."""
+    from .core import LoraSpec, ServerState
+
+    return ServerState(round=0, rank=1, lora=LoraSpec(), adapters={})

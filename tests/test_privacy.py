@@ -1,0 +1,384 @@
+"""Client-level differential privacy: the accountant's values (Opacus 1.6.0, wave2.md §3),
+the mechanism against independent float64 references, the checks before training, and runs
+through both engines.
+
+References are computed here from the definitions, never read from fedlora's own outputs:
+a client's update is s·B_i·A_i − s·B·A formed densely (or the raw factor differences), its
+clip factor min(1, C/‖δ_i‖), the mean over a fixed denominator D.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from engine_support import overrides, read_jsonl, tiny_models  # noqa: F401
+
+from fedlora import cli
+from fedlora.config import ConfigError, load_config
+from fedlora.core import Adapter, ClientUpdate, LoraSpec, get_aggregator
+from fedlora.core.errors import AggregationError, UpdateError
+from fedlora.core.privacy import ClientDP, private_aggregate, update_norm
+from fedlora.engine import build_experiment
+from fedlora.privacy import epsilon, noise_for_epsilon
+
+# ------------------------------------------------------------------ accountant
+
+
+@pytest.mark.parametrize(
+    "q,z,T,rdp,prv", [(0.1, 1.0, 100, 7.899, 7.057), (0.1, 1.0, 1000, 27.163, 25.216), (0.3, 1.0, 50, 16.737, 15.220), (1.0, 5.0, 50, 7.077, 6.583)]
+)
+def test_accountant_values(q, z, T, rdp, prv):
+    assert epsilon("rdp", z, q, T, 1e-5) == pytest.approx(rdp, abs=1e-3)
+    assert epsilon("prv", z, q, T, 1e-5) == pytest.approx(prv, abs=2e-3)
+
+
+@pytest.mark.parametrize("accountant,expected", [("prv", (1.1523, 0.744, 0.5939)), ("rdp", (1.2598, 0.7983, 0.6299))])
+def test_noise_for_a_target_epsilon(accountant, expected):
+    """q = 0.01, 500 steps, ε = 1 / 3 / 6; Opacus' search stops within 0.01 of the target ε."""
+    for eps, z in zip((1, 3, 6), expected):
+        got = noise_for_epsilon(accountant, eps, 1e-5, 0.01, 500)
+        assert got == pytest.approx(z, rel=0.01)
+        assert epsilon(accountant, got, 0.01, 500, 1e-5) <= eps + 1e-9
+
+
+# ------------------------------------------------------------------- mechanism
+SHAPES = {"q": (12, 10), "v": (8, 10)}
+RANK, SCALE = 2, 2.0
+
+
+def _state(seed=0, dense=True):
+    agg = get_aggregator("fedit", weighting="uniform")
+    state = agg.init_state(SHAPES, RANK, LoraSpec(alpha=RANK * SCALE), dense={"head.weight": torch.zeros(3, 4)} if dense else None, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    adapters = {n: Adapter(torch.randn(m, RANK, generator=g), torch.randn(RANK, k, generator=g), SCALE) for n, (m, k) in SHAPES.items()}
+    return state.evolve(adapters=adapters)
+
+
+def _updates(state, n=4, size=(0.3, 0.3, 3.0, 0.05), frozen_A=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ad = {}
+        for name, a in state.adapters.items():
+            A = a.A if frozen_A else a.A + size[i] * torch.randn(a.A.shape, generator=g)
+            ad[name] = Adapter(a.B + size[i] * torch.randn(a.B.shape, generator=g), A, a.scale)
+        dense = {k: v + size[i] * torch.randn(v.shape, generator=g) for k, v in state.dense.items()}
+        out.append(ClientUpdate(f"c{i}", 10 + i, ad, dense))
+    return out
+
+
+def _dense_increment(state, u):
+    return {
+        n: (u.adapters[n].scale * u.adapters[n].B.double() @ u.adapters[n].A.double() - a.scale * a.B.double() @ a.A.double())
+        for n, a in state.adapters.items()
+    }
+
+
+def _ref_norm(state, u, space):
+    sq = sum(float((u.dense[k].double() - v.double()).square().sum()) for k, v in state.dense.items())
+    for n, a in state.adapters.items():
+        if space in ("dense", "dense_exact"):
+            sq += float(_dense_increment(state, u)[n].square().sum())
+        else:
+            sq += float((u.adapters[n].B.double() - a.B.double()).square().sum())
+            if space == "factors":
+                sq += float((u.adapters[n].A.double() - a.A.double()).square().sum())
+    return math.sqrt(sq)
+
+
+@pytest.mark.parametrize("space", ["factors", "B", "dense"])
+def test_update_norm_matches_the_dense_definition(space):
+    state = _state()
+    for u in _updates(state, frozen_A=space == "B"):
+        assert update_norm(space, state, u) == pytest.approx(_ref_norm(state, u, space), rel=1e-9)
+
+
+def _noiseless(C, D):
+    return ClientDP(clip=C, noise_multiplier=0.0, denominator=D)
+
+
+def test_fedit_without_noise_is_the_clipped_mean_of_factor_differences():
+    state, C, D = _state(), 1.0, 5.0  # D above the number of reporting clients: a fixed denominator
+    updates = _updates(state)
+    new = private_aggregate(get_aggregator("fedit", weighting="uniform"), state, updates, _noiseless(C, D), torch.Generator().manual_seed(0))
+    gam = [min(1.0, C / _ref_norm(state, u, "factors")) for u in updates]
+    assert gam[2] < 0.5 and gam[3] == 1.0, "the check has power: one client is clipped hard, one not at all"
+    for n, a in state.adapters.items():
+        B = a.B.double() + sum(gm * (u.adapters[n].B.double() - a.B.double()) for gm, u in zip(gam, updates)) / D
+        A = a.A.double() + sum(gm * (u.adapters[n].A.double() - a.A.double()) for gm, u in zip(gam, updates)) / D
+        torch.testing.assert_close(new.adapters[n].B.double(), B, atol=1e-6, rtol=0)
+        torch.testing.assert_close(new.adapters[n].A.double(), A, atol=1e-6, rtol=0)
+    head = sum(gm * u.dense["head.weight"].double() for gm, u in zip(gam, updates)) / D
+    torch.testing.assert_close(new.dense["head.weight"].double(), head, atol=1e-6, rtol=0)
+    assert new.info["dp_clipped_fraction"] == pytest.approx(sum(_ref_norm(state, u, "factors") > C for u in updates) / 4)
+
+
+@pytest.mark.parametrize("method", ["fedex", "fra"])
+def test_product_space_methods_without_noise(method):
+    """fedex: W0 + base delta + s·B'·A' equals G + Σγ_iΔ_i/D exactly; fra: its best rank-r approximation."""
+    state, C, D = _state(), 2.0, 4.0
+    updates = _updates(state)
+    agg = get_aggregator(method, weighting="uniform")
+    new = private_aggregate(agg, state, updates, _noiseless(C, D), torch.Generator().manual_seed(0))
+    gam = [min(1.0, C / _ref_norm(state, u, "dense")) for u in updates]
+    for n, a in state.adapters.items():
+        incs = [_dense_increment(state, u)[n] for u in updates]
+        want = a.scale * a.B.double() @ a.A.double() + sum(gm * d for gm, d in zip(gam, incs)) / D
+        got = new.adapters[n].delta().dense(torch.float64)
+        if method == "fedex":
+            got = got + new.base_delta[n].dense(torch.float64)
+        else:
+            U, S, Vh = torch.linalg.svd(want)
+            want = U[:, :RANK] * S[:RANK] @ Vh[:RANK]
+            assert not new.base_delta
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_noise_has_the_stated_standard_deviation():
+    """No client sampled: the release is N(0, z²C²)/D alone; its empirical sd over the
+    (12+8)·10 + 3·4 product entries and the head matches z·C/D within sampling error."""
+    state, C, z, D = _state(dense=False), 0.5, 3.0, 2.0
+    state = state.evolve(adapters={n: Adapter(torch.zeros(m, RANK), torch.zeros(RANK, k), SCALE) for n, (m, k) in SHAPES.items()})
+    new = private_aggregate(get_aggregator("fedex", weighting="uniform"), state, [], ClientDP(C, z, D), torch.Generator().manual_seed(7))
+    entries = torch.cat([(new.adapters[n].delta().dense(torch.float64) + new.base_delta[n].dense(torch.float64)).flatten() for n in SHAPES])
+    assert entries.numel() == 200
+    assert float(entries.std()) == pytest.approx(z * C / D, rel=0.15)
+    assert abs(float(entries.mean())) < 3 * z * C / D / math.sqrt(200)
+
+
+def test_ffa_noise_stays_on_B_and_a_changed_A_is_refused():
+    state = _state()
+    agg = get_aggregator("ffa", weighting="uniform")
+    new = private_aggregate(agg, state, _updates(state, frozen_A=True), ClientDP(1.0, 1.0, 4.0), torch.Generator().manual_seed(0))
+    for n, a in state.adapters.items():
+        assert torch.equal(new.adapters[n].A, a.A)
+        assert not torch.equal(new.adapters[n].B, a.B)
+    with pytest.raises(UpdateError, match="'c0'.*A was changed"):
+        private_aggregate(agg, state, _updates(state), ClientDP(1.0, 1.0, 4.0), torch.Generator().manual_seed(0))
+
+
+def test_methods_without_a_mechanism_are_refused():
+    state = _state()
+    with pytest.raises(AggregationError, match="'hexa' has no client-level DP"):
+        private_aggregate(get_aggregator("hexa"), state, _updates(state), ClientDP(1.0, 1.0, 4.0), torch.Generator())
+
+
+# ----------------------------------------------------------- checks and runs
+DP = {"privacy__mode": "client", "fed__weighting": "uniform", "privacy__noise_multiplier": 0.5, "privacy__delta": 1e-3}
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"fed__method": "hexa"}, "fed.method=hexa has no client-level DP"),
+        ({"fed__weighting": "data_size"}, "needs fed.weighting=uniform"),
+        ({"privacy__target_epsilon": 3}, "not both"),
+        ({"privacy__noise_multiplier": 0}, "without noise ε is infinite"),
+        ({"privacy__delta": 0.5}, "must be below 1/num_clients"),
+        ({"fed__eval_clients": "true"}, "eval_clients"),
+        ({"fed__mode": "centralized"}, "centralized"),
+        ({"privacy__noise_multiplier": 0, "privacy__target_epsilon": 1e-4}, "cannot be met"),
+    ],
+)
+def test_settings_that_break_the_guarantee_are_refused_before_training(tiny_models, tmp_path, capsys, extra, message):
+    out = tmp_path / "runs"
+    argv = ["run", *overrides(tiny_models["bert"], out, partition__num_clients=6, **{"fed__method": "fedit", **DP, **extra})]
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa", "fra", "fedex"])
+def test_a_client_dp_run_reports_the_accountants_epsilon_every_round(tiny_models, tmp_path, method):
+    over = overrides(tiny_models["bert"], tmp_path, fed__method=method, partition__num_clients=6, fed__fraction=0.5, fed__rounds=3, **DP)
+    assert cli.main(["run", *over]) == 0
+    cfg = load_config(None, over)
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["epsilon"] for r in rows] == pytest.approx([epsilon("rdp", 0.5, 0.5, t, 1e-3) for t in (1, 2, 3)], rel=1e-9)
+    assert all(r["dp_noise_multiplier"] == 0.5 and 0 <= r["dp_clipped_fraction"] <= 1 for r in rows)
+    assert len({r["clients"] for r in rows}) > 1 or cfg.seed != 0, "Poisson sampling: the number of clients varies"
+    import json
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epsilon"] == pytest.approx(rows[-1]["epsilon"]) and summary["delta"] == 1e-3
+
+
+def test_a_target_epsilon_sets_the_noise_from_the_accountant(tiny_models, tmp_path):
+    extra = {**DP, "privacy__noise_multiplier": 0, "privacy__target_epsilon": 5, "privacy__accountant": "prv"}
+    cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, fed__method="fedit", partition__num_clients=6, fed__fraction=0.5, fed__rounds=3, **extra))
+    exp = build_experiment(cfg)
+    z = exp.privacy.noise_multiplier
+    assert z == pytest.approx(noise_for_epsilon("prv", 5, 1e-3, 0.5, 3))
+    assert 4.9 <= exp.privacy.epsilon_after(3) <= 5.0
+
+
+# ------------------------------------------------------------ local DP-SGD
+def _tiny_fm(arch):
+    from fedlora.models import FedModel, LoraSettings, tiny_causal_lm, tiny_model
+
+    model, tok = tiny_causal_lm("llama", seed=1) if arch == "llama" else tiny_model("bert", seed=1)
+    targets = ("q_proj", "v_proj") if arch == "llama" else ("query", "value")
+    fm = FedModel(model, LoraSettings(targets, rank=4), head=arch != "llama")
+    # Opacus records activations in training mode only: switch every dropout off instead of eval()
+    for m in fm.peft.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for attr in ("dropout_prob", "attention_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+    fm.peft.train()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # B = 0 at init would make A's gradients zero: give B values
+        for layer in fm.layers.values():
+            layer.lora_B["r4"].weight.normal_(0, 0.1, generator=g)
+    return fm
+
+
+def _batch(arch):
+    ids = torch.tensor([[2, 31, 33, 40, 35, 3], [2, 45, 38, 44, 3, 0], [2, 50, 3, 0, 0, 0], [2, 41, 42, 43, 46, 3]])
+    mask = (ids != 0).long()
+    if arch == "llama":
+        labels = ids.masked_fill(mask == 0, -100).masked_fill(torch.arange(6) < 2, -100)  # answer tokens only
+    else:
+        labels = torch.tensor([0, 1, 1, 0])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _single_example_grads(fm, batch, arch) -> dict[str, torch.Tensor]:
+    """{parameter name: (n, *shape)} gradients of each example's loss, one example at a time."""
+    params = [(n, p) for n, p in fm.peft.named_parameters() if p.requires_grad]
+    rows = []
+    for j in range(len(batch["input_ids"])):
+        length = int(batch["attention_mask"][j].sum())
+        ids, mask = batch["input_ids"][j : j + 1, :length], batch["attention_mask"][j : j + 1, :length]
+        label = batch["labels"][j : j + 1, :length] if arch == "llama" else batch["labels"][j : j + 1]
+        loss = _loss(fm, fm.peft(input_ids=ids, attention_mask=mask).logits, label, arch)
+        rows.append(torch.autograd.grad(loss, [p for _, p in params]))
+    return {n: torch.stack([r[i] for r in rows]) for i, (n, _) in enumerate(params)}
+
+
+def _loss(fm, out_logits, labels, arch):
+    from fedlora.engine.dp_sgd import _per_example_lm_loss
+
+    if arch == "llama":
+        return _per_example_lm_loss(out_logits, labels)
+    return torch.nn.functional.cross_entropy(out_logits, labels)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_opacus_per_example_gradients_of_peft_lora_equal_vmap(arch):
+    """Opacus issue #820: with peft LoRA layers it can silently compute wrong per-sample
+    gradients. Reference: each example alone (cut to its own length, no padding) through the
+    model and torch.autograd.grad, no Opacus involved."""
+    from opacus import GradSampleModule
+
+    fm = _tiny_fm(arch)
+    batch = _batch(arch)
+    names = [n for n, p in fm.peft.named_parameters() if p.requires_grad]
+    want = _single_example_grads(fm, batch, arch)
+    gsm = GradSampleModule(fm.peft, batch_first=True, loss_reduction="mean", strict=False)
+    try:
+        out = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        _loss(fm, out.logits, batch["labels"], arch).backward()
+        got = {n: p.grad_sample for n, p in fm.peft.named_parameters() if p.requires_grad}
+    finally:
+        gsm._close()
+    assert set(got) == set(names) and any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    for n in names:
+        assert float(want[n].abs().max()) > 0, n
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_dp_sgd_step_is_the_clipped_noiseless_mean_and_trains_the_weights_it_sends():
+    """z = 0, q = 1 (batch ≥ n): the gradient AdamW receives is Σ_j clip(g_j)/n with the
+    g_j from vmap (independent); after training, the adapters read for upload are the trained ones."""
+    from fedlora.config import TrainConfig
+    from fedlora.engine.dp_sgd import LocalDP, train_local_dp
+
+    fm = _tiny_fm("bert")
+    batch = _batch("bert")
+    C = 0.05
+    params = {n: p.detach().clone() for n, p in fm.peft.named_parameters() if p.requires_grad}
+    g = _single_example_grads(fm, batch, "bert")
+    norms = torch.sqrt(sum(t.flatten(1).double().square().sum(1) for t in g.values()))
+    clip = (C / norms).clamp(max=1.0)
+    assert float(clip.max()) < 1, "the check has power: every example is clipped"
+    expected = {n: (t * clip.view(-1, *[1] * (t.dim() - 1)).float()).sum(0) / 4 for n, t in g.items()}
+
+    class Data:  # the four examples above stand for the engine's tokenised data (collate is replaced)
+        pass
+
+    seen = {}
+    import fedlora.engine.dp_sgd as dp_sgd
+
+    real = dp_sgd.collate
+    dp_sgd.collate = lambda data, idx, pad: {k: v[torch.as_tensor(idx)] for k, v in batch.items()}
+    real_step = torch.optim.AdamW.step
+
+    def capture(self, *a, **k):
+        for group in self.param_groups:
+            for p in group["params"]:
+                seen[id(p)] = p.grad.detach().clone()
+        return real_step(self, *a, **k)
+
+    torch.optim.AdamW.step = capture
+    try:
+        cfg = TrainConfig(lr=1e-2, steps=1, batch_size=8, warmup_ratio=0.0)
+        import numpy as np
+
+        train_local_dp(fm, Data(), np.arange(4), cfg, seed=0, dp=LocalDP(clip=C, noise_multiplier=0.0), pad_token_id=0)
+    finally:
+        dp_sgd.collate = real
+        torch.optim.AdamW.step = real_step
+    by_name = dict(fm.peft.named_parameters())
+    for n, want in expected.items():
+        torch.testing.assert_close(seen[id(by_name[n])], want, atol=1e-7, rtol=1e-4, msg=n)
+    sent = fm.read_adapters()
+    for mod, layer in fm.layers.items():
+        assert torch.equal(sent[mod].B, layer.lora_B["r4"].weight.detach()) and not torch.equal(sent[mod].B, params[f"base_model.model.{mod}.lora_B.r4.weight"])
+    assert not any(m._forward_hooks or m._backward_hooks for m in fm.peft.modules()), "Opacus' hooks were left on the shared model"
+
+
+LOCAL = {"privacy__mode": "local", "privacy__noise_multiplier": 1.0, "privacy__clip": 1.0, "privacy__delta": 1e-3}
+
+
+@pytest.mark.parametrize("method,mode", [("fedit", "federated"), ("hexa", "federated"), ("fedit", "centralized")])
+def test_a_local_dp_run_reports_each_clients_epsilon(tiny_models, tmp_path, method, mode):
+    from fedlora.engine.train import planned_steps
+
+    over = overrides(tiny_models["bert"], tmp_path, fed__method=method, fed__mode=mode, fed__rounds=2, **LOCAL)
+    assert cli.main(["run", *over]) == 0
+    cfg = load_config(None, over)
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rows, clients = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "clients.jsonl")
+    exp = build_experiment(cfg)
+    for t, row in enumerate(rows, start=1):
+        eps = []
+        for c in exp.clients:
+            n = len(c.indices)
+            q = min(1.0, cfg.train.batch_size / n)
+            eps.append(epsilon("rdp", 1.0, q, planned_steps(n, cfg.train) * t, 1e-3))
+            mine = [r for r in clients if r["client"] == c.client_id and r["round"] == t]
+            assert mine and mine[0]["epsilon"] == pytest.approx(eps[-1], rel=1e-9)
+        assert row["epsilon"] == pytest.approx(max(eps), rel=1e-9)
+    assert rows[1]["epsilon"] > rows[0]["epsilon"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"train__grad_accum": 2}, "train.grad_accum=1"),
+        ({"train__gradient_checkpointing": "true"}, "gradient_checkpointing"),
+        ({"privacy__delta": 0.1}, "smallest client"),
+    ],
+)
+def test_local_dp_settings_that_break_it_are_refused(tiny_models, tmp_path, capsys, extra, message):
+    out = tmp_path / "runs"
+    assert cli.main(["run", *overrides(tiny_models["bert"], out, **{**LOCAL, **extra})]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
