@@ -144,9 +144,10 @@ def test_num_examples_and_ids(name):
     refused(agg, state, [ups[0], boolean, ups[2]], "c1", None, words=["num_examples"])
     dup = ClientUpdate("c0", 7, ups[1].adapters, dense=ups[1].dense)
     refused(agg, state, [ups[0], dup, ups[2]], "c0", None, words=["more than one"])
-    zeros = [ClientUpdate(u.client_id, 0, u.adapters, dense=u.dense) for u in ups]
-    e = refused(agg, state, zeros, None, None, exc=AggregationError, words=["zero"])
-    assert all(f"'{u.client_id}'" in str(e) for u in ups)
+    zero = ClientUpdate("c2", 0, ups[2].adapters, dense=ups[2].dense)  # a share under any weighting, with nothing trained
+    refused(agg, state, [ups[0], ups[1], zero], "c2", None, words=["num_examples", "trained on something"])
+    huge = ClientUpdate("c1", 2**60, ups[1].adapters, dense=ups[1].dense)
+    refused(agg, state, [ups[0], huge, ups[2]], "c1", None, words=["num_examples"])
     refused(agg, state, [], None, None, exc=AggregationError, words=["no client updates"])
 
 
@@ -206,3 +207,50 @@ def test_state_untouched_by_successful_round(name):
     snap = snapshot(state)
     agg.aggregate(state, ups)
     assert_unchanged(state, snap)
+
+
+# ------------------------------------------------------------ diverged and hostile updates
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("case", ["entries-1e20", "one-entry-3e38", "head-1e30"])
+def test_finite_but_diverged_updates_are_refused_by_name(name, case):
+    """Finite entries whose products or Gram matrices overflow float32: refused with the client
+    named, before any arithmetic (they used to give Inf in the global model or a raw
+    linear-algebra error naming nobody)."""
+    agg, state, ups = setup(name)
+    module = next(iter(ups[1].adapters))
+    a = ups[1].adapters[module]
+    if case == "entries-1e20":
+        bad = with_module(ups[1], module, Adapter(torch.full_like(a.B, 1e20), a.A, a.scale))
+        words = ["B has norm", "diverged"]
+    elif case == "one-entry-3e38":
+        B = a.B.clone()
+        B[0, 0] = 3e38
+        bad = with_module(ups[1], module, Adapter(B, a.A, a.scale))
+        words = ["diverged"]
+    else:
+        bad = ClientUpdate(ups[1].client_id, ups[1].num_examples, ups[1].adapters, dense={"head": torch.full((3, 4), 1e30)})
+        module, words = "head", ["dense parameter has norm"]
+    refused(agg, state, [ups[0], bad, ups[2]], ups[1].client_id, module, words=words)
+
+
+@pytest.mark.parametrize("failure", ["raises", "inf"])
+def test_a_failure_inside_a_method_names_the_client_it_comes_from(monkeypatch, failure):
+    """Whatever goes wrong inside ``_aggregate`` (a linear-algebra error, a non-finite
+    result) is traced to the client whose update alone reproduces it."""
+    agg, state, ups = setup("fra")
+    real = type(agg)._aggregate
+
+    def fragile(self, st, updates, p):
+        out = real(self, st, updates, p)
+        if any(u.client_id == "c2" for u in updates):
+            if failure == "raises":
+                raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+            name = next(iter(out.adapters))
+            out.adapters[name] = Adapter(out.adapters[name].B * float("inf"), out.adapters[name].A, out.adapters[name].scale)
+        return out
+
+    monkeypatch.setattr(type(agg), "_aggregate", fragile)
+    e = refused(agg, state, ups, "c2", None, words=["aggregating its update fails"])
+    assert ("converge" if failure == "raises" else "not finite") in str(e)
+    new = agg.aggregate(state, [ups[0], ups[1]])  # the others aggregate
+    assert new.info["clients"] == ["c0", "c1"]

@@ -61,13 +61,12 @@ def test_default_weighting_is_data_size():
         assert get_aggregator(name).weighting == "data_size"
 
 
-def test_zero_examples_allowed_if_total_positive():
-    agg, state = make("fedex", SHAPES, rank=4)
-    rnd = run_round(agg, state, [None] * 3, [0, 5, 15], seed=1)
-    assert rnd.new.info["weights"] == pytest.approx([0.0, 0.25, 0.75])
-    for name in SHAPES:
-        want = ref.weighted_sum([P(u.adapters[name]) for u in rnd.updates], [0.0, 0.25, 0.75])
-        assert ref.rel_err(global_after(agg, rnd.new, name), want) < 1e-5
+@pytest.mark.parametrize("name", ["fedex", "hetlora", "fedhl"])
+def test_a_client_with_zero_examples_is_refused_by_name(name):
+    """A zero count had weight 0 under data-size weights but a full share in HetLoRA and FedHL."""
+    agg, state = make(name, SHAPES, rank=4)
+    with pytest.raises(UpdateError, match="'c0'.*num_examples"):
+        run_round(agg, state, [None] * 3, [0, 5, 15], seed=1)
 
 
 def test_dense_params_weighted_average():
@@ -256,17 +255,18 @@ def test_flexlora_global_and_downloads(rslora, split):
 
 # --------------------------------------------------------------------- FedHL
 @pytest.mark.parametrize(
-    "alpha,rslora,times_data_size,split",
+    "alpha,rslora,weighting,split",
     [
-        (16.0, False, False, "B"),
-        (8.0, True, False, "B"),
-        (16.0, False, True, "B"),
-        (8.0, True, True, "sqrt"),
+        (16.0, False, "uniform", "B"),
+        (8.0, True, "uniform", "B"),
+        (16.0, False, "data_size", "B"),
+        (8.0, True, "data_size", "sqrt"),
     ],
 )
-def test_fedhl_three_rounds_dense(alpha, rslora, times_data_size, split):
+def test_fedhl_three_rounds_dense(alpha, rslora, weighting, split):
     eps = 1e-6
-    agg, state = make("fedhl", MIXED_SHAPES, rank=16, alpha=alpha, rslora=rslora, times_data_size=times_data_size, split=split)
+    times_data_size = weighting == "data_size"
+    agg, state = make("fedhl", MIXED_SHAPES, rank=16, alpha=alpha, rslora=rslora, weighting=weighting, split=split)
     W = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in MIXED_SHAPES.items()}
     q = ref.data_weights(NS)
     for t in range(3):
@@ -314,7 +314,7 @@ def test_fedhl_is_not_flexlora():
 
 
 def test_fedhl_max_rank_caps_global():
-    agg, state = make("fedhl", MIXED_SHAPES, rank=16, max_rank=6)
+    agg, state = make("fedhl", MIXED_SHAPES, rank=16, max_rank=6, weighting="uniform")  # round 0: the paper's uniform weights
     rnd = run_round(agg, state, MIXED_RANKS, NS, seed=0)
     for name in MIXED_SHAPES:
         W1 = ref.weighted_sum([P(u.adapters[name]) for u in rnd.updates], [0.25] * 4)
@@ -324,10 +324,12 @@ def test_fedhl_max_rank_caps_global():
 
 
 # ------------------------------------------------------------------- HetLoRA
-@pytest.mark.parametrize("rslora", [False, True])
-def test_hetlora_padding_and_norm_weights(rslora):
+@pytest.mark.parametrize("rslora,weighting", [(False, "uniform"), (True, "uniform"), (False, "data_size")])
+def test_hetlora_padding_and_norm_weights(rslora, weighting):
+    """w_k ∝ p_k·‖s_k·B_k·A_k‖: the paper's norms, times the base weights of ``weighting``."""
     alpha = 24.0
-    agg, state = make("hetlora", MIXED_SHAPES, rank=16, alpha=alpha, rslora=rslora)
+    agg, state = make("hetlora", MIXED_SHAPES, rank=16, alpha=alpha, rslora=rslora, weighting=weighting)
+    base = ref.data_weights(NS) if weighting == "data_size" else [0.25] * 4
     s = ref.lora_scale(alpha, 16, rslora)
     for t in range(3):
         G0 = {n: (ref.d(a.B), ref.d(a.A)) for n, a in state.adapters.items()}
@@ -340,7 +342,7 @@ def test_hetlora_padding_and_norm_weights(rslora):
         for name, (m, n) in MIXED_SHAPES.items():
             loc = [u.adapters[name] for u in rnd.updates]
             norms = [ref.frob(P(a)) for a in loc]
-            w = ref.normalised(norms)
+            w = ref.normalised([x * b for x, b in zip(norms, base)])
             Bp = [torch.cat([ref.d(a.B) * (a.scale / s), torch.zeros(m, 16 - a.rank, dtype=torch.float64)], 1) for a in loc]
             Ap = [torch.cat([ref.d(a.A), torch.zeros(16 - a.rank, n, dtype=torch.float64)], 0) for a in loc]
             g = rnd.new.adapters[name]

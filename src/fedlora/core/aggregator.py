@@ -13,11 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from .adapter import Adapter, LoraSpec, init_adapter, module_generator
 from .dense import clone_dense, weighted_average
-from .errors import AggregationError
+from .errors import AggregationError, UpdateError
 from .factored import Factored
 from .state import ClientStart, ClientUpdate, ServerState
 from .validate import validate_updates
@@ -116,11 +117,19 @@ class Aggregator(ABC):
     def aggregate(self, state: ServerState, updates: Sequence[ClientUpdate]) -> ServerState:
         """Validate, weight and aggregate one round; returns a new state (``state`` is untouched)."""
         self.validate(state, updates)
+        try:
+            return self._aggregate_valid(state, updates)
+        except UpdateError:
+            raise
+        except (ArithmeticError, RuntimeError, ValueError) as e:  # torch.linalg errors are RuntimeErrors
+            raise self._culprit(state, updates, e) from e
+
+    def _aggregate_valid(self, state: ServerState, updates: Sequence[ClientUpdate]) -> ServerState:
         p = base_weights(updates, self.weighting)
         out = self._aggregate(state, list(updates), p)
         dense = out.dense if out.dense is not None else weighted_average(updates, p)
         info = {"clients": [u.client_id for u in updates], "weights": p.tolist(), **out.info}
-        return state.evolve(
+        new = state.evolve(
             round=state.round + 1,
             adapters=out.adapters,
             base_delta=out.base_delta,
@@ -128,6 +137,20 @@ class Aggregator(ABC):
             info=info,
             dense=dense if updates[0].dense else dict(state.dense),
         )
+        _check_finite(new)
+        return new
+
+    def _culprit(self, state: ServerState, updates: Sequence[ClientUpdate], error: Exception) -> AggregationError:
+        """Name the client an aggregation failure comes from: the first whose update alone
+        fails too (probed only after a failure, so a good round pays nothing). The engines drop
+        that client and aggregate the others."""
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        for u in updates:
+            try:
+                self._aggregate_valid(state, [u])
+            except (ArithmeticError, RuntimeError, ValueError):
+                return UpdateError(u.client_id, None, f"aggregating its update fails ({problem})")
+        return AggregationError(f"aggregating {[u.client_id for u in updates]} together fails, each alone does not: {problem}")
 
     def dp_space(self, state: ServerState) -> str | None:
         """Where client-level DP clips and noises this method's updates in this round
@@ -143,3 +166,13 @@ class Aggregator(ABC):
     @abstractmethod
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
         """The method itself: updates are valid, p (float64) sums to one."""
+
+
+def _check_finite(state: ServerState) -> None:
+    """Refuse a new state holding NaN or Inf (an update finite alone can still overflow a sum)."""
+    tensors = [(f"adapter {n}", t) for n, a in state.adapters.items() for t in (a.B, a.A)]
+    tensors += [(f"base delta {n}", t) for n, f in state.base_delta.items() for t in (f.L, f.R)]
+    tensors += [(f"dense {n}", t) for n, t in state.dense.items()]
+    for what, t in tensors:
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(f"the aggregate's {what} is not finite")

@@ -39,7 +39,7 @@ bound for them is implemented.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +51,7 @@ from .errors import AggregationError, UpdateError
 from .factored import SVD, Factored
 from .state import ClientUpdate, ServerState
 
-__all__ = ["ClientDP", "DP_SPACES", "update_norm", "private_aggregate"]
+__all__ = ["ClientDP", "DP_SPACES", "update_norm", "effective_update_norm", "private_aggregate"]
 
 DP_SPACES = ("factors", "B", "dense", "dense_exact")
 
@@ -77,15 +77,21 @@ def _module_delta(space: str, g: Adapter, a: Adapter) -> list[Tensor] | Factored
 
 
 def update_norm(space: str, state: ServerState, update: ClientUpdate) -> float:
-    """‖δ_i‖₂ over every module and dense parameter, in ``space`` (float64)."""
+    """‖δ_i‖₂ over every module and dense parameter, in ``space`` (float64), from the global state."""
+    return effective_update_norm(state.adapters, state.dense, update, space)
+
+
+def effective_update_norm(start: Mapping[str, Adapter], dense: Mapping[str, Tensor], update: ClientUpdate, space: str = "dense") -> float:
+    """‖δ_i‖₂ of ``update`` against the point it started from (its ``ClientStart``'s adapters and
+    dense parameters): in the ``dense`` space ‖s_i·B_i·A_i − s·B·A‖_F per module from the factors."""
     sq = 0.0
-    for name, g in state.adapters.items():
+    for name, g in start.items():
         d = _module_delta(space, g, update.adapters[name])
         if isinstance(d, Factored):
             sq += max(d.inner(d), 0.0)
         else:
             sq += sum(float(t.square().sum()) for t in d)
-    for key, theta in state.dense.items():
+    for key, theta in dense.items():
         sq += float((update.dense[key].double() - theta.double()).square().sum())
     return sq**0.5
 

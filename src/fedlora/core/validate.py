@@ -13,7 +13,20 @@ from torch import Tensor
 from .errors import AggregationError, UpdateError
 from .state import ClientUpdate, ServerState
 
-__all__ = ["validate_updates"]
+__all__ = ["validate_updates", "MAX_NORM"]
+
+# The largest Frobenius norm of a factor, dense parameter or product the core accepts: √(float32
+# max) ≈ 1.8e19, so every Gram matrix LᵀL, inner product and QR factor the methods form stays
+# finite in float32. A trained adapter is many orders of magnitude below it; above it, an update
+# has diverged (or is hostile) and would turn the aggregate into Inf or a linear-algebra error.
+MAX_NORM = math.sqrt(torch.finfo(torch.float32).max)
+
+
+def _check_magnitude(t: Tensor, client: str, module: str, what: str) -> float:
+    norm = float(torch.linalg.vector_norm(t.detach().double()))
+    if not norm <= MAX_NORM:
+        raise UpdateError(client, module, f"{what} has norm {norm:.3g}, beyond what float32 arithmetic on it can hold ({MAX_NORM:.3g}): the update diverged")
+    return norm
 
 
 def _check_tensor(t: object, client: str, module: str, what: str) -> Tensor:
@@ -52,8 +65,8 @@ def validate_updates(
         if cid in seen:
             raise UpdateError(cid, None, "sent more than one update this round")
         seen.add(cid)
-        if not isinstance(u.num_examples, numbers.Integral) or isinstance(u.num_examples, bool) or u.num_examples < 0:
-            raise UpdateError(cid, None, f"num_examples must be a non-negative integer, got {u.num_examples!r}")
+        if not isinstance(u.num_examples, numbers.Integral) or isinstance(u.num_examples, bool) or not 1 <= u.num_examples <= 2**53:
+            raise UpdateError(cid, None, f"num_examples must be an integer from 1 to 2**53 (a client that trained on something), got {u.num_examples!r}")
         missing = sorted(set(expected) - set(u.adapters))
         if missing:
             raise UpdateError(cid, missing[0], "module missing from the update" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -91,11 +104,18 @@ def validate_updates(
                 raise UpdateError(
                     cid, name, f"scaling {a.scale:g} does not match the run's LoRA spec ({'α/√r' if state.lora.rslora else 'α/r'} = {want:g} at rank {r})"
                 )
+            # ‖s·B·A‖_F ≤ s·‖B‖_F·‖A‖_F: bounding the factors and that product keeps every product finite.
+            nb, na = _check_magnitude(B, cid, name, "B"), _check_magnitude(A, cid, name, "A")
+            if not a.scale * nb * na <= MAX_NORM:
+                raise UpdateError(
+                    cid, name, f"s·‖B‖·‖A‖ = {a.scale * nb * na:.3g} exceeds {MAX_NORM:.3g}: its product would overflow float32 (the update diverged)"
+                )
         if set(u.dense) != set(state.dense):
             diff = sorted(set(u.dense) ^ set(state.dense))
             raise UpdateError(cid, diff[0], "dense parameter set differs from the global model's")
         for name, t in u.dense.items():
             _check_tensor(t, cid, name, "dense parameter")
+            _check_magnitude(t, cid, name, "dense parameter")
             if tuple(t.shape) != tuple(state.dense[name].shape):
                 raise UpdateError(cid, name, f"dense parameter shape {tuple(t.shape)} != {tuple(state.dense[name].shape)}")
         if needs_label_counts:

@@ -25,7 +25,8 @@ import torch
 
 from ..config import ConfigError, config_to_dict
 from ..core import ClientStart, ClientUpdate, Factored, ServerState
-from ..core.privacy import private_aggregate
+from ..core.errors import UpdateError
+from ..core.privacy import effective_update_norm, private_aggregate
 from ..core.serialize import state_from_dict, state_to_dict
 from ..data.prompts import prompt_metrics
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -180,15 +181,27 @@ class Server:
                     **(res.wire or {}),
                 }
             )
-        if not updates and jobs:
-            raise RoundFailed(f"round {t + 1}: no sampled client finished; " + "; ".join(f"{r['client']}: {r['dropped']}" for r in rows))
+        starts = {job.client.client_id: job.start for job in jobs}
+        for cid, reason in self.screen(starts, updates).items():
+            self._drop(rows, cid, reason, t)
+        updates = [u for u in updates if not any(r["client"] == u.client_id and "dropped" in r for r in rows)]
         t1 = time.perf_counter()
         plan = self.exp.privacy
-        if plan is not None and plan.client is not None:
-            noise = privacy_generator(self.cfg, t)
-            state = private_aggregate(self.exp.aggregator, state, updates, plan.client, noise)
-        else:
-            state = self.exp.aggregator.aggregate(state, updates)
+        while True:
+            if not updates and jobs:
+                raise RoundFailed(f"round {t + 1}: no sampled client finished; " + "; ".join(f"{r['client']}: {r['dropped']}" for r in rows))
+            try:
+                if plan is not None and plan.client is not None:
+                    new = private_aggregate(self.exp.aggregator, state, updates, plan.client, privacy_generator(self.cfg, t))
+                else:
+                    new = self.exp.aggregator.aggregate(state, updates)
+                break
+            except UpdateError as e:  # one client's update cannot be aggregated: drop it, aggregate the others
+                if e.client not in {u.client_id for u in updates}:
+                    raise
+                self._drop(rows, e.client, str(e), t)
+                updates = [u for u in updates if u.client_id != e.client]
+        state = new
         t2 = time.perf_counter()
         self.exp.fm.fold(state.base_delta)
         self.accumulate_folded(state)
@@ -229,6 +242,32 @@ class Server:
         if self.on_round is not None:
             self.on_round(self)
         return state
+
+    def screen(self, starts: dict[str, ClientStart], updates: list[ClientUpdate]) -> dict[str, str]:
+        """Clients whose effective update ‖s·B_i·A_i − s·B·A‖ (+ heads), measured from the
+        factors against the point each started from, exceeds ``fed.max_update_norm`` or
+        ``fed.max_update_ratio`` × the round's median: {client: reason}."""
+        fed = self.cfg.fed
+        if not (fed.max_update_norm or fed.max_update_ratio) or not updates:
+            return {}
+        try:
+            norms = {u.client_id: effective_update_norm(starts[u.client_id].adapters, starts[u.client_id].dense, u) for u in updates}
+        except (KeyError, RuntimeError, ValueError):
+            return {}  # malformed updates: validation names them, with the reason
+        median = float(torch.tensor(sorted(norms.values()), dtype=torch.float64).median())
+        out = {}
+        for cid, n in norms.items():
+            if fed.max_update_norm and not n <= fed.max_update_norm:
+                out[cid] = f"update norm {n:.4g} exceeds fed.max_update_norm={fed.max_update_norm:g}"
+            elif fed.max_update_ratio and len(norms) > 2 and not n <= fed.max_update_ratio * median:
+                out[cid] = f"update norm {n:.4g} is more than fed.max_update_ratio={fed.max_update_ratio:g} × the round's median {median:.4g}"
+        return out
+
+    def _drop(self, rows: list[dict], client: str, reason: str, t: int) -> None:
+        log.warning("round %d: %s dropped: %s", t + 1, client, reason)
+        for i, r in enumerate(rows):
+            if r["client"] == client and "dropped" not in r:
+                rows[i] = {"round": r["round"], "client": client, "rank": r["rank"], "dropped": reason}
 
     def accumulate_folded(self, state: ServerState) -> None:
         for name, delta in state.base_delta.items():

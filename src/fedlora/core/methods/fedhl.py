@@ -6,13 +6,15 @@ global update W_t untruncated:
 
     download to client i (rank r_i):   s_i·B_i·A_i = W_t^{r_i}  (top-r_i SVD part, Σ in B)
     truncation error (Eq. 8):          r̂_i = Σ_modules ‖W_t − W_t^{r_i}‖_F² = Σ_{j>r_i} σ_j²
-    optimal weights (Eq. 15):          p_i = (1/(r̂_i² + ε)) / Σ_j (1/(r̂_j² + ε))
+    optimal weights (Eq. 15):          q_i = (p_i/(r̂_i² + ε)) / Σ_j (p_j/(r̂_j² + ε))
     unbiased update:                   W_{t+1} = W_t + Σ_i p_i·(s_i·B_i'·A_i' − W_t^{r_i})
 
 Each client contributes only its own change from the point it started at,
 added to the untruncated W_t: directions beyond r_i are not lost because a
 low-rank client took part. Round 0 has W_0 = 0, so all r̂_i = 0 and the
-weights are uniform. ``times_data_size=True`` multiplies the weights by n_i.
+weights are the base weights. The raw weights are multiplied by the base weights p_i of
+``weighting``: with ``uniform`` this is the paper's rule, with ``data_size`` (fedlora's
+default) they are also weighted by examples, as in FedAvg.
 
 W_t is held as a thin SVD. Since W_t^{r_i} = U·diag(1[j<r_i]·σ)·Vᵀ, the
 update is U·diag(σ_j·(1 − Σ_i p_i·1[j<r_i]))·Vᵀ + Σ_i p_i·s_i·B_i'·A_i', one
@@ -38,12 +40,9 @@ class FedHL(SVDGlobal):
     name = "fedhl"
     exact = False
 
-    def __init__(
-        self, weighting: str = "data_size", eps: float = 1e-6, times_data_size: bool = False, split: str = "B", rtol: float = 1e-7, max_rank: int | None = None
-    ):
+    def __init__(self, weighting: str = "data_size", eps: float = 1e-6, split: str = "B", rtol: float = 1e-7, max_rank: int | None = None):
         super().__init__(weighting, split, rtol)
         self.eps = eps
-        self.times_data_size = times_data_size
         self.max_rank = max_rank
 
     def truncation_errors(self, state: ServerState, updates: list[ClientUpdate]) -> Tensor:
@@ -56,9 +55,7 @@ class FedHL(SVDGlobal):
 
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
         r_hat = self.truncation_errors(state, updates)
-        raw = 1.0 / (r_hat.square() + self.eps)
-        if self.times_data_size:
-            raw = raw * p
+        raw = p / (r_hat.square() + self.eps)
         q = normalise(raw, "FedHL", [u.client_id for u in updates])
         svds = {}
         for name, svd in state.extra["global"].items():

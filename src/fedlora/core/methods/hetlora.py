@@ -6,9 +6,11 @@ truncated global s·B[:, :r_k]·A[:r_k] (the α/r mismatch FederatedLLM#16
 reports comes from skipping this). Aggregation, per module:
 
     B̃_k = [B_k·s_k/s, 0],   Ã_k = [A_k; 0]                 (zero-pad to r_max)
-    w_k ∝ ‖s_k·B_k·A_k‖_F                                   (sparsity-weighted)
+    w_k ∝ p_k·‖s_k·B_k·A_k‖_F                               (sparsity-weighted)
     B' = Σ_k w_k·B̃_k,   A' = Σ_k w_k·Ã_k                   (inexact, like FedIT)
 
+p_k are the base weights of ``weighting``: with ``uniform`` this is the paper's rule; with
+``data_size`` (fedlora's default) the norms are also weighted by examples, as in FedAvg.
 If every client's product is zero the base weights are used. Rank
 self-pruning runs on the client: :func:`tail_norm` is the regulariser
 ‖B[:, r−⌈γr⌉:r]·A[r−⌈γr⌉:r]‖_F added to the local loss, and
@@ -70,7 +72,7 @@ class HetLoRA(Aggregator):
         ids = [u.client_id for u in updates]
         for name, g in state.adapters.items():
             local = [u.adapters[name] for u in updates]
-            norms = torch.tensor([a.delta().norm() for a in local], dtype=torch.float64)
+            norms = torch.tensor([a.delta().norm() for a in local], dtype=torch.float64) * p
             w = normalise(norms, "HetLoRA norm", ids) if float(norms.sum()) > 0 else p
             pads = [padded(a, state.rank, g.scale) for a in local]
             wt = w.to(g.B.dtype)

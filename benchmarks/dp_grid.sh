@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Privacy–utility grids (BENCHMARKS.md "Differential privacy"). JOBS worker processes of one
+# thread each; finished cells are read back, so a part can run in pieces.
+# Usage: [SEEDS=0,1,2] [JOBS=2] bash benchmarks/dp_grid.sh local|client
+#   local   FFA-LoRA's protocol on MiniLM SST-2: 3 clients, Dirichlet(0.5), local DP-SGD at
+#           ε ∈ {1, 3, 6} and without DP, δ = 1e-5, for fedit, ffa, fra, fedex and hexa
+#   client  client-level DP (DP-FedAvg) with 100 clients, 10% Poisson-sampled per round, at
+#           ε ∈ {1, 8} and without DP, δ = 1e-5, for fedit, ffa and fra
+set -euo pipefail
+cd "$(dirname "$0")/.."
+part=${1:?usage: bash benchmarks/dp_grid.sh local|client}
+seeds=${SEEDS:-0,1,2}
+specs() {  # specs METHODS EPSILONS MODE → "m,m[privacy.mode=MODE,privacy.target_epsilon=e],…"
+  local out=()
+  for m in ${1//,/ }; do
+    out+=("$m")
+    for e in ${2//,/ }; do out+=("$m[privacy.mode=$3,privacy.target_epsilon=$e]"); done
+  done
+  (IFS=,; echo "${out[*]}")
+}
+common=(examples/sst2_noniid.yaml threads=1 progress=false fed.weighting=uniform privacy.delta=1e-5 privacy.clip=1.0 --jobs "${JOBS:-2}" --seeds "$seeds")
+case $part in
+  local)
+    fedlora compare "${common[@]}" data.max_train_examples=1500 data.max_eval_examples=872 partition.num_clients=3 fed.rounds=5 \
+      train.epochs=1 train.batch_size=32 train.lr=1e-3 train.head_lr=1e-2 output_dir=runs/dp-local \
+      --methods "$(specs fedit,ffa,fra,fedex,hexa 1,3,6 local)" --partitions dirichlet:0.5 --baseline fedit \
+      --out results/dp/local --title "Local DP-SGD: MiniLM SST-2, 3 clients, Dirichlet(0.5), δ = 1e-5" ;;
+  client)
+    fedlora compare "${common[@]}" data.max_train_examples=5000 data.max_eval_examples=872 partition.num_clients=100 fed.fraction=0.1 \
+      fed.rounds=20 train.epochs=1 train.batch_size=16 train.lr=1e-3 train.head_lr=1e-2 output_dir=runs/dp-client \
+      --methods "$(specs fedit,ffa,fra 1,8 client)" --partitions iid --baseline fedit \
+      --out results/dp/client --title "Client-level DP: MiniLM SST-2, 100 clients, q = 0.1, δ = 1e-5" ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac

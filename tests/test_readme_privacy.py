@@ -1,0 +1,27 @@
+"""README's "Differential privacy" commands as a user runs them (from the repository root,
+on the real MiniLM), with a smaller budget appended: the runs spend at most their target ε."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+from test_readme_decoder import BIN, ROOT, readme_block, run
+
+pytestmark = pytest.mark.slow
+
+
+def test_privacy_commands_as_in_readme(tmp_path):
+    block = readme_block("Differential privacy").replace("\\\n", " ")
+    commands = [shlex.split(line) for line in block.splitlines() if line.strip()]
+    assert len(commands) == 2 and all(c[:2] == ["fedlora", "run"] for c in commands)
+    small = ["data.max_train_examples=200", "data.max_eval_examples=100", "fed.rounds=2", "progress=false", f"output_dir={tmp_path}"]
+    for argv in commands:
+        run([str(BIN / "fedlora"), *argv[1:], *small], ROOT)
+        name = next(a.split("=", 1)[1] for a in argv if a.startswith("name="))
+        target = float(next(a.split("=", 1)[1] for a in argv if a.startswith("privacy.target_epsilon=")))
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert target - 0.05 <= summary["epsilon"] <= target, summary
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"] == summary["epsilon"]
