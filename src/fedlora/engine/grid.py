@@ -33,7 +33,7 @@ class Cell:
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    m = re.fullmatch(r"([a-z_]+)(?:\[(.*)\])?", spec.strip())
+    m = re.fullmatch(r"([^\[\]\s]+?)(?:\[(.*)\])?", spec.strip())  # a name, module:Class or file.py:Class, then options
     if not m:
         raise ConfigError(f"bad method spec {spec!r}; use name or name[key=value,...]")
     opts: dict[str, Any] = {}

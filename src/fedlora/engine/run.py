@@ -4,6 +4,7 @@ metrics, plots, the summary and the final peft adapter."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,8 @@ def run_name(cfg: RunConfig) -> str:
     if cfg.fed.mode == "centralized":
         return f"{cfg.data.task}-centralized-s{cfg.seed}"
     part = cfg.partition.scheme + (f"{cfg.partition.alpha:g}" if cfg.partition.scheme in ("dirichlet", "dirichlet_class", "quantity") else "")
-    return f"{cfg.data.task}-{cfg.fed.method}-{part}-s{cfg.seed}"
+    method = re.sub(r"[^A-Za-z0-9._=-]+", "_", cfg.fed.method.rsplit("/", 1)[-1])  # a plug-in's path:Class, as one folder name
+    return f"{cfg.data.task}-{method}-{part}-s{cfg.seed}"
 
 
 def summarise(exp: Experiment, rows: list[dict[str, Any]]) -> dict[str, Any]:
