@@ -18,5 +18,19 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Plain tensors and numbers only (``weights_only``): a checkpoint cannot run code."""
-    return torch.load(path, weights_only=True)
+    """Plain tensors and numbers only (``weights_only``): a checkpoint cannot run code. One that
+    cannot be read is refused, never replaced by a fresh start from round 0."""
+    from ..config import ConfigError
+
+    try:
+        ckpt = torch.load(path, weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, unsupported type, I/O error: all the same to the user
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {reason}): it is truncated or corrupted; "
+            "restore it, or move the run folder away to start again from round 0"
+        ) from None
+    required = {"config", "state", "base", "rounds", "clients", "folded"}
+    if not isinstance(ckpt, dict) or not required <= set(ckpt):
+        raise ConfigError(f"checkpoint {str(path)!r} is not a fedlora checkpoint (it lacks {sorted(required - set(ckpt or {}))})")
+    return ckpt
