@@ -400,3 +400,26 @@ def test_hetlora_tail_norm_hand_value():
 )
 def test_hetlora_pruned_rank(rank, now, before, gamma, min_rank, want):
     assert pruned_rank(rank, now, before, gamma, min_rank) == want
+
+
+# -------------------------------------------------------------------- FedSVD
+def test_fedsvd_averages_B_keeps_the_product_and_orthonormalises_A():
+    """Dense float64 reference: s·B'·A' = s·(Σ p_i·B_i)·A, A' has orthonormal rows, A is frozen."""
+    agg, state = make("fedsvd", SHAPES, rank=4)
+    for t in range(3):
+        rnd = run_round(agg, state, [None] * 4, NS, seed=t)
+        assert all(not s.train_A for s in rnd.starts)
+        for name in SHAPES:
+            g0, g = state.adapters[name], rnd.new.adapters[name]
+            B = ref.weighted_sum([u.adapters[name].B for u in rnd.updates], ref.data_weights(NS))
+            want = g0.scale * ref.d(B) @ ref.d(g0.A)
+            assert ref.rel_err(P(g), want) < 1e-5
+            A = ref.d(g.A)
+            assert torch.allclose(A @ A.T, torch.eye(4, dtype=torch.float64), atol=1e-5)
+            assert ref.rel_err(g.A, g0.A) > 1e-2, "A moved to the product's row space"
+        assert rnd.new.base_delta == {}
+        state = rnd.new
+    _, updates = client_round(agg, state, [None] * 2, NS[:2], seed=9)
+    moved = ClientUpdate("c1", 5, {n: Adapter(a.B, a.A + 0.1, a.scale) for n, a in updates[1].adapters.items()})
+    with pytest.raises(UpdateError, match="'c1'.*A was changed"):
+        agg.aggregate(state, [updates[0], moved])

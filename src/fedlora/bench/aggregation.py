@@ -68,6 +68,7 @@ ROWS = [
     Row("fedhl (round 2)", "fedhl", "fedhl", "fedhl", mixed=True, warmup=True),
     Row("fedit", "fedit", "sum", "inexact"),
     Row("ffa", "ffa", "sum", "exact"),
+    Row("fedsvd", "fedsvd", "sum", "exact"),
     Row("flexlora", "flexlora", "svd", "exact"),
     Row("flora", "flora", "sum", "exact"),
     Row("fra", "fra", "svd", "truncation"),

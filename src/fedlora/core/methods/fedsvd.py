@@ -1,0 +1,50 @@
+"""FedSVD (NeurIPS 2025; code seanie12/fed-svd, ``misc/utils.py::reinit_lora``): clients train B
+with A frozen and shared, the server averages B and re-orthonormalises A by an SVD.
+
+    B̄ = Σ_i p_i·B_i                                   (exact: A is the same on every client)
+    s·B̄·A = U·Σ·Vᵀ  (top r)                           SVD of the rank-≤r product, from its factors
+    A' = V_rᵀ,   B' = U_r·Σ_r / s                      s·B'·A' = s·B̄·A: the product is unchanged
+
+Exact every round, like FFA-LoRA, but A follows the directions the clients' B's use instead of
+staying at its random initialisation, and its rows are orthonormal (which FedSVD argues bounds
+the noise DP-SGD adds to B). Upload: B only, m·r per module (A returns unchanged and is checked);
+download: B' and A'. Components a rank-deficient product lacks (round 0) get a fresh peft init.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..adapter import Adapter, adapter_from_svd, module_generator
+from ..aggregator import Aggregator, RoundOutput
+from ..factored import Factored
+from ..registry import register
+from ..state import ClientStart, ClientUpdate, ServerState
+from ._common import mean_factors, module_adapters
+from .ffa import check_frozen_A
+
+
+@register
+class FedSVD(Aggregator):
+    name = "fedsvd"
+    exact = True
+
+    def __init__(self, weighting: str = "data_size", frozen_rtol: float = 1e-6):
+        super().__init__(weighting)
+        self.frozen_rtol = frozen_rtol
+
+    def client_start(self, state: ServerState, rank: int | None = None) -> ClientStart:
+        start = super().client_start(state, rank)
+        return ClientStart(adapters=start.adapters, dense=start.dense, train_A=False)
+
+    def dp_space(self, state: ServerState) -> str:
+        return "B"
+
+    def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
+        check_frozen_A(state, updates, self.frozen_rtol)
+        adapters: dict[str, Adapter] = {}
+        for name, g in state.adapters.items():
+            B, _ = mean_factors(module_adapters(updates, name), p)
+            svd = Factored(g.scale * B, g.A).svd(rank=state.rank, rtol=1e-7)  # numerical zeros get a fresh init
+            adapters[name] = adapter_from_svd(svd, state.rank, g.scale, "B", module_generator(state.seed, state.round + 1, name))
+        return RoundOutput(adapters=adapters)
