@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, reading
 from .text import TextDataset
 
 __all__ = ["load_text_file"]
@@ -36,7 +36,7 @@ def load_text_file(
         raise DataError(f"data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        rows = _csv_rows(path)
+        rows = csv_rows(path)
     elif suffix in (".jsonl", ".json", ".ndjson"):
         rows = jsonl_rows(path)
     else:
@@ -63,8 +63,9 @@ def load_text_file(
     return TextDataset(texts[0], texts[1] if len(cols) == 2 else None, np.asarray(labels, dtype=np.float32 if regression else np.int64), names)
 
 
-def _csv_rows(path: Path):
-    with open(path, encoding="utf-8-sig", newline="") as f:
+def csv_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for every row of a CSV file with a header; DataError naming the line otherwise."""
+    with reading(path), open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             raise DataError(f"{path}: empty file (no header row)")
@@ -81,7 +82,7 @@ def _csv_rows(path: Path):
 def jsonl_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line of a JSONL file; DataError naming the line otherwise."""
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
+    with reading(path), open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue

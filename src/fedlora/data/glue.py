@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, reading
 from .glue_hub import HUB_DATASET, HubUnavailable, load_hub
 from .tasks import TaskSpec, get_task
 from .text import TextDataset
@@ -162,7 +162,7 @@ def _read_tsv(path: Path, spec: TaskSpec, *, strict: bool) -> TextDataset:
     skipped: list[str] = []
     # newline="\n": only \n ends a row (a stray \r inside a text stays in the text);
     # utf-8-sig drops the byte-order mark that MRPC's header carries.
-    with open(path, encoding="utf-8-sig", newline="\n") as f:
+    with reading(path), open(path, encoding="utf-8-sig", newline="\n") as f:
         lines = enumerate(f, start=1)
         if layout.header:
             try:

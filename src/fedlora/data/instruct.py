@@ -20,7 +20,6 @@ elsewhere), so prompts never train the model to produce them.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .files import jsonl_rows
+from .files import csv_rows, jsonl_rows
 from .tokenize import TokenizedDataset
 
 __all__ = ["InstructDataset", "load_instruct_file", "tokenize_instruct", "render_prompt", "answer_ids", "PLAIN_PROMPT"]
@@ -85,8 +84,7 @@ def load_instruct_file(path: str | Path, *, category_field: str = "", category_n
     if path.suffix == ".jsonl":
         rows = [(f"{path}:{n}", row) for n, row in jsonl_rows(path)]
     elif path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            rows = [(f"{path}:{n}", row) for n, row in enumerate(csv.DictReader(f), 2)]
+        rows = [(f"{path}:{n}", row) for n, row in csv_rows(path)]
     else:
         raise DataError(f"instruction file {str(path)!r} must end in .jsonl or .csv")
     if not rows:
