@@ -56,3 +56,12 @@ def test_norm_bounds_drop_an_outlier_with_the_reason(tiny_models, tmp_path, monk
     clients = read_jsonl(run / "clients.jsonl")
     dropped = [c for c in clients if "dropped" in c]
     assert [(c["client"], c["round"]) for c in dropped] == [("client2", 2)] and needle in dropped[0]["dropped"]
+
+
+def test_bench_clients_reports_memory_and_time_per_round(tiny_models, capsys):
+    argv = ["bench", "clients", f"model.name={tiny_models['bert']}", "model.max_length=64", "model.rank=4", "data.max_train_examples=400", "threads=1"]
+    assert cli.main([*argv, "--clients", "4,40", "--per-round", "4", "--rounds", "2", "--steps", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(r[0]) for r in rows] == [4, 40] and all(int(r[1]) == 4 for r in rows)
+    mem = [float(r[2]) for r in rows]
+    assert all(m > 100 for m in mem) and max(mem) / min(mem) < 1.5  # one base model, whatever the number of clients

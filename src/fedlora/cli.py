@@ -91,6 +91,12 @@ def _bench_base_delta(args: argparse.Namespace) -> int:
     return base_delta_main(args)
 
 
+def _bench_clients(args: argparse.Namespace) -> int:
+    from .bench.clients import main as clients_main
+
+    return clients_main(args)
+
+
 def _bench_overhead(args: argparse.Namespace) -> int:
     from .bench.overhead import main as overhead_main
 
@@ -152,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_base_delta_arguments(bd)
     bd.set_defaults(func=_bench_base_delta)
+    cl = bench_sub.add_parser("clients", help="peak memory and time per round against the number of clients (same data, same work per round)")
+    from .bench.clients import add_arguments as add_clients_arguments
+
+    add_clients_arguments(cl)
+    cl.set_defaults(func=_bench_clients)
     ovh = bench_sub.add_parser("overhead", help="federated wall time / centralized wall time, evaluation excluded")
     ovh.add_argument("config", nargs="?")
     ovh.add_argument("overrides", nargs="*")
