@@ -100,6 +100,7 @@ class FedConfig:
     eval_every: int = 1
     eval_clients: bool = False  # also evaluate the global model on each client's data
     client_timeout: float = 300.0  # Flower: seconds a round (and the roll-call) waits for replies; later ones are dropped
+    residual_tol: float = 0.0  # exact methods: send the base delta at the smallest rank within this relative error (0: exact)
     max_update_norm: float = 0.0  # drop a client whose effective update ‖s·B_i·A_i − s·B·A‖ (+ heads) exceeds this (0: no bound)
     max_update_ratio: float = 0.0  # drop a client whose update norm exceeds this many times the round's median (0: no bound)
 
@@ -163,6 +164,7 @@ class RunConfig:
             (self.fed.rounds >= 1, "fed.rounds must be ≥ 1"),
             (0 < self.fed.fraction <= 1, f"fed.fraction must be in (0, 1], got {self.fed.fraction}"),
             (self.fed.eval_every >= 1, "fed.eval_every must be ≥ 1"),
+            (0 <= self.fed.residual_tol < 1, f"fed.residual_tol must be in [0, 1) (0: exact), got {self.fed.residual_tol}"),
             (self.fed.max_update_norm >= 0, f"fed.max_update_norm must be ≥ 0 (0: no bound), got {self.fed.max_update_norm}"),
             (
                 self.fed.max_update_ratio == 0 or self.fed.max_update_ratio > 1,

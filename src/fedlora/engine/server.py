@@ -25,6 +25,7 @@ import torch
 
 from ..config import ConfigError, config_to_dict
 from ..core import ClientStart, ClientUpdate, Factored, ServerState
+from ..core.bandwidth import truncate_base_delta
 from ..core.errors import UpdateError
 from ..core.privacy import effective_update_norm, private_aggregate
 from ..core.serialize import state_from_dict, state_to_dict
@@ -201,7 +202,7 @@ class Server:
                     raise
                 self._drop(rows, e.client, str(e), t)
                 updates = [u for u in updates if u.client_id != e.client]
-        state = new
+        state = truncate_base_delta(new, self.cfg.fed.residual_tol)  # fed.residual_tol > 0: fewer bytes, bounded error
         t2 = time.perf_counter()
         self.exp.fm.fold(state.base_delta)
         self.accumulate_folded(state)
