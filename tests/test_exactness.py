@@ -18,6 +18,7 @@ NS = [30, 10, 45, 15]
 EXACT = [
     ("ffa", {}),
     ("fedsvd", {}),
+    ("rolora", {}),
     ("fedex", {}),
     ("flora", {}),
     ("flexlora", {}),
@@ -31,12 +32,12 @@ MIXED_EXACT = [(n, o) for n, o in EXACT if n in ("flora", "flexlora", "hexa")]
 
 
 def test_registry_lists_every_method():
-    assert available_methods() == ["fedex", "fedhl", "fedit", "fedsvd", "ffa", "flexlora", "flora", "fra", "hetlora", "hexa"]
+    assert available_methods() == ["fedex", "fedhl", "fedit", "fedsvd", "ffa", "flexlora", "flora", "fra", "hetlora", "hexa", "rolora"]
     for name in available_methods():
         agg = get_aggregator(name)
         assert agg.name == name
     exact = {n for n in available_methods() if get_aggregator(n).exact}
-    assert exact == {"ffa", "fedsvd", "fedex", "flora", "flexlora", "hexa"}
+    assert exact == {"ffa", "fedsvd", "rolora", "fedex", "flora", "flexlora", "hexa"}
 
 
 def expected_weights(ns, weighting):

@@ -127,8 +127,10 @@ def test_run_config_round_trips_lists_and_options():
         ("fedex", ["fed.fraction=0.67", "model.base_delta=factored"]),
         ("fedex", ["fed.fraction=0.67", "privacy.mode=client", "fed.weighting=uniform", "privacy.noise_multiplier=0.3", "privacy.delta=1e-3"]),
         ("hexa", ["privacy.mode=local", "privacy.noise_multiplier=1.0", "privacy.delta=1e-3"]),
+        ("rolora", []),  # B-rounds and A-rounds: the frozen factor must stay frozen on the node
+        ("fedsvd", []),
     ],
-    ids=["fedex", "hexa", "fedex-factored", "fedex-client-dp", "hexa-local-dp"],
+    ids=["fedex", "hexa", "fedex-factored", "fedex-client-dp", "hexa-local-dp", "rolora", "fedsvd"],
 )
 def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
     """Same seed → the same global adapters, heads and metrics as the in-process engine.
@@ -148,6 +150,7 @@ def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
         torch.testing.assert_close(got.adapters[name].A, a.A, atol=atol, rtol=1e-4)
     for name, t in want.dense.items():
         torch.testing.assert_close(got.dense[name], t, atol=atol, rtol=1e-4)
+    assert all(r["dropped"] == 0 for r in sim.rounds + server.rounds), "every client's update was accepted (frozen factors stayed frozen)"
     for w, g in zip(sim.rounds, server.rounds, strict=True):
         assert g["clients"] == w["clients"] and g["bytes_up"] == w["bytes_up"] and g["train_tokens"] == w["train_tokens"]
         assert g["eval_accuracy"] == w["eval_accuracy"]

@@ -423,3 +423,22 @@ def test_fedsvd_averages_B_keeps_the_product_and_orthonormalises_A():
     moved = ClientUpdate("c1", 5, {n: Adapter(a.B, a.A + 0.1, a.scale) for n, a in updates[1].adapters.items()})
     with pytest.raises(UpdateError, match="'c1'.*A was changed"):
         agg.aggregate(state, [updates[0], moved])
+
+
+# -------------------------------------------------------------------- RoLoRA
+def test_rolora_alternates_B_and_A_and_is_exact():
+    agg, state = make("rolora", SHAPES, rank=4)
+    for t in range(4):
+        rnd = run_round(agg, state, [None] * 4, NS, seed=t)
+        trains_B = t % 2 == 0
+        assert all(s.train_B == trains_B and s.train_A == (not trains_B) for s in rnd.starts)
+        for name in SHAPES:
+            g0, g = state.adapters[name], rnd.new.adapters[name]
+            want = ref.weighted_sum([P(u.adapters[name]) for u in rnd.updates], ref.data_weights(NS))  # Σ p_i·s·B_i·A_i
+            assert ref.rel_err(P(g), want) < 1e-5
+            assert torch.equal(g.A if trains_B else g.B, g0.A if trains_B else g0.B)
+        state = rnd.new
+    _, updates = client_round(agg, state, [None] * 2, NS[:2], seed=9)  # round 4 trains B: A is frozen
+    moved = ClientUpdate("c1", 5, {n: Adapter(a.B, a.A + 0.1, a.scale) for n, a in updates[1].adapters.items()})
+    with pytest.raises(UpdateError, match="'c1'.*A was changed"):
+        agg.aggregate(state, [updates[0], moved])

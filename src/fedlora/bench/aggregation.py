@@ -69,6 +69,7 @@ ROWS = [
     Row("fedit", "fedit", "sum", "inexact"),
     Row("ffa", "ffa", "sum", "exact"),
     Row("fedsvd", "fedsvd", "sum", "exact"),
+    Row("rolora", "rolora", "sum", "exact"),
     Row("flexlora", "flexlora", "svd", "exact"),
     Row("flora", "flora", "sum", "exact"),
     Row("fra", "fra", "svd", "truncation"),

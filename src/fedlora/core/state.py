@@ -54,6 +54,7 @@ class ClientStart:
     base_delta: Mapping[str, Factored] = field(default_factory=dict)
     dense: Mapping[str, Tensor] = field(default_factory=dict)
     train_A: bool = True
+    train_B: bool = True  # RoLoRA's A-rounds freeze B
 
     def numel(self) -> int:
         return sum(a.numel() for a in self.adapters.values()) + sum(f.numel() for f in self.base_delta.values()) + sum(t.numel() for t in self.dense.values())

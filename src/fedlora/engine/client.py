@@ -40,7 +40,7 @@ def run_client(
     progress=None,
     privacy: LocalDP | None = None,
 ) -> tuple[ClientUpdate, TrainStats]:
-    fm.activate(client.rank, train_A=start.train_A)
+    fm.activate(client.rank, train_A=start.train_A, train_B=start.train_B)
     fm.load_adapters(start.adapters)
     if start.dense:
         fm.load_dense(start.dense)

@@ -7,7 +7,7 @@ covers, ``<first>-<last>/<module>/<L|R>``.
 
 Server → client (``MessageType.TRAIN``)::
 
-    "fedlora.job"          ConfigRecord  round, partition-id, rank, seed, train-a, send-label-counts
+    "fedlora.job"          ConfigRecord  round, partition-id, rank, seed, train-a, train-b, send-label-counts
     "fedlora.scales"       ConfigRecord  s_i per module
     "fedlora.adapters"     ArrayRecord   B, A of rank r_i per module (the client's start)
     "fedlora.dense"        ArrayRecord   fully trained parameters (heads)
@@ -116,7 +116,15 @@ def _get_adapters(content: RecordDict) -> dict[str, Adapter]:
 def encode_start(start: ClientStart, *, round: int, partition_id: int, rank: int, seed: int, send_label_counts: bool) -> RecordDict:
     content = RecordDict()
     content[JOB] = ConfigRecord(
-        {"round": round, "partition-id": partition_id, "rank": rank, "seed": seed, "train-a": bool(start.train_A), "send-label-counts": bool(send_label_counts)}
+        {
+            "round": round,
+            "partition-id": partition_id,
+            "rank": rank,
+            "seed": seed,
+            "train-a": bool(start.train_A),
+            "train-b": bool(start.train_B),
+            "send-label-counts": bool(send_label_counts),
+        }
     )
     _put_adapters(content, start.adapters)
     content[DENSE] = _arrays(start.dense)
@@ -131,7 +139,9 @@ def decode_start(content: RecordDict) -> tuple[ClientStart, dict]:
     job = dict(content.config_records[JOB])
     adapters = _get_adapters(content)
     delta = {mod: Factored(L, R) for mod, (L, R) in _split(_tensors(content, CLIENT_DELTA), ("L", "R"), CLIENT_DELTA).items()}
-    start = ClientStart(adapters=adapters, base_delta=delta, dense=_tensors(content, DENSE), train_A=bool(job["train-a"]))
+    start = ClientStart(
+        adapters=adapters, base_delta=delta, dense=_tensors(content, DENSE), train_A=bool(job["train-a"]), train_B=bool(job.get("train-b", True))
+    )
     return start, job
 
 

@@ -126,7 +126,7 @@ class FedModel:
         return [n for n in self.head if n.rsplit(".", 1)[0] == mods[-1]]
 
     # ---------------------------------------------------------------- adapters
-    def activate(self, rank: int, train_A: bool = True) -> None:
+    def activate(self, rank: int, train_A: bool = True, train_B: bool = True) -> None:
         """Make the rank-``rank`` adapter the active, trainable one (and the head trainable)."""
         name = adapter_name(rank)
         if rank not in self.ranks:
@@ -136,7 +136,7 @@ class FedModel:
             for r in self.ranks:
                 on = r == rank
                 layer.lora_A[adapter_name(r)].weight.requires_grad_(on and train_A)
-                layer.lora_B[adapter_name(r)].weight.requires_grad_(on)
+                layer.lora_B[adapter_name(r)].weight.requires_grad_(on and train_B)
         for p in self.head.values():
             p.requires_grad_(True)
         self.active_rank = rank
