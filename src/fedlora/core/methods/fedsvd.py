@@ -16,29 +16,20 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..adapter import Adapter, adapter_from_svd, module_generator
-from ..aggregator import Aggregator, RoundOutput
+from ..aggregator import RoundOutput
 from ..factored import Factored
 from ..registry import register
-from ..state import ClientStart, ClientUpdate, ServerState
+from ..state import ClientUpdate, ServerState
 from ._common import mean_factors, module_adapters
-from .ffa import check_frozen_A
+from .ffa import FFA, check_frozen_A
 
 
 @register
-class FedSVD(Aggregator):
+class FedSVD(FFA):
+    """FFA-LoRA's round (A frozen, B averaged), then A follows the product's row space."""
+
     name = "fedsvd"
     exact = True
-
-    def __init__(self, weighting: str = "data_size", frozen_rtol: float = 1e-6):
-        super().__init__(weighting)
-        self.frozen_rtol = frozen_rtol
-
-    def client_start(self, state: ServerState, rank: int | None = None) -> ClientStart:
-        start = super().client_start(state, rank)
-        return ClientStart(adapters=start.adapters, dense=start.dense, train_A=False)
-
-    def dp_space(self, state: ServerState) -> str:
-        return "B"
 
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
         check_frozen_A(state, updates, self.frozen_rtol)
