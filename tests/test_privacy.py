@@ -205,6 +205,7 @@ def test_a_client_dp_run_reports_the_accountants_epsilon_every_round(tiny_models
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epsilon"] == pytest.approx(rows[-1]["epsilon"]) and summary["delta"] == 1e-3
+    assert (run / "privacy.png").read_bytes()[:4] == b"\x89PNG"  # the metric against ε
 
 
 def test_a_target_epsilon_sets_the_noise_from_the_accountant(tiny_models, tmp_path):
@@ -382,3 +383,12 @@ def test_local_dp_settings_that_break_it_are_refused(tiny_models, tmp_path, caps
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_a_dp_grid_in_compare_plots_utility_against_epsilon(tiny_models, tmp_path):
+    base = overrides(tiny_models["bert"], tmp_path / "runs", fed__rounds=1, partition__num_clients=6, fed__weighting="uniform", privacy__delta=1e-3)
+    specs = "fedit,fedit[privacy.mode=client,privacy.target_epsilon=8],ffa,ffa[privacy.mode=client,privacy.target_epsilon=8]"
+    assert cli.main(["compare", *base, "--methods", specs, "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert "| fedit[privacy.mode=client,privacy.target_epsilon=8] |" in text
+    assert (tmp_path / "report" / "results_epsilon.png").read_bytes()[:4] == b"\x89PNG"

@@ -15,7 +15,7 @@ from typing import Any
 from ..config import ConfigError, RunConfig, config_to_dict
 from ..core import ServerState
 from ..models.export import export_peft_adapter
-from ..report.plots import plot_histogram, plot_metric
+from ..report.plots import plot_against_epsilon, plot_histogram, plot_metric
 from ..report.writer import RunWriter
 from .experiment import Experiment, build_experiment
 from .simulator import Simulator
@@ -141,5 +141,9 @@ def run_experiment(
         if plots:
             metric = "eval_" + exp.task.primary_metric
             plot_metric(sim.rounds, metric, f"{summary['method']} on {exp.task.name} ({cfg.partition.scheme})", run_dir / "metrics.png")
+            if exp.privacy is not None:  # the metric against the ε spent so far, round by round
+                pts = [(r["epsilon"], r[metric]) for r in sim.rounds if metric in r and "epsilon" in r]
+                curve = {summary["method"]: ([e for e, _ in pts], [v for _, v in pts])}
+                plot_against_epsilon(curve, metric, f"{summary['method']}: {metric} against ε (δ = {exp.privacy.delta:g})", run_dir / "privacy.png")
         writer.write_json("summary.json", summary)
         return summary

@@ -148,4 +148,25 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
     ]
     atomic_write_text(out_dir / "results.json", json.dumps(rows, indent=1))
     plot_grid(results, "best", out_dir / "results.png")
+    if any("epsilon" in r for r in results.values()):
+        plot_epsilon_grid(results, out_dir / "results_epsilon.png")
     return out_dir / "results.md"
+
+
+def plot_epsilon_grid(results: dict[Cell, dict], path: Path) -> None:
+    """Final metric against the ε each run spent, one line per method (its cells without DP at
+    ε = ∞), means over seeds: the privacy–utility curve of a DP grid."""
+    from .plots import plot_against_epsilon
+
+    metric = next(iter(results.values()))["primary_metric"]
+    points: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for c, r in results.items():
+        base = c.method.split("[", 1)[0]
+        eps = r.get("epsilon")
+        key = (base, c.partition)
+        points.setdefault(key, {}).setdefault(round(eps, 2) if eps is not None else math.inf, []).append(r["final"][metric] * 100)
+    curves = {}
+    for (base, part), by_eps in points.items():
+        eps = sorted(by_eps)
+        curves[base if len({p for _, p in points}) == 1 else f"{base} ({part})"] = (eps, [sum(by_eps[e]) / len(by_eps[e]) for e in eps])
+    plot_against_epsilon(curves, f"final {metric} (×100), mean over seeds", "privacy–utility", path)

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_metric", "plot_histogram", "plot_curves", "curves_figure"]
+__all__ = ["plot_metric", "plot_histogram", "plot_curves", "curves_figure", "plot_against_epsilon"]
 
 
 def curves_figure(curves: dict[str, tuple[list[int], list[float]]], ylabel: str, title: str):
@@ -55,6 +55,26 @@ def plot_histogram(hist: np.ndarray, label_names: list[str], path: Path) -> None
     ax.set_xticks(np.arange(hist.shape[0]))
     ax.legend(fontsize=7)
     ax.set_title("label histogram per client")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_against_epsilon(curves: dict[str, tuple[list[float], list[float]]], ylabel: str, title: str, path: Path) -> None:
+    """One line per curve of a metric against the privacy spent ε (a run's rounds, or a grid's
+    target budgets); ε = ∞ (no DP) is drawn as a dashed horizontal line."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, (eps, y) in curves.items():
+        finite = [(e, v) for e, v in zip(eps, y) if np.isfinite(e)]
+        line = ax.plot([e for e, _ in finite], [v for _, v in finite], marker="o", markersize=3, label=label)[0] if finite else None
+        for e, v in zip(eps, y):
+            if not np.isfinite(e):
+                ax.axhline(v, linestyle="--", linewidth=0.8, color=line.get_color() if line else None, label=f"{label} (no DP)" if not finite else None)
+    ax.set_xlabel("ε (δ fixed)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
