@@ -32,7 +32,7 @@ MIXED_EXACT = [(n, o) for n, o in EXACT if n in ("flora", "flexlora", "hexa")]
 
 
 def test_registry_lists_every_method():
-    assert available_methods() == ["fedex", "fedhl", "fedit", "fedsvd", "ffa", "flexlora", "flora", "fra", "hetlora", "hexa", "rolora"]
+    assert available_methods() == ["fedex", "fedhl", "fedit", "fedsa", "fedsvd", "ffa", "flexlora", "flora", "fra", "hetlora", "hexa", "rolora"]
     for name in available_methods():
         agg = get_aggregator(name)
         assert agg.name == name

@@ -62,7 +62,7 @@ def test_records_round_trip_as_float32_arrays():
         train_A=False,
     )
     back, job = decode_start(encode_start(start, round=3, partition_id=1, rank=2, seed=42, send_label_counts=True))
-    assert job == {"round": 3, "partition-id": 1, "rank": 2, "seed": 42, "train-a": False, "train-b": True, "send-label-counts": True}
+    assert job == {"round": 3, "partition-id": 1, "rank": 2, "seed": 42, "train-a": False, "train-b": True, "keep-local": "", "send-label-counts": True}
     a = back.adapters["l.q"]
     assert a.B.dtype == a.A.dtype == back.dense["head.w"].dtype == torch.float32  # bf16/fp16 cast, not refused
     assert torch.equal(a.B, start.adapters["l.q"].B.float()) and a.scale == 0.5 and back.train_A is False
@@ -129,8 +129,9 @@ def test_run_config_round_trips_lists_and_options():
         ("hexa", ["privacy.mode=local", "privacy.noise_multiplier=1.0", "privacy.delta=1e-3"]),
         ("rolora", []),  # B-rounds and A-rounds: the frozen factor must stay frozen on the node
         ("fedsvd", []),
+        ("fedsa", ["fed.personal_eval=0.25"]),  # B and head kept on the node (context.state), personal metrics
     ],
-    ids=["fedex", "hexa", "fedex-factored", "fedex-client-dp", "hexa-local-dp", "rolora", "fedsvd"],
+    ids=["fedex", "hexa", "fedex-factored", "fedex-client-dp", "hexa-local-dp", "rolora", "fedsvd", "fedsa-personal"],
 )
 def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
     """Same seed → the same global adapters, heads and metrics as the in-process engine.
@@ -143,6 +144,8 @@ def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
     # folds them round by round: with factored or full-rank (DP) base deltas the round-off
     # differs a little more.
     atol = 3e-5 if {"model.base_delta=factored", "privacy.mode=client"} & set(extra) else 1e-5
+    if method == "fedsa":  # each node's own model, scored on its own held-out examples, reached the server
+        assert [r["personal_accuracy"] for r in server.rounds] == pytest.approx([r["personal_accuracy"] for r in sim.rounds], abs=1e-6)
     if "privacy.mode=local" in extra:  # every client's ε reached the server through Flower's metric records
         assert [r["epsilon"] for r in server.rounds] == [r["epsilon"] for r in sim.rounds] and server.rounds[-1]["epsilon"] > 0
     for name, a in want.adapters.items():

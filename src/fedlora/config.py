@@ -99,6 +99,7 @@ class FedConfig:
     fraction: float = 1.0  # clients sampled per round
     eval_every: int = 1
     eval_clients: bool = False  # also evaluate the global model on each client's data
+    personal_eval: float = 0.0  # hold out this fraction of each client's examples; each client reports its own model's metrics on them
     client_timeout: float = 300.0  # Flower: seconds a round (and the roll-call) waits for replies; later ones are dropped
     residual_tol: float = 0.0  # exact methods: send the base delta at the smallest rank within this relative error (0: exact)
     max_update_norm: float = 0.0  # drop a client whose effective update ‖s·B_i·A_i − s·B·A‖ (+ heads) exceeds this (0: no bound)
@@ -164,6 +165,7 @@ class RunConfig:
             (self.fed.rounds >= 1, "fed.rounds must be ≥ 1"),
             (0 < self.fed.fraction <= 1, f"fed.fraction must be in (0, 1], got {self.fed.fraction}"),
             (self.fed.eval_every >= 1, "fed.eval_every must be ≥ 1"),
+            (0 <= self.fed.personal_eval < 1, f"fed.personal_eval must be in [0, 1) (0: off), got {self.fed.personal_eval}"),
             (0 <= self.fed.residual_tol < 1, f"fed.residual_tol must be in [0, 1) (0: exact), got {self.fed.residual_tol}"),
             (self.fed.max_update_norm >= 0, f"fed.max_update_norm must be ≥ 0 (0: no bound), got {self.fed.max_update_norm}"),
             (

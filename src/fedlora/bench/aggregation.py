@@ -70,6 +70,7 @@ ROWS = [
     Row("ffa", "ffa", "sum", "exact"),
     Row("fedsvd", "fedsvd", "sum", "exact"),
     Row("rolora", "rolora", "sum", "exact"),
+    Row("fedsa (A only)", "fedsa", "sum", "inexact"),
     Row("flexlora", "flexlora", "svd", "exact"),
     Row("flora", "flora", "sum", "exact"),
     Row("fra", "fra", "svd", "truncation"),

@@ -55,6 +55,7 @@ class ClientStart:
     dense: Mapping[str, Tensor] = field(default_factory=dict)
     train_A: bool = True
     train_B: bool = True  # RoLoRA's A-rounds freeze B
+    keep_local: tuple[str, ...] = ()  # parts the client keeps as its own between rounds ("B", "dense"): FedSA-LoRA
 
     def numel(self) -> int:
         return sum(a.numel() for a in self.adapters.values()) + sum(f.numel() for f in self.base_delta.values()) + sum(t.numel() for t in self.dense.values())

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
-from ..core import ClientStart, ClientUpdate
+from ..core import Adapter, ClientStart, ClientUpdate
 from ..models import FedModel
 from .dp_sgd import LocalDP, train_local_dp
+from .evaluate import evaluate
 from .train import TrainStats, train_local
 
 __all__ = ["ClientData", "run_client"]
@@ -25,6 +26,7 @@ class ClientData:
     indices: np.ndarray
     rank: int
     label_counts: torch.Tensor | None = None  # sent only when the method asks for it
+    held_out: np.ndarray | None = None  # fed.personal_eval: examples of its own it never trains on, to evaluate its model
 
 
 def run_client(
@@ -39,21 +41,46 @@ def run_client(
     send_label_counts: bool = False,
     progress=None,
     privacy: LocalDP | None = None,
+    local: dict | None = None,
+    task=None,
+    eval_batch_size: int = 64,
 ) -> tuple[ClientUpdate, TrainStats]:
+    """Train from ``start`` and return the update. ``local`` is the client's own storage between
+    rounds (``start.keep_local``: FedSA-LoRA's B and head stay there and are never sent; the
+    update carries the start's values for them). With ``client.held_out`` the client evaluates
+    the model it trained on examples of its own it never trained on (``stats.personal``)."""
+    keep = set(start.keep_local)
+    adapters, dense = dict(start.adapters), dict(start.dense)
+    if keep and local:  # its own B and head from earlier rounds
+        if "B" in keep:
+            adapters = {m: Adapter(local["B"][m].clone(), a.A, a.scale) for m, a in adapters.items()}
+        if "dense" in keep:
+            dense = {k: t.clone() for k, t in local["dense"].items()}
     fm.activate(client.rank, train_A=start.train_A, train_B=start.train_B)
-    fm.load_adapters(start.adapters)
-    if start.dense:
-        fm.load_dense(start.dense)
+    fm.load_adapters(adapters)
+    if dense:
+        fm.load_dense(dense)
     with fm.folded(start.base_delta):  # client-only frozen delta (HEXA's mixed ranks)
         if privacy is None:
             stats = train_local(fm, data, client.indices, cfg, seed, pad_token_id=pad_token_id, progress=progress)
         else:  # local DP-SGD (privacy.mode=local)
             stats = train_local_dp(fm, data, client.indices, cfg, seed, privacy, pad_token_id=pad_token_id, progress=progress)
+        if client.held_out is not None and len(client.held_out) and task is not None:
+            stats.personal = evaluate(fm.peft, data, client.held_out, task, eval_batch_size, pad_token_id, fm.placement)
+            stats.personal_n = len(client.held_out)
+    trained, trained_dense = fm.read_adapters(), fm.read_dense()
+    if keep and local is not None:
+        if "B" in keep:
+            local["B"] = {m: a.B for m, a in trained.items()}
+            trained = {m: Adapter(start.adapters[m].B.clone(), a.A, a.scale) for m, a in trained.items()}  # B stays here
+        if "dense" in keep:
+            local["dense"] = trained_dense
+            trained_dense = {k: t.clone() for k, t in start.dense.items()}
     update = ClientUpdate(
         client_id=client.client_id,
         num_examples=int(len(client.indices)),
-        adapters=fm.read_adapters(),
-        dense=fm.read_dense(),
+        adapters=trained,
+        dense=trained_dense,
         label_counts=client.label_counts if send_label_counts else None,
     )
     return update, stats

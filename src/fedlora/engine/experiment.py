@@ -22,7 +22,7 @@ from ..privacy import PrivacyPlan, plan_privacy
 from .client import ClientData
 from .seeding import derive_seed
 
-__all__ = ["Experiment", "build_experiment", "client_ranks"]
+__all__ = ["Experiment", "build_experiment", "client_ranks", "personal_split"]
 
 
 @dataclass
@@ -128,6 +128,16 @@ def load_node_examples(cfg: RunConfig, task: TaskSpec, path: str, label_names: l
     return load_glue(task, "train", source="local", data_dir=path)
 
 
+def personal_split(indices: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(train, held out) of one client's examples: ``fraction`` of them, at least one, chosen with
+    ``seed``, set aside for evaluating the client's own model (``fed.personal_eval``)."""
+    if fraction <= 0 or len(indices) < 2:
+        return indices, None
+    n = min(len(indices) - 1, max(1, round(fraction * len(indices))))
+    perm = np.random.default_rng(seed).permutation(len(indices))
+    return np.sort(indices[perm[n:]]), np.sort(indices[perm[:n]])
+
+
 def client_ranks(cfg: RunConfig, num_clients: int) -> list[int]:
     ranks = cfg.model.client_ranks or [cfg.model.rank]
     return [ranks[i % len(ranks)] for i in range(num_clients)]
@@ -217,10 +227,11 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     hist = label_histogram(train_text.labels, parts)
     clients = []
     for i, (idx, r) in enumerate(zip(parts, ranks)):
+        idx, held = personal_split(np.asarray(idx), cfg.fed.personal_eval, derive_seed(cfg.seed, "personal", i))
         counts = None
         if not task.is_regression:
             counts = torch.bincount(torch.as_tensor(train_text.labels[idx]), minlength=task.num_labels).double()
-        clients.append(ClientData(client_id=f"client{i}", indices=np.asarray(idx), rank=r, label_counts=counts))
+        clients.append(ClientData(client_id=f"client{i}", indices=idx, rank=r, label_counts=counts, held_out=held))
     names = list(train_text.label_names or []) or bin_names(regression_bins(train_text.labels)[1])
     samples = []
     if causal:

@@ -91,6 +91,9 @@ class Server:
         self.rounds: list[dict[str, Any]] = []
         self.client_rows: list[dict[str, Any]] = []
         self.samples: list[dict[str, Any]] = []  # causal LMs: the global model's answers to fixed prompts, per evaluation
+        # What simulated clients keep as their own between rounds (FedSA-LoRA's B and head): in
+        # a real federation it lives on the clients (a Flower node keeps it in its context.state).
+        self.local_state: dict[str, dict] = {}
         # Σ_t ΔW0_t: everything folded into the base so far, kept factored (and
         # compressed to its numerical rank) for the export on the pretrained base.
         self.folded: dict[str, Factored] = {}
@@ -109,6 +112,7 @@ class Server:
         self.exp.fm.load_base_state(ckpt["base"])
         self.rounds, self.client_rows = ckpt["rounds"], ckpt["clients"]
         self.samples = ckpt.get("samples", [])
+        self.local_state = ckpt.get("local", {})
         self.folded = {k: Factored(v["L"], v["R"]) for k, v in ckpt["folded"].items()}
         return state_from_dict(ckpt["state"])
 
@@ -123,6 +127,7 @@ class Server:
                 "clients": self.client_rows,
                 "samples": self.samples,
                 "folded": {k: {"L": f.L, "R": f.R} for k, f in self.folded.items()},
+                "local": self.local_state,
             },
         )
 
@@ -177,6 +182,7 @@ class Server:
                     "steps": int(res.stats["steps"]),
                     "tokens": int(res.stats["tokens"]),
                     **({"sample_rate": res.stats["sample_rate"]} if "sample_rate" in res.stats else {}),
+                    **{k: v for k, v in res.stats.items() if k.startswith("personal_")},
                     "bytes_down": BYTES_PER_NUMBER * (job.start.numel() + broadcast),
                     "bytes_up": BYTES_PER_NUMBER * res.update.numel(),
                     **(res.wire or {}),
@@ -225,6 +231,11 @@ class Server:
             if any(key in r for r in done):
                 row[key] = sum(r.get(key, 0) for r in done)
         row.update({k: v for k, v in state.info.items() if isinstance(v, (int, float))})
+        personal = [r for r in done if r.get("personal_n")]
+        if personal:  # each client's own model on its held-out examples, weighted by their number
+            total = sum(r["personal_n"] for r in personal)
+            for key in {k for r in personal for k in r if k.startswith("personal_") and k != "personal_n"}:
+                row[key] = sum(r[key] * r["personal_n"] for r in personal if key in r) / total
         if plan is not None and plan.client is not None:
             row["epsilon"] = plan.epsilon_after(t + 1)
         if plan is not None and plan.local is not None:  # each client's own ε; the run's is the largest

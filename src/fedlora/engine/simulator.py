@@ -55,5 +55,8 @@ class Simulator(Server):
             send_label_counts=job.send_label_counts,
             progress=progress,
             privacy=exp.local_dp,
+            local=self.local_state.setdefault(job.client.client_id, {}),
+            task=exp.task,
+            eval_batch_size=self.cfg.train.eval_batch_size,
         )
         return ClientResult(update=update, stats=stats.as_dict())

@@ -26,10 +26,16 @@ class TrainStats:
     examples: int
     tokens: int  # padded tokens through forward and backward: the compute actually done
     sample_rate: float = 0.0  # local DP-SGD: q of its Poisson batches (0: not DP)
+    personal: dict[str, float] | None = None  # fed.personal_eval: its own model's metrics on its held-out examples
+    personal_n: int = 0
 
     def as_dict(self) -> dict[str, float]:
         out = {"loss": self.loss, "steps": self.steps, "examples": self.examples, "tokens": self.tokens}
-        return out | ({"sample_rate": self.sample_rate} if self.sample_rate else {})
+        if self.sample_rate:
+            out["sample_rate"] = self.sample_rate
+        if self.personal:
+            out.update({f"personal_{k}": v for k, v in self.personal.items()} | {"personal_n": self.personal_n})
+        return out
 
 
 def planned_steps(num_examples: int, cfg: TrainConfig) -> int:

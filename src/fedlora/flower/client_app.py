@@ -33,7 +33,8 @@ from ..core import Factored
 from ..data import tokenize
 from ..data.instruct import tokenize_instruct
 from ..engine.client import ClientData, run_client
-from ..engine.experiment import Experiment, build_experiment, load_node_examples
+from ..engine.experiment import Experiment, build_experiment, load_node_examples, personal_split
+from ..engine.seeding import derive_seed
 from .records import decode_broadcast, decode_start, encode_resync, encode_update
 from .run_config import config_from_run_config
 
@@ -41,7 +42,7 @@ __all__ = ["app"]
 
 app = ClientApp()
 
-SYNC, BASE = "fedlora.sync", "fedlora.base"
+SYNC, BASE, LOCAL = "fedlora.sync", "fedlora.base", "fedlora.local"
 
 
 @dataclass
@@ -85,7 +86,10 @@ def _client_data(local: _Local, context: Context, pid: int) -> tuple[ClientData,
         text = load_node_examples(exp.cfg, exp.task, str(path), list(exp.task.label_names or ()) or None)
         data = (tokenize_instruct if exp.causal else tokenize)(text, exp.tokenizer, exp.cfg.model.max_length)
         counts = None if exp.task.is_regression else torch.bincount(torch.as_tensor(text.labels), minlength=exp.task.num_labels).double()
-        client = ClientData(client_id=exp.clients[pid].client_id, indices=np.arange(len(text)), rank=exp.clients[pid].rank, label_counts=counts)
+        idx, held = personal_split(np.arange(len(text)), exp.cfg.fed.personal_eval, derive_seed(exp.cfg.seed, "personal", pid))
+        if held is not None and counts is not None:
+            counts = torch.bincount(torch.as_tensor(text.labels[idx]), minlength=exp.task.num_labels).double()
+        client = ClientData(client_id=exp.clients[pid].client_id, indices=idx, rank=exp.clients[pid].rank, label_counts=counts, held_out=held)
         local.node_data[key] = (client, data)
     return local.node_data[key]
 
@@ -146,6 +150,7 @@ def train(msg: Message, context: Context) -> Message:
         return Message(content=encode_resync(gap.through), reply_to=msg)
     exp.fm.load_base_state(local.pristine)
     exp.fm.fold(base)
+    own = _own_parameters(context)  # what this node keeps between rounds (FedSA-LoRA's B and head); never sent
     update, stats = run_client(
         exp.fm,
         start,
@@ -156,5 +161,21 @@ def train(msg: Message, context: Context) -> Message:
         pad_token_id=exp.pad_token_id,
         send_label_counts=bool(job["send-label-counts"]),
         privacy=exp.local_dp,
+        local=own,
+        task=exp.task,
+        eval_batch_size=exp.cfg.train.eval_batch_size,
     )
+    if own:
+        context.state[LOCAL] = ArrayRecord({f"{part}/{k}": t for part, group in own.items() for k, t in group.items()})
     return Message(content=encode_update(update, stats.as_dict(), pid), reply_to=msg)
+
+
+def _own_parameters(context: Context) -> dict:
+    """{"B": {module: B}, "dense": {name: tensor}} this node stored after its last round, or {}."""
+    if LOCAL not in context.state.array_records:
+        return {}
+    out: dict[str, dict] = {}
+    for key, t in context.state[LOCAL].to_torch_state_dict().items():
+        part, name = key.split("/", 1)
+        out.setdefault(part, {})[name] = t
+    return out

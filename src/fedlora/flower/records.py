@@ -7,7 +7,7 @@ covers, ``<first>-<last>/<module>/<L|R>``.
 
 Server → client (``MessageType.TRAIN``)::
 
-    "fedlora.job"          ConfigRecord  round, partition-id, rank, seed, train-a, train-b, send-label-counts
+    "fedlora.job"          ConfigRecord  round, partition-id, rank, seed, train-a, train-b, keep-local, send-label-counts
     "fedlora.scales"       ConfigRecord  s_i per module
     "fedlora.adapters"     ArrayRecord   B, A of rank r_i per module (the client's start)
     "fedlora.dense"        ArrayRecord   fully trained parameters (heads)
@@ -123,6 +123,7 @@ def encode_start(start: ClientStart, *, round: int, partition_id: int, rank: int
             "seed": seed,
             "train-a": bool(start.train_A),
             "train-b": bool(start.train_B),
+            "keep-local": ",".join(start.keep_local),
             "send-label-counts": bool(send_label_counts),
         }
     )
@@ -140,7 +141,12 @@ def decode_start(content: RecordDict) -> tuple[ClientStart, dict]:
     adapters = _get_adapters(content)
     delta = {mod: Factored(L, R) for mod, (L, R) in _split(_tensors(content, CLIENT_DELTA), ("L", "R"), CLIENT_DELTA).items()}
     start = ClientStart(
-        adapters=adapters, base_delta=delta, dense=_tensors(content, DENSE), train_A=bool(job["train-a"]), train_B=bool(job.get("train-b", True))
+        adapters=adapters,
+        base_delta=delta,
+        dense=_tensors(content, DENSE),
+        train_A=bool(job["train-a"]),
+        train_B=bool(job.get("train-b", True)),
+        keep_local=tuple(p for p in str(job.get("keep-local", "")).split(",") if p),
     )
     return start, job
 
@@ -192,6 +198,7 @@ def decode_update(content: RecordDict, client_id: str) -> tuple[ClientUpdate, di
     stats = {k: metrics[k] for k in ("loss", "steps", "examples", "tokens")}
     if "sample_rate" in metrics:  # local DP-SGD: the rate its batches were drawn at (the server accounts its ε)
         stats["sample_rate"] = metrics["sample_rate"]
+    stats.update({k: v for k, v in metrics.items() if k.startswith("personal_")})  # its own model on its held-out examples
     return update, stats
 
 
