@@ -18,16 +18,17 @@ specs() {  # specs METHODS EPSILONS MODE → "m,m[privacy.mode=MODE,privacy.targ
   done
   (IFS=,; echo "${out[*]}")
 }
-common=(examples/sst2_noniid.yaml threads=1 progress=false fed.weighting=uniform privacy.delta=1e-5 privacy.clip=1.0 --jobs "${JOBS:-2}" --seeds "$seeds")
+common=(examples/sst2_noniid.yaml threads=1 progress=false fed.weighting=uniform privacy.delta=1e-5 privacy.clip=1.0)
+options=(--jobs "${JOBS:-2}" --seeds "$seeds")
 case $part in
   local)
     fedlora compare "${common[@]}" data.max_train_examples=1500 data.max_eval_examples=872 partition.num_clients=3 fed.rounds=5 \
-      train.epochs=1 train.batch_size=32 train.lr=1e-3 train.head_lr=1e-2 output_dir=runs/dp-local \
+      train.epochs=1 train.batch_size=32 train.lr=1e-3 train.head_lr=1e-2 output_dir=runs/dp-local "${options[@]}" \
       --methods "$(specs fedit,ffa,fra,fedex,hexa 1,3,6 local)" --partitions dirichlet:0.5 --baseline fedit \
       --out results/dp/local --title "Local DP-SGD: MiniLM SST-2, 3 clients, Dirichlet(0.5), δ = 1e-5" ;;
   client)
     fedlora compare "${common[@]}" data.max_train_examples=5000 data.max_eval_examples=872 partition.num_clients=100 fed.fraction=0.1 \
-      fed.rounds=20 train.epochs=1 train.batch_size=16 train.lr=1e-3 train.head_lr=1e-2 output_dir=runs/dp-client \
+      fed.rounds=20 train.epochs=1 train.batch_size=16 train.lr=1e-3 train.head_lr=1e-2 output_dir=runs/dp-client "${options[@]}" \
       --methods "$(specs fedit,ffa,fra 1,8 client)" --partitions iid --baseline fedit \
       --out results/dp/client --title "Client-level DP: MiniLM SST-2, 100 clients, q = 0.1, δ = 1e-5" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;

@@ -5,9 +5,8 @@ Every aggregation rule in fedlora is a statement about sums of LoRA products
 
 * stacking:   Σ_j c_j·L_j·R_j = [c_1·L_1, …, c_K·L_K] · [R_1; …; R_K]   (exact, O(0) flops)
 * inner:      ⟨L₁R₁, L₂R₂⟩_F = Σ (L₁ᵀL₂) ∘ (R₁R₂ᵀ)                         O(k₁k₂(m+n))
-* SVD:        L = Q_L·S_L, Rᵀ = Q_R·S_R (orthonormal Q from the eigendecomposition of the
-              k×k Grams LᵀL, RRᵀ in float64) ⇒ L·R = Q_L·(S_L·S_Rᵀ)·Q_Rᵀ, and the SVD of the
-              small core C = U_c·Σ·V_cᵀ gives U = Q_L·U_c, Vᵀ = V_cᵀ·Q_Rᵀ.
+* SVD:        L = Q_L·T_L, Rᵀ = Q_R·T_R (thin QR) ⇒ L·R = Q_L·(T_L·T_Rᵀ)·Q_Rᵀ,
+              SVD of the small k×k core C = U_c·Σ·V_cᵀ gives U = Q_L·U_c, Vᵀ = V_cᵀ·Q_Rᵀ.
               Cost O(k²(m+n) + k³) instead of O(mn·min(m,n)) for a dense SVD.
 
 A dense m×n tensor appears only in :meth:`Factored.dense` (tests, folding into
@@ -143,80 +142,48 @@ class Factored:
 
     # ------------------------------------------------------------------- SVD
     def svd(self, rank: int | None = None, rtol: float | None = None) -> SVD:
-        """Exact thin SVD of L·R from the factors' Gram matrices (see :func:`_gram_basis`).
+        """Exact thin SVD of L·R through QR of the factors.
 
-        ``rank`` keeps the top singular triplets only; ``rtol`` drops singular values
-        ≤ rtol·σ₁ (numerical zeros). Directions of L or R below ~3e-7 of their largest
-        singular value (float32 round-off) are dropped, so the result may have fewer than
-        k = inner_dim triplets. Falls back to QR of the factors if the Grams are not finite.
+        ``rank`` keeps the top singular triplets only; ``rtol`` drops singular
+        values ≤ rtol·σ₁ (numerical zeros). The core SVD runs in float64, the
+        QRs and the final products in the factors' dtype.
         """
+        m, n = self.shape
+        dtype = self.dtype
         if self.inner_dim == 0:
-            return self._empty_svd()
-        parts = self._gram_core()
-        if parts is None:
-            return self._qr_svd(rank, rtol)
-        WL, WR, Uc, S, Vch = parts
+            return SVD(torch.zeros(m, 0, dtype=dtype), torch.zeros(0, dtype=dtype), torch.zeros(0, n, dtype=dtype))
+        QL, TL = torch.linalg.qr(self.L)  # (m, a), (a, k)
+        QR, TR = torch.linalg.qr(self.R.T)  # (n, b), (b, k)
+        core = TL.double() @ TR.double().T  # (a, b)
+        Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
         keep = S.numel()
         if rtol is not None and keep:
             keep = int((S > rtol * S[0]).sum()) if S[0] > 0 else 0
         if rank is not None:
             keep = min(keep, rank)
-        return self._vectors(WL, WR, Uc, S, Vch, keep)
+        U = QL @ Uc[:, :keep].to(dtype)
+        Vh = Vch[:keep].to(dtype) @ QR.T
+        return SVD(U, S[:keep].to(dtype), Vh)
 
     def truncated_svd(self, rank: int) -> tuple[SVD, float]:
         """``svd(rank=rank)`` and the energy the truncation drops, ‖M − M_rank‖_F² = Σ_{j≥rank} σ_j².
-        Only the top ``rank`` singular vectors are formed: O(k·rank·(m+n)) after the Grams."""
+
+        The same QRs and core SVD as :meth:`svd`, but Q_L and Q_R stay as Householder
+        reflectors (geqrf) applied to the top ``rank`` core vectors only (ormqr): Q is
+        never formed, and U, Vh cost O(k·rank·(m+n)) instead of O(k²(m+n)).
+        """
         if self.inner_dim == 0:
-            return self._empty_svd(), 0.0
-        parts = self._gram_core()
-        if parts is None:
-            svd = self._qr_svd(None, None)
-            return svd.truncate(rank), svd.tail_energy(rank)
-        WL, WR, Uc, S, Vch = parts
+            return self.svd(rank=rank), 0.0
+        (m, n), k, dtype = self.shape, self.inner_dim, self.dtype
+        hL, tauL = torch.geqrf(self.L)  # L = Q_L·T_L, Q_L as reflectors
+        hR, tauR = torch.geqrf(self.R.T)
+        core = hL[: min(m, k)].triu().double() @ hR[: min(n, k)].triu().double().T
+        Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
+        S = S.to(dtype)
         keep = min(rank, S.numel())
-        return self._vectors(WL, WR, Uc, S, Vch, keep), float(S[keep:].square().sum())
-
-    # The Gram route: L = Q_L·S_L with Q_L = L·W_L orthonormal (W_L = V·Λ^{-1/2} from the
-    # eigendecomposition LᵀL = V·Λ·Vᵀ, S_L = Λ^{1/2}·Vᵀ), and likewise Rᵀ = Q_R·S_R. Then
-    # L·R = Q_L·(S_L·S_Rᵀ)·Q_Rᵀ and the SVD of the small core U_c·Σ·V_cᵀ gives U = L·(W_L·U_c),
-    # Vᵀ = (W_R·V_c)ᵀ·R. Cost: two k×k Grams, O(k²(m+n)) as one GEMM each, and two thin GEMMs
-    # for the kept vectors; Householder QR does about twice the flops at lower BLAS efficiency.
-    def _gram_core(self):
-        try:
-            bases = _gram_basis(self.L), _gram_basis(self.R.T)
-        except RuntimeError:  # torch.linalg.LinAlgError: eigh did not converge
-            return None
-        if bases[0] is None or bases[1] is None:
-            return None
-        (WL, SL), (WR, SR) = bases
-        if SL.shape[0] == 0 or SR.shape[0] == 0:
-            z = torch.zeros(0, dtype=torch.float64)
-            return WL[:, :0], WR[:, :0], torch.zeros(0, 0, dtype=torch.float64), z, torch.zeros(0, 0, dtype=torch.float64)
-        Uc, S, Vch = torch.linalg.svd(SL @ SR.T, full_matrices=False)
-        return WL, WR, Uc, S, Vch
-
-    def _vectors(self, WL: Tensor, WR: Tensor, Uc: Tensor, S: Tensor, Vch: Tensor, keep: int) -> SVD:
-        dtype = self.dtype
-        U = self.L @ (WL @ Uc[:, :keep]).to(dtype)
-        Vh = (WR @ Vch[:keep].T).to(dtype).T @ self.R
-        return SVD(U, S[:keep].to(dtype), Vh)
-
-    def _empty_svd(self) -> SVD:
-        (m, n), dtype = self.shape, self.dtype
-        return SVD(torch.zeros(m, 0, dtype=dtype), torch.zeros(0, dtype=dtype), torch.zeros(0, n, dtype=dtype))
-
-    def _qr_svd(self, rank: int | None, rtol: float | None) -> SVD:
-        """The same SVD through Householder QR of both factors (the fallback)."""
-        dtype = self.dtype
-        QL, TL = torch.linalg.qr(self.L)  # (m, a), (a, k)
-        QR, TR = torch.linalg.qr(self.R.T)  # (n, b), (b, k)
-        Uc, S, Vch = torch.linalg.svd(TL.double() @ TR.double().T, full_matrices=False)
-        keep = S.numel()
-        if rtol is not None and keep:
-            keep = int((S > rtol * S[0]).sum()) if S[0] > 0 else 0
-        if rank is not None:
-            keep = min(keep, rank)
-        return SVD(QL @ Uc[:, :keep].to(dtype), S[:keep].to(dtype), Vch[:keep].to(dtype) @ QR.T)
+        U = torch.ormqr(hL, tauL, _pad_rows(Uc[:, :keep].to(dtype), m))
+        Vh = torch.ormqr(hR, tauR, _pad_rows(Vch[:keep].T.to(dtype), n)).T.contiguous()
+        return SVD(U, S[:keep], Vh), float(S[keep:].double().square().sum())
 
     def compress(self, rtol: float = 1e-7) -> Factored:
         """The same matrix with the smallest inner dimension its numerical rank allows."""
@@ -228,23 +195,11 @@ class Factored:
         return f"Factored(shape={self.shape}, k={self.inner_dim}, dtype={self.dtype})"
 
 
-# Eigenvalues of a float64 Gram below this fraction of the largest belong to directions of the
-# float32 factor below √1e-13 ≈ 3e-7 of its largest singular value: round-off, dropped.
-GRAM_RTOL = 1e-13
-
-
-def _gram_basis(X: Tensor) -> tuple[Tensor, Tensor] | None:
-    """(W, S) with X = (X·W)·S, X·W orthonormal columns: from the eigendecomposition of XᵀX in float64.
-    None if the Gram is not finite."""
-    G = X.double().T @ X.double()
-    if not bool(torch.isfinite(G).all()):
-        return None
-    lam, V = torch.linalg.eigh(G)
-    top = float(lam[-1]) if lam.numel() else 0.0
-    keep = lam > GRAM_RTOL * top if top > 0 else torch.zeros_like(lam, dtype=torch.bool)
-    lam, V = lam[keep].flip(0), V[:, keep].flip(1)  # largest first
-    root = lam.sqrt()
-    return V / root, root[:, None] * V.T
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    """x on top of zero rows: Q·[x; 0] is Q's leading columns times x."""
+    out = x.new_zeros(rows, x.shape[1])
+    out[: x.shape[0]] = x
+    return out
 
 
 def pairwise_inner(terms: Sequence[Factored]) -> Tensor:
