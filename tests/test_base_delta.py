@@ -241,3 +241,26 @@ def test_bench_base_delta_reports_the_side_growing_then_folded_or_dense(capsys, 
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r[3].strip() for r in rows] == (["64", "128", "dense", "dense"] if quantized else ["64", "128", "0", "64"])
     assert [float(r[4]) for r in rows][:2] == pytest.approx([64 * 1536 / 768**2, 128 * 1536 / 768**2], abs=1e-3)
+
+
+def test_the_qlora_loading_settings(monkeypatch):
+    """What fedlora asks transformers for (bitsandbytes itself needs CUDA: stood in for here):
+    NF4 with double quantization and bf16 products, the whole model on the run's GPU; the
+    classifier head kept in full precision, a causal LM left to transformers' own skips."""
+    import sys
+    import types
+
+    from fedlora.models.hub import ModelError, quantized_loading
+
+    with pytest.raises(ModelError, match="needs a CUDA GPU"):
+        quantized_loading("4bit", torch.device("cpu"), torch.bfloat16)
+    assert quantized_loading("none", torch.device("cpu"), None) == {}
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
+    causal = quantized_loading("4bit", torch.device("cuda", 0), torch.bfloat16)
+    q = causal["quantization_config"]
+    assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == (True, "nf4", True, torch.bfloat16)
+    assert q.llm_int8_skip_modules is None and causal["device_map"] == {"": 0}
+    head = quantized_loading("4bit", torch.device("cuda", 0), torch.bfloat16, classifier=True)["quantization_config"]
+    assert head.llm_int8_skip_modules == ["classifier", "score"]
+    eight = quantized_loading("8bit", torch.device("cuda", 1), None)
+    assert eight["quantization_config"].load_in_8bit and eight["device_map"] == {"": 1}

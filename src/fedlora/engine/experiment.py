@@ -162,7 +162,8 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     placement = resolve_placement(cfg.train.device, cfg.train.precision)  # a missing device fails before any loading
-    loading = quantized_loading(cfg.model.quantization, placement.device, placement.dtype)  # and so does quantization without CUDA
+    causal_task = cfg.data.task == "instruct" or cfg.data.as_prompt
+    loading = quantized_loading(cfg.model.quantization, placement.device, placement.dtype, classifier=not causal_task)  # and so does quantization without CUDA
     task, train_text, dev_text = load_datasets(cfg)
     dev_targets = None
     if cfg.data.as_prompt:

@@ -130,7 +130,7 @@ def _quiet_gguf(active: bool):
         reader.tqdm = bar
 
 
-def quantized_loading(quantization: str, device, compute_dtype) -> dict:
+def quantized_loading(quantization: str, device, compute_dtype, *, classifier: bool = False) -> dict:
     """``from_pretrained`` keywords that load the base in 4-bit NF4 (QLoRA: double quantization,
     matrix products in ``compute_dtype``) or 8-bit through bitsandbytes, placed on ``device``
     (a CUDA device: bitsandbytes' kernels need one). ``{}`` for ``none``."""
@@ -150,7 +150,8 @@ def quantized_loading(quantization: str, device, compute_dtype) -> dict:
         )
     else:
         bnb = BitsAndBytesConfig(load_in_8bit=True)
-    bnb.llm_int8_skip_modules = ["classifier", "score", "lm_head"]  # heads stay in full precision (trained, or tied)
+    if classifier:  # the head trains in full precision; this list replaces transformers' defaults (the output layer)
+        bnb.llm_int8_skip_modules = ["classifier", "score"]
     return {"quantization_config": bnb, "device_map": {"": device.index or 0}}
 
 
