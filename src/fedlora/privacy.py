@@ -66,12 +66,12 @@ class PrivacyPlan:
         """Client mode: ε of the whole run after ``rounds`` rounds."""
         return epsilon(self.accountant, self.noise_multiplier, self.sample_rate, rounds, self.delta)
 
-    def local_epsilon(self, client_rows: list[dict]) -> dict[str, float]:
-        """Local mode: each client's ε over every DP-SGD step it has taken (rows of clients.jsonl)."""
+    def local_epsilon(self, client_rows: list[dict], clients: set[str]) -> dict[str, float]:
+        """Local mode: the ε of each of ``clients`` over every DP-SGD step it has taken (rows of clients.jsonl)."""
         steps: dict[str, int] = {}
         rate: dict[str, float] = {}
         for r in client_rows:
-            if "dropped" not in r and r.get("sample_rate"):
+            if "dropped" not in r and r.get("sample_rate") and r["client"] in clients:
                 steps[r["client"]] = steps.get(r["client"], 0) + int(r["steps"])
                 rate[r["client"]] = float(r["sample_rate"])
         return {c: epsilon(self.accountant, self.noise_multiplier, rate[c], steps[c], self.delta) for c in steps}

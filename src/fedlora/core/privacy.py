@@ -49,6 +49,7 @@ from .adapter import Adapter, adapter_from_svd, module_generator
 from .aggregator import Aggregator
 from .errors import AggregationError, UpdateError
 from .factored import SVD, Factored
+from .methods.ffa import check_frozen_A
 from .state import ClientUpdate, ServerState
 
 __all__ = ["ClientDP", "DP_SPACES", "update_norm", "effective_update_norm", "private_aggregate"]
@@ -96,14 +97,6 @@ def effective_update_norm(start: Mapping[str, Adapter], dense: Mapping[str, Tens
     return sq**0.5
 
 
-def _check_frozen_A(state: ServerState, updates: Sequence[ClientUpdate], rtol: float = 1e-6) -> None:
-    for name, g in state.adapters.items():
-        for u in updates:
-            A = u.adapters[name].A
-            if not torch.allclose(A, g.A.to(A.dtype), rtol=rtol, atol=rtol * float(g.A.abs().max())):
-                raise UpdateError(u.client_id, name, "A was changed; A is frozen under this method, and its noise bound covers B only")
-
-
 def private_aggregate(aggregator: Aggregator, state: ServerState, updates: Sequence[ClientUpdate], dp: ClientDP, generator: torch.Generator) -> ServerState:
     """One round of DP-FedAvg in the method's space (``aggregator.dp_space``; see the module
     docstring). ``updates`` may be empty (nobody sampled: the release is noise alone). Returns
@@ -115,7 +108,7 @@ def private_aggregate(aggregator: Aggregator, state: ServerState, updates: Seque
     if updates:
         aggregator.validate(state, updates)
     if space == "B":
-        _check_frozen_A(state, updates)
+        check_frozen_A(state, list(updates), 1e-6)  # the noise bound covers B only
     norms = [update_norm(space, state, u) for u in updates]
     for u, n in zip(updates, norms):
         if not torch.isfinite(torch.tensor(n)):

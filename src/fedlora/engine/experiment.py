@@ -162,8 +162,8 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     placement = resolve_placement(cfg.train.device, cfg.train.precision)  # a missing device fails before any loading
-    causal_task = cfg.data.task == "instruct" or cfg.data.as_prompt
-    loading = quantized_loading(cfg.model.quantization, placement.device, placement.dtype, classifier=not causal_task)  # and so does quantization without CUDA
+    causal = cfg.data.task == "instruct" or cfg.data.as_prompt  # a causal LM: instruction data, or a GLUE task as prompts
+    loading = quantized_loading(cfg.model.quantization, placement.device, placement.dtype, classifier=not causal)  # and so does quantization without CUDA
     task, train_text, dev_text = load_datasets(cfg)
     dev_targets = None
     if cfg.data.as_prompt:
@@ -187,7 +187,6 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     ranks = [cfg.model.rank] if centralized else client_ranks(cfg, num_clients)
 
     model_path = cfg.model.name
-    causal = task.name == "instruct" or cfg.data.as_prompt
     if model is None:
         # A head the checkpoint lacks is initialised randomly: from the run's seed, not from
         # whatever the process drew before, so a run (and its resume) starts from the same head.

@@ -36,6 +36,10 @@ from .evaluate import evaluate, generate_answers, label_word_scores
 from .experiment import Experiment
 from .seeding import derive_seed, generator
 
+__all__ = ["Server", "ClientJob", "ClientResult", "RoundFailed", "BYTES_PER_NUMBER"]
+
+log = logging.getLogger("fedlora")
+
 
 def privacy_generator(cfg, t: int) -> torch.Generator:
     """The DP noise of round t: from the run's seed (reproducible, and a resume replays it), or,
@@ -47,10 +51,6 @@ def privacy_generator(cfg, t: int) -> torch.Generator:
         return torch.Generator().manual_seed(secrets.randbits(63))
     return generator(cfg.seed, t, "dp-noise")
 
-
-__all__ = ["Server", "ClientJob", "ClientResult", "RoundFailed", "BYTES_PER_NUMBER"]
-
-log = logging.getLogger("fedlora")
 
 BYTES_PER_NUMBER = 4  # adapters and deltas travel as float32
 
@@ -188,10 +188,10 @@ class Server:
                     **(res.wire or {}),
                 }
             )
-        starts = {job.client.client_id: job.start for job in jobs}
-        for cid, reason in self.screen(starts, updates).items():
+        outliers = self.screen({job.client.client_id: job.start for job in jobs}, updates)
+        for cid, reason in outliers.items():
             self._drop(rows, cid, reason, t)
-        updates = [u for u in updates if not any(r["client"] == u.client_id and "dropped" in r for r in rows)]
+        updates = [u for u in updates if u.client_id not in outliers]
         t1 = time.perf_counter()
         plan = self.exp.privacy
         while True:
@@ -238,12 +238,12 @@ class Server:
                 row[key] = sum(r[key] * r["personal_n"] for r in personal if key in r) / total
         if plan is not None and plan.client is not None:
             row["epsilon"] = plan.epsilon_after(t + 1)
-        if plan is not None and plan.local is not None:  # each client's own ε; the run's is the largest
-            per_client = plan.local_epsilon(self.client_rows + rows)
-            for r in rows:
-                if r["client"] in per_client and "dropped" not in r:
-                    r["epsilon"] = per_client[r["client"]]
-            row["epsilon"] = max(per_client.values(), default=0.0)
+        if plan is not None and plan.local is not None:  # each client's own ε; the run's is the largest so far
+            trained = {r["client"] for r in done}  # only their ε changed: one accountant call per client that trained
+            per_client = plan.local_epsilon(self.client_rows + rows, trained)
+            for r in done:
+                r["epsilon"] = per_client[r["client"]]
+            row["epsilon"] = max([*per_client.values(), self.rounds[-1].get("epsilon", 0.0) if self.rounds else 0.0])
         if plan is not None:
             row["dp_noise_multiplier"] = plan.noise_multiplier
         if (t + 1) % self.cfg.fed.eval_every == 0 or t + 1 == self.cfg.fed.rounds:
