@@ -5,7 +5,9 @@
 # from fedit paired by seed. Finished cells are read back and interrupted ones resume, so each
 # part can run in pieces. JOBS worker processes of one thread each (2 cores → JOBS=2).
 #
-# Usage: [SEEDS=0,1,2,3,4] [JOBS=2] bash benchmarks/evidence_grid.sh PART
+# Usage: [SEEDS=0,1,2,3,4] [PARTITIONS=iid,dirichlet:1.0,dirichlet:0.1] [JOBS=2] bash benchmarks/evidence_grid.sh PART
+# (SEEDS=0 then SEEDS=1 … fills whole seeds first when a part runs in pieces; a last call with
+# every seed writes the full table from the finished cells.)
 #   lr        each method's learning rate at SST-2 Dirichlet(0.1), seed 0 (FFA-LoRA trains only B)
 #   sst2      SST-2 × {iid, Dirichlet 1.0, Dirichlet 0.1} × the nine methods and centralized
 #   stsb      STS-B × {iid, Dirichlet 0.1} × hexa, fedex, fedit, flexlora, fedhl, centralized
@@ -25,7 +27,7 @@ case $part in
     grid sst2 --methods "fedit[train.lr=3e-4],fedit,fedit[train.lr=3e-3],ffa[train.lr=1e-3],ffa[train.lr=3e-3],ffa[train.lr=1e-2],hexa[train.lr=3e-4],hexa,hexa[train.lr=3e-3]" \
       --partitions dirichlet:0.1 --seeds 0 --out results/evidence/lr --title "Learning rate per method: SST-2, Dirichlet(0.1), seed 0" ;;
   sst2)
-    grid sst2 --methods "$nine,centralized" --partitions "iid,dirichlet:1.0,dirichlet:0.1" --seeds "$seeds" \
+    grid sst2 --methods "$nine,centralized" --partitions "${PARTITIONS:-iid,dirichlet:1.0,dirichlet:0.1}" --seeds "$seeds" \
       --out results/evidence/sst2 --title "SST-2, MiniLM-L6, 10 clients, recipe budget" ;;
   stsb|rte)
     grid "$part" --methods "hexa,fedex,fedit,flexlora,fedhl,centralized" --partitions "iid,dirichlet:0.1" --seeds "$seeds" \

@@ -338,3 +338,86 @@ def test_exported_adapter_reproduces_the_global_model(runs, method):
     # the global update is more than one rank-r adapter: folded residuals (fedex) or the
     # untruncated global update (fedhl)
     assert summary["adapter_max_rank"] > cfg.model.rank
+
+
+def test_export_is_the_smaller_exact_form_and_a_rank_limit_reports_its_error(runs, tmp_path):
+    """Per module, factors at the numerical rank k cost k·(m+n) numbers and the merged weight
+    m·n: a module past k = m·n/(m+n) is exported merged (a peft modules_to_save copy), and the
+    folder still reproduces the global model. With a rank limit, each module is its best rank-2
+    approximation: checked against a float64 SVD of the dense update, error included."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedlora.models.export import export_peft_adapter
+
+    cfg, run_dir, _, _ = runs["fedex"]
+    exp = build_experiment(cfg)
+    sim = Simulator(exp, run_dir)
+    state = sim.resume_or_init()
+    total = sim.total_delta(state)
+    # Every module of this run is past m·n/(m+n); one is cut to rank 3 so both forms occur.
+    low = sorted(total)[0]
+    total[low] = total[low].svd(rank=3).factored()
+    dense = {name: d.dense().double() for name, d in total.items()}
+    svals = {name: torch.linalg.svdvals(D) for name, D in dense.items()}
+    num_rank = {name: int((s > 1e-6 * s[0]).sum()) for name, s in svals.items()}
+    m, n = next(iter(dense.values())).shape
+    high = {name for name, k in num_rank.items() if k * (m + n) >= m * n}
+    assert high == set(total) - {low} and num_rank[low] == 3, num_rank
+
+    args = (exp.fm, total, state.dense, cfg.model.name, 2, False)
+    exact = export_peft_adapter(*args, tmp_path / "exact")
+    assert set(exact.merged) == high and exact.ranks == {low: 3}
+    assert exact.numbers == len(high) * m * n + 3 * (m + n) < sum(num_rank[k] * (m + n) for k in dense)
+    limited = export_peft_adapter(*args, tmp_path / "rank2", rank_limit=2)
+    assert limited.merged == [] and set(limited.ranks.values()) == {2}
+    dropped = sum(float(s[2:].square().sum()) for s in svals.values())
+    assert limited.rel_error == pytest.approx((dropped / sum(float(s.square().sum()) for s in svals.values())) ** 0.5, rel=1e-5)
+    # Every module past the threshold: peft needs one LoRA target, the lowest-rank module stays factored.
+    del total[low]
+    low_dense = dense.pop(low)
+    all_high = export_peft_adapter(exp.fm, total, state.dense, cfg.model.name, 2, False, tmp_path / "all-high")
+    assert len(all_high.ranks) == 1 and len(all_high.merged) == len(total) - 1
+
+    def loaded(folder):
+        """The folder as a user loads it, merged: W0 + ΔW of every module, and the head."""
+        base = AutoModelForSequenceClassification.from_pretrained(cfg.model.name, num_labels=2)
+        return PeftModel.from_pretrained(base, str(folder)).merge_and_unload().eval()
+
+    pretrained = dict(AutoModelForSequenceClassification.from_pretrained(cfg.model.name, num_labels=2).named_modules())
+
+    def check(folder, deltas, rank=None):
+        mods = dict(loaded(folder).named_modules())
+        for name, D in deltas.items():
+            if rank is not None:  # the best rank-`rank` approximation, from a float64 SVD
+                U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+                D = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+            want = pretrained[name].weight.double() + D
+            torch.testing.assert_close(mods[name].weight.double(), want, atol=1e-6, rtol=1e-5, msg=name)
+        for key, value in state.dense.items():  # the trained head
+            torch.testing.assert_close(dict(loaded(folder).named_parameters())[key], value)
+
+    check(tmp_path / "all-high", dense)
+    assert torch.equal(dict(loaded(tmp_path / "all-high").named_modules())[low].weight, pretrained[low].weight)
+    dense[low] = low_dense
+    check(tmp_path / "exact", dense)
+    check(tmp_path / "rank2", dense, rank=2)
+    assert limited.rel_error > 1e-3, "the truncation must change the model for the check to have power"
+
+    # and the logits of the exact export are the engine's global model's
+    tok = AutoTokenizer.from_pretrained(cfg.model.name)
+    batch = tok(_sentences(), padding=True, truncation=True, max_length=cfg.model.max_length, return_tensors="pt")
+    with torch.no_grad(), exp.fm.global_view(exp.aggregator.global_delta(state), state.dense) as model:
+        model.eval()
+        engine_logits = model(**batch).logits
+        total[low] = sim.total_delta(state)[low]
+        export_peft_adapter(exp.fm, total, state.dense, cfg.model.name, 2, False, tmp_path / "run-export")
+        torch.testing.assert_close(loaded(tmp_path / "run-export")(**batch).logits, engine_logits, atol=1e-5, rtol=1e-4)
+
+
+def test_a_run_with_an_export_rank_reports_the_reloaded_folders_metrics(tiny_models, tmp_path):
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__rounds=2, model__export_rank=1)
+    assert cli.main(["run", *over]) == 0
+    summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
+    assert summary["adapter_max_rank"] == 1 and 0 < summary["export_rel_error"] < 1
+    assert set(summary["export_metrics"]) >= {"accuracy"} and 0 <= summary["export_metrics"]["accuracy"] <= 1

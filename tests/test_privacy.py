@@ -311,7 +311,7 @@ def test_dp_sgd_step_is_the_clipped_noiseless_mean_and_trains_the_weights_it_sen
     expected = {n: (t * clip.view(-1, *[1] * (t.dim() - 1)).float()).sum(0) / 4 for n, t in g.items()}
 
     class Data:  # the four examples above stand for the engine's tokenised data (collate is replaced)
-        pass
+        lengths = batch["attention_mask"].sum(1).numpy()
 
     seen = {}
     import fedlora.engine.dp_sgd as dp_sgd
@@ -344,6 +344,44 @@ def test_dp_sgd_step_is_the_clipped_noiseless_mean_and_trains_the_weights_it_sen
     assert not any(m._forward_hooks or m._backward_hooks for m in fm.peft.modules()), "Opacus' hooks were left on the shared model"
 
 
+def test_dp_sgd_without_noise_or_clipping_trains_as_the_plain_loop_over_many_steps():
+    """z = 0, a clip that never binds, q = 1: every step sees all four examples (as two
+    length-sorted physical batches accumulated by Opacus) and must move the weights exactly as
+    the plain training loop with the same logical batch (2 × 2 accumulated), AdamW state, head
+    learning rate and schedule do, step after step (a one-step check cannot see optimiser state,
+    schedule or accumulation going wrong; Opacus issue #820 was silent over many steps)."""
+    import numpy as np
+
+    import fedlora.engine.dp_sgd as dp_sgd
+    import fedlora.engine.train as plain
+    from fedlora.config import TrainConfig
+
+    batch = _batch("bert")
+
+    class Data:  # the four examples above stand for the engine's tokenised data (collate is replaced)
+        lengths = batch["attention_mask"].sum(1).numpy()
+
+    cfg = TrainConfig(lr=1e-2, head_lr=3e-2, epochs=5, batch_size=2, grad_accum=2, warmup_ratio=0.2, max_grad_norm=0.0)
+    lookup = lambda data, idx, pad: {k: v[torch.as_tensor(np.sort(idx))] for k, v in batch.items()}  # noqa: E731
+    trained = {}
+    for name, module in (("dp", dp_sgd), ("plain", plain)):
+        fm = _tiny_fm("bert")
+        start = {n: p.detach().clone() for n, p in fm.peft.named_parameters() if p.requires_grad}
+        real, module.collate = module.collate, lookup
+        try:
+            if name == "dp":
+                stats = dp_sgd.train_local_dp(fm, Data(), np.arange(4), cfg, seed=0, dp=dp_sgd.LocalDP(clip=1e6, noise_multiplier=0.0), pad_token_id=0)
+            else:
+                stats = plain.train_local(fm, Data(), np.arange(4), cfg, seed=0, pad_token_id=0)
+        finally:
+            module.collate = real
+        assert stats.steps == 5
+        trained[name] = {n: p.detach().clone() for n, p in fm.peft.named_parameters() if p.requires_grad}
+    for n, w in trained["plain"].items():
+        assert not torch.equal(w, start[n]), f"{n} did not train: the check would have no power"
+        torch.testing.assert_close(trained["dp"][n], w, atol=1e-6, rtol=1e-5, msg=n)
+
+
 LOCAL = {"privacy__mode": "local", "privacy__noise_multiplier": 1.0, "privacy__clip": 1.0, "privacy__delta": 1e-3}
 
 
@@ -372,7 +410,6 @@ def test_a_local_dp_run_reports_each_clients_epsilon(tiny_models, tmp_path, meth
 @pytest.mark.parametrize(
     "extra,message",
     [
-        ({"train__grad_accum": 2}, "train.grad_accum=1"),
         ({"train__gradient_checkpointing": "true"}, "gradient_checkpointing"),
         ({"privacy__delta": 0.1}, "smallest client"),
     ],

@@ -308,3 +308,53 @@ def test_tls_authenticated_nodes_with_their_own_data_as_in_readme_a_killed_super
     assert "Failed to activate SuperNode" in (tmp_path / "intruder.log").read_text(errors="replace")
     assert "No SuperNode found with the given public key" in (tmp_path / "superlink.log").read_text(errors="replace")
     assert {c["client"] for c in clients} == {"client0", "client1"}
+
+
+def test_insecure_trial_carries_messages_of_hundreds_of_mb_intact(tmp_path):
+    """Large messages: a base model of width 4096 with rank-512 LoRA on query, key and value of
+    two layers (what a LLaMA-7B-scale exact download weighs: FedEx's residual travels as
+    factors beside the new adapters), through README's insecure trial, so every array passes
+    Flower's chunking between ServerApp, SuperLink, SuperNodes and ClientApps. Round 2 sends
+    each node about 300 MB; the result must equal an in-process run of the same config to
+    float32 round-off (an array cut or reordered in transit would not)."""
+    import transformers as tf
+
+    from fedlora.models import tiny_model
+
+    require_ports(9093, 9094, 9095)
+    _, tok = tiny_model("bert")
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(
+        hidden_size=4096, num_hidden_layers=2, num_attention_heads=16, intermediate_size=64, max_position_embeddings=64, vocab_size=tok.vocab_size
+    )
+    tf.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "wide-bert")
+    tok.save_pretrained(tmp_path / "wide-bert")
+    wide = {"model.rank": 512, "model.target_modules": "'query,key,value'", "model.max_length": 16, "data.max_train_examples": 40, "data.max_eval_examples": 8}
+    settings = tiny(
+        tmp_path / "wide-bert", **wide, **{"train.steps": 1, "train.batch_size": 2, "fed.rounds": 2, "fed.client_timeout": 300, "name": "'readme-wide'"}
+    )
+    co = Checkout(tmp_path)
+    with processes(co.env, tmp_path) as procs:
+        procs.start("superlink", co.script("trial-superlink"), cwd=co.dir)
+        wait_for_port(9093)
+        procs.start("supernodes", co.script("trial-supernodes"), cwd=co.dir)
+        run = procs.start("flwr-run", co.script("trial-run", settings), cwd=co.dir)
+        finish(run, procs, "flwr-run")
+    assert procs.alive_groups() == []
+    out = co.dir / "runs" / "readme-wide"
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["clients"] for r in rows] == [2, 2] and all(r["dropped"] == 0 for r in rows)
+    assert rows[1]["bytes_down"] / 2 > 250e6, rows[1]["bytes_down"]  # per node, round 2: hundreds of MB
+
+    from flwr.common.config import parse_config_args
+
+    command = with_settings(BLOCKS["trial-run"], settings).replace("$PWD", str(co.dir))
+    given = parse_config_args(re.findall(r'--run-config "([^"]*)"', command))
+    run_experiment(config_from_run_config({**run_config_entries(), **given, "output_dir": str(tmp_path / "inproc")}), plots=False, export=False)
+    flower, local = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(tmp_path / "inproc" / "readme-wide" / "checkpoint.pt")
+    assert len(local["state"]["adapters"]) == 6
+    for name, a in local["state"]["adapters"].items():
+        for f in ("B", "A"):
+            torch.testing.assert_close(flower["state"]["adapters"][name][f], a[f], atol=1e-5, rtol=1e-4)
+    for fr, lr in zip(flower["rounds"], local["rounds"], strict=True):
+        assert fr["bytes_down"] == lr["bytes_down"] and fr["eval_accuracy"] == lr["eval_accuracy"]

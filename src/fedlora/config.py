@@ -42,6 +42,7 @@ class ModelConfig:
     max_length: int = 128
     quantization: str = "none"  # none | 4bit (NF4, QLoRA) | 8bit: bitsandbytes, CUDA only
     base_delta: str = "auto"  # where exact methods' ΔW0 lives: fold (into W0) | factored (beside it) | auto (factored iff quantized)
+    export_rank: int = 0  # > 0: export each module's best rank-≤N approximation (error and metrics in summary.json); 0 = exact
 
 
 @dataclass
@@ -136,6 +137,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         checks = [
             (self.model.rank >= 1, "model.rank must be ≥ 1"),
+            (self.model.export_rank >= 0, "model.export_rank must be ≥ 0 (0: the exact export)"),
             (self.model.alpha > 0, "model.alpha must be > 0"),
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
             (all(r >= 1 for r in self.model.client_ranks), "model.client_ranks must all be ≥ 1"),

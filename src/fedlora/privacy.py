@@ -118,8 +118,6 @@ def _plan_local(cfg: RunConfig, client_sizes: list[int]) -> PrivacyPlan:
     """Local DP-SGD: per-example clipping on every client. A target ε sets z for the client that
     spends the most (the smallest one: largest q) if it trains in every round."""
     p, t = cfg.privacy, cfg.train
-    if t.grad_accum != 1:
-        raise ConfigError("privacy.mode=local clips and noises every optimiser step: use train.grad_accum=1 (a larger train.batch_size instead)")
     if t.precision == "fp16":
         raise ConfigError("privacy.mode=local does not support train.precision=fp16 (its gradient scaler would scale the noise); use bf16 or fp32")
     if t.gradient_checkpointing:

@@ -1,12 +1,17 @@
 """Local DP-SGD on one client (``privacy.mode: local``), through Opacus.
 
-Each step draws a batch by Poisson sampling (every example of the client independently with
-probability q = batch_size / n_i: the sampling the accountant assumes, so a batch may be
-empty), Opacus' ``GradSampleModule`` hooks give every example's gradient g_j of the trainable
-parameters (LoRA factors of the active adapter and the head, all together), and Opacus'
-``DPOptimizer`` clips and noises them before AdamW sees them:
+Each step draws a logical batch by Poisson sampling (every example of the client
+independently with probability q = L / n_i, L = batch_size · grad_accum: the sampling the
+accountant assumes, so a batch may be empty), Opacus' ``GradSampleModule`` hooks give every
+example's gradient g_j of the trainable parameters (LoRA factors of the active adapter and the
+head, all together), and Opacus' ``DPOptimizer`` clips and noises them before AdamW sees them:
 
     ḡ = (Σ_j g_j·min(1, C/‖g_j‖₂) + N(0, z²C²·I)) / (q·n_i)
+
+A Poisson batch holds examples of every length, so it is sorted by length and run as physical
+batches of at most ``batch_size`` examples; Opacus clips each physical batch's examples and
+accumulates them (``signal_skip_step``), and the noise is added once per logical batch. The
+per-example gradients do not depend on how the batch is cut, so this only saves padding.
 
 A causal LM's loss is each example's mean over its answer tokens, then the batch mean, so an
 example's gradient depends on that example only (the models' own token-averaged batch loss
@@ -40,8 +45,9 @@ class LocalDP:
 
 
 def sample_rate(num_examples: int, cfg: TrainConfig) -> float:
-    """q = batch_size / n_i (1 when the client has fewer examples than a batch)."""
-    return min(1.0, cfg.batch_size / max(1, num_examples))
+    """q = L / n_i with L = batch_size · grad_accum the logical batch (1 when the client has
+    fewer examples than that)."""
+    return min(1.0, cfg.batch_size * cfg.grad_accum / max(1, num_examples))
 
 
 def _per_example_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -84,11 +90,13 @@ def train_local_dp(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, se
     try:
         for _ in range(total):
             take = torch.rand(n, generator=batches, dtype=torch.float64).numpy() < q
-            batch_idx = indices[take]
-            if len(batch_idx) == 0:  # an empty Poisson batch: the step is noise alone
+            logical = indices[take]
+            if len(logical) == 0:  # an empty Poisson batch: the step is noise alone
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            else:
+            logical = logical[np.argsort(data.lengths[logical], kind="stable")]
+            physical = [logical[i : i + cfg.batch_size] for i in range(0, len(logical), cfg.batch_size)]
+            for k, batch_idx in enumerate(physical):
                 batch = place.batch(collate(data, batch_idx, pad_token_id))
                 with place.autocast():
                     if causal:
@@ -103,6 +111,10 @@ def train_local_dp(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, se
                 loss_n += len(batch_idx)
                 examples += len(batch_idx)
                 tokens += batch["input_ids"].numel()
+                if k < len(physical) - 1:  # clip and accumulate this part; noise and step after the last
+                    opt.signal_skip_step(do_skip=True)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

@@ -14,9 +14,10 @@ from typing import Any
 
 from ..config import ConfigError, RunConfig, config_to_dict
 from ..core import ServerState
-from ..models.export import export_peft_adapter
+from ..models.export import export_peft_adapter, quiet_peft
 from ..report.plots import plot_against_epsilon, plot_histogram, plot_metric
 from ..report.writer import RunWriter
+from .evaluate import evaluate
 from .experiment import Experiment, build_experiment
 from .simulator import Simulator
 
@@ -99,6 +100,21 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
             folder.rmdir()
 
 
+def evaluate_export(exp: Experiment, cfg: RunConfig, folder: Path) -> dict[str, float]:
+    """The exported folder loaded as a user loads it (the pretrained base, then
+    ``PeftModel.from_pretrained``) and evaluated on the run's evaluation set."""
+    import numpy as np
+    from peft import PeftModel
+
+    from ..models.hub import load_causal_lm, load_pretrained
+
+    base = load_causal_lm(cfg.model.name)[0] if exp.causal else load_pretrained(cfg.model.name, exp.task.num_labels, exp.task.is_regression)[0]
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, str(folder)).to(exp.fm.placement.device).eval()
+    indices = np.arange(len(exp.eval.labels))
+    return evaluate(model, exp.eval, indices, exp.task, cfg.train.eval_batch_size, exp.pad_token_id, exp.fm.placement)
+
+
 def run_experiment(
     cfg: RunConfig, *, overwrite: bool = False, export: bool = True, plots: bool = True, engine: Callable[[Simulator, ServerState], ServerState] | None = None
 ) -> dict[str, Any]:
@@ -134,10 +150,20 @@ def run_experiment(
         on_round(sim)
         summary = summarise(exp, sim.rounds)
         if export:
-            ranks = export_peft_adapter(
-                exp.fm, sim.total_delta(state), state.dense, cfg.model.name, exp.task.num_labels, exp.task.is_regression, run_dir / "adapter", causal=exp.causal
+            report = export_peft_adapter(
+                exp.fm,
+                sim.total_delta(state),
+                state.dense,
+                cfg.model.name,
+                exp.task.num_labels,
+                exp.task.is_regression,
+                run_dir / "adapter",
+                causal=exp.causal,
+                rank_limit=cfg.model.export_rank,
             )
-            summary["adapter_max_rank"] = max(ranks.values())
+            summary.update(report.as_dict())
+            if cfg.model.export_rank > 0:  # what the truncation costs: the exported folder evaluated as a user loads it
+                summary["export_metrics"] = evaluate_export(exp, cfg, run_dir / "adapter")
         if plots:
             metric = "eval_" + exp.task.primary_metric
             plot_metric(sim.rounds, metric, f"{summary['method']} on {exp.task.name} ({cfg.partition.scheme})", run_dir / "metrics.png")

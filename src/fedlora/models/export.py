@@ -8,6 +8,16 @@ gives B = U·Σ, A = Vᵀ at each module's numerical rank, saved with peft's
 ``rank_pattern``/``alpha_pattern`` (α = r, so scaling 1) and the trained head
 as ``modules_to_save``. ``PeftModel.from_pretrained(base, folder)`` then
 reproduces the global model.
+
+The smaller exact form, per module: rank-k factors cost k·(m+n) numbers, the module's merged
+weight W0 + ΔW costs m·n. Where k·(m+n) ≥ m·n (the folded history of many rounds has passed
+rank m·n/(m+n)), the module is exported as a peft ``modules_to_save`` copy holding the merged
+weight instead of a LoRA pair: the same model, fewer numbers, still one folder that
+``PeftModel.from_pretrained`` loads.
+
+``rank_limit`` > 0 exports each module's best rank-≤``rank_limit`` approximation instead (the
+truncated SVD, Eckart–Young); the relative error it leaves, ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F over all
+modules together, is computed from the dropped singular values and reported.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +36,7 @@ from ..core import Factored
 from .hub import load_causal_lm, load_pretrained
 from .lora import HEAD_MODULES, FedModel
 
-__all__ = ["export_peft_adapter"]
+__all__ = ["export_peft_adapter", "ExportReport"]
 
 
 @contextmanager
@@ -40,6 +51,22 @@ def quiet_peft() -> Iterator[None]:
         yield
 
 
+@dataclass
+class ExportReport:
+    ranks: dict[str, int]  # LoRA rank per module exported as factors
+    merged: list[str] = field(default_factory=list)  # modules exported as their merged weight W0 + ΔW
+    numbers: int = 0  # adapter numbers for the target modules (factors, or m·n for merged ones)
+    rel_error: float = 0.0  # ‖ΔW − ΔW_exported‖_F / ‖ΔW‖_F over all modules (0 unless rank_limit)
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "adapter_max_rank": max(self.ranks.values(), default=0),
+            "export_merged_modules": len(self.merged),
+            "export_numbers": self.numbers,
+            "export_rel_error": self.rel_error,
+        }
+
+
 @torch.no_grad()
 def export_peft_adapter(
     fm: FedModel,
@@ -52,19 +79,34 @@ def export_peft_adapter(
     rtol: float = 1e-6,
     *,
     causal: bool = False,
-) -> dict[str, int]:
-    """Write ``out_dir`` (adapter_config.json + adapter_model.safetensors); returns rank per module."""
+    rank_limit: int = 0,
+) -> ExportReport:
+    """Write ``out_dir`` (adapter_config.json + adapter_model.safetensors)."""
     from peft import LoraConfig, get_peft_model
 
-    factors, ranks = {}, {}
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    merged: dict[str, Factored] = {}
+    total_sq, dropped_sq, numbers = 0.0, 0.0, 0
     for name, delta in total_delta.items():
+        m, n = delta.shape
         svd = delta.svd(rtol=rtol)
-        if svd.rank == 0:  # an untouched module still needs a (zero) rank-1 adapter
-            m, n = delta.shape
-            B, A = torch.zeros(m, 1), torch.zeros(1, n)
+        energy = svd.S.double().square()
+        total_sq += float(energy.sum())
+        if 0 < rank_limit < svd.rank:
+            dropped_sq += float(energy[rank_limit:].sum())
+            svd = svd.truncate(rank_limit)
+        if svd.rank * (m + n) >= m * n:
+            merged[name], numbers = svd.factored(), numbers + m * n
+        elif svd.rank == 0:  # an untouched module still needs a (zero) rank-1 adapter
+            factors[name], numbers = (torch.zeros(m, 1), torch.zeros(1, n)), numbers + m + n
         else:
-            B, A = svd.U * svd.S, svd.Vh
-        factors[name], ranks[name] = (B, A), B.shape[1]
+            factors[name], numbers = (svd.U * svd.S, svd.Vh), numbers + svd.rank * (m + n)
+    if not factors:  # peft needs one LoRA target: the lowest-rank module stays factored (exact either way)
+        name = min(merged, key=lambda k: merged[k].inner_dim)
+        svd = merged.pop(name).svd(rtol=rtol)
+        (m, n), k = total_delta[name].shape, svd.rank
+        factors[name], numbers = (svd.U * svd.S, svd.Vh), numbers - m * n + k * (m + n)
+    ranks = {name: B.shape[1] for name, (B, _) in factors.items()}
     base = load_causal_lm(model_path)[0] if causal else load_pretrained(model_path, num_labels, regression)[0]
     heads = sorted({k.split(".")[0] for k in dense} & set(HEAD_MODULES))
     top = max(ranks.values())
@@ -72,10 +114,11 @@ def export_peft_adapter(
         task_type="CAUSAL_LM" if causal else "SEQ_CLS",
         r=top,
         lora_alpha=top,
-        target_modules=list(fm.settings.target_modules),
+        # full names, so a module exported merged is not also a LoRA target
+        target_modules=sorted(factors),
         rank_pattern={re.escape(n): r for n, r in ranks.items()},
         alpha_pattern={re.escape(n): r for n, r in ranks.items()},
-        modules_to_save=heads or None,
+        modules_to_save=(heads + sorted(merged)) or None,
         fan_in_fan_out=any(layer.fan_in_fan_out for layer in fm.layers.values()),  # GPT-2's Conv1D
     )
     with quiet_peft():
@@ -86,10 +129,15 @@ def export_peft_adapter(
         layer.lora_B["default"].weight.copy_(B)
         layer.lora_A["default"].weight.copy_(A)
         assert abs(layer.scaling["default"] - 1.0) < 1e-9, layer.scaling
+    for name, delta in merged.items():
+        copy = modules[name].modules_to_save["default"]
+        d = delta.dense().to(copy.weight.dtype)
+        copy.weight.add_(d.T if fm.layers[name].fan_in_fan_out else d)  # Conv1D stores W as (in, out)
     params = dict(peft.base_model.model.named_parameters())
     for key, value in dense.items():
         head, rest = key.split(".", 1)
         params[f"{head}.modules_to_save.default.{rest}"].copy_(value)
     with quiet_peft():
         peft.save_pretrained(str(out_dir))
-    return ranks
+    rel = (dropped_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0
+    return ExportReport(ranks=ranks, merged=sorted(merged), numbers=numbers, rel_error=rel)
