@@ -15,7 +15,9 @@ and ``SUPERLINK_HOST``/``PARTITION`` set as the README tells each machine to.
 * the insecure one-machine trial, with a SuperNode killed mid-run and restarted (it comes back
   under a new node id and takes over its partition);
 * TLS with the README's certificate recipe, SuperNode authentication and node-local data, with
-  a SuperNode killed mid-run and restarted (same node id: it is resent the base deltas it lost).
+  a SuperNode killed mid-run and restarted (same node id: it is resent the base deltas it lost);
+* the insecure trial with its SuperLink killed mid-run, everything restarted and the run
+  resumed (equal to an uninterrupted run), and with messages of 300 MB per node.
 
 Every wait is bounded; every process started is stopped and checked to be gone.
 """
@@ -358,3 +360,54 @@ def test_insecure_trial_carries_messages_of_hundreds_of_mb_intact(tmp_path):
             torch.testing.assert_close(flower["state"]["adapters"][name][f], a[f], atol=1e-5, rtol=1e-4)
     for fr, lr in zip(flower["rounds"], local["rounds"], strict=True):
         assert fr["bytes_down"] == lr["bytes_down"] and fr["eval_accuracy"] == lr["eval_accuracy"]
+
+
+def test_insecure_trial_superlink_killed_mid_run_then_run_again_equals_uninterrupted(tiny_models, tmp_path):
+    """Chaos on the Deployment Engine: the SuperLink (and the ServerApp it started) is killed
+    with SIGKILL after round 2. Its node registry lived in its memory, so the SuperNodes it
+    knew are refused by the new one (401) and exit: README's SuperLink and SuperNode commands
+    start them again, and README's `flwr run` with the same config resumes the run folder
+    from its last checkpoint. FedEx (a base delta every round, which the nodes' new ClientApps
+    must receive as one snapshot): the result equals an uninterrupted in-process run."""
+    require_ports(9093, 9094, 9095)
+    co = Checkout(tmp_path)
+    rounds = 4
+    settings = tiny(tiny_models["bert"], **{"fed.rounds": rounds, "fed.client_timeout": 120, "name": "'readme-chaos'"})
+    out = co.dir / "runs" / "readme-chaos"
+    with processes(co.env, tmp_path) as procs:
+        procs.start("superlink", co.script("trial-superlink"), cwd=co.dir)
+        wait_for_port(9093)
+        procs.start("supernodes", co.script("trial-supernodes"), cwd=co.dir)
+        run = procs.start("flwr-run", co.script("trial-run", settings), cwd=co.dir)
+        wait_for_rows(out / "metrics.jsonl", 2, run, RUN_TIMEOUT)
+        procs.kill("superlink")  # SIGKILL to the SuperLink's process group: its ServerApp dies with it
+        for pid in pids_matching("flwr-serverapp"):
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+        run.wait(timeout=60)
+        done = len(read_jsonl(out / "metrics.jsonl"))
+        assert done < rounds, "the kill came too late to test a resume"
+        procs.kill("supernodes")
+        procs.start("superlink-again", co.script("trial-superlink"), cwd=co.dir)
+        wait_for_port(9093)
+        procs.start("supernodes-again", co.script("trial-supernodes"), cwd=co.dir)
+        # README's run command again; its connection is already in config.toml (a second
+        # append would make the file invalid), so only the `flwr run` line of the block.
+        (line,) = [x for x in BLOCKS["trial-run"].splitlines() if x.startswith("flwr run")]
+        again = procs.start("flwr-run-again", ["bash", "-c", BLOCKS["setup"] + with_settings(line, settings) + "\n"], cwd=co.dir)
+        log = finish(again, procs, "flwr-run-again")
+        assert f"resumed after round {done}" in log or f"round {done + 1}/{rounds}" in log, log[-3000:]
+    assert procs.alive_groups() == []
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1)) and all(r["clients"] == 2 and r["dropped"] == 0 for r in rows)
+
+    from flwr.common.config import parse_config_args
+
+    command = with_settings(BLOCKS["trial-run"], settings).replace("$PWD", str(co.dir))
+    given = parse_config_args(re.findall(r'--run-config "([^"]*)"', command))
+    run_experiment(config_from_run_config({**run_config_entries(), **given, "output_dir": str(tmp_path / "inproc")}), plots=False, export=False)
+    flower, local = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(tmp_path / "inproc" / "readme-chaos" / "checkpoint.pt")
+    for name, a in local["state"]["adapters"].items():
+        for f in ("B", "A"):
+            torch.testing.assert_close(flower["state"]["adapters"][name][f], a[f], atol=1e-5, rtol=1e-4)
+    for fr, lr in zip(flower["rounds"], local["rounds"], strict=True):
+        assert fr["eval_accuracy"] == lr["eval_accuracy"] and fr["train_tokens"] == lr["train_tokens"]
