@@ -10,6 +10,7 @@
 # every seed writes the full table from the finished cells.)
 #   lr        each method's learning rate at SST-2 Dirichlet(0.1), seed 0 (FFA-LoRA trains only B)
 #   sst2      SST-2 × {iid, Dirichlet 1.0, Dirichlet 0.1} × the nine methods and centralized
+#   centralized  the sst2 part's centralized cells only
 #   stsb      STS-B × {iid, Dirichlet 0.1} × hexa, fedex, fedit, flexlora, fedhl, centralized
 #   rte       RTE, the same
 #   ranks     SST-2 with client ranks 2/4/8/16 (FedHL's setting): hexa, fedhl, flexlora, hetlora, flora
@@ -18,17 +19,19 @@
 # Compute per run (2 cores, bf16): see the "Compute per run" table each part writes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: bash benchmarks/evidence_grid.sh lr|sst2|stsb|rte|ranks|quantity|ablation}
+part=${1:?usage: bash benchmarks/evidence_grid.sh lr|sst2|centralized|stsb|rte|ranks|quantity|ablation}
 seeds=${SEEDS:-0,1,2,3,4}
 nine="hexa,fedex,fedit,ffa[train.lr=3e-3],fra,flora,flexlora,hetlora,fedhl"
 grid() { local task=$1; shift; fedlora compare "benchmarks/recipes/$task.yaml" threads=1 --jobs "${JOBS:-2}" --baseline fedit "$@"; }
 case $part in
   lr)
-    grid sst2 --methods "fedit[train.lr=3e-4],fedit,fedit[train.lr=3e-3],ffa[train.lr=1e-3],ffa[train.lr=3e-3],ffa[train.lr=1e-2],hexa[train.lr=3e-4],hexa,hexa[train.lr=3e-3]" \
+    grid sst2 --methods "fedit[train.lr=3e-4],fedit,fedit[train.lr=3e-3],fedit[train.lr=1e-2],ffa[train.lr=1e-3],ffa[train.lr=3e-3],ffa[train.lr=1e-2],ffa[train.lr=3e-2],hexa[train.lr=3e-4],hexa,hexa[train.lr=3e-3],hexa[train.lr=1e-2]" \
       --partitions dirichlet:0.1 --seeds 0 --out results/evidence/lr --title "Learning rate per method: SST-2, Dirichlet(0.1), seed 0" ;;
   sst2)
     grid sst2 --methods "$nine,centralized" --partitions "${PARTITIONS:-iid,dirichlet:1.0,dirichlet:0.1}" --seeds "$seeds" \
       --out results/evidence/sst2 --title "SST-2, MiniLM-L6, 10 clients, recipe budget" ;;
+  centralized)  # the sst2 part's centralized cells alone (one run per seed serves every partition)
+    grid sst2 --methods centralized --partitions iid --seeds "$seeds" --out results/evidence/sst2 --title "SST-2, MiniLM-L6, centralized" ;;
   stsb|rte)
     grid "$part" --methods "hexa,fedex,fedit,flexlora,fedhl,centralized" --partitions "iid,dirichlet:0.1" --seeds "$seeds" \
       --out "results/evidence/$part" --title "$part, MiniLM-L6, 10 clients, recipe budget" ;;

@@ -123,6 +123,7 @@ def test_run_config_round_trips_lists_and_options():
     "method,extra",
     [
         ("fedex", ["fed.fraction=0.67"]),
+        ("fedex", ["fed.fraction=0.67", "fed.transport=bfloat16"]),  # bf16 on the wire, catching up on base deltas
         ("hexa", ["model.client_ranks=[2,4,4]"]),
         ("fedex", ["fed.fraction=0.67", "model.base_delta=factored"]),
         ("fedex", ["fed.fraction=0.67", "privacy.mode=client", "fed.weighting=uniform", "privacy.noise_multiplier=0.3", "privacy.delta=1e-3"]),
@@ -131,7 +132,7 @@ def test_run_config_round_trips_lists_and_options():
         ("fedsvd", []),
         ("fedsa", ["fed.personal_eval=0.25"]),  # B and head kept on the node (context.state), personal metrics
     ],
-    ids=["fedex", "hexa", "fedex-factored", "fedex-client-dp", "hexa-local-dp", "rolora", "fedsvd", "fedsa-personal"],
+    ids=["fedex", "fedex-bf16", "hexa", "fedex-factored", "fedex-client-dp", "hexa-local-dp", "rolora", "fedsvd", "fedsa-personal"],
 )
 def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
     """Same seed → the same global adapters, heads and metrics as the in-process engine.
@@ -222,12 +223,12 @@ def test_a_bad_update_is_dropped_with_the_reason(tiny_models, tmp_path, monkeypa
     over = overrides(tiny_models["bert"], tmp_path, fed__method="fedit", fed__rounds=1)
     real = client_module.encode_update
 
-    def poisoned(update, stats, pid):
+    def poisoned(update, stats, pid, *wire):
         if pid == 0:
             name = next(iter(update.adapters))
             a = update.adapters[name]
             update = ClientUpdate(update.client_id, update.num_examples, {**update.adapters, name: Adapter(a.B * float("nan"), a.A, a.scale)}, update.dense)
-        return real(update, stats, pid)
+        return real(update, stats, pid, *wire)
 
     monkeypatch.setattr(client_module, "encode_update", poisoned)
     with caplog.at_level(logging.WARNING, logger="fedlora"):
@@ -431,17 +432,26 @@ def test_a_node_trains_on_its_own_examples(tiny_models, tmp_path):
     assert state.info["weights"] == pytest.approx([k / sum(n) for k in n])
 
 
-def test_wire_bytes_are_the_float32_arrays_sent(tiny_models, tmp_path):
-    """Flower rows add the bytes actually moved: ≥ 4 bytes per number of the formula,
-    plus the base deltas a node catches up on (fedex with sampling)."""
-    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__fraction=0.67)
+@pytest.mark.parametrize("transport,size", [("float32", 4), ("bfloat16", 2)])
+def test_wire_bytes_are_the_arrays_sent(tiny_models, tmp_path, transport, size):
+    """Flower rows add the bytes actually moved: ≥ 4 (bf16: 2) bytes per number of the
+    formula, plus the base deltas a node catches up on (fedex with sampling)."""
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__fraction=0.67, fed__transport=transport)
     server, _, grid = run_flower(over, tmp_path)
     for r in server.client_rows:
         assert r["wire_bytes_up"] >= r["bytes_up"] and r["wire_bytes_up"] < 1.2 * r["bytes_up"] + 4096
+        assert r["bytes_up"] % size == 0
     sent = [m for m in grid.sent if m.metadata.message_type == "train"]
-    numbers = [sum(a.numpy().size for rec in m.content.array_records.values() for a in rec.values()) for m in sent]
-    assert sum(r["wire_bytes_down"] for r in server.client_rows) >= 4 * sum(numbers)
-    assert all(m.content["fedlora.adapters"][k].dtype == "float32" for m in sent for k in m.content["fedlora.adapters"])
+    numbers = [sum(math.prod(a.shape) for rec in m.content.array_records.values() for a in rec.values()) for m in sent]
+    assert sum(r["wire_bytes_down"] for r in server.client_rows) >= size * sum(numbers)
+    for m in sent:
+        for key, rec in m.content.array_records.items():
+            for name, a in rec.items():
+                # a snapshot of several rounds' deltas (a node that missed them) is a sum of bf16 values: float32
+                snapshot = key == "fedlora.broadcast" and name.split("/")[0].split("-")[0] != name.split("/")[0].split("-")[1]
+                want = (4 if snapshot else size) * math.prod(a.shape)
+                assert want <= len(a.data) < want + 256, (key, name, a.dtype)  # numpy's .npy header on float32 arrays
+    assert all(m.content["fedlora.adapters"][k].dtype == transport for m in sent for k in m.content["fedlora.adapters"])
 
 
 def test_a_malformed_resync_answer_drops_that_client_only(tiny_models, tmp_path, monkeypatch, caplog):

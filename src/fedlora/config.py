@@ -103,6 +103,7 @@ class FedConfig:
     personal_eval: float = 0.0  # hold out this fraction of each client's examples; each client reports its own model's metrics on them
     client_timeout: float = 300.0  # Flower: seconds a round (and the roll-call) waits for replies; later ones are dropped
     residual_tol: float = 0.0  # exact methods: send the base delta at the smallest rank within this relative error (0: exact)
+    transport: str = "float32"  # float32 | bfloat16: the dtype adapters, heads and deltas travel in (bf16: half the bytes, rounded)
     max_update_norm: float = 0.0  # drop a client whose effective update ‖s·B_i·A_i − s·B·A‖ (+ heads) exceeds this (0: no bound)
     max_update_ratio: float = 0.0  # drop a client whose update norm exceeds this many times the round's median (0: no bound)
 
@@ -169,6 +170,7 @@ class RunConfig:
             (self.fed.eval_every >= 1, "fed.eval_every must be ≥ 1"),
             (0 <= self.fed.personal_eval < 1, f"fed.personal_eval must be in [0, 1) (0: off), got {self.fed.personal_eval}"),
             (0 <= self.fed.residual_tol < 1, f"fed.residual_tol must be in [0, 1) (0: exact), got {self.fed.residual_tol}"),
+            (self.fed.transport in ("float32", "bfloat16"), f"fed.transport must be float32 or bfloat16, got {self.fed.transport!r}"),
             (self.fed.max_update_norm >= 0, f"fed.max_update_norm must be ≥ 0 (0: no bound), got {self.fed.max_update_norm}"),
             (
                 self.fed.max_update_ratio == 0 or self.fed.max_update_ratio > 1,

@@ -11,16 +11,29 @@ taken from the SVD of the factors (QR of both, SVD of the small core; never m×n
 model then differs from the exact one by at most τ·‖ΔW0‖_F per module and round; the dropped
 part is reported (``residual_dropped``: the largest relative error over modules, and
 ``residual_rank``: the largest rank sent). τ = 0 keeps ΔW0 exactly as the method computed it.
+
+``transport`` = bfloat16 halves every message: each number a client or the server sends is
+rounded to bf16 (8 bits of mantissa: a relative error ≤ 2⁻⁹ per entry). The server rounds its
+own new state (adapters, heads, base delta) to what it sends, so the server and every client
+hold the same values, bit for bit, and exact methods stay exact with respect to what was
+transmitted; the cost is the rounding of each round's factors, never an accumulating mismatch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
+
 import torch
+from torch import Tensor
 
+from .adapter import Adapter
 from .factored import Factored
-from .state import ServerState
+from .state import ClientStart, ClientUpdate, ServerState
 
-__all__ = ["truncate_base_delta"]
+__all__ = ["truncate_base_delta", "TRANSPORTS", "transport_state", "transport_start", "transport_update"]
+
+TRANSPORTS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def truncate_base_delta(state: ServerState, tol: float) -> ServerState:
@@ -45,3 +58,40 @@ def truncate_base_delta(state: ServerState, tol: float) -> ServerState:
         rank = max(rank, k)
     info = {**state.info, "residual_dropped": worst, "residual_rank": rank}
     return state.evolve(base_delta=out, info=info)
+
+
+def _rounded(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype).to(t.dtype)
+
+
+def _adapters(adapters: Mapping[str, Adapter], dtype: torch.dtype) -> dict[str, Adapter]:
+    return {k: Adapter(_rounded(a.B, dtype), _rounded(a.A, dtype), a.scale) for k, a in adapters.items()}
+
+
+def _deltas(deltas: Mapping[str, Factored], dtype: torch.dtype) -> dict[str, Factored]:
+    return {k: Factored(_rounded(d.L, dtype), _rounded(d.R, dtype)) for k, d in deltas.items()}
+
+
+def _dense(dense: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    return {k: _rounded(v, dtype) for k, v in dense.items()}
+
+
+def transport_state(state: ServerState, dtype: torch.dtype) -> ServerState:
+    """The server's state rounded to what it sends: adapters, heads and base delta."""
+    if dtype == torch.float32:
+        return state
+    return state.evolve(adapters=_adapters(state.adapters, dtype), dense=_dense(state.dense, dtype), base_delta=_deltas(state.base_delta, dtype))
+
+
+def transport_start(start: ClientStart, dtype: torch.dtype) -> ClientStart:
+    """A client's starting point as it arrives (its client-only base delta included)."""
+    if dtype == torch.float32:
+        return start
+    return replace(start, adapters=_adapters(start.adapters, dtype), base_delta=_deltas(start.base_delta, dtype), dense=_dense(start.dense, dtype))
+
+
+def transport_update(update: ClientUpdate, dtype: torch.dtype) -> ClientUpdate:
+    """A client's update as the server receives it."""
+    if dtype == torch.float32:
+        return update
+    return replace(update, adapters=_adapters(update.adapters, dtype), dense=_dense(update.dense, dtype))

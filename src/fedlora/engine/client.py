@@ -10,6 +10,7 @@ import torch
 
 from ..config import TrainConfig
 from ..core import Adapter, ClientStart, ClientUpdate
+from ..core.bandwidth import transport_update
 from ..models import FedModel
 from .dp_sgd import LocalDP, train_local_dp
 from .evaluate import evaluate
@@ -44,11 +45,13 @@ def run_client(
     local: dict | None = None,
     task=None,
     eval_batch_size: int = 64,
+    transport: torch.dtype = torch.float32,
 ) -> tuple[ClientUpdate, TrainStats]:
     """Train from ``start`` and return the update. ``local`` is the client's own storage between
     rounds (``start.keep_local``: FedSA-LoRA's B and head stay there and are never sent; the
     update carries the start's values for them). With ``client.held_out`` the client evaluates
-    the model it trained on examples of its own it never trained on (``stats.personal``)."""
+    the model it trained on examples of its own it never trained on (``stats.personal``). The
+    update is rounded to ``transport`` (``fed.transport``), as it travels."""
     keep = set(start.keep_local)
     adapters, dense = dict(start.adapters), dict(start.dense)
     if keep and local:  # its own B and head from earlier rounds
@@ -83,4 +86,4 @@ def run_client(
         dense=trained_dense,
         label_counts=client.label_counts if send_label_counts else None,
     )
-    return update, stats
+    return transport_update(update, transport), stats

@@ -25,7 +25,7 @@ import torch
 
 from ..config import ConfigError, config_to_dict
 from ..core import ClientStart, ClientUpdate, Factored, ServerState
-from ..core.bandwidth import truncate_base_delta
+from ..core.bandwidth import TRANSPORTS, transport_start, transport_state, truncate_base_delta
 from ..core.errors import UpdateError
 from ..core.privacy import effective_update_norm, private_aggregate
 from ..core.serialize import state_from_dict, state_to_dict
@@ -52,7 +52,7 @@ def privacy_generator(cfg, t: int) -> torch.Generator:
     return generator(cfg.seed, t, "dp-noise")
 
 
-BYTES_PER_NUMBER = 4  # adapters and deltas travel as float32
+BYTES_PER_NUMBER = 4  # adapters and deltas travel as float32 (2 bytes with fed.transport: bfloat16)
 
 
 class RoundFailed(RuntimeError):
@@ -101,7 +101,17 @@ class Server:
     # ------------------------------------------------------------------ state
     def initial_state(self) -> ServerState:
         fm = self.exp.fm
-        return self.exp.aggregator.init_state(fm.shapes, self.cfg.model.rank, fm.settings.spec, dense=fm.read_dense(), seed=self.cfg.seed)
+        state = self.exp.aggregator.init_state(fm.shapes, self.cfg.model.rank, fm.settings.spec, dense=fm.read_dense(), seed=self.cfg.seed)
+        return transport_state(state, self.transport)  # what the clients will receive is what the server holds
+
+    @property
+    def transport(self):
+        """The dtype every adapter, head and delta travels in (``fed.transport``)."""
+        return TRANSPORTS[self.cfg.fed.transport]
+
+    @property
+    def bytes_per_number(self) -> int:
+        return self.transport.itemsize
 
     def resume_or_init(self) -> ServerState:
         if not self.ckpt_path.exists():
@@ -154,7 +164,7 @@ class Server:
                     round=t + 1,
                     index=i,
                     client=client,
-                    start=self.exp.aggregator.client_start(state, client.rank),
+                    start=transport_start(self.exp.aggregator.client_start(state, client.rank), self.transport),
                     seed=derive_seed(self.cfg.seed, t, client.client_id),
                     send_label_counts=send_counts,
                 )
@@ -183,8 +193,8 @@ class Server:
                     "tokens": int(res.stats["tokens"]),
                     **({"sample_rate": res.stats["sample_rate"]} if "sample_rate" in res.stats else {}),
                     **{k: v for k, v in res.stats.items() if k.startswith("personal_")},
-                    "bytes_down": BYTES_PER_NUMBER * (job.start.numel() + broadcast),
-                    "bytes_up": BYTES_PER_NUMBER * res.update.numel(),
+                    "bytes_down": self.bytes_per_number * (job.start.numel() + broadcast),
+                    "bytes_up": self.bytes_per_number * res.update.numel(),
                     **(res.wire or {}),
                 }
             )
@@ -209,6 +219,7 @@ class Server:
                 self._drop(rows, e.client, str(e), t)
                 updates = [u for u in updates if u.client_id != e.client]
         state = truncate_base_delta(new, self.cfg.fed.residual_tol)  # fed.residual_tol > 0: fewer bytes, bounded error
+        state = transport_state(state, self.transport)  # fed.transport: bfloat16: the server keeps what it sends
         t2 = time.perf_counter()
         self.exp.fm.fold(state.base_delta)
         self.accumulate_folded(state)

@@ -58,5 +58,6 @@ class Simulator(Server):
             local=self.local_state.setdefault(job.client.client_id, {}),
             task=exp.task,
             eval_batch_size=self.cfg.train.eval_batch_size,
+            transport=self.transport,
         )
         return ClientResult(update=update, stats=stats.as_dict())

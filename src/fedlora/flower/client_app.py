@@ -30,6 +30,7 @@ from flwr.clientapp import ClientApp
 from torch import Tensor
 
 from ..core import Factored
+from ..core.bandwidth import TRANSPORTS
 from ..data import tokenize
 from ..data.instruct import tokenize_instruct
 from ..engine.client import ClientData, run_client
@@ -164,10 +165,11 @@ def train(msg: Message, context: Context) -> Message:
         local=own,
         task=exp.task,
         eval_batch_size=exp.cfg.train.eval_batch_size,
+        transport=TRANSPORTS[exp.cfg.fed.transport],
     )
     if own:
         context.state[LOCAL] = ArrayRecord({f"{part}/{k}": t for part, group in own.items() for k, t in group.items()})
-    return Message(content=encode_update(update, stats.as_dict(), pid), reply_to=msg)
+    return Message(content=encode_update(update, stats.as_dict(), pid, TRANSPORTS[exp.cfg.fed.transport]), reply_to=msg)
 
 
 def _own_parameters(context: Context) -> dict:

@@ -1,7 +1,10 @@
 """fedlora's round payloads as Flower records, and back.
 
 Every tensor travels in an ``ArrayRecord`` as a float32 array (numpy's own
-format: nothing is pickled); bf16/fp16 models are cast on the way out. Keys
+format: nothing is pickled); bf16/fp16 models are cast on the way out. With
+``fed.transport: bfloat16`` adapters, heads and deltas travel as bf16 instead
+(``dtype="bfloat16"``, the raw little-endian bits: numpy has no bf16), their
+values already rounded so by the sender; label counts stay float32. Keys
 are ``<module>/<factor>``; a broadcast base delta also carries the rounds it
 covers, ``<first>-<last>/<module>/<L|R>``.
 
@@ -27,10 +30,11 @@ or, from a node that lost the base deltas it folded (it restarted), instead of t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from ..core import Adapter, ClientStart, ClientUpdate, Factored
@@ -66,14 +70,33 @@ def _f32(t: Tensor) -> Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
-def _arrays(tensors: Mapping[str, Tensor]) -> ArrayRecord:
+BF16 = "bfloat16"
+
+
+def _bf16_array(t: Tensor) -> Array:
+    bits = t.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    return Array(dtype=BF16, shape=tuple(t.shape), stype="fedlora.bf16-bits", data=bits.tobytes())
+
+
+def _arrays(tensors: Mapping[str, Tensor], wire: torch.dtype = torch.float32) -> ArrayRecord:
+    if wire == torch.bfloat16:
+        return ArrayRecord({k: _bf16_array(v) for k, v in tensors.items()})
     return ArrayRecord({k: _f32(v) for k, v in tensors.items()})
+
+
+def _tensor(arr: Array) -> Tensor:
+    if arr.dtype == BF16:
+        bits = torch.frombuffer(bytearray(arr.data), dtype=torch.int16)
+        if bits.numel() != math.prod(arr.shape):
+            raise MalformedRecord(f"a bf16 array of shape {tuple(arr.shape)} holds {bits.numel()} numbers")
+        return bits.view(torch.bfloat16).reshape(tuple(arr.shape)).to(torch.float32)
+    return torch.from_numpy(arr.numpy().copy())
 
 
 def _tensors(content: RecordDict, key: str) -> dict[str, Tensor]:
     if key not in content.array_records:
         raise MalformedRecord(f"message has no array record {key!r}")
-    return {k: v.clone() for k, v in content.array_records[key].to_torch_state_dict().items()}
+    return {k: _tensor(arr) for k, arr in content.array_records[key].items()}
 
 
 def _split(flat: Mapping[str, Tensor], parts: tuple[str, str], what: str) -> dict[str, tuple[Tensor, Tensor]]:
@@ -97,8 +120,8 @@ def _factored(deltas: Mapping[str, Factored], prefix: str = "") -> dict[str, Ten
     return out
 
 
-def _put_adapters(content: RecordDict, adapters: Mapping[str, Adapter]) -> None:
-    content[ADAPTERS] = _arrays({k: v for mod, a in adapters.items() for k, v in ((f"{mod}/B", a.B), (f"{mod}/A", a.A))})
+def _put_adapters(content: RecordDict, adapters: Mapping[str, Adapter], wire: torch.dtype) -> None:
+    content[ADAPTERS] = _arrays({k: v for mod, a in adapters.items() for k, v in ((f"{mod}/B", a.B), (f"{mod}/A", a.A))}, wire)
     content[SCALES] = ConfigRecord({mod: float(a.scale) for mod, a in adapters.items()})
 
 
@@ -113,7 +136,9 @@ def _get_adapters(content: RecordDict) -> dict[str, Adapter]:
 
 
 # ------------------------------------------------------------------ server → client
-def encode_start(start: ClientStart, *, round: int, partition_id: int, rank: int, seed: int, send_label_counts: bool) -> RecordDict:
+def encode_start(
+    start: ClientStart, *, round: int, partition_id: int, rank: int, seed: int, send_label_counts: bool, wire: torch.dtype = torch.float32
+) -> RecordDict:
     content = RecordDict()
     content[JOB] = ConfigRecord(
         {
@@ -127,9 +152,9 @@ def encode_start(start: ClientStart, *, round: int, partition_id: int, rank: int
             "send-label-counts": bool(send_label_counts),
         }
     )
-    _put_adapters(content, start.adapters)
-    content[DENSE] = _arrays(start.dense)
-    content[CLIENT_DELTA] = _arrays(_factored(start.base_delta))
+    _put_adapters(content, start.adapters, wire)
+    content[DENSE] = _arrays(start.dense, wire)
+    content[CLIENT_DELTA] = _arrays(_factored(start.base_delta), wire)
     return content
 
 
@@ -151,12 +176,12 @@ def decode_start(content: RecordDict) -> tuple[ClientStart, dict]:
     return start, job
 
 
-def encode_broadcast(content: RecordDict, entries: Mapping[tuple[int, int], Mapping[str, Factored]]) -> None:
+def encode_broadcast(content: RecordDict, entries: Mapping[tuple[int, int], Mapping[str, Factored]], wire: torch.dtype = torch.float32) -> None:
     """Add the base deltas of rounds ``first..last`` (one entry each) to a train message."""
     flat: dict[str, Tensor] = {}
     for (first, last), deltas in entries.items():
         flat.update(_factored(deltas, f"{first}-{last}/"))
-    content[BROADCAST] = _arrays(flat)
+    content[BROADCAST] = _arrays(flat, wire)
 
 
 def decode_broadcast(content: RecordDict) -> dict[tuple[int, int], dict[str, Factored]]:
@@ -173,10 +198,10 @@ def decode_broadcast(content: RecordDict) -> dict[tuple[int, int], dict[str, Fac
 
 
 # ------------------------------------------------------------------ client → server
-def encode_update(update: ClientUpdate, stats: Mapping[str, float], partition_id: int) -> RecordDict:
+def encode_update(update: ClientUpdate, stats: Mapping[str, float], partition_id: int, wire: torch.dtype = torch.float32) -> RecordDict:
     content = RecordDict()
-    _put_adapters(content, update.adapters)
-    content[DENSE] = _arrays(update.dense)
+    _put_adapters(content, update.adapters, wire)
+    content[DENSE] = _arrays(update.dense, wire)
     if update.label_counts is not None:
         content[LABEL_COUNTS] = _arrays({"counts": update.label_counts})
     content[METRICS] = MetricRecord({"num-examples": int(update.num_examples), "partition-id": int(partition_id), **{k: float(v) for k, v in stats.items()}})

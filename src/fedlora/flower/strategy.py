@@ -32,11 +32,13 @@ import logging
 import time
 from collections.abc import Iterable
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from ..core import Factored, ServerState
+from ..core.bandwidth import TRANSPORTS
 from ..core.errors import AggregationError
 from ..engine.server import ClientJob, ClientResult, Server
 from .records import MalformedRecord, decode_resync, decode_update, encode_broadcast, encode_start
@@ -74,6 +76,7 @@ class FedLoraStrategy(Strategy):
         self._bytes_down: dict[int, int] = {}  # partition → array bytes sent to its node this round
         self._bytes_up: dict[int, int] = {}  # partition → array bytes of its resync answers this round
         self._t0 = 0.0
+        self.wire = TRANSPORTS[server.cfg.fed.transport]  # the dtype adapters and deltas travel in
 
     def summary(self) -> None:
         cfg = self.server.cfg
@@ -146,13 +149,15 @@ class FedLoraStrategy(Strategy):
     def _message(self, job: ClientJob, since: int) -> Message:
         """The job's train message with every base delta after round ``since``: one snapshot
         Σ_t ΔW0_t for a node that holds none (its size does not grow with the rounds)."""
-        content = encode_start(job.start, round=job.round, partition_id=job.index, rank=job.client.rank, seed=job.seed, send_label_counts=job.send_label_counts)
+        content = encode_start(
+            job.start, round=job.round, partition_id=job.index, rank=job.client.rank, seed=job.seed, send_label_counts=job.send_label_counts, wire=self.wire
+        )
         last = job.round - 1
         if since == 0 and last >= 1 and self.server.folded:
-            deltas = {(1, last): dict(self.server.folded)}
+            # A sum of bf16-rounded deltas is not itself bf16: a snapshot of several rounds travels in float32, exactly.
+            encode_broadcast(content, {(1, last): dict(self.server.folded)}, self.wire if last == 1 else torch.float32)
         else:
-            deltas = {span: d for span, d in self.history.items() if span[1] > since}
-        encode_broadcast(content, deltas)
+            encode_broadcast(content, {span: d for span, d in self.history.items() if span[1] > since}, self.wire)
         self._bytes_down[job.index] = self._bytes_down.get(job.index, 0) + _array_bytes(content)
         return Message(content=content, dst_node_id=self.nodes[job.index], message_type=MessageType.TRAIN)
 
