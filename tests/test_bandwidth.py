@@ -86,6 +86,11 @@ def test_bf16_transport_keeps_the_aggregate_within_bf16_rounding_of_what_was_sen
     new = transport_state(exact, bf16)
     for a in new.adapters.values():
         assert _is_bf16(a.B) and _is_bf16(a.A)
+    worst = 0.0  # the rounding's relative change of each module's round result, dense float64
+    for name in state.adapters:
+        before, after = global_after(agg, exact, name), global_after(agg, new, name)
+        worst = max(worst, float(torch.linalg.norm(after - before) / torch.linalg.norm(before)))
+    assert new.info["transport_error"] == pytest.approx(worst, rel=1e-3) and 0 < worst < 2**-7
     for d in new.base_delta.values():
         assert _is_bf16(d.L) and _is_bf16(d.R)
     p = torch.tensor(exact.info.get("hexa_weights", exact.info.get("weights", [n / sum(ns) for n in ns])), dtype=torch.float64)  # HEXA: drift weights

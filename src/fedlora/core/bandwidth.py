@@ -77,10 +77,25 @@ def _dense(dense: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]
 
 
 def transport_state(state: ServerState, dtype: torch.dtype) -> ServerState:
-    """The server's state rounded to what it sends: adapters, heads and base delta."""
+    """The server's state rounded to what it sends: adapters, heads and base delta.
+
+    ``info["transport_error"]``: the largest relative change the rounding makes to a module's
+    round result s·B·A + ΔW0 (its Frobenius norm, from the factors)."""
     if dtype == torch.float32:
         return state
-    return state.evolve(adapters=_adapters(state.adapters, dtype), dense=_dense(state.dense, dtype), base_delta=_deltas(state.base_delta, dtype))
+    adapters, deltas = _adapters(state.adapters, dtype), _deltas(state.base_delta, dtype)
+    worst = 0.0
+    for name, a in state.adapters.items():
+        r = adapters[name]
+        exact = Factored(a.scale * a.B, a.A)
+        rounded = Factored(r.scale * r.B, r.A)
+        if name in state.base_delta:
+            exact, rounded = exact + state.base_delta[name], rounded + deltas[name]
+        size = exact.norm()
+        if size > 0:
+            worst = max(worst, (rounded - exact).norm() / size)
+    info = {**state.info, "transport_error": worst}
+    return state.evolve(adapters=adapters, dense=_dense(state.dense, dtype), base_delta=deltas, info=info)
 
 
 def transport_start(start: ClientStart, dtype: torch.dtype) -> ClientStart:
