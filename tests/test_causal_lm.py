@@ -168,7 +168,9 @@ def test_federated_instruction_tuning_run_and_its_exported_adapter(tiny_llama, i
     assert [s["round"] for s in samples] == [1, 1, 2, 2] and all(isinstance(s["answer"], str) for s in samples)
     # The exported adapter on the pretrained base is the global model: same held-out loss.
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert adapter["task_type"] == "CAUSAL_LM" and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    # each adapted module as LoRA factors or, past rank m·n/(m+n), as its merged weight
+    adapted = adapter["target_modules"] + (adapter["modules_to_save"] or [])
+    assert adapter["task_type"] == "CAUSAL_LM" and {m.split(".")[-1] for m in adapted} == {"q_proj", "v_proj"}
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run / "adapter")
     _, tok = tiny_causal_lm("llama")
     dev = tokenize_instruct(load_instruct_file(instruct_files[1], category_field="category"), tok, 64)

@@ -177,3 +177,39 @@ def test_client_sampling_fraction(tiny_models, tmp_path):
     per_round3 = [sorted(c["client"] for c in clients3 if c["round"] == t) for t in range(1, 5)]
     assert all(len(s) == 2 for s in per_round3)
     assert per_round3 != per_round
+
+
+# ---------------------------------------------------------------------- a user's own files
+def test_a_users_csv_with_string_labels_trains_through_the_cli(tiny_models, tmp_path, capsys):
+    """data.task=file with labels written as names: data.label_names gives the classes (ids in
+    its order, the same for both files); a name outside it is refused in one line, exit 2."""
+    import csv
+
+    from engine_support import GLUE
+
+    from fedlora import cli
+
+    rows = [line.split("\t") for line in (GLUE / "SST-2" / "dev.tsv").read_text().splitlines()[1:121]]
+    for name, part in (("train", rows[:80]), ("eval", rows[80:])):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["review", "sentiment"])
+            w.writerows([text, ["negative", "positive"][int(label)]] for text, label in part)
+    data = [
+        "data.task=file",
+        f"data.train_file={tmp_path / 'train.csv'}",
+        f"data.eval_file={tmp_path / 'eval.csv'}",
+        "data.text_columns=[review]",
+        "data.label_column=sentiment",
+    ]
+    out = tmp_path / "runs"
+    assert cli.main(["run", *overrides(tiny_models["bert"], out, fed__rounds=1, name="mine"), *data, "data.label_names=[negative,positive]"]) == 0
+    (row,) = read_jsonl(out / "mine" / "metrics.jsonl")
+    assert row["clients"] == 3 and 0 <= row["eval_accuracy"] <= 1
+    counts = [int(x) for x in (out / "mine" / "label_histogram.csv").read_text().splitlines()[1].split(",")[1:]]
+    assert sum(counts) > 0
+    capsys.readouterr()
+    assert cli.main(["run", *overrides(tiny_models["bert"], out, fed__rounds=1, name="wrong"), *data, "data.label_names=[neg,pos]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedlora: error:") and "train.csv:2: unknown label" in err and "Traceback" not in err
+    assert not (out / "wrong").exists()

@@ -87,7 +87,7 @@ def load_datasets(cfg: RunConfig):
     if d.task == "file":
         if not d.train_file or not d.eval_file:
             raise ConfigError("data.task=file needs data.train_file and data.eval_file")
-        train = load_text_file(d.train_file, d.text_columns, d.label_column, regression=d.regression)
+        train = load_text_file(d.train_file, d.text_columns, d.label_column, label_names=d.label_names or None, regression=d.regression)
         dev = load_text_file(d.eval_file, d.text_columns, d.label_column, label_names=train.label_names, regression=d.regression)
         task = file_task(cfg, train.label_names)
     else:

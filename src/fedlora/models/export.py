@@ -114,8 +114,8 @@ def export_peft_adapter(
         task_type="CAUSAL_LM" if causal else "SEQ_CLS",
         r=top,
         lora_alpha=top,
-        # full names, so a module exported merged is not also a LoRA target
-        target_modules=sorted(factors),
+        # with merged modules, the others by full name (a merged module must not also be a LoRA target)
+        target_modules=sorted(factors) if merged else list(fm.settings.target_modules),
         rank_pattern={re.escape(n): r for n, r in ranks.items()},
         alpha_pattern={re.escape(n): r for n, r in ranks.items()},
         modules_to_save=(heads + sorted(merged)) or None,
