@@ -2,18 +2,25 @@
 
 import json
 import math
+import re
 
 import pytest
+import yaml
 
-from fedlora.config import ConfigError
-from fedlora.engine.grid import Cell, collect, parse_method, parse_partition
+from fedlora.config import ConfigError, config_to_dict, load_config
+from fedlora.engine.grid import Cell, collect, grid_overrides, parse_method, parse_partition
 from fedlora.report.compare import markdown_table, paired_table, write_report
 
 
 def write_summary(root, name, acc, task="sst2", metric="accuracy"):
+    """A finished cell's folder: its summary and the configuration the grid gives that cell."""
     d = root / name
     d.mkdir(parents=True)
     (d / "summary.json").write_text(json.dumps({"task": task, "primary_metric": metric, "best": {metric: acc}, "final": {metric: acc - 0.01}, "train_s": 10.0}))
+    named, method, part, seed = re.fullmatch(r"compare-(\w+?)-(.+?)(?:-(iid|dirichlet_[\d.]+))?-s(\d+)", name).groups()
+    cell = Cell(method, (part or "iid").replace("dirichlet_", "dirichlet:"), int(seed))
+    cfg = load_config(None, grid_overrides(cell, [f"output_dir={root}", f"data.task={named}"], named))
+    (d / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def test_partial_collect_and_table_mean_std(tmp_path):
@@ -52,6 +59,19 @@ def test_runs_of_another_task_are_never_read(tmp_path):
     write_summary(tmp_path, "compare-rte-hexa-iid-s0", 0.60, task="sst2")
     with pytest.raises(ConfigError, match="task 'sst2', not 'rte'"):
         collect([Cell("hexa", "iid", 0)], None, [f"output_dir={tmp_path}", "data.task=rte"], run=False)
+
+
+def test_a_finished_run_of_another_configuration_is_never_read_as_the_cell(tmp_path):
+    """The same cell name under another base setting (a grid re-run with train.lr changed, or a
+    sweep on held-out data beside one on dev): refused with the folder named, never reported."""
+    write_summary(tmp_path, "compare-sst2-hexa-iid-s0", 0.70)
+    over = [f"output_dir={tmp_path}", "data.task=sst2"]
+    assert collect([Cell("hexa", "iid", 0)], None, over, run=False)[Cell("hexa", "iid", 0)]["best"]["accuracy"] == 0.70
+    with pytest.raises(ConfigError, match="compare-sst2-hexa-iid-s0 holds a run of hexa / iid / seed 0 with a different configuration"):
+        collect([Cell("hexa", "iid", 0)], None, [*over, "data.eval_split=holdout"], run=False)
+    (tmp_path / "compare-sst2-hexa-iid-s0" / "config.yaml").unlink()  # a folder without one proves nothing either
+    with pytest.raises(ConfigError, match="different configuration"):
+        collect([Cell("hexa", "iid", 0)], None, over, run=False)
 
 
 FEDIT = [70.0, 72.0, 68.0, 75.0, 71.0]

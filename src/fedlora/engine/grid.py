@@ -21,6 +21,7 @@ import yaml
 
 from ..config import ConfigError, load_config
 from .run import run_experiment, run_name
+from .server import same_results
 
 __all__ = ["Cell", "parse_method", "parse_partition", "grid_overrides", "collect"]
 
@@ -102,6 +103,13 @@ def collect(
             summary = json.loads(summary_path.read_text())
             if summary.get("task") != cfg.data.task:
                 raise ConfigError(f"{summary_path} is a run on task {summary.get('task')!r}, not {cfg.data.task!r}")
+            stored = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
+            if not isinstance(stored, dict) or not same_results(stored, cfg):
+                # A finished run of another configuration under this cell's name: never report it as this cell.
+                raise ConfigError(
+                    f"{run_dir} holds a run of {cell.method} / {cell.partition} / seed {cell.seed} with a different configuration; "
+                    "give the grid its own output_dir, or --overwrite"
+                )
             out[cell] = summary
         elif run:
             # one centralized run per seed serves every partition column

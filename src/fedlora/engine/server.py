@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, config_to_dict
+from ..config import ConfigError, RunConfig, config_to_dict
 from ..core import ClientStart, ClientUpdate, Factored, ServerState
 from ..core.bandwidth import TRANSPORTS, transport_start, transport_state, truncate_base_delta
 from ..core.errors import UpdateError
@@ -117,7 +117,7 @@ class Server:
         if not self.ckpt_path.exists():
             return self.initial_state()
         ckpt = load_checkpoint(self.ckpt_path)
-        if _result_keys(ckpt["config"]) != _result_keys(_plain(config_to_dict(self.cfg))):
+        if not same_results(ckpt["config"], self.cfg):
             raise ConfigError(f"{self.run_dir} holds a run with a different configuration; choose another run name or output_dir")
         self.exp.fm.load_base_state(ckpt["base"])
         self.rounds, self.client_rows = ckpt["rounds"], ckpt["clients"]
@@ -333,8 +333,24 @@ class Server:
 _NOT_RESULTS = {("progress",), ("threads",), ("output_dir",), ("name",), ("train", "eval_batch_size"), ("fed", "client_timeout")}
 
 
+def same_results(stored: dict, cfg: RunConfig) -> bool:
+    """Whether a run folder's stored configuration gives the results ``cfg`` would (its
+    bookkeeping keys aside). A key the stored one lacks was added to fedlora after that run:
+    it ran with the key's default (new settings default to the old behaviour)."""
+    return _result_keys(_merged(_plain(config_to_dict(RunConfig())), _plain(stored))) == _result_keys(_plain(config_to_dict(cfg)))
+
+
+def _merged(defaults: dict, stored: dict) -> dict:
+    out = dict(defaults)
+    for k, v in stored.items():
+        out[k] = _merged(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict) and k != "options" else v
+    return out
+
+
 def _result_keys(cfg: dict) -> dict:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+    if out.get("fed", {}).get("mode") == "centralized":
+        out.pop("partition", None)  # one centralized run serves every partition
     for path in _NOT_RESULTS:
         node = out
         for key in path[:-1]:
