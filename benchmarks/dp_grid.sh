@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Privacy–utility grids (BENCHMARKS.md "Differential privacy"). JOBS worker processes of one
 # thread each; finished cells are read back, so a part can run in pieces.
-# Usage: [SEEDS=0,1,2] [JOBS=2] bash benchmarks/dp_grid.sh local|client
-#   local   FFA-LoRA's protocol on MiniLM SST-2: 3 clients, Dirichlet(0.5), local DP-SGD at
-#           ε ∈ {1, 3, 6} and without DP, δ = 1e-5, for fedit, ffa, fra, fedex and hexa
+# Usage: [SEEDS=0,1,2] [JOBS=2] bash benchmarks/dp_grid.sh local|local-small|client
+#   local   FFA-LoRA's protocol on MiniLM SST-2: 3 clients over all 67k training examples,
+#           Dirichlet(0.5), local DP-SGD at ε ∈ {1, 3, 6} and without DP, δ = 1e-5, for fedit,
+#           ffa, fra, fedex and hexa; logical batch 1024 (32 × 32 accumulated), C = 0.1, lr 5e-3
+#           (head 5e-2), 3 rounds × 1 local epoch (the budget at which DP trains: BENCHMARKS.md)
+#   local-small  the first attempt (1,500 examples: no method learns under DP there)
 #   client  client-level DP (DP-FedAvg) with 100 clients, 10% Poisson-sampled per round, at
 #           ε ∈ {1, 8} and without DP, δ = 1e-5, for fedit, ffa and fra
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: bash benchmarks/dp_grid.sh local|client}
+part=${1:?usage: bash benchmarks/dp_grid.sh local|local-small|client}
 seeds=${SEEDS:-0,1,2}
 specs() {  # specs METHODS EPSILONS MODE → "m,m[privacy.mode=MODE,privacy.target_epsilon=e],…"
   local out=()
@@ -22,6 +25,11 @@ common=(examples/sst2_noniid.yaml threads=1 progress=false fed.weighting=uniform
 options=(--jobs "${JOBS:-2}" --seeds "$seeds")
 case $part in
   local)
+    fedlora compare "${common[@]}" privacy.clip=0.1 data.max_train_examples=0 data.max_eval_examples=872 model.max_length=64 partition.num_clients=3 \
+      fed.rounds=3 train.epochs=1 train.batch_size=32 train.grad_accum=32 train.lr=5e-3 train.head_lr=5e-2 output_dir=runs/dp-local-full "${options[@]}" \
+      --methods "$(specs fedit,ffa,fra,fedex,hexa 1,3,6 local)" --partitions dirichlet:0.5 --baseline fedit \
+      --out results/dp/local-full --title "Local DP-SGD: MiniLM SST-2 (all 67k examples), 3 clients, Dirichlet(0.5), δ = 1e-5" ;;
+  local-small)
     fedlora compare "${common[@]}" data.max_train_examples=1500 data.max_eval_examples=872 partition.num_clients=3 fed.rounds=5 \
       train.epochs=1 train.batch_size=32 train.lr=1e-3 train.head_lr=1e-2 output_dir=runs/dp-local "${options[@]}" \
       --methods "$(specs fedit,ffa,fra,fedex,hexa 1,3,6 local)" --partitions dirichlet:0.5 --baseline fedit \
