@@ -9,7 +9,8 @@
 # (SEEDS=0 then SEEDS=1 … fills whole seeds first when a part runs in pieces; a last call with
 # every seed writes the full table from the finished cells.)
 #   lr        each method's learning rate at SST-2 Dirichlet(0.1), seed 0 (FFA-LoRA trains only B), on dev
-#   lr-holdout  the two best of each again, on examples held out of the training set (the choice)
+#   lr-holdout  the two best of each again, and the head at the adapters' rate (the recipe's head_lr
+#               1e-2 was chosen centralized), on examples held out of the training set (the choice)
 #   sst2      SST-2 × {iid, Dirichlet 1.0, Dirichlet 0.1} × the nine methods and centralized
 #   centralized  the sst2 part's centralized cells only
 #   stsb      STS-B × {iid, Dirichlet 0.1} × hexa, fedex, fedit, flexlora, fedhl, centralized
@@ -23,13 +24,18 @@ cd "$(dirname "$0")/.."
 part=${1:?usage: bash benchmarks/evidence_grid.sh lr|lr-holdout|sst2|centralized|stsb|rte|ranks|quantity|ablation}
 seeds=${SEEDS:-0,1,2,3,4}
 nine="hexa,fedex,fedit,ffa[train.lr=3e-3],fra,flora,flexlora,hetlora,fedhl"
-grid() { local task=$1; shift; fedlora compare "benchmarks/recipes/$task.yaml" threads=1 --jobs "${JOBS:-2}" --baseline fedit "$@"; }
+grid() {  # grid TASK [overrides…] [--options…]: overrides must come before fedlora compare's options
+  local task=$1 over=()
+  shift
+  while [[ $# -gt 0 && $1 != --* ]]; do over+=("$1"); shift; done
+  fedlora compare "benchmarks/recipes/$task.yaml" threads=1 "${over[@]}" --jobs "${JOBS:-2}" --baseline fedit "$@"
+}
 case $part in
   lr)
     grid sst2 --methods "fedit[train.lr=3e-4],fedit,fedit[train.lr=3e-3],fedit[train.lr=1e-2],ffa[train.lr=1e-3],ffa[train.lr=3e-3],ffa[train.lr=1e-2],ffa[train.lr=3e-2],hexa[train.lr=3e-4],hexa,hexa[train.lr=3e-3],hexa[train.lr=1e-2]" \
       --partitions dirichlet:0.1 --seeds 0 --out results/evidence/lr --title "Learning rate per method: SST-2, Dirichlet(0.1), seed 0" ;;
   lr-holdout)  # the two best rates of each at seed 0, judged on 1,000 training examples held out (not dev)
-    grid sst2 data.eval_split=holdout output_dir=runs/evidence-holdout --methods "fedit[train.lr=3e-3],fedit[train.lr=1e-2],ffa[train.lr=3e-3],ffa[train.lr=1e-2],hexa,hexa[train.lr=3e-3]" \
+    grid sst2 data.eval_split=holdout output_dir=runs/evidence-holdout --methods "fedit[train.lr=3e-3],fedit[train.lr=1e-2],fedit[train.lr=3e-3,train.head_lr=3e-3],ffa[train.lr=3e-3],ffa[train.lr=1e-2],ffa[train.lr=1e-2,train.head_lr=1e-2],hexa,hexa[train.lr=3e-3],hexa[train.lr=3e-3,train.head_lr=3e-3]" \
       --partitions dirichlet:0.1 --seeds 0 --out results/evidence/lr-holdout --title "Learning rate per method on held-out training data: SST-2, Dirichlet(0.1), seed 0" ;;
   sst2)
     grid sst2 --methods "$nine,centralized" --partitions "${PARTITIONS:-iid,dirichlet:1.0,dirichlet:0.1}" --seeds "$seeds" \

@@ -57,3 +57,20 @@ def test_head_lr_is_the_heads_own(tiny_models, tmp_path, lr, head_lr, moves):
         assert head_move > 1e-3 and b_move < 1e-6
     else:
         assert b_move > 1e-3 and head_move < 1e-6
+
+
+@pytest.mark.parametrize("regression,given,want", [(False, 0.0, 2e-3), (True, 0.0, 2e-2), (True, 5e-3, 5e-3), (False, 5e-3, 5e-3)])
+def test_the_heads_default_rate_follows_the_head(regression, given, want):
+    """head_lr 0: the adapters' rate for a classification head, 10× for a regression head (one
+    output); a head_lr given is used as it is."""
+    from fedlora.config import TrainConfig
+    from fedlora.engine.train import optimizer_groups
+    from fedlora.models import FedModel, LoraSettings, tiny_model
+
+    model, _ = tiny_model("bert", num_labels=1 if regression else 2, regression=regression)
+    fm = FedModel(model, LoraSettings(("query", "value"), rank=2), head=True)
+    fm.activate(2)
+    groups = optimizer_groups(fm, fm.trainable_parameters(), TrainConfig(lr=2e-3, head_lr=given))
+    adapters, head = groups
+    assert "lr" not in adapters and head["lr"] == pytest.approx(want)
+    assert {id(p) for p in head["params"]} == {id(p) for p in fm.head.values()}
