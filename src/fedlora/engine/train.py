@@ -54,7 +54,9 @@ def head_lr(fm: FedModel, cfg: TrainConfig) -> float:
     ``train.lr`` for a regression head (one output). Measured (BENCHMARKS.md "Task recipes",
     "The head's learning rate"): STS-B's regression head stays at the mean score with the
     adapters' rate (Pearson 0.21, against 0.84 at 10×), while a classification head at 10× the
-    adapters' rate hurts label-skewed federated runs (the README example: 77.0% → 53.3%)."""
+    adapters' rate was never better on the label-skewed README example and lost 10–14 points
+    in two of four paired runs (fedit and hexa, two seeds: weak evidence, so the old behaviour,
+    the adapters' rate, stays the default for classification)."""
     if cfg.head_lr > 0:
         return cfg.head_lr
     regression = getattr(fm.peft.get_base_model().config, "num_labels", 2) == 1
