@@ -165,6 +165,24 @@ def require_ports(*ports: int) -> None:
     assert not busy, f"README's Flower ports {busy} are taken on this machine: stop what listens there first"
 
 
+def assert_equals_in_process(co: Checkout, block: str, settings: str, name: str, tmp_path: Path) -> tuple[dict, dict]:
+    """README's command ``block`` with ``settings``, run again in this process: the Flower run
+    ``runs/<name>`` and the in-process one end with the same adapters and per-round metrics.
+    Returns both checkpoints."""
+    from flwr.common.config import parse_config_args
+
+    command = with_settings(BLOCKS[block], settings).replace("$PWD", str(co.dir))
+    given = parse_config_args(re.findall(r'--run-config "([^"]*)"', command))
+    run_experiment(config_from_run_config({**run_config_entries(), **given, "output_dir": str(tmp_path / "inproc")}), plots=False, export=False)
+    flower, local = load_checkpoint(co.dir / "runs" / name / "checkpoint.pt"), load_checkpoint(tmp_path / "inproc" / name / "checkpoint.pt")
+    for module, a in local["state"]["adapters"].items():
+        for f in ("B", "A"):
+            torch.testing.assert_close(flower["state"]["adapters"][module][f], a[f], atol=1e-5, rtol=1e-4)
+    for fr, lr in zip(flower["rounds"], local["rounds"], strict=True):
+        assert fr["eval_accuracy"] == lr["eval_accuracy"] and fr["train_tokens"] == lr["train_tokens"]
+    return flower, local
+
+
 # --------------------------------------------------------------------------- simulation
 def test_simulation_as_in_readme_equals_in_process_and_its_superlink_stops(tiny_models, tmp_path):
     co = Checkout(tmp_path)
@@ -205,18 +223,8 @@ def test_simulation_as_in_readme_equals_in_process_and_its_superlink_stops(tiny_
     assert (run / "adapter" / "adapter_config.json").is_file()
 
     # The same config in this process: the same adapters and metrics.
-    from flwr.common.config import parse_config_args
-
-    command = with_settings(BLOCKS["simulation"], tiny(model, **{"fed.rounds": 2, "name": "'readme-sim'"})).replace("$PWD", str(co.dir))
-    settings = parse_config_args(re.findall(r'--run-config "([^"]*)"', command))
-    cfg = config_from_run_config({**run_config_entries(), **settings, "output_dir": str(tmp_path / "inproc")})
-    run_experiment(cfg, plots=False, export=False)
-    flower, local = load_checkpoint(run / "checkpoint.pt"), load_checkpoint(tmp_path / "inproc" / "readme-sim" / "checkpoint.pt")
-    for name, a in local["state"]["adapters"].items():
-        for f in ("B", "A"):
-            torch.testing.assert_close(flower["state"]["adapters"][name][f], a[f], atol=1e-5, rtol=1e-4)
+    flower, local = assert_equals_in_process(co, "simulation", tiny(model, **{"fed.rounds": 2, "name": "'readme-sim'"}), "readme-sim", tmp_path)
     for fr, lr in zip(flower["rounds"], local["rounds"], strict=True):
-        assert fr["eval_accuracy"] == lr["eval_accuracy"] and fr["train_tokens"] == lr["train_tokens"]
         assert abs(fr["train_loss"] - lr["train_loss"]) < 1e-4
 
 
@@ -348,18 +356,9 @@ def test_insecure_trial_carries_messages_of_hundreds_of_mb_intact(tmp_path):
     assert [r["clients"] for r in rows] == [2, 2] and all(r["dropped"] == 0 for r in rows)
     assert rows[1]["bytes_down"] / 2 > 250e6, rows[1]["bytes_down"]  # per node, round 2: hundreds of MB
 
-    from flwr.common.config import parse_config_args
-
-    command = with_settings(BLOCKS["trial-run"], settings).replace("$PWD", str(co.dir))
-    given = parse_config_args(re.findall(r'--run-config "([^"]*)"', command))
-    run_experiment(config_from_run_config({**run_config_entries(), **given, "output_dir": str(tmp_path / "inproc")}), plots=False, export=False)
-    flower, local = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(tmp_path / "inproc" / "readme-wide" / "checkpoint.pt")
+    flower, local = assert_equals_in_process(co, "trial-run", settings, "readme-wide", tmp_path)
     assert len(local["state"]["adapters"]) == 6
-    for name, a in local["state"]["adapters"].items():
-        for f in ("B", "A"):
-            torch.testing.assert_close(flower["state"]["adapters"][name][f], a[f], atol=1e-5, rtol=1e-4)
-    for fr, lr in zip(flower["rounds"], local["rounds"], strict=True):
-        assert fr["bytes_down"] == lr["bytes_down"] and fr["eval_accuracy"] == lr["eval_accuracy"]
+    assert [r["bytes_down"] for r in flower["rounds"]] == [r["bytes_down"] for r in local["rounds"]]
 
 
 def test_insecure_trial_superlink_killed_mid_run_then_run_again_equals_uninterrupted(tiny_models, tmp_path):
@@ -400,14 +399,4 @@ def test_insecure_trial_superlink_killed_mid_run_then_run_again_equals_uninterru
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["round"] for r in rows] == list(range(1, rounds + 1)) and all(r["clients"] == 2 and r["dropped"] == 0 for r in rows)
 
-    from flwr.common.config import parse_config_args
-
-    command = with_settings(BLOCKS["trial-run"], settings).replace("$PWD", str(co.dir))
-    given = parse_config_args(re.findall(r'--run-config "([^"]*)"', command))
-    run_experiment(config_from_run_config({**run_config_entries(), **given, "output_dir": str(tmp_path / "inproc")}), plots=False, export=False)
-    flower, local = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(tmp_path / "inproc" / "readme-chaos" / "checkpoint.pt")
-    for name, a in local["state"]["adapters"].items():
-        for f in ("B", "A"):
-            torch.testing.assert_close(flower["state"]["adapters"][name][f], a[f], atol=1e-5, rtol=1e-4)
-    for fr, lr in zip(flower["rounds"], local["rounds"], strict=True):
-        assert fr["eval_accuracy"] == lr["eval_accuracy"] and fr["train_tokens"] == lr["train_tokens"]
+    assert_equals_in_process(co, "trial-run", settings, "readme-chaos", tmp_path)
