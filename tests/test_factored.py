@@ -296,3 +296,55 @@ def test_compress_full_rank_and_trivial():
     assert one.compress() is one
     z = Factored.zeros(5, 4)
     assert z.compress() is z
+
+
+# ------------------------------------------------------- SVD.plus (FedHL's basis update)
+def orthonormal(m, a, seed):
+    return torch.linalg.qr(rnd(m, a, seed=seed, dtype=torch.float64))[0]
+
+
+def check_plus(U, w, Vh, update, rtol=1e-7, rank=None):
+    base = SVD(U.float(), torch.ones(U.shape[1]), Vh.float())
+    got = base.plus(w, update, rank=rank, rtol=rtol)
+    want = (ref.d(U) * ref.d(w)) @ ref.d(Vh) + D(update)
+    S_ref = ref.singular_values(want)
+    k = got.rank
+    assert torch.allclose(ref.d(got.S), S_ref[:k], rtol=0, atol=1e-5 * float(S_ref[0]))
+    if rank is None:
+        assert ref.rel_err(ref.d(got.U) * ref.d(got.S) @ ref.d(got.Vh), want) < 1e-5
+        dropped = float(S_ref[k:].max()) if k < S_ref.numel() else 0.0  # only round-off-sized values are dropped
+        assert dropped <= 1e-6 * float(S_ref[0])
+    else:
+        assert ref.rel_err(ref.d(got.U) * ref.d(got.S) @ ref.d(got.Vh), ref.top_r(want, rank)) < 1e-5
+    eye = torch.eye(k, dtype=torch.float64)
+    assert (ref.d(got.U).T @ ref.d(got.U) - eye).abs().max() < 1e-5
+    assert (ref.d(got.Vh) @ ref.d(got.Vh).T - eye).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("m,n,a,b", [(40, 30, 6, 5), (30, 50, 10, 12), (25, 25, 3, 1)])
+def test_svd_plus_equals_the_dense_svd_of_the_sum(m, n, a, b):
+    U, Vh = orthonormal(m, a, 1), orthonormal(n, a, 2).T
+    w = torch.linspace(3.0, 0.5, a, dtype=torch.float64)
+    check_plus(U, w, Vh, fac(m, b, n, seed=3))
+    check_plus(U, w, Vh, fac(m, b, n, seed=4), rank=4)
+
+
+def test_svd_plus_with_an_update_inside_the_basis_and_vanishing_weights():
+    """FedHL's case: clients start from W_t's own directions, and weights 1 − Σp_i·1[j<r_i] are 0."""
+    m, n, a = 36, 28, 8
+    U, Vh = orthonormal(m, a, 5), orthonormal(n, a, 6).T
+    w = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.4, 0.4, 0.1, 0.1], dtype=torch.float64)
+    inside = Factored((U[:, :3] @ rnd(3, 4, seed=7, dtype=torch.float64)).float(), (rnd(4, 2, seed=8, dtype=torch.float64) @ Vh[:2]).float())
+    mixed = Factored.stack([inside, fac(m, 3, n, seed=9)])
+    check_plus(U, w, Vh, inside)
+    check_plus(U, w, Vh, mixed)
+
+
+def test_svd_plus_falls_back_when_the_basis_would_outgrow_the_matrix():
+    m, n, a = 12, 10, 7
+    U, Vh = orthonormal(m, a, 10), orthonormal(n, a, 11).T
+    w = torch.linspace(2.0, 1.0, a, dtype=torch.float64)
+    check_plus(U, w, Vh, fac(m, 5, n, seed=12))  # a + b = 12 > min(m, n) = 10
+    empty = SVD(torch.zeros(m, 0), torch.zeros(0), torch.zeros(0, n))
+    got = empty.plus(torch.zeros(0, dtype=torch.float64), fac(m, 3, n, seed=13), rtol=1e-7)
+    assert ref.rel_err(ref.d(got.U) * ref.d(got.S) @ ref.d(got.Vh), D(fac(m, 3, n, seed=13))) < 1e-5

@@ -204,6 +204,7 @@ def run_row(cfg: dict) -> dict:
         row["reported_inexactness"] = info["inexactness"]
     if cfg.get("fold"):
         row["fold_s"] = time_fold(new, shapes, cfg["repeats"])
+        row.update(time_factored_fold(new, shapes, gen))
     if cfg.get("profile"):
         del new
         row["profile"] = {"per_module_s": time_per_module(cfg, shapes), "top_functions": top_functions(agg, state, updates)}
@@ -248,6 +249,33 @@ def _label(file: str, line: int, name: str) -> str:
     if name.startswith("method '"):
         return "Tensor." + name.split("'")[1]
     return name
+
+
+def time_factored_fold(state, shapes, gen: torch.Generator) -> dict:
+    """The fold with ``model.base_delta: factored`` (models/base_delta.py), W0 never written:
+    round 1's base delta (untimed) starts each module's side at its rank k; round 2 appends this
+    round's delta (2k ≤ 2k: no compression, timed); round 3 appends another independent one of
+    the same rank, 3k > 2k, so the side is compressed to its numerical rank (timed)."""
+    from torch import nn
+
+    from ..models.base_delta import BaseDeltas
+
+    layers = {shape: nn.Linear(shape[1], shape[0], bias=False) for shape in set(shapes.values())}
+    deltas = BaseDeltas({name: layers[shapes[name]] for name in state.base_delta}, dict.fromkeys(state.base_delta, False), "factored")
+
+    def independent() -> dict:
+        return {n: type(d)(torch.randn(d.L.shape, generator=gen) * float(d.L.std()), torch.randn(d.R.shape, generator=gen) * float(d.R.std())) for n, d in state.base_delta.items()}
+
+    deltas.fold(independent())
+    t0 = perf_counter()
+    deltas.fold(state.base_delta)
+    append = perf_counter() - t0
+    third = independent()
+    t0 = perf_counter()
+    deltas.fold(third)
+    compress = perf_counter() - t0
+    k = max(side.compressed_rank for side in deltas.sides.values())
+    return {"fold_factored_s": append, "fold_compress_s": compress, "fold_compress_k": k}
 
 
 def time_fold(state, shapes, repeats: int) -> float:

@@ -174,5 +174,6 @@ def _check_finite(state: ServerState) -> None:
     tensors += [(f"base delta {n}", t) for n, f in state.base_delta.items() for t in (f.L, f.R)]
     tensors += [(f"dense {n}", t) for n, t in state.dense.items()]
     for what, t in tensors:
-        if t.numel() and not bool(torch.isfinite(t).all()):
+        # min and max propagate NaN and are ±Inf if any element is: one pass, no boolean temporary.
+        if t.numel() and not all(bool(torch.isfinite(v)) for v in torch.aminmax(t)):
             raise FloatingPointError(f"the aggregate's {what} is not finite")

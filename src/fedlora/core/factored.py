@@ -52,6 +52,65 @@ class SVD:
         """‖M − M_rank‖_F² = Σ_{j>rank} σ_j²."""
         return float(self.S[rank:].double().square().sum())
 
+    def plus(self, weights: Tensor, update: Factored, rank: int | None = None, rtol: float | None = None) -> SVD:
+        """The thin SVD of U·diag(w)·Vh + L·R, reusing this SVD's orthonormal U and Vh.
+
+        A QR of the stacked factors [U·diag(w), L] would redo the orthogonalisation U already has.
+        Instead only L's part outside span(U) is orthogonalised (classical Gram–Schmidt against
+        U, twice, then a thin QR of what is left), and likewise Rᵀ against V:
+
+            L = [U, Q_X]·[[I, C], [0, T_X]],   C = Uᵀ·L,  X = L − U·C = Q_X·T_X
+            Rᵀ = [V, Q_Y]·[[I, E], [0, T_Y]],  E = Vᵀ·Rᵀ, Y = Rᵀ − V·E = Q_Y·T_Y
+            U·diag(w)·Vh + L·R = [U, Q_X]·core·[V, Q_Y]ᵀ,
+            core = [[diag(w), C], [0, T_X]]·[[I, E], [0, T_Y]]ᵀ   (a+b)², its SVD in float64
+
+        The projections are GEMMs, so with a = rank(U), b = inner dim of L·R, the QR work falls from
+        that of m×(a+b) to m×b (FedHL's global update: a grows by Σ r_i every round). Directions
+        of L inside span(U) leave X ≈ 0, whose Q columns then carry singular values of round-off
+        size, removed by ``rtol``. Falls back to the stacked SVD when a + b exceeds min(m, n).
+        """
+        (m, a), (b, n) = self.U.shape, update.R.shape
+        if a == 0 or b == 0 or a + b > min(m, n):
+            return Factored.stack([Factored(self.U * weights.to(self.U.dtype), self.Vh), update]).svd(rank=rank, rtol=rtol)
+        dtype, U, V = self.U.dtype, self.U, self.Vh.T
+        L, Rt = update.L.to(dtype), update.R.T.to(dtype)
+        C, X = _project_out(U, L)
+        E, Y = _project_out(V, Rt)
+        QX, TX = torch.linalg.qr(X)  # explicit Q: two GEMMs below beat applying reflectors to (a+b) columns
+        QY, TY = torch.linalg.qr(Y)
+        TL = torch.zeros(a + b, a + b, dtype=torch.float64)
+        TL[:a, :a] = torch.diag(weights.double())
+        TL[:a, a:] = C.double()
+        TL[a:, a:] = TX.double()
+        TR = torch.eye(a + b, dtype=torch.float64)
+        TR[:a, a:] = E.double()
+        TR[a:, a:] = TY.double()
+        Uc, S, Vch = torch.linalg.svd(TL @ TR.T, full_matrices=False)
+        keep = _kept(S, rank, rtol)
+        Uk, Vk = Uc[:, :keep].to(dtype), Vch[:keep].T.to(dtype)
+        U_new = torch.addmm(U @ Uk[:a], QX, Uk[a:])
+        V_new = torch.addmm(V @ Vk[:a], QY, Vk[a:])
+        return SVD(U_new, S[:keep].to(dtype), V_new.T.contiguous())
+
+
+def _project_out(Q: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
+    """(C, X − Q·C) with C = Qᵀ·X for orthonormal Q: classical Gram–Schmidt, twice ("twice is
+    enough": the second pass removes what round-off left of span(Q) after the first)."""
+    C = Q.T @ X
+    X = X - Q @ C
+    C2 = Q.T @ X
+    return C + C2, X - Q @ C2
+
+
+def _kept(S: Tensor, rank: int | None, rtol: float | None) -> int:
+    """How many singular values survive ``rtol`` (relative to σ₁) and ``rank``."""
+    keep = S.numel()
+    if rtol is not None and keep:
+        keep = int((S > rtol * S[0]).sum()) if S[0] > 0 else 0
+    if rank is not None:
+        keep = min(keep, rank)
+    return keep
+
 
 class Factored:
     """A matrix M = L·R of shape (m, n) held as L (m×k) and R (k×n)."""
@@ -156,11 +215,7 @@ class Factored:
         QR, TR = torch.linalg.qr(self.R.T)  # (n, b), (b, k)
         core = TL.double() @ TR.double().T  # (a, b)
         Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
-        keep = S.numel()
-        if rtol is not None and keep:
-            keep = int((S > rtol * S[0]).sum()) if S[0] > 0 else 0
-        if rank is not None:
-            keep = min(keep, rank)
+        keep = _kept(S, rank, rtol)
         U = QL @ Uc[:, :keep].to(dtype)
         Vh = Vch[:keep].to(dtype) @ QR.T
         return SVD(U, S[:keep].to(dtype), Vh)

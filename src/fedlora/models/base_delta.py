@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import Factored, fold_delta
+from ..core.parallel import per_module
 
 __all__ = ["BaseDeltas", "BASE_DELTA_MODES", "is_quantized"]
 
@@ -124,22 +125,27 @@ class BaseDeltas:
     # ------------------------------------------------------------- permanent
     def fold(self, deltas: Mapping[str, Factored]) -> None:
         """W_eff += ΔW0 for every module, for good (the round's broadcast base delta)."""
-        for module, delta in deltas.items():
-            if delta.inner_dim == 0:
-                continue
-            if self.mode == "fold":
+        todo = {module: delta for module, delta in deltas.items() if delta.inner_dim}
+        if self.mode == "fold":  # one GEMM per module, which BLAS already spreads over the cores
+            for module, delta in todo.items():
                 self._fold_dense(module, delta)
-                continue
-            side = self._side(module)
-            if side.D is not None:  # already dense beside a quantized W0
-                L, R = self._device_factors(module, delta)
-                side.D.addmm_(L, R)
-                continue
-            L, R = self._device_factors(module, delta)
-            side.L = L if side.L is None else torch.cat([side.L, L], dim=1)
-            side.R = R if side.R is None else torch.cat([side.R, R], dim=0)
-            if side.L.shape[1] > 2 * side.compressed_rank:
-                self._compress(module, side)
+            return
+        for module in todo:  # sides and hooks are created here, the per-module work below runs side by side
+            self._side(module)
+        per_module(lambda module: self._append(module, todo[module]), todo)
+        for module in todo:
+            self._drop_if_empty(module)
+
+    def _append(self, module: str, delta: Factored) -> None:
+        side = self.sides[module]
+        L, R = self._device_factors(module, delta)
+        if side.D is not None:  # already dense beside a quantized W0
+            side.D.addmm_(L, R)
+            return
+        side.L = L if side.L is None else torch.cat([side.L, L], dim=1)
+        side.R = R if side.R is None else torch.cat([side.R, R], dim=0)
+        if side.L.shape[1] > 2 * side.compressed_rank:
+            self._compress(module, side)
 
     def _fold_dense(self, module: str, delta: Factored) -> None:
         fold_delta(self.layers[module].weight.data, delta, fan_in_fan_out=self.fan_in_fan_out[module])
@@ -158,8 +164,7 @@ class BaseDeltas:
                 side.D = small.dense().to(dev, torch.float32)
             else:
                 self._fold_dense(module, small.to(torch.float32))
-            self._drop_if_empty(module)
-            return
+            return  # the emptied side is dropped by the caller (its hook removed outside the workers)
         side.L, side.R = small.L.to(dev, torch.float32), small.R.to(dev, torch.float32)
         side.compressed_rank = k
 

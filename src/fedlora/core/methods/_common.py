@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ..adapter import Adapter
 from ..factored import Factored
+from ..parallel import per_module
 from ..state import ClientUpdate
 
-__all__ = ["mean_factors", "weighted_sum_of_deltas", "module_adapters"]
+__all__ = ["mean_factors", "weighted_sum_of_deltas", "module_adapters", "per_module", "unzip"]
 
 
 def mean_factors(adapters: Sequence[Adapter], p: Tensor) -> tuple[Tensor, Tensor]:
@@ -29,3 +30,9 @@ def weighted_sum_of_deltas(adapters: Sequence[Adapter], p: Tensor) -> Factored:
 
 def module_adapters(updates: Sequence[ClientUpdate], name: str) -> list[Adapter]:
     return [u.adapters[name] for u in updates]
+
+
+def unzip(out: Mapping[str, tuple]) -> tuple[dict, ...]:
+    """``{name: (a, b, …)}`` → ``({name: a}, {name: b}, …)`` (the parts of :func:`per_module`'s result)."""
+    width = len(next(iter(out.values()))) if out else 0
+    return tuple({name: parts[i] for name, parts in out.items()} for i in range(width))

@@ -22,7 +22,7 @@ from ..aggregator import Aggregator, RoundOutput
 from ..factored import Factored
 from ..registry import register
 from ..state import ClientUpdate, ServerState
-from ._common import mean_factors, module_adapters
+from ._common import mean_factors, module_adapters, per_module, unzip
 
 
 def exact_residual(adapters: list[Adapter], p: Tensor, A_mean: Tensor, scale: float) -> Factored:
@@ -41,10 +41,10 @@ class FedEx(Aggregator):
         return "dense_exact"
 
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
-        adapters, residual = {}, {}
-        for name, g in state.adapters.items():
-            local = module_adapters(updates, name)
+        def module(name: str) -> tuple[Adapter, Factored]:
+            local, g = module_adapters(updates, name), state.adapters[name]
             B, A = mean_factors(local, p)
-            adapters[name] = Adapter(B, A, g.scale)
-            residual[name] = exact_residual(local, p, A, g.scale)
+            return Adapter(B, A, g.scale), exact_residual(local, p, A, g.scale)
+
+        adapters, residual = unzip(per_module(module, state.adapters))
         return RoundOutput(adapters=adapters, base_delta=residual)

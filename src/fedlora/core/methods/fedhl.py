@@ -17,9 +17,10 @@ weights are the base weights. The raw weights are multiplied by the base weights
 default) they are also weighted by examples, as in FedAvg.
 
 W_t is held as a thin SVD. Since W_t^{r_i} = U·diag(1[j<r_i]·σ)·Vᵀ, the
-update is U·diag(σ_j·(1 − Σ_i p_i·1[j<r_i]))·Vᵀ + Σ_i p_i·s_i·B_i'·A_i', one
-stacked factorisation of inner dimension rank(W_t) + Σ r_i; its SVD through
-QR keeps the basis exact (numerical zeros dropped, ``max_rank`` optional cap).
+update is U·diag(σ_j·(1 − Σ_i p_i·1[j<r_i]))·Vᵀ + Σ_i p_i·s_i·B_i'·A_i', a
+factorisation of inner dimension rank(W_t) + Σ r_i whose first rank(W_t) columns
+are already orthonormal: ``SVD.plus`` orthogonalises only the clients' part
+against them (numerical zeros dropped, ``max_rank`` optional cap).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import torch
 from torch import Tensor
 
 from ..aggregator import RoundOutput
-from ..factored import Factored
+from ..factored import SVD, Factored
 from ..registry import register
 from ..state import ClientUpdate, ServerState
 from ..weights import normalise
+from ._common import per_module
 from .flexlora import SVDGlobal, svd_download
 
 
@@ -57,15 +59,16 @@ class FedHL(SVDGlobal):
         r_hat = self.truncation_errors(state, updates)
         raw = p / (r_hat.square() + self.eps)
         q = normalise(raw, "FedHL", [u.client_id for u in updates])
-        svds = {}
-        for name, svd in state.extra["global"].items():
+
+        def module(name: str) -> SVD:
+            svd = state.extra["global"][name]
             ranks = torch.tensor([u.adapters[name].rank for u in updates])
             j = torch.arange(svd.rank)
             kept = 1.0 - (q[:, None] * (j[None, :] < ranks[:, None])).sum(0)  # 1 − Σ_i p_i·1[j<r_i]
-            base = Factored(svd.U * (svd.S.double() * kept).to(svd.U.dtype), svd.Vh)
-            terms = [base] + [u.adapters[name].delta() for u in updates]
-            new = Factored.stack(terms, [1.0] + q.tolist()).svd(rank=self.max_rank, rtol=self.rtol)
-            svds[name] = new
+            clients = Factored.stack([u.adapters[name].delta() for u in updates], q.tolist())
+            return svd.plus(svd.S.double() * kept, clients, rank=self.max_rank, rtol=self.rtol)  # W_t's basis reused
+
+        svds = per_module(module, state.extra["global"])
         nxt = state.evolve(round=state.round + 1)
         info = {"fedhl_weights": q.tolist(), "truncation_errors": r_hat.tolist()}
         return RoundOutput(adapters=svd_download(nxt, svds, state.rank, self.split), extra={"global": svds}, info=info)

@@ -16,7 +16,7 @@ from ..adapter import Adapter
 from ..aggregator import Aggregator, RoundOutput
 from ..registry import register
 from ..state import ClientUpdate, ServerState
-from ._common import mean_factors, module_adapters, weighted_sum_of_deltas
+from ._common import mean_factors, module_adapters, per_module, unzip, weighted_sum_of_deltas
 
 
 @register
@@ -32,20 +32,23 @@ class FedIT(Aggregator):
         return "factors"
 
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
-        adapters, num, den = {}, 0.0, 0.0
-        for name, g in state.adapters.items():
-            local = module_adapters(updates, name)
+
+        def module(name: str) -> tuple[Adapter, float, float]:
+            local, g = module_adapters(updates, name), state.adapters[name]
             B, A = mean_factors(local, p)
-            adapters[name] = Adapter(B, A, g.scale)
-            if self.measure_error:
-                ideal = weighted_sum_of_deltas(local, p)
-                diff = ideal - adapters[name].delta()  # factors [ideal.L, −s·B'] and [ideal.R; A']
-                # ‖M‖² = Σ (LᵀL)∘(RRᵀ) (Factored.inner); one Gram product serves both norms,
-                # since ideal's Gram is the leading k×k block of diff's.
-                L, R = diff.L.double(), diff.R.double()
-                gram = (L.T @ L) * (R @ R.T)
-                k = ideal.inner_dim
-                num += max(float(gram.sum()), 0.0)
-                den += max(float(gram[:k, :k].sum()), 0.0)
+            new = Adapter(B, A, g.scale)
+            if not self.measure_error:
+                return new, 0.0, 0.0
+            ideal = weighted_sum_of_deltas(local, p)
+            diff = ideal - new.delta()  # factors [ideal.L, −s·B'] and [ideal.R; A']
+            # ‖M‖² = Σ (LᵀL)∘(RRᵀ) (Factored.inner); one Gram product serves both norms,
+            # since ideal's Gram is the leading k×k block of diff's.
+            L, R = diff.L.double(), diff.R.double()
+            gram = (L.T @ L) * (R @ R.T)
+            k = ideal.inner_dim
+            return new, max(float(gram.sum()), 0.0), max(float(gram[:k, :k].sum()), 0.0)
+
+        adapters, nums, dens = unzip(per_module(module, state.adapters))
+        num, den = sum(nums.values()), sum(dens.values())
         info = {"inexactness": (num / den) ** 0.5 if den > 0 else 0.0} if self.measure_error else {}
         return RoundOutput(adapters=adapters, info=info)

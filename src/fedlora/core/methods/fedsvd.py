@@ -20,7 +20,7 @@ from ..aggregator import RoundOutput
 from ..factored import Factored
 from ..registry import register
 from ..state import ClientUpdate, ServerState
-from ._common import mean_factors, module_adapters
+from ._common import mean_factors, module_adapters, per_module
 from .ffa import FFA, check_frozen_A
 
 
@@ -33,9 +33,11 @@ class FedSVD(FFA):
 
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
         check_frozen_A(state, updates, self.frozen_rtol)
-        adapters: dict[str, Adapter] = {}
-        for name, g in state.adapters.items():
+
+        def module(name: str) -> Adapter:
+            g = state.adapters[name]
             B, _ = mean_factors(module_adapters(updates, name), p)
             svd = Factored(g.scale * B, g.A).svd(rank=state.rank, rtol=1e-7)  # numerical zeros get a fresh init
-            adapters[name] = adapter_from_svd(svd, state.rank, g.scale, "B", module_generator(state.seed, state.round + 1, name))
-        return RoundOutput(adapters=adapters)
+            return adapter_from_svd(svd, state.rank, g.scale, "B", module_generator(state.seed, state.round + 1, name))
+
+        return RoundOutput(adapters=per_module(module, state.adapters))

@@ -17,26 +17,34 @@ from ..aggregator import Aggregator, RoundOutput
 from ..errors import UpdateError
 from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
-from ._common import mean_factors, module_adapters
+from ._common import mean_factors, module_adapters, per_module
 
 
 def check_frozen_A(state: ServerState, updates: list[ClientUpdate], rtol: float) -> None:
     """Refuse an update whose A moved away from the shared global A."""
-    for name, g in state.adapters.items():
+
+    def module(name: str) -> None:
+        g = state.adapters[name]
         for u in updates:
             A = u.adapters[name].A
+            if torch.equal(A, g.A):  # the usual case, one pass and no temporaries
+                continue
             if not torch.allclose(A, g.A.to(A.dtype), rtol=rtol, atol=rtol * float(g.A.abs().max())):
                 drift = float((A - g.A).norm() / g.A.norm().clamp_min(1e-30))
                 raise UpdateError(u.client_id, name, f"A was changed (relative change {drift:.2e}); A is frozen in this round")
 
+    per_module(module, state.adapters)
+
 
 def average_B(state: ServerState, updates: list[ClientUpdate], p: Tensor) -> dict[str, Adapter]:
     """B' = Σ p_i·B_i on the shared A of every module."""
-    out = {}
-    for name, g in state.adapters.items():
+
+    def module(name: str) -> Adapter:
+        g = state.adapters[name]
         B, _ = mean_factors(module_adapters(updates, name), p)
-        out[name] = Adapter(B, g.A, g.scale)
-    return out
+        return Adapter(B, g.A, g.scale)
+
+    return per_module(module, state.adapters)
 
 
 @register

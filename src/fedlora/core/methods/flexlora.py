@@ -19,7 +19,7 @@ from ..aggregator import Aggregator, RoundOutput
 from ..factored import SVD, Factored
 from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
-from ._common import module_adapters, weighted_sum_of_deltas
+from ._common import module_adapters, per_module, weighted_sum_of_deltas
 
 
 def svd_download(state: ServerState, svds: dict[str, SVD], rank: int, split: str) -> dict:
@@ -62,6 +62,6 @@ class FlexLoRA(SVDGlobal):
     exact = True
 
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
-        svds = {name: weighted_sum_of_deltas(module_adapters(updates, name), p).svd(rtol=self.rtol) for name in state.adapters}
+        svds = per_module(lambda name: weighted_sum_of_deltas(module_adapters(updates, name), p).svd(rtol=self.rtol), state.adapters)
         nxt = state.evolve(round=state.round + 1)
         return RoundOutput(adapters=svd_download(nxt, svds, state.rank, self.split), extra={"global": svds})

@@ -24,7 +24,7 @@ from ..adapter import Adapter, adapter_from_svd, module_generator
 from ..aggregator import Aggregator, RoundOutput
 from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
-from ._common import module_adapters, weighted_sum_of_deltas
+from ._common import module_adapters, per_module, unzip, weighted_sum_of_deltas
 from .ffa import average_B, check_frozen_A
 
 
@@ -57,14 +57,14 @@ class FRA(Aggregator):
         if self.in_ffa_phase(state):
             check_frozen_A(state, updates, self.frozen_rtol)
             return RoundOutput(adapters=average_B(state, updates, p), info={"phase": "ffa"})
-        adapters: dict[str, Adapter] = {}
-        dropped, total = 0.0, 0.0
-        for name, g in state.adapters.items():
+
+        def module(name: str) -> tuple[Adapter, float, float]:
             full = weighted_sum_of_deltas(module_adapters(updates, name), p)
             svd, tail = full.truncated_svd(state.rank)  # only the top-r vectors are needed
             gen = module_generator(state.seed, state.round + 1, name)
-            adapters[name] = adapter_from_svd(svd, state.rank, g.scale, self.split, gen)
-            dropped += tail
-            total += svd.tail_energy(0) + tail
+            return adapter_from_svd(svd, state.rank, state.adapters[name].scale, self.split, gen), tail, svd.tail_energy(0) + tail
+
+        adapters, tails, totals = unzip(per_module(module, state.adapters))
+        dropped, total = sum(tails.values()), sum(totals.values())
         err = (dropped / total) ** 0.5 if total > 0 else 0.0
         return RoundOutput(adapters=adapters, info={"phase": "fra", "truncation_error": err})

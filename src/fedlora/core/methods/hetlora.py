@@ -30,6 +30,7 @@ from ..aggregator import Aggregator, RoundOutput
 from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
 from ..weights import normalise
+from ._common import per_module, unzip
 
 
 def tail_norm(B: Tensor, A: Tensor, gamma: float) -> Tensor:
@@ -68,16 +69,17 @@ class HetLoRA(Aggregator):
         return ClientStart(adapters={n: g.head(rank, scale) for n, g in state.adapters.items()}, dense=dict(state.dense))
 
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
-        adapters, weights = {}, {}
         ids = [u.client_id for u in updates]
-        for name, g in state.adapters.items():
-            local = [u.adapters[name] for u in updates]
+
+        def module(name: str) -> tuple[Adapter, list[float]]:
+            local, g = [u.adapters[name] for u in updates], state.adapters[name]
             norms = torch.tensor([a.delta().norm() for a in local], dtype=torch.float64) * p
             w = normalise(norms, "HetLoRA norm", ids) if float(norms.sum()) > 0 else p
             pads = [padded(a, state.rank, g.scale) for a in local]
             wt = w.to(g.B.dtype)
             B = torch.einsum("k,kmr->mr", wt, torch.stack([b for b, _ in pads]))
             A = torch.einsum("k,krn->rn", wt, torch.stack([a for _, a in pads]))
-            adapters[name] = Adapter(B, A, g.scale)
-            weights[name] = w.tolist()
+            return Adapter(B, A, g.scale), w.tolist()
+
+        adapters, weights = unzip(per_module(module, state.adapters))
         return RoundOutput(adapters=adapters, info={"hetlora_weights": weights})

@@ -52,7 +52,7 @@ from ..factored import Factored, pairwise_inner
 from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
 from ..weights import normalise
-from ._common import mean_factors
+from ._common import mean_factors, per_module, unzip
 from .fedex import exact_residual
 
 RESTARTS = ("mean", "svd_sqrt", "svd_a_scale", "lstsq")
@@ -73,10 +73,14 @@ def full_rank_view(update: Adapter, g: Adapter, fold_tail: bool) -> Adapter:
 def drift_distances(views: dict[str, list[Adapter]], start: dict[str, Adapter], q: Tensor) -> Tensor:
     """d_i = ‖Δ_i − Δ̄‖_F / ‖Δ̄‖_F over all modules, Δ_i = s·(B̃_iÃ_i − B₀A₀), Δ̄ = Σ q_i·Δ_i."""
     K = q.numel()
+
+    def module(name: str) -> Tensor:
+        G = pairwise_inner([a.delta() for a in views[name]] + [start[name].delta()])  # (K+1)²
+        return G[:K, :K] - G[:K, K:] - G[K:, :K] + G[K, K]
+
     D = torch.zeros(K, K, dtype=torch.float64)
-    for name, local in views.items():
-        G = pairwise_inner([a.delta() for a in local] + [start[name].delta()])  # (K+1)²
-        D += G[:K, :K] - G[:K, K:] - G[K:, :K] + G[K, K]
+    for part in per_module(module, views).values():  # summed in module order: the same bits every time
+        D += part
     spread = D.diagonal() - 2 * (D @ q) + q @ D @ q
     consensus = float(q @ D @ q)
     return (spread.clamp_min(0) / max(consensus, 1e-300)).sqrt()
@@ -138,9 +142,7 @@ class HEXA(Aggregator):
             w = normalise(p * torch.exp(-self.drift_beta * (d - shift)), "HEXA drift", [u.client_id for u in updates])
             info["drift"] = d.tolist()
         info["hexa_weights"] = w.tolist()
-        adapters, residual = {}, {}
-        for name in state.adapters:
-            adapters[name], residual[name] = self._restart(state, name, views[name], w)
+        adapters, residual = unzip(per_module(lambda name: self._restart(state, name, views[name], w), state.adapters))
         # Heads use the base weights as in every method; only their output rows may be class-aware.
         dense = class_aware_average(updates, p, self.head_keys) if self.class_aware_head else None
         return RoundOutput(adapters=adapters, base_delta=residual if self.fold_residual else {}, info=info, dense=dense)
@@ -148,10 +150,12 @@ class HEXA(Aggregator):
     def _restart(self, state: ServerState, name: str, local: list[Adapter], p: Tensor) -> tuple[Adapter, Factored]:
         """(B', A') and the exact residual M − s·B'·A' for one module (part b)."""
         s, r = local[0].scale, state.rank
-        B_mean, A_mean = mean_factors(local, p)
         if self.restart == "mean":
+            B_mean, A_mean = mean_factors(local, p)
             return Adapter(B_mean, A_mean, s), exact_residual(local, p, A_mean, s)
         M = Factored.stack([a.delta() for a in local], p.tolist())
+        if self.restart in ("lstsq", "svd_a_scale"):
+            _, A_mean = mean_factors(local, p)
         if self.restart == "lstsq":
             B = (M.L @ (M.R @ torch.linalg.pinv(A_mean.double()).to(M.dtype))) / s
             new = Adapter(B, A_mean, s)

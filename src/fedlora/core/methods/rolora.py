@@ -19,7 +19,7 @@ from ..aggregator import Aggregator, RoundOutput
 from ..errors import UpdateError
 from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
-from ._common import mean_factors, module_adapters
+from ._common import mean_factors, module_adapters, per_module
 
 
 @register
@@ -43,13 +43,16 @@ class RoLoRA(Aggregator):
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
         b = self.trains_B(state)
         frozen = "A" if b else "B"
-        adapters: dict[str, Adapter] = {}
-        for name, g in state.adapters.items():
-            local = module_adapters(updates, name)
+
+        def module(name: str) -> Adapter:
+            local, g = module_adapters(updates, name), state.adapters[name]
             for u, a in zip(updates, local):
                 mine, theirs = getattr(a, frozen), getattr(g, frozen)
+                if torch.equal(mine, theirs):
+                    continue
                 if not torch.allclose(mine, theirs.to(mine.dtype), rtol=self.frozen_rtol, atol=self.frozen_rtol * float(theirs.abs().max())):
                     raise UpdateError(u.client_id, name, f"{frozen} was changed; {frozen} is frozen in this round (RoLoRA trains {'B' if b else 'A'})")
             B, A = mean_factors(local, p)
-            adapters[name] = Adapter(B, g.A, g.scale) if b else Adapter(g.B, A, g.scale)
-        return RoundOutput(adapters=adapters, info={"rolora_trained": "B" if b else "A"})
+            return Adapter(B, g.A, g.scale) if b else Adapter(g.B, A, g.scale)
+
+        return RoundOutput(adapters=per_module(module, state.adapters), info={"rolora_trained": "B" if b else "A"})
