@@ -264,7 +264,10 @@ def time_factored_fold(state, shapes, gen: torch.Generator) -> dict:
     deltas = BaseDeltas({name: layers[shapes[name]] for name in state.base_delta}, dict.fromkeys(state.base_delta, False), "factored")
 
     def independent() -> dict:
-        return {n: type(d)(torch.randn(d.L.shape, generator=gen) * float(d.L.std()), torch.randn(d.R.shape, generator=gen) * float(d.R.std())) for n, d in state.base_delta.items()}
+        return {
+            n: type(d)(torch.randn(d.L.shape, generator=gen) * float(d.L.std()), torch.randn(d.R.shape, generator=gen) * float(d.R.std()))
+            for n, d in state.base_delta.items()
+        }
 
     deltas.fold(independent())
     t0 = perf_counter()

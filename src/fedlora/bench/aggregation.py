@@ -211,7 +211,11 @@ def check_targets(result: dict) -> list[dict]:
                 }
             )
         for r in rows:
-            for key, how in (("fold_s", "into dense fp32 W0"), ("fold_factored_s", "kept factored beside W0, append"), ("fold_compress_s", "kept factored, a compressing round")):
+            for key, how in (
+                ("fold_s", "into dense fp32 W0"),
+                ("fold_factored_s", "kept factored beside W0, append"),
+                ("fold_compress_s", "kept factored, a compressing round"),
+            ):
                 if key in r:
                     targets.append({"target": f"{r['label']}: fold of a round's base delta ({how}) ≤ 5 s", "value": f"{r[key]:.2f} s", "pass": r[key] <= 5.0})
     if cfg["preset"] == "roberta-base":
