@@ -181,6 +181,18 @@ def test_state_round_trip_and_the_old_checkpoint_format():
     other.load_base_state(state)
     with fm.peft.disable_adapter(), other.peft.disable_adapter():
         torch.testing.assert_close(_logits(other.peft), _logits(fm.peft), atol=0, rtol=0)
+    # A reloaded model compresses later rounds as the original does (bit for bit): the singular
+    # values of its compressed prefix were saved, so it keeps the cheaper basis update (SVD.plus).
+    first, again = _fedmodel("gpt2", "factored"), _fedmodel("gpt2", "factored")
+    first.fold(_deltas(first, rank=2, seed=0))  # compressed to rank 2
+    again.load_base_state(first.base_state())
+    for s in (1, 2):  # 4 columns, then 6 > 2·2: compressed again
+        d = _deltas(first, rank=2, seed=s)
+        first.fold(d)
+        again.fold(d)
+    for mod, side in first.deltas.sides.items():
+        assert side.compressed_rank == 6
+        assert torch.equal(again.deltas.sides[mod].L, side.L) and torch.equal(again.deltas.sides[mod].R, side.R)
     old = {mod: fm.base_weight(mod).detach().clone() + 1.0 for mod in fm.layers}  # {module: W0}, before side terms
     other.load_base_state(old)
     assert not other.deltas.sides and all(torch.equal(other.base_weight(m), old[m]) for m in old)

@@ -17,9 +17,11 @@ of two places (``model.base_delta``):
     bitsandbytes' 4-bit and 8-bit layers. Rounding ΔW0 into a 4-bit W0 would lose
     it to the quantization grid; beside W0 it stays exact to float32 round-off.
     Each round appends the new factors (exact, no flops); when k has doubled
-    since the last compression the sum is cut back to its numerical rank (QR of
-    both factors in float32 on the model's device, an SVD of the k×k core in float64; ``Factored.compress``:
-    O(k²(m+n)) flops, singular values below 1e-7·σ₁ dropped). Cost per token:
+    since the last compression the sum is cut back to its numerical rank (singular values
+    below 1e-7·σ₁ dropped): the compressed prefix is already U·S with orthonormal U and V, so
+    only the appended factors are orthogonalised against it (``SVD.plus``: GEMMs and a QR as
+    wide as what was appended, an SVD of the k×k core in float64); a side loaded from a checkpoint
+    saved before its singular values were kept takes a QR of both whole factors instead. Cost per token:
     2·k·(m+n) flops more than W0 alone; memory k·(m+n) numbers. When the
     compressed rank reaches the point where k·(m+n) ≥ m·n/2, factors no longer
     pay: a full-precision W0 absorbs them (one fold) and the side empties; a
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import Factored, fold_delta
+from ..core import SVD, Factored, fold_delta
 from ..core.parallel import per_module
 
 __all__ = ["BaseDeltas", "BASE_DELTA_MODES", "is_quantized"]
@@ -57,13 +59,14 @@ def is_quantized(layer: nn.Module) -> bool:
 class _Side:
     """One module's frozen side term: factors (L, R) or a dense D, plus temporary factors."""
 
-    __slots__ = ("L", "R", "D", "compressed_rank", "extra")
+    __slots__ = ("L", "R", "D", "compressed_rank", "S", "extra")
 
     def __init__(self) -> None:
         self.L: Tensor | None = None
         self.R: Tensor | None = None
         self.D: Tensor | None = None
         self.compressed_rank = 0
+        self.S: Tensor | None = None  # singular values of the first compressed_rank columns (L = U·S), when known
         self.extra: list[tuple[Tensor, Tensor]] = []
 
     def empty(self) -> bool:
@@ -155,10 +158,16 @@ class BaseDeltas:
         assert side.L is not None and side.R is not None
         dev = side.L.device
         work = torch.device("cpu") if dev.type == "mps" else dev  # MPS has no float64 for the core SVD
-        small = Factored(side.L.to(work), side.R.to(work)).compress(RTOL)  # QRs in float32, the k×k core in float64
+        L, R, c = side.L.to(work), side.R.to(work), side.compressed_rank
+        if side.S is not None and c == side.S.numel() > 0:  # the first c columns are U·S from the last compression
+            S = side.S.to(work)
+            svd = SVD(L[:, :c] / S, S, R[:c]).plus(S.double(), Factored(L[:, c:], R[c:]), rtol=RTOL)  # only the appended part is orthogonalised
+        else:
+            svd = Factored(L, R).svd(rtol=RTOL)  # QRs in float32, the k×k core in float64
+        small, side.S = svd.factored(), svd.S
         (m, n), k = small.shape, small.inner_dim
         if k * (m + n) * 2 >= m * n:
-            side.L = side.R = None
+            side.L = side.R = side.S = None
             side.compressed_rank = 0
             if module in self.quantized:
                 side.D = small.dense().to(dev, torch.float32)
@@ -191,7 +200,7 @@ class BaseDeltas:
         the full-precision W0 of each adapted module (folds change it) and each side term."""
         out = {f"{m}/W": layer.weight.detach().to("cpu", copy=True) for m, layer in self.layers.items() if m not in self.quantized}
         for m, side in self.sides.items():
-            for key in ("L", "R", "D"):
+            for key in ("L", "R", "D", "S"):
                 t = getattr(side, key)
                 if t is not None:
                     out[f"{m}/{key}"] = t.detach().to("cpu", copy=True)
@@ -205,7 +214,7 @@ class BaseDeltas:
             state = {f"{m}/W": w for m, w in state.items()}
         for m in list(self.sides):
             s = self.sides[m]
-            s.L = s.R = s.D = None
+            s.L = s.R = s.D = s.S = None
             s.compressed_rank = 0
             self._drop_if_empty(m)
         for key, t in state.items():
@@ -217,8 +226,9 @@ class BaseDeltas:
                 continue
             side = self._side(m)
             setattr(side, part, t.to(self.layers[m].weight.device, torch.float32))
-            if part == "L":
-                side.compressed_rank = t.shape[1]
+        for side in self.sides.values():  # the compressed prefix: where S says (a resumed run compresses as before), else all of L
+            if side.L is not None:
+                side.compressed_rank = side.S.numel() if side.S is not None else side.L.shape[1]
 
     @torch.no_grad()
     def effective_weight(self, module: str) -> Tensor:
