@@ -18,10 +18,12 @@
 #   ranks     SST-2 with client ranks 2/4/8/16 (FedHL's setting): hexa, fedhl, flexlora, hetlora, flora
 #   quantity  SST-2 with quantity skew (Dirichlet 0.5 over sizes): the nine methods
 #   ablation  HEXA's ablation at SST-2 Dirichlet(0.1)
+#   newer     the methods the field moved to (FedSVD, RoLoRA, Fed-SB) beside fedex and fedit, same budget
+#             (FedSA-LoRA is scored per client, fed.personal_eval; compare's table reports global models)
 # Compute per run (2 cores, bf16): see the "Compute per run" table each part writes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: bash benchmarks/evidence_grid.sh lr|lr-holdout|sst2|centralized|stsb|rte|ranks|quantity|ablation}
+part=${1:?usage: bash benchmarks/evidence_grid.sh lr|lr-holdout|sst2|centralized|stsb|rte|ranks|quantity|ablation|newer}
 seeds=${SEEDS:-0,1,2,3,4}
 nine="hexa,fedex,fedit,ffa[train.lr=3e-3],fra,flora,flexlora,hetlora,fedhl"
 grid() {  # grid TASK [overrides…] [--options…]: overrides must come before fedlora compare's options
@@ -53,5 +55,8 @@ case $part in
   ablation)
     grid sst2 --methods "hexa,hexa[drift_beta=0],hexa[fold_residual=false],hexa[class_aware_head=true],hexa[restart=svd_sqrt],hexa[restart=lstsq],fedex,fedit" \
       --partitions dirichlet:0.1 --seeds "$seeds" --baseline hexa --out results/evidence/ablation --title "HEXA ablation, SST-2, Dirichlet(0.1)" ;;
+  newer)
+    grid sst2 --methods "fedsvd,rolora,fedsb,fedex,fedit" --partitions "iid,dirichlet:0.1" --seeds "$seeds" \
+      --out results/evidence/newer --title "SST-2: FedSVD, RoLoRA, Fed-SB beside FedEx and FedIT" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

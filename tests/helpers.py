@@ -25,11 +25,18 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def trained(start_adapters: Mapping[str, Adapter], g: torch.Generator, train_A: bool = True, noise: float = 0.3, train_B: bool = True) -> dict[str, Adapter]:
-    """A client's local training, simulated: new tensors B + noise (and A + noise if trained)."""
+def trained(
+    start_adapters: Mapping[str, Adapter], g: torch.Generator, train_A: bool = True, noise: float = 0.3, train_B: bool = True, train_core: bool = False
+) -> dict[str, Adapter]:
+    """A client's local training, simulated: new tensors B + noise (and A + noise if trained).
+    With ``train_core`` (Fed-SB) B moves only within the column space of the B it started from."""
     out = {}
     for name, a in start_adapters.items():
-        B = a.B + noise * torch.randn(a.B.shape, generator=g, dtype=a.B.dtype) if train_B else a.B.clone()
+        step = noise * torch.randn(a.B.shape, generator=g, dtype=a.B.dtype)
+        if train_core:
+            Q = torch.linalg.qr(a.B.double())[0]
+            step = (Q @ (Q.T @ step.double())).to(a.B.dtype)
+        B = a.B + step if train_B else a.B.clone()
         A = a.A + noise * torch.randn(a.A.shape, generator=g, dtype=a.A.dtype) if train_A else a.A.clone()
         out[name] = Adapter(B, A, a.scale)
     return out
@@ -52,7 +59,7 @@ def client_round(agg, state, ranks: Sequence[int | None], ns: Sequence[int], see
     for cid, r, n in zip(ids, ranks, ns):
         start = agg.client_start(state, r) if r is not None else agg.client_start(state)
         starts.append(start)
-        updates.append(ClientUpdate(cid, n, trained(start.adapters, g, start.train_A, noise, start.train_B)))
+        updates.append(ClientUpdate(cid, n, trained(start.adapters, g, start.train_A, noise, start.train_B, start.train_core)))
     return starts, updates
 
 

@@ -10,8 +10,8 @@ from helpers import MIXED_SHAPES, SHAPES, assert_unchanged, client_round, make, 
 
 from fedlora.core import Adapter, AggregationError, ClientUpdate, LoraSpec, UpdateError, available_methods, get_aggregator
 
-ALL = ["fedex", "fedhl", "fedit", "fedsa", "fedsvd", "ffa", "flexlora", "flora", "fra", "hetlora", "hexa", "rolora"]
-SAME_RANK = ["fedit", "fedex", "ffa", "fra", "fedsvd", "rolora", "fedsa"]
+ALL = ["fedex", "fedhl", "fedit", "fedsa", "fedsb", "fedsvd", "ffa", "flexlora", "flora", "fra", "hetlora", "hexa", "rolora"]
+SAME_RANK = ["fedit", "fedex", "ffa", "fra", "fedsvd", "rolora", "fedsa", "fedsb"]
 MIXED = ["flora", "flexlora", "hetlora", "fedhl", "hexa"]
 NS = [3, 4, 5]
 

@@ -213,3 +213,35 @@ def test_a_users_csv_with_string_labels_trains_through_the_cli(tiny_models, tmp_
     err = capsys.readouterr().err
     assert err.startswith("fedlora: error:") and "train.csv:2: unknown label" in err and "Traceback" not in err
     assert not (out / "wrong").exists()
+
+
+# ---------------------------------------------------------------------- Fed-SB on a real model
+def test_fedsb_clients_train_only_the_core_inside_the_round_one_frames(tiny_models, tmp_path):
+    """After round 1 each client's B = Q·R with only the r×r R trained (models/lora.py's
+    parametrisation): B moves, stays in the column space round 1 fixed, A does not move, and
+    the server accepts every update (it refuses any B outside that space)."""
+    from fedlora.engine import Simulator
+
+    cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, fed__method="fedsb", train__lr=5e-3))
+    exp = build_experiment(cfg)
+    rounds, real = [], exp.aggregator.aggregate
+
+    def capture(state, updates):
+        rounds.append((state, list(updates)))
+        return real(state, updates)
+
+    exp.aggregator.aggregate = capture
+    (tmp_path / "run").mkdir()
+    sim = Simulator(exp, tmp_path / "run")
+    sim.run()
+    assert len(rounds) == 3 and all(r["dropped"] == 0 for r in sim.rounds)
+    for state, updates in rounds[1:]:
+        for name, g in state.adapters.items():
+            U = torch.linalg.qr(state.extra["frame"][name].double())[0]
+            for u in updates:
+                B = u.adapters[name].B.double()
+                assert torch.equal(u.adapters[name].A, g.A)
+                assert float((B - U @ (U.T @ B)).norm() / B.norm()) < 1e-5
+                assert float((B - g.B.double()).norm() / g.B.double().norm()) > 1e-4  # R trained
+    for layer in exp.fm.layers.values():  # the parametrisation is gone after each round: B is a plain parameter again
+        assert not hasattr(layer.lora_B[f"r{cfg.model.rank}"], "parametrizations")

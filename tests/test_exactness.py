@@ -19,6 +19,7 @@ EXACT = [
     ("ffa", {}),
     ("fedsvd", {}),
     ("rolora", {}),
+    ("fedsb", {}),
     ("fedex", {}),
     ("flora", {}),
     ("flexlora", {}),
@@ -32,12 +33,12 @@ MIXED_EXACT = [(n, o) for n, o in EXACT if n in ("flora", "flexlora", "hexa")]
 
 
 def test_registry_lists_every_method():
-    assert available_methods() == ["fedex", "fedhl", "fedit", "fedsa", "fedsvd", "ffa", "flexlora", "flora", "fra", "hetlora", "hexa", "rolora"]
+    assert available_methods() == ["fedex", "fedhl", "fedit", "fedsa", "fedsb", "fedsvd", "ffa", "flexlora", "flora", "fra", "hetlora", "hexa", "rolora"]
     for name in available_methods():
         agg = get_aggregator(name)
         assert agg.name == name
     exact = {n for n in available_methods() if get_aggregator(n).exact}
-    assert exact == {"ffa", "fedsvd", "rolora", "fedex", "flora", "flexlora", "hexa"}
+    assert exact == {"ffa", "fedsvd", "rolora", "fedsb", "fedex", "flora", "flexlora", "hexa"}
 
 
 def expected_weights(ns, weighting):

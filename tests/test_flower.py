@@ -130,9 +130,10 @@ def test_run_config_round_trips_lists_and_options():
         ("hexa", ["privacy.mode=local", "privacy.noise_multiplier=1.0", "privacy.delta=1e-3"]),
         ("rolora", []),  # B-rounds and A-rounds: the frozen factor must stay frozen on the node
         ("fedsvd", []),
+        ("fedsb", []),  # round 1 fixes the frames, then nodes train only R inside them (a refused update would drop)
         ("fedsa", ["fed.personal_eval=0.25"]),  # B and head kept on the node (context.state), personal metrics
     ],
-    ids=["fedex", "fedex-bf16", "hexa", "fedex-factored", "fedex-client-dp", "hexa-local-dp", "rolora", "fedsvd", "fedsa-personal"],
+    ids=["fedex", "fedex-bf16", "hexa", "fedex-factored", "fedex-client-dp", "hexa-local-dp", "rolora", "fedsvd", "fedsb", "fedsa-personal"],
 )
 def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
     """Same seed → the same global adapters, heads and metrics as the in-process engine.

@@ -442,3 +442,48 @@ def test_rolora_alternates_B_and_A_and_is_exact():
     moved = ClientUpdate("c1", 5, {n: Adapter(a.B, a.A + 0.1, a.scale) for n, a in updates[1].adapters.items()})
     with pytest.raises(UpdateError, match="'c1'.*A was changed"):
         agg.aggregate(state, [updates[0], moved])
+
+
+# -------------------------------------------------------------------- Fed-SB
+def test_fedsb_fixes_the_frames_in_round_one_then_averages_the_core_exactly():
+    """Round 1: s·B'·A' = the top-r part of Σ p_i·s·B_i·A_i (the rest folded), frames U and Vᵀ
+    orthonormal. Later rounds: only R in B = U·R trains, A and span(B) stay, the product is exact."""
+    agg, state = make("fedsb", SHAPES, rank=3)
+    w = ref.data_weights(NS)
+    first = run_round(agg, state, [None] * 4, NS, seed=0)
+    assert all(s.train_A and s.train_B and not s.train_core for s in first.starts)
+    frames = {}
+    for name in SHAPES:
+        M = ref.weighted_sum([P(u.adapters[name]) for u in first.updates], w)
+        g = first.new.adapters[name]
+        assert ref.rel_err(P(g), ref.top_r(M, 3)) < 1e-5
+        assert ref.rel_err(ref.mat(first.new.base_delta[name].L, first.new.base_delta[name].R), M - ref.top_r(M, 3)) < 1e-5
+        A = ref.d(g.A)
+        assert torch.allclose(A @ A.T, torch.eye(3, dtype=torch.float64), atol=1e-5)
+        frames[name] = torch.linalg.qr(ref.d(g.B))[0]
+    state = first.new
+    for t in range(1, 3):
+        rnd = run_round(agg, state, [None] * 4, NS, seed=t)
+        assert all(s.train_core and not s.train_A for s in rnd.starts)
+        for name in SHAPES:
+            g0, g = state.adapters[name], rnd.new.adapters[name]
+            want = ref.weighted_sum([P(u.adapters[name]) for u in rnd.updates], w)
+            assert ref.rel_err(P(g), want) < 1e-5 and rnd.new.base_delta == {}
+            assert torch.equal(g.A, g0.A)
+            U, B = frames[name], ref.d(g.B)
+            assert ref.rel_err(U @ (U.T @ B), B) < 1e-5 and ref.rel_err(g.B, g0.B) > 1e-3, "B moved, inside the round-1 frame"
+        state = rnd.new
+    _, updates = client_round(agg, state, [None] * 2, NS[:2], seed=9)
+    free = ClientUpdate("c1", 5, {n: Adapter(a.B + 0.5 * torch.randn(a.B.shape), a.A, a.scale) for n, a in updates[1].adapters.items()})
+    with pytest.raises(UpdateError, match="'c1'.*B left Fed-SB's fixed column space"):
+        agg.aggregate(state, [updates[0], free])
+    moved = ClientUpdate("c1", 5, {n: Adapter(a.B, a.A + 0.1, a.scale) for n, a in updates[1].adapters.items()})
+    with pytest.raises(UpdateError, match="'c1'.*A was changed"):
+        agg.aggregate(state, [updates[0], moved])
+
+
+def test_fedsb_refuses_a_first_round_too_poor_to_fix_its_frames():
+    agg, state = make("fedsb", SHAPES, rank=3)
+    untrained = [ClientUpdate(f"c{i}", 5, {n: a.clone() for n, a in agg.client_start(state).adapters.items()}) for i in range(2)]  # B = 0
+    with pytest.raises(AggregationError, match="rank 0 < r = 3"):
+        agg.aggregate(state, untrained)

@@ -180,6 +180,7 @@ DP = {"privacy__mode": "client", "fed__weighting": "uniform", "privacy__noise_mu
         ({"fed__eval_clients": "true"}, "eval_clients"),
         ({"fed__mode": "centralized"}, "centralized"),
         ({"privacy__noise_multiplier": 0, "privacy__target_epsilon": 1e-4}, "cannot be met"),
+        ({"fed__method": "fedsb", "privacy__mode": "local"}, "fed.method=fedsb cannot train under privacy.mode=local"),
     ],
 )
 def test_settings_that_break_the_guarantee_are_refused_before_training(tiny_models, tmp_path, capsys, extra, message):

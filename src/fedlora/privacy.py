@@ -90,6 +90,10 @@ def plan_privacy(cfg: RunConfig, aggregator: Aggregator, client_sizes: list[int]
     if cfg.fed.eval_clients:
         raise ConfigError("fed.eval_clients reports the global model's metric on each client's training data, which the DP guarantee does not cover")
     if p.mode == "local":
+        if not aggregator.local_dp:
+            raise ConfigError(
+                f"fed.method={cfg.fed.method} cannot train under privacy.mode=local: its clients train through a parametrisation Opacus's per-example gradients do not cover"
+            )
         return _plan_local(cfg, client_sizes)
     num_clients = len(client_sizes)
     if cfg.fed.mode != "federated":

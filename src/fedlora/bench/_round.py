@@ -34,7 +34,11 @@ def make_updates(agg, state, ranks, gen: torch.Generator, keep) -> tuple[list[Cl
         adapters = {}
         for name, a in start.adapters.items():
             m, n = a.shape
-            B = a.B + B_STEP * torch.randn(m, a.rank, generator=gen) if start.train_B else a.B
+            step = B_STEP * torch.randn(m, a.rank, generator=gen)
+            if start.train_core:  # Fed-SB: B moves only inside the column space it was sent
+                Q = torch.linalg.qr(a.B)[0]
+                step = Q @ (Q.T @ step)
+            B = a.B + step if start.train_B else a.B
             A = a.A + (A_STEP / math.sqrt(n)) * torch.randn(a.rank, n, generator=gen) if start.train_A else a.A
             adapters[name] = Adapter(B, A, a.scale)
         n_i = int(torch.randint(50, 500, (1,), generator=gen))

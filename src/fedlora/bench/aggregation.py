@@ -71,6 +71,8 @@ ROWS = [
     Row("fedsvd", "fedsvd", "sum", "exact"),
     Row("rolora", "rolora", "sum", "exact"),
     Row("fedsa (A only)", "fedsa", "sum", "inexact"),
+    Row("fedsb (round 1: frames)", "fedsb", "svd_residual", "exact"),
+    Row("fedsb (round 2: R only)", "fedsb", "sum", "exact", warmup=True),
     Row("flexlora", "flexlora", "svd", "exact"),
     Row("flora", "flora", "sum", "exact"),
     Row("fra", "fra", "svd", "truncation"),

@@ -49,6 +49,7 @@ class Aggregator(ABC):
     name: ClassVar[str]
     exact: ClassVar[bool]
     mixed_ranks: ClassVar[bool] = False
+    local_dp: ClassVar[bool] = True  # whether its clients can train under DP-SGD (privacy.mode=local)
 
     def __init__(self, weighting: str = "data_size"):
         if weighting not in WEIGHTINGS:

@@ -55,6 +55,7 @@ class ClientStart:
     dense: Mapping[str, Tensor] = field(default_factory=dict)
     train_A: bool = True
     train_B: bool = True  # RoLoRA's A-rounds freeze B
+    train_core: bool = False  # Fed-SB: B = Q·R with Q an orthonormal basis of the B sent, only the r×r R trains
     keep_local: tuple[str, ...] = ()  # parts the client keeps as its own between rounds ("B", "dense"): FedSA-LoRA
 
     def numel(self) -> int:

@@ -63,7 +63,7 @@ def run_client(
     fm.load_adapters(adapters)
     if dense:
         fm.load_dense(dense)
-    with fm.folded(start.base_delta):  # client-only frozen delta (HEXA's mixed ranks)
+    with fm.folded(start.base_delta), fm.B_in_span(start.train_core):  # client-only frozen delta (HEXA); Fed-SB's r×r core
         if privacy is None:
             stats = train_local(fm, data, client.indices, cfg, seed, pad_token_id=pad_token_id, progress=progress)
         else:  # local DP-SGD (privacy.mode=local)
@@ -71,7 +71,7 @@ def run_client(
         if client.held_out is not None and len(client.held_out) and task is not None:
             stats.personal = evaluate(fm.peft, data, client.held_out, task, eval_batch_size, pad_token_id, fm.placement)
             stats.personal_n = len(client.held_out)
-    trained, trained_dense = fm.read_adapters(), fm.read_dense()
+        trained, trained_dense = fm.read_adapters(), fm.read_dense()
     if keep and local is not None:
         if "B" in keep:
             local["B"] = {m: a.B for m, a in trained.items()}

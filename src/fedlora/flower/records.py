@@ -148,6 +148,7 @@ def encode_start(
             "seed": seed,
             "train-a": bool(start.train_A),
             "train-b": bool(start.train_B),
+            "train-core": bool(start.train_core),
             "keep-local": ",".join(start.keep_local),
             "send-label-counts": bool(send_label_counts),
         }
@@ -171,6 +172,7 @@ def decode_start(content: RecordDict) -> tuple[ClientStart, dict]:
         dense=_tensors(content, DENSE),
         train_A=bool(job["train-a"]),
         train_B=bool(job.get("train-b", True)),
+        train_core=bool(job.get("train-core", False)),
         keep_local=tuple(p for p in str(job.get("keep-local", "")).split(",") if p),
     )
     return start, job

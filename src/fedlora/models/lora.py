@@ -154,6 +154,27 @@ class FedModel:
             layer.lora_B[name].weight.copy_(a.B)
             layer.lora_A[name].weight.copy_(a.A)
 
+    @contextmanager
+    def B_in_span(self, on: bool = True) -> Iterator[None]:
+        """Inside the block, the active adapter's B trains only within the column space of the B
+        loaded into it (Fed-SB): B = Q·R with Q an orthonormal basis of that B (a buffer) and the
+        r×r R the parameter the optimiser sees. Afterwards B is a plain parameter again, holding Q·R."""
+        if not on:
+            yield
+            return
+        from torch.nn.utils import parametrize
+
+        name = adapter_name(self.active_rank)
+        linears = [layer.lora_B[name] for layer in self.layers.values()]
+        for lin in linears:
+            Q, _ = torch.linalg.qr(lin.weight.detach().float())
+            parametrize.register_parametrization(lin, "weight", _InSpan(Q.to(lin.weight.dtype)), unsafe=True)
+        try:
+            yield
+        finally:
+            for lin in linears:
+                parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
+
     @torch.no_grad()
     def read_adapters(self) -> dict[str, Adapter]:
         """The active adapter's (B, A, s) as float32 CPU copies (what the core aggregates)."""
@@ -202,6 +223,20 @@ class FedModel:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.peft.parameters() if p.requires_grad]
+
+
+class _InSpan(nn.Module):
+    """B = Q·R for a fixed Q with orthonormal columns; R = Qᵀ·B initialises the parameter."""
+
+    def __init__(self, Q: Tensor):
+        super().__init__()
+        self.register_buffer("Q", Q)
+
+    def forward(self, R: Tensor) -> Tensor:
+        return self.Q @ R
+
+    def right_inverse(self, B: Tensor) -> Tensor:
+        return self.Q.T @ B
 
 
 def _cpu32(t: Tensor) -> Tensor:

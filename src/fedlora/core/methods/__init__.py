@@ -4,7 +4,7 @@ from typing import Any
 
 from ..aggregator import Aggregator
 from ..registry import lookup, names
-from . import fedex, fedhl, fedit, fedsa, fedsvd, ffa, flexlora, flora, fra, hetlora, hexa, rolora  # noqa: F401  (each registers itself)
+from . import fedex, fedhl, fedit, fedsa, fedsb, fedsvd, ffa, flexlora, flora, fra, hetlora, hexa, rolora  # noqa: F401  (each registers itself)
 
 __all__ = ["available_methods", "get_aggregator"]
 
