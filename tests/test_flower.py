@@ -62,7 +62,7 @@ def test_records_round_trip_as_float32_arrays():
         train_A=False,
     )
     back, job = decode_start(encode_start(start, round=3, partition_id=1, rank=2, seed=42, send_label_counts=True))
-    assert job == {"round": 3, "partition-id": 1, "rank": 2, "seed": 42, "train-a": False, "train-b": True, "keep-local": "", "send-label-counts": True}
+    assert job == {"round": 3, "partition-id": 1, "rank": 2, "seed": 42, "train-a": False, "train-b": True, "train-core": False, "keep-local": "", "send-label-counts": True}
     a = back.adapters["l.q"]
     assert a.B.dtype == a.A.dtype == back.dense["head.w"].dtype == torch.float32  # bf16/fp16 cast, not refused
     assert torch.equal(a.B, start.adapters["l.q"].B.float()) and a.scale == 0.5 and back.train_A is False
