@@ -235,6 +235,10 @@ def test_fedsb_clients_train_only_the_core_inside_the_round_one_frames(tiny_mode
     sim = Simulator(exp, tmp_path / "run")
     sim.run()
     assert len(rounds) == 3 and all(r["dropped"] == 0 for r in sim.rounds)
+    # round 1 uploads the factors; later rounds each module's r×r C only (plus the head)
+    head = 2 * HIDDEN + 2
+    assert sim.rounds[0]["bytes_up"] == 3 * _upload_bytes(4)
+    assert [r["bytes_up"] for r in sim.rounds[1:]] == [3 * 4 * (MODULES * 4 * 4 + head)] * 2
     for state, updates in rounds[1:]:
         for name, g in state.adapters.items():
             U = torch.linalg.qr(state.extra["frame"][name].double())[0]

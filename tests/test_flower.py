@@ -62,7 +62,17 @@ def test_records_round_trip_as_float32_arrays():
         train_A=False,
     )
     back, job = decode_start(encode_start(start, round=3, partition_id=1, rank=2, seed=42, send_label_counts=True))
-    assert job == {"round": 3, "partition-id": 1, "rank": 2, "seed": 42, "train-a": False, "train-b": True, "train-core": False, "keep-local": "", "send-label-counts": True}
+    assert job == {
+        "round": 3,
+        "partition-id": 1,
+        "rank": 2,
+        "seed": 42,
+        "train-a": False,
+        "train-b": True,
+        "train-core": False,
+        "keep-local": "",
+        "send-label-counts": True,
+    }
     a = back.adapters["l.q"]
     assert a.B.dtype == a.A.dtype == back.dense["head.w"].dtype == torch.float32  # bf16/fp16 cast, not refused
     assert torch.equal(a.B, start.adapters["l.q"].B.float()) and a.scale == 0.5 and back.train_A is False
@@ -473,3 +483,26 @@ def test_a_malformed_resync_answer_drops_that_client_only(tiny_models, tmp_path,
         flower_engine(grid)(server, server.initial_state())
     assert [r["clients"] for r in server.rounds] == [3, 3, 2]
     assert "client1 dropped: node 1007 sent a bad update: fedlora.resync: through must be a round ≥ 0" in caplog.text
+
+
+def test_fedsb_cores_travel_instead_of_factors_and_are_read_against_the_start():
+    """Fed-SB's upload: each module's r×r C, B rebuilt as B_start·C (float64) on the server."""
+    from fedlora.core.adapter import from_frame
+
+    g = torch.Generator().manual_seed(1)
+    start = ClientStart(adapters={"l.q": Adapter(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g), 0.5)}, train_A=False, train_core=True)
+    C = torch.randn(2, 2, generator=g)
+    update = ClientUpdate("client1", 9, {"l.q": Adapter(start.adapters["l.q"].B @ C, start.adapters["l.q"].A, 0.5)}, cores={"l.q": C})
+    content = encode_update(update, {"loss": 0.5, "steps": 3, "examples": 9, "tokens": 99}, partition_id=1)
+    assert "fedlora.adapters" not in content.array_records and update.numel() == 4  # r² numbers, not r·(m+n)
+    got, _ = decode_update(content, "client1", start)
+    want = (start.adapters["l.q"].B.double() @ C.double()).float()
+    assert torch.equal(got.adapters["l.q"].B, want) and torch.equal(got.adapters["l.q"].B, from_frame(start.adapters["l.q"].B, C))
+    assert torch.equal(got.adapters["l.q"].A, start.adapters["l.q"].A) and got.adapters["l.q"].scale == 0.5
+    with pytest.raises(MalformedRecord, match="not asked to train cores"):
+        decode_update(content, "client1", None)
+    content["fedlora.cores"] = encode_update(
+        ClientUpdate("client1", 9, update.adapters, cores={"l.q": torch.randn(3, 2)}), {"loss": 0.5, "steps": 3, "examples": 9, "tokens": 99}, partition_id=1
+    )["fedlora.cores"]
+    with pytest.raises(MalformedRecord, match=r"expected \(2, 2\)"):
+        decode_update(content, "client1", start)

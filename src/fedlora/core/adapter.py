@@ -90,6 +90,19 @@ def init_adapter(
     return Adapter(torch.zeros(m, rank, dtype=dtype), A.to(dtype), scale)
 
 
+def in_frame(B_start: Tensor, B: Tensor) -> Tensor:
+    """C (r×r, float32) with B = B_start·C: a B trained inside the column space of the B it
+    started from, in coordinates of that B (Fed-SB's upload). Least squares in float64, exact
+    for such a B up to round-off times cond(B_start)."""
+    return torch.linalg.lstsq(B_start.double(), B.double()).solution.float()
+
+
+def from_frame(B_start: Tensor, C: Tensor) -> Tensor:
+    """B = B_start·C in float64, returned as float32: what the server rebuilds from C (both
+    engines compute it the same way, so they hold the same bits)."""
+    return (B_start.double() @ C.double()).float()
+
+
 def adapter_from_svd(
     svd: SVD,
     rank: int,

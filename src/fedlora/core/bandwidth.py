@@ -118,4 +118,6 @@ def transport_update(update: ClientUpdate, dtype: torch.dtype) -> ClientUpdate:
     """A client's update as the server receives it."""
     if dtype == torch.float32:
         return update
+    if update.cores:  # Fed-SB: only C travels; the adapters are rebuilt from the rounded C (engine/client.py)
+        return replace(update, cores=_dense(update.cores, dtype), dense=_dense(update.dense, dtype))
     return replace(update, adapters=_adapters(update.adapters, dtype), dense=_dense(update.dense, dtype))

@@ -36,10 +36,14 @@ class ClientUpdate:
     adapters: Mapping[str, Adapter]
     dense: Mapping[str, Tensor] = field(default_factory=dict)
     label_counts: Tensor | None = None  # (C,) examples per class, only if the client opts in
+    # Fed-SB: per module the r×r C with B = B_start·C, which travels instead of B and A (the
+    # adapters then hold what the server rebuilds from C: ``core.adapter.from_frame``).
+    cores: Mapping[str, Tensor] = field(default_factory=dict)
 
     def numel(self) -> int:
-        """Numbers uploaded: r_i·(m+n) per module plus the dense parameters."""
-        return sum(a.numel() for a in self.adapters.values()) + sum(t.numel() for t in self.dense.values())
+        """Numbers uploaded: r_i·(m+n) per module (r² with cores) plus the dense parameters."""
+        factors = sum(c.numel() for c in self.cores.values()) if self.cores else sum(a.numel() for a in self.adapters.values())
+        return factors + sum(t.numel() for t in self.dense.values())
 
 
 @dataclass(frozen=True)

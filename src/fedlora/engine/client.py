@@ -3,13 +3,14 @@ load the starting point, train locally, return a :class:`ClientUpdate`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from ..config import TrainConfig
 from ..core import Adapter, ClientStart, ClientUpdate
+from ..core.adapter import from_frame, in_frame
 from ..core.bandwidth import transport_update
 from ..models import FedModel
 from .dp_sgd import LocalDP, train_local_dp
@@ -79,11 +80,21 @@ def run_client(
         if "dense" in keep:
             local["dense"] = trained_dense
             trained_dense = {k: t.clone() for k, t in start.dense.items()}
+    cores = {m: in_frame(start.adapters[m].B, a.B) for m, a in trained.items()} if start.train_core else {}
     update = ClientUpdate(
         client_id=client.client_id,
         num_examples=int(len(client.indices)),
         adapters=trained,
         dense=trained_dense,
         label_counts=client.label_counts if send_label_counts else None,
+        cores=cores,
     )
-    return transport_update(update, transport), stats
+    update = transport_update(update, transport)
+    if cores:  # what the server holds: B rebuilt from the C that travelled, A as sent
+        update = replace(update, adapters=rebuilt_adapters(start, update.cores))
+    return update, stats
+
+
+def rebuilt_adapters(start: ClientStart, cores) -> dict[str, Adapter]:
+    """Fed-SB's upload read back: B = B_start·C per module, A and the scaling as sent."""
+    return {m: Adapter(from_frame(a.B, cores[m]), a.A, a.scale) for m, a in start.adapters.items()}

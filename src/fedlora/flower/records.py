@@ -10,7 +10,7 @@ covers, ``<first>-<last>/<module>/<L|R>``.
 
 Server → client (``MessageType.TRAIN``)::
 
-    "fedlora.job"          ConfigRecord  round, partition-id, rank, seed, train-a, train-b, keep-local, send-label-counts
+    "fedlora.job"          ConfigRecord  round, partition-id, rank, seed, train-a, train-b, train-core, keep-local, send-label-counts
     "fedlora.scales"       ConfigRecord  s_i per module
     "fedlora.adapters"     ArrayRecord   B, A of rank r_i per module (the client's start)
     "fedlora.dense"        ArrayRecord   fully trained parameters (heads)
@@ -20,6 +20,7 @@ Server → client (``MessageType.TRAIN``)::
 Client → server::
 
     "fedlora.adapters", "fedlora.dense"   the trained factors and heads
+    "fedlora.cores"                       instead of the factors, Fed-SB's r×r C per module (B = B_start·C)
     "fedlora.label-counts"                examples per class (only when the method asks)
     "fedlora.metrics"      MetricRecord   num-examples, partition-id, loss, steps, examples, tokens
 
@@ -38,6 +39,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from ..core import Adapter, ClientStart, ClientUpdate, Factored
+from ..core.adapter import from_frame
 
 __all__ = [
     "encode_start",
@@ -59,7 +61,7 @@ JOB, SCALES, ADAPTERS, DENSE, CLIENT_DELTA, BROADCAST = (
     "fedlora.client-delta",
     "fedlora.broadcast",
 )
-LABEL_COUNTS, METRICS, RESYNC = "fedlora.label-counts", "fedlora.metrics", "fedlora.resync"
+LABEL_COUNTS, METRICS, RESYNC, CORES = "fedlora.label-counts", "fedlora.metrics", "fedlora.resync", "fedlora.cores"
 
 
 class MalformedRecord(ValueError):
@@ -202,7 +204,10 @@ def decode_broadcast(content: RecordDict) -> dict[tuple[int, int], dict[str, Fac
 # ------------------------------------------------------------------ client → server
 def encode_update(update: ClientUpdate, stats: Mapping[str, float], partition_id: int, wire: torch.dtype = torch.float32) -> RecordDict:
     content = RecordDict()
-    _put_adapters(content, update.adapters, wire)
+    if update.cores:  # Fed-SB: only each module's r×r C travels; the server rebuilds B = B_start·C
+        content[CORES] = _arrays(update.cores, wire)
+    else:
+        _put_adapters(content, update.adapters, wire)
     content[DENSE] = _arrays(update.dense, wire)
     if update.label_counts is not None:
         content[LABEL_COUNTS] = _arrays({"counts": update.label_counts})
@@ -210,7 +215,9 @@ def encode_update(update: ClientUpdate, stats: Mapping[str, float], partition_id
     return content
 
 
-def decode_update(content: RecordDict, client_id: str) -> tuple[ClientUpdate, dict[str, float]]:
+def decode_update(content: RecordDict, client_id: str, start: ClientStart | None = None) -> tuple[ClientUpdate, dict[str, float]]:
+    """The update and the client's stats. A Fed-SB reply carries cores instead of adapters: they
+    are read against ``start``, the ClientStart this client was sent."""
     if METRICS not in content.metric_records:
         raise MalformedRecord(f"reply has no metric record {METRICS!r}")
     metrics = dict(content.metric_records[METRICS])
@@ -218,7 +225,13 @@ def decode_update(content: RecordDict, client_id: str) -> tuple[ClientUpdate, di
     n = metrics.get("num-examples")
     if not isinstance(n, int):
         raise MalformedRecord(f"num-examples must be an integer, got {n!r}")
-    update = ClientUpdate(client_id=client_id, num_examples=n, adapters=_get_adapters(content), dense=_tensors(content, DENSE), label_counts=counts)
+    cores: dict[str, Tensor] = {}
+    if CORES in content.array_records:
+        cores = _cores(_tensors(content, CORES), start)
+        adapters = {m: Adapter(from_frame(a.B, cores[m]), a.A, a.scale) for m, a in start.adapters.items()}  # type: ignore[union-attr]
+    else:
+        adapters = _get_adapters(content)
+    update = ClientUpdate(client_id=client_id, num_examples=n, adapters=adapters, dense=_tensors(content, DENSE), label_counts=counts, cores=cores)
     missing = [k for k in ("loss", "steps", "examples", "tokens") if k not in metrics]
     if missing:
         raise MalformedRecord(f"{METRICS} lacks {missing}")
@@ -227,6 +240,19 @@ def decode_update(content: RecordDict, client_id: str) -> tuple[ClientUpdate, di
         stats["sample_rate"] = metrics["sample_rate"]
     stats.update({k: v for k, v in metrics.items() if k.startswith("personal_")})  # its own model on its held-out examples
     return update, stats
+
+
+def _cores(cores: Mapping[str, Tensor], start: ClientStart | None) -> dict[str, Tensor]:
+    """Cores checked against the start they refer to: every module, each r×r."""
+    if start is None or not start.train_core:
+        raise MalformedRecord(f"{CORES}: this client was not asked to train cores")
+    if set(cores) != set(start.adapters):
+        raise MalformedRecord(f"{CORES}: modules {sorted(cores)} differ from the adapted ones")
+    for m, c in cores.items():
+        r = start.adapters[m].rank
+        if tuple(c.shape) != (r, r):
+            raise MalformedRecord(f"{CORES}: module {m!r} has a {tuple(c.shape)} core, expected ({r}, {r})")
+    return dict(cores)
 
 
 def encode_resync(through: int) -> RecordDict:

@@ -249,7 +249,7 @@ class FedLoraStrategy(Strategy):
         try:
             if decode_resync(reply.content) is not None:
                 return ClientResult(error=f"node {node} could not fold the base deltas it was sent")
-            update, stats = decode_update(reply.content, job.client.client_id)
+            update, stats = decode_update(reply.content, job.client.client_id, job.start)
             self.server.exp.aggregator.validate(self.state, [update])
         except (MalformedRecord, AggregationError) as e:
             return ClientResult(error=f"node {node} sent a bad update: {e}")

@@ -12,15 +12,17 @@ LoRA-SB takes its frames from an SVD of an approximate first full fine-tuning st
 the training data (the public code estimates it on the pooled data before federating). A server
 holds no data, so here the clients take that first step: one round of LoRA, aggregated exactly.
 
-The adapter carries B = U·R (m×r) and A = Vᵀ, so validation, weights, checkpoints and both
-transports work unchanged. A client trains R in the parametrisation B = Q·R' (Q an orthonormal
+The server's adapter holds B = U·R (m×r) and A = Vᵀ, so validation, weights and checkpoints
+work unchanged. A client trains R in the parametrisation B = Q·R' (Q an orthonormal
 basis of the B it receives, which spans U's columns while R is invertible; ``FedModel.
 restrict_B_to_span``), so an Adam step on R' differs from one on R only by a fixed rotation of
 R's rows. The server refuses an update whose A moved or whose B left span(U).
 
-Traffic: the paper sends R, r² numbers per module each way, the frames being fixed. fedlora's
-transport carries B = U·R and A (r·(m+n) down, FFA-LoRA's size; r·(m+n) up, as RoLoRA): the same
-model and aggregate, without the paper's compression of the wire.
+Traffic: the paper sends R, r² numbers per module each way, the frames being fixed. Upload here:
+r² per module too, the client's C with B_i = B_t·C_i (``ClientUpdate.cores``; B_t, the B it was
+sent, is known to the server, which rebuilds B_i = B_t·C_i in float64, ``core.adapter.from_frame``;
+the rebuilt B differs from the trained one by round-off times cond(R_t)). Download: B_t = U·R_t and
+A, r·(m+n) per module (FFA-LoRA's size), since a client sampled for the first time needs the frames.
 """
 
 from __future__ import annotations
