@@ -3,6 +3,8 @@ the server averages A; each client's own model is scored on a held-out split of 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +54,8 @@ def test_fedsa_clients_keep_their_own_B_and_report_their_own_models(tiny_models,
         want = sum(c["personal_accuracy"] * c["personal_n"] for c in mine) / sum(c["personal_n"] for c in mine)
         assert row["personal_accuracy"] == pytest.approx(want)
         assert [c["examples"] for c in mine] == [len(cl.indices) for cl in exp.clients]
+    summary = json.loads((run / "summary.json").read_text())  # what fedlora compare's personalised table reads
+    assert summary["personal_final"]["accuracy"] == pytest.approx(rows[-1]["personal_accuracy"])
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     local = ckpt["local"]
     assert set(local) == {"client0", "client1", "client2"}

@@ -128,3 +128,20 @@ def test_method_specs_with_config_overrides():
     from fedlora.config import load_config
 
     assert load_config(None, grid_overrides(Cell("ffa[train.lr=3e-3]", "iid", 0), [], "sst2")).train.lr == 3e-3
+
+
+def test_personalised_models_get_their_own_table(tmp_path):
+    """FedSA-LoRA's figure is the weighted mean of each client's own model, not a global model: a
+    separate table, with – for the methods that were not evaluated per client."""
+    results = _grid(tmp_path)
+    for cell, r in results.items():
+        if cell.method == "hexa":
+            r["personal_final"] = {"accuracy": 0.5 + cell.seed / 100}  # 50, 51, 52, 53, 54
+    text = write_report(results, tmp_path / "report", "t", baseline="fedit").read_text()
+    section = text.split("## Personalised models, final round")[1].split("## Compute")[0]
+    assert "| hexa | 52.00 ±" in section and "| fedit | – |" in section
+    rows = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert {r["personal_final_accuracy"] for r in rows if r["method"] == "hexa"} == {0.5, 0.51, 0.52, 0.53, 0.54}
+    for r in results.values():
+        r.pop("personal_final", None)
+    assert "Personalised" not in write_report(results, tmp_path / "report", "t", baseline="fedit").read_text()

@@ -42,6 +42,9 @@ def summarise(exp: Experiment, rows: list[dict[str, Any]]) -> dict[str, Any]:
     pick_best = min if exp.task.lower_is_better else max
     best = pick_best(evaluated, key=lambda r: r[primary]) if evaluated else {}
     pick = lambda r: {k[5:]: v for k, v in r.items() if k.startswith("eval_") and k != "eval_s"}  # noqa: E731
+    # fed.personal_eval: each client's own model on its held-out examples, weighted by their number
+    own = [{k[9:]: v for k, v in r.items() if k.startswith("personal_") and k != "personal_n"} for r in rows]
+    own = [o for o in own if o]
     cfg = exp.cfg
     return {
         "task": exp.task.name,
@@ -54,6 +57,7 @@ def summarise(exp: Experiment, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "final": pick(final),
         "best": pick(best),
         "best_round": best.get("round"),
+        **({"personal_final": own[-1]} if own else {}),
         "train_s": sum(r["train_s"] for r in rows),
         "aggregate_s": sum(r["aggregate_s"] for r in rows),
         "fold_s": sum(r["fold_s"] for r in rows),

@@ -23,7 +23,7 @@ __all__ = ["markdown_table", "paired_table", "compute_table", "plot_grid", "writ
 def _values(results: dict[Cell, dict], which: str, method: str, partition: str, scale: float) -> dict[int, float]:
     """{seed: value of the primary metric} of one method in one partition."""
     metric = next(iter(results.values()))["primary_metric"]
-    return {c.seed: r[which][metric] * scale for c, r in results.items() if c.method == method and c.partition == partition and metric in r[which]}
+    return {c.seed: r[which][metric] * scale for c, r in results.items() if c.method == method and c.partition == partition and metric in r.get(which, {})}
 
 
 def _lower_is_better(results: dict[Cell, dict]) -> bool:
@@ -133,6 +133,12 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
     for which, heading in (("best", "Best over rounds"), ("final", "Final round")):
         text += f"\n## {heading}\n\n" + markdown_table(results, which)
         text += f"\n### Paired difference from {baseline} ({which})\n\n" + paired_table(results, baseline, which)
+    if any("personal_final" in r for r in results.values()):
+        text += (
+            "\n## Personalised models, final round\n\nEach client's own model (FedSA-LoRA keeps B and the head on the client) "
+            "on examples of its own held out of its training (`fed.personal_eval`), the mean weighted by their number: what "
+            "FedSA-LoRA's published figures are, not one global model. Runs without personal evaluation show –.\n\n"
+        ) + markdown_table(results, "personal_final")
     text += "\n## Compute per run (mean)\n\n" + compute_table(results)
     atomic_write_text(out_dir / "results.md", text)
     rows = [
@@ -142,6 +148,7 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
             "seed": c.seed,
             **{f"best_{k}": v for k, v in r["best"].items()},
             **{f"final_{k}": v for k, v in r["final"].items()},
+            **{f"personal_final_{k}": v for k, v in r.get("personal_final", {}).items()},
             **{k: r[k] for k in ("train_s", "train_tokens", "train_steps", "aggregate_s") if k in r},
         }
         for c, r in results.items()
