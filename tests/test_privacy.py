@@ -159,6 +159,42 @@ def test_ffa_noise_stays_on_B_and_a_changed_A_is_refused():
         private_aggregate(agg, state, _updates(state), ClientDP(1.0, 1.0, 4.0), torch.Generator().manual_seed(0))
 
 
+def test_fedsb_first_round_is_fedex_like_then_noise_stays_on_its_r_by_r_core():
+    """Round 1 under DP: the noised mean of the products, exactly (adapters + base delta), and the
+    frame U fixed from it. Later rounds: without noise, B' = B + Σγ_i·U·Uᵀ(B_i − B)/D (reference);
+    with noise alone, B' − B = U·ξ_R lies in span(U), A never moves."""
+    agg = get_aggregator("fedsb", weighting="uniform")
+    state = agg.init_state(SHAPES, RANK, LoraSpec(alpha=RANK * SCALE), seed=0)
+    first = private_aggregate(agg, state, _updates(state), ClientDP(1.0, 0.5, 4.0), torch.Generator().manual_seed(0))
+    assert first.base_delta and set(first.extra["frame"]) == set(SHAPES)
+    for n, U in first.extra["frame"].items():
+        torch.testing.assert_close(U.double().T @ U.double(), torch.eye(RANK, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(U.double() @ (U.double().T @ first.adapters[n].B.double()), first.adapters[n].B.double(), atol=1e-5, rtol=0)
+    C, D = 0.5, 4.0
+    g = torch.Generator().manual_seed(3)
+    updates = []
+    for i, size in enumerate((0.3, 3.0, 0.05)):
+        ad = {}
+        for n, a in first.adapters.items():
+            U = first.extra["frame"][n]
+            ad[n] = Adapter(a.B + size * (U @ torch.randn(RANK, RANK, generator=g)) + 1e-4 * torch.randn(a.B.shape, generator=g), a.A, a.scale)
+        updates.append(ClientUpdate(f"c{i}", 10, ad))
+    new = private_aggregate(agg, first, updates, _noiseless(C, D), torch.Generator().manual_seed(0))
+    proj = {n: U.double() @ U.double().T for n, U in first.extra["frame"].items()}
+    norms = [math.sqrt(sum(float((proj[n] @ (u.adapters[n].B.double() - a.B.double())).square().sum()) for n, a in first.adapters.items())) for u in updates]
+    gam = [min(1.0, C / x) for x in norms]
+    assert gam[1] < 0.5 and gam[2] == 1.0
+    for n, a in first.adapters.items():
+        want = a.B.double() + sum(gm * (proj[n] @ (u.adapters[n].B.double() - a.B.double())) for gm, u in zip(gam, updates)) / D
+        torch.testing.assert_close(new.adapters[n].B.double(), want, atol=1e-6, rtol=0)
+        assert torch.equal(new.adapters[n].A, a.A)
+    noisy = private_aggregate(agg, first, [], ClientDP(C, 2.0, D), torch.Generator().manual_seed(1))
+    for n, a in first.adapters.items():
+        step = noisy.adapters[n].B.double() - a.B.double()
+        assert float(step.norm()) > 0.1 * 2.0 * C / D
+        torch.testing.assert_close(proj[n] @ step, step, atol=1e-5, rtol=0)
+
+
 def test_methods_without_a_mechanism_are_refused():
     state = _state()
     with pytest.raises(AggregationError, match="'hexa' has no client-level DP"):
@@ -192,7 +228,7 @@ def test_settings_that_break_the_guarantee_are_refused_before_training(tiny_mode
     assert not out.exists()
 
 
-@pytest.mark.parametrize("method", ["fedit", "ffa", "fra", "fedex"])
+@pytest.mark.parametrize("method", ["fedit", "ffa", "fra", "fedex", "fedsb"])
 def test_a_client_dp_run_reports_the_accountants_epsilon_every_round(tiny_models, tmp_path, method):
     over = overrides(tiny_models["bert"], tmp_path, fed__method=method, partition__num_clients=6, fed__fraction=0.5, fed__rounds=3, **DP)
     assert cli.main(["run", *over]) == 0

@@ -158,6 +158,11 @@ class Aggregator(ABC):
         (``core/privacy.py``: factors, B, dense, dense_exact), or None: no DP mechanism."""
         return None
 
+    def private_extra(self, state: ServerState, new: ServerState) -> dict[str, Any]:
+        """The method's ``extra`` after a client-level DP round (``core/privacy.py``), which
+        replaces ``_aggregate``: by default what it was."""
+        return dict(state.extra)
+
     def _max_client_rank(self, state: ServerState) -> int | None:
         return state.rank
 

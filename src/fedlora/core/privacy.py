@@ -27,10 +27,14 @@ Where δ_i lives decides what noise does to each method (``Aggregator.dp_space``
     so the noised mean M̃ = s·B·A + δ̃ is formed densely, once per module; its top-r SVD becomes
     the adapters (post-processing, FedPower's design). A fixed rank-r subspace of isotropic
     noise holds about r/min(m, n) of its energy: truncation removes the rest of the noise.
-``dense_exact`` (FedEx-LoRA)
+``dense_exact`` (FedEx-LoRA; Fed-SB's first round)
     As ``dense``, and the global model becomes exactly W0 + M̃: the top r of M̃ go into the
     adapters and the remainder, of rank up to min(m, n), into W0 as the base delta. Exact,
     but every client downloads a full-rank delta each round (as dense as full fine-tuning).
+``core`` (Fed-SB after its first round)
+    δ_i = (U·Uᵀ·(B_i − B), θ_i − θ): the change of B inside the fixed column space U, i.e. of
+    the r×r matrix R (‖U·ΔR‖_F = ‖ΔR‖_F), and ξ = U·ξ_R with ξ_R ~ N(0, z²C²·I_{r×r}): the
+    Gaussian mechanism on R itself, r² noised numbers per module whatever m. Exact, like ``B``.
 
 Methods without a space (HEXA, FLoRA, FlexLoRA, HetLoRA, FedHL) are refused under client DP:
 their aggregates are nonlinear in the updates or carry per-client state, and no sensitivity
@@ -54,7 +58,7 @@ from .state import ClientUpdate, ServerState
 
 __all__ = ["ClientDP", "DP_SPACES", "update_norm", "effective_update_norm", "private_aggregate"]
 
-DP_SPACES = ("factors", "B", "dense", "dense_exact")
+DP_SPACES = ("factors", "B", "dense", "dense_exact", "core")
 
 
 @dataclass(frozen=True)
@@ -69,25 +73,30 @@ def _product_increment(g: Adapter, a: Adapter) -> Factored:
     return Factored(torch.cat([a.scale * a.B, -g.scale * g.B], dim=1), torch.cat([a.A, g.A], dim=0))
 
 
-def _module_delta(space: str, g: Adapter, a: Adapter) -> list[Tensor] | Factored:
+def _module_delta(space: str, g: Adapter, a: Adapter, frame: Tensor | None = None) -> list[Tensor] | Factored:
     if space == "factors":
         return [a.B.double() - g.B.double(), a.A.double() - g.A.double()]
     if space == "B":
         return [a.B.double() - g.B.double()]
+    if space == "core":
+        U = frame.double()  # type: ignore[union-attr]
+        return [U @ (U.T @ (a.B.double() - g.B.double()))]
     return _product_increment(g, a)
 
 
 def update_norm(space: str, state: ServerState, update: ClientUpdate) -> float:
     """‖δ_i‖₂ over every module and dense parameter, in ``space`` (float64), from the global state."""
-    return effective_update_norm(state.adapters, state.dense, update, space)
+    return effective_update_norm(state.adapters, state.dense, update, space, state.extra.get("frame"))
 
 
-def effective_update_norm(start: Mapping[str, Adapter], dense: Mapping[str, Tensor], update: ClientUpdate, space: str = "dense") -> float:
+def effective_update_norm(
+    start: Mapping[str, Adapter], dense: Mapping[str, Tensor], update: ClientUpdate, space: str = "dense", frames: Mapping[str, Tensor] | None = None
+) -> float:
     """‖δ_i‖₂ of ``update`` against the point it started from (its ``ClientStart``'s adapters and
     dense parameters): in the ``dense`` space ‖s_i·B_i·A_i − s·B·A‖_F per module from the factors."""
     sq = 0.0
     for name, g in start.items():
-        d = _module_delta(space, g, update.adapters[name])
+        d = _module_delta(space, g, update.adapters[name], frames[name] if frames else None)
         if isinstance(d, Factored):
             sq += max(d.inner(d), 0.0)
         else:
@@ -107,7 +116,7 @@ def private_aggregate(aggregator: Aggregator, state: ServerState, updates: Seque
     split = getattr(aggregator, "split", "sqrt")
     if updates:
         aggregator.validate(state, updates)
-    if space == "B":
+    if space in ("B", "core"):
         check_frozen_A(state, list(updates), 1e-6)  # the noise bound covers B only
     norms = [update_norm(space, state, u) for u in updates]
     for u, n in zip(updates, norms):
@@ -135,6 +144,11 @@ def private_aggregate(aggregator: Aggregator, state: ServerState, updates: Seque
             )
         elif space == "B":
             adapters[name] = Adapter(noised_mean(g.B, [a.B.double() - g.B.double() for a in mine]), g.A.clone(), g.scale)
+        elif space == "core":  # each δ_i projected on span(U) (nothing outside it is released), noise U·ξ_R
+            U = state.extra["frame"][name].double()
+            deltas = [U @ (U.T @ (a.B.double() - g.B.double())) for a in mine]
+            total = sum((gm * d for gm, d in zip(gammas, deltas)), torch.zeros(g.B.shape, dtype=torch.float64))
+            adapters[name] = Adapter((g.B.double() + (total + U @ noise((g.rank, g.rank))) / D).to(g.B.dtype), g.A.clone(), g.scale)
         else:
             increments = [_product_increment(g, a) for a in mine]
             summed = Factored.stack(increments, gammas).dense(torch.float64) if increments else torch.zeros(g.shape, dtype=torch.float64)
@@ -156,4 +170,5 @@ def private_aggregate(aggregator: Aggregator, state: ServerState, updates: Seque
     }
     if space in ("dense", "dense_exact") and kept + removed > 0:
         info["dp_truncated_energy"] = removed / (kept + removed)  # of M̃; the noise's share of it is the larger part at small ε
-    return state.evolve(round=state.round + 1, adapters=adapters, base_delta=base_delta, dense=dense, info=info)
+    new = state.evolve(round=state.round + 1, adapters=adapters, base_delta=base_delta, dense=dense, info=info)
+    return new.evolve(extra=aggregator.private_extra(state, new))

@@ -16,7 +16,8 @@ The server's adapter holds B = U·R (m×r) and A = Vᵀ, so validation, weights 
 work unchanged. A client trains R in the parametrisation B = Q·R' (Q an orthonormal
 basis of the B it receives, which spans U's columns while R is invertible; ``FedModel.
 restrict_B_to_span``), so an Adam step on R' differs from one on R only by a fixed rotation of
-R's rows. The server refuses an update whose A moved or whose B left span(U).
+R's rows. The server refuses an update whose A moved or whose B left span(U). Client-level DP: round 1
+as FedEx-LoRA's, then Gaussian noise on R only (``core/privacy.py``, space ``core``).
 
 Traffic: the paper sends R, r² numbers per module each way, the frames being fixed. Upload here:
 r² per module too, the client's C with B_i = B_t·C_i (``ClientUpdate.cores``; B_t, the B it was
@@ -27,6 +28,7 @@ A, r·(m+n) per module (FFA-LoRA's size), since a client sampled for the first t
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..adapter import Adapter, adapter_from_svd, module_generator
@@ -44,6 +46,8 @@ class FedSB(Aggregator):
     exact = True
     local_dp = False  # R is trained through a parametrisation Opacus's per-example hooks do not see
 
+    split = "B"  # round 1 (and its DP form): B = U·Σ/s, A = Vᵀ with orthonormal rows
+
     def __init__(self, weighting: str = "data_size", frozen_rtol: float = 1e-6, span_rtol: float = 1e-3):
         super().__init__(weighting)
         if not 0 < span_rtol < 1:
@@ -60,6 +64,17 @@ class FedSB(Aggregator):
         if not self.initialised(state):  # round 1: ordinary LoRA, the step the frames come from
             return start
         return ClientStart(adapters=start.adapters, dense=start.dense, train_A=False, train_core=True)
+
+    def dp_space(self, state: ServerState) -> str:
+        """Client-level DP: round 1 as FedEx-LoRA (noised mean of the products, top r into the
+        adapters, the rest into W0), then noise on R only (``core``: r² numbers per module)."""
+        return "core" if self.initialised(state) else "dense_exact"
+
+    def private_extra(self, state: ServerState, new: ServerState) -> dict:
+        if self.initialised(state):
+            return dict(state.extra)
+        # the DP first round's B = U·Σ/s: U is B with unit columns (Σ > 0: the noised mean has full rank)
+        return {"frame": {n: a.B / a.B.norm(dim=0).clamp_min(torch.finfo(a.B.dtype).tiny) for n, a in new.adapters.items()}}
 
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
         if not self.initialised(state):
