@@ -141,9 +141,10 @@ def test_run_config_round_trips_lists_and_options():
         ("rolora", []),  # B-rounds and A-rounds: the frozen factor must stay frozen on the node
         ("fedsvd", []),
         ("fedsb", []),  # round 1 fixes the frames, then nodes train only R inside them (a refused update would drop)
+        ("fedsb", ["fed.fraction=0.67", "privacy.mode=client", "fed.weighting=uniform", "privacy.noise_multiplier=0.3", "privacy.delta=1e-3"]),
         ("fedsa", ["fed.personal_eval=0.25"]),  # B and head kept on the node (context.state), personal metrics
     ],
-    ids=["fedex", "fedex-bf16", "hexa", "fedex-factored", "fedex-client-dp", "hexa-local-dp", "rolora", "fedsvd", "fedsb", "fedsa-personal"],
+    ids=["fedex", "fedex-bf16", "hexa", "fedex-factored", "fedex-client-dp", "hexa-local-dp", "rolora", "fedsvd", "fedsb", "fedsb-client-dp", "fedsa-personal"],
 )
 def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
     """Same seed → the same global adapters, heads and metrics as the in-process engine.
