@@ -110,9 +110,9 @@ def evaluate_export(exp: Experiment, cfg: RunConfig, folder: Path) -> dict[str, 
     import numpy as np
     from peft import PeftModel
 
-    from ..models.hub import load_causal_lm, load_pretrained
+    from ..models.hub import load_base
 
-    base = load_causal_lm(cfg.model.name)[0] if exp.causal else load_pretrained(cfg.model.name, exp.task.num_labels, exp.task.is_regression)[0]
+    base = load_base(cfg.model.name, exp.task.num_labels, exp.task.is_regression, exp.causal)
     with quiet_peft():
         model = PeftModel.from_pretrained(base, str(folder)).to(exp.fm.placement.device).eval()
     indices = np.arange(len(exp.eval.labels))

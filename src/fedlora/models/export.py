@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..core import Factored
-from .hub import load_causal_lm, load_pretrained
+from ..core import SVD, Factored
+from .hub import load_base
 from .lora import HEAD_MODULES, FedModel
 
 __all__ = ["export_peft_adapter", "ExportReport"]
@@ -85,7 +85,7 @@ def export_peft_adapter(
     from peft import LoraConfig, get_peft_model
 
     factors: dict[str, tuple[Tensor, Tensor]] = {}
-    merged: dict[str, Factored] = {}
+    merged: dict[str, SVD] = {}
     total_sq, dropped_sq, numbers = 0.0, 0.0, 0
     for name, delta in total_delta.items():
         m, n = delta.shape
@@ -96,18 +96,18 @@ def export_peft_adapter(
             dropped_sq += float(energy[rank_limit:].sum())
             svd = svd.truncate(rank_limit)
         if svd.rank * (m + n) >= m * n:
-            merged[name], numbers = svd.factored(), numbers + m * n
+            merged[name], numbers = svd, numbers + m * n
         elif svd.rank == 0:  # an untouched module still needs a (zero) rank-1 adapter
             factors[name], numbers = (torch.zeros(m, 1), torch.zeros(1, n)), numbers + m + n
         else:
             factors[name], numbers = (svd.U * svd.S, svd.Vh), numbers + svd.rank * (m + n)
     if not factors:  # peft needs one LoRA target: the lowest-rank module stays factored (exact either way)
-        name = min(merged, key=lambda k: merged[k].inner_dim)
-        svd = merged.pop(name).svd(rtol=rtol)
+        name = min(merged, key=lambda k: merged[k].rank)
+        svd = merged.pop(name)  # its SVD is kept: nothing is recomputed
         (m, n), k = total_delta[name].shape, svd.rank
         factors[name], numbers = (svd.U * svd.S, svd.Vh), numbers - m * n + k * (m + n)
     ranks = {name: B.shape[1] for name, (B, _) in factors.items()}
-    base = load_causal_lm(model_path)[0] if causal else load_pretrained(model_path, num_labels, regression)[0]
+    base = load_base(model_path, num_labels, regression, causal)
     heads = sorted({k.split(".")[0] for k in dense} & set(HEAD_MODULES))
     top = max(ranks.values())
     config = LoraConfig(
@@ -129,9 +129,9 @@ def export_peft_adapter(
         layer.lora_B["default"].weight.copy_(B)
         layer.lora_A["default"].weight.copy_(A)
         assert abs(layer.scaling["default"] - 1.0) < 1e-9, layer.scaling
-    for name, delta in merged.items():
+    for name, svd in merged.items():
         copy = modules[name].modules_to_save["default"]
-        d = delta.dense().to(copy.weight.dtype)
+        d = svd.factored().dense().to(copy.weight.dtype)
         copy.weight.add_(d.T if fm.layers[name].fan_in_fan_out else d)  # Conv1D stores W as (in, out)
     params = dict(peft.base_model.model.named_parameters())
     for key, value in dense.items():

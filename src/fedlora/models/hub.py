@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "load_base",
     "ModelError",
     "SHORT_NAMES",
     "resolve_model",
@@ -173,6 +174,12 @@ def load_pretrained(name: str, num_labels: int, regression: bool = False, loadin
         model = AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True, **(loading or {}))
     _ensure_pad(model, tokenizer)
     return model, tokenizer
+
+
+def load_base(name: str, num_labels: int, regression: bool, causal: bool):
+    """The pretrained model a run adapts, as a user reloads it: a causal LM, or a classifier with
+    the task's head (what an exported adapter folder is applied to)."""
+    return load_causal_lm(name)[0] if causal else load_pretrained(name, num_labels, regression)[0]
 
 
 def load_causal_lm(name: str, loading: dict | None = None):
