@@ -254,33 +254,40 @@ def test_flexlora_global_and_downloads(rslora, split):
 
 
 # --------------------------------------------------------------------- FedHL
+# Wide enough that W_t's basis plus the clients' Σ r_i = 30 columns fit (a + b ≤ min(m, n)) for
+# three rounds: SVD.plus takes its basis-update path instead of falling back to a stacked SVD.
+WIDE_SHAPES = {"q": (96, 100), "fc": (128, 96)}
+
+
 @pytest.mark.parametrize(
-    "alpha,rslora,weighting,split",
+    "alpha,rslora,weighting,split,shapes",
     [
-        (16.0, False, "uniform", "B"),
-        (8.0, True, "uniform", "B"),
-        (16.0, False, "data_size", "B"),
-        (8.0, True, "data_size", "sqrt"),
+        (16.0, False, "uniform", "B", MIXED_SHAPES),
+        (8.0, True, "uniform", "B", MIXED_SHAPES),
+        (16.0, False, "data_size", "B", MIXED_SHAPES),
+        (8.0, True, "data_size", "sqrt", MIXED_SHAPES),
+        (16.0, False, "data_size", "B", WIDE_SHAPES),
+        (8.0, True, "uniform", "sqrt", WIDE_SHAPES),
     ],
 )
-def test_fedhl_three_rounds_dense(alpha, rslora, weighting, split):
+def test_fedhl_three_rounds_dense(alpha, rslora, weighting, split, shapes):
     eps = 1e-6
     times_data_size = weighting == "data_size"
-    agg, state = make("fedhl", MIXED_SHAPES, rank=16, alpha=alpha, rslora=rslora, weighting=weighting, split=split)
-    W = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in MIXED_SHAPES.items()}
+    agg, state = make("fedhl", shapes, rank=16, alpha=alpha, rslora=rslora, weighting=weighting, split=split)
+    W = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()}
     q = ref.data_weights(NS)
     for t in range(3):
         rnd = run_round(agg, state, MIXED_RANKS, NS, seed=t, noise=0.5)
         # downloads: s_i·B·A = W_t^{r_i}
         for s, r in zip(rnd.starts, MIXED_RANKS):
-            for name in MIXED_SHAPES:
+            for name in shapes:
                 a = s.adapters[name]
                 assert a.rank == r and a.scale == pytest.approx(ref.lora_scale(alpha, r, rslora))
                 if t == 0:
                     assert ref.frob(P(a)) == 0.0
                 else:
                     assert ref.rel_err(P(a), ref.top_r(W[name], r)) < 1e-5
-        r_hat = [sum(ref.tail_energy(W[name], r) for name in MIXED_SHAPES) for r in MIXED_RANKS]
+        r_hat = [sum(ref.tail_energy(W[name], r) for name in shapes) for r in MIXED_RANKS]
         raw = [1.0 / (x * x + eps) for x in r_hat]
         if times_data_size:
             raw = [a * b for a, b in zip(raw, q)]
@@ -293,11 +300,8 @@ def test_fedhl_three_rounds_dense(alpha, rslora, weighting, split):
         info = rnd.new.info
         assert info["truncation_errors"] == pytest.approx(r_hat, rel=1e-4, abs=1e-9)
         assert info["fedhl_weights"] == pytest.approx(p, rel=1e-4)
-        W = {
-            name: W[name] + ref.weighted_sum([P(u.adapters[name]) - ref.top_r(W[name], r) for u, r in zip(rnd.updates, MIXED_RANKS)], p)
-            for name in MIXED_SHAPES
-        }
-        for name in MIXED_SHAPES:
+        W = {name: W[name] + ref.weighted_sum([P(u.adapters[name]) - ref.top_r(W[name], r) for u, r in zip(rnd.updates, MIXED_RANKS)], p) for name in shapes}
+        for name in shapes:
             assert ref.rel_err(fdense(agg.global_delta(rnd.new)[name]), W[name]) < 1e-5
             assert rnd.new.base_delta == {}
         state = rnd.new

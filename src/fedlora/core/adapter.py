@@ -103,6 +103,18 @@ def from_frame(B_start: Tensor, C: Tensor) -> Tensor:
     return (B_start.double() @ C.double()).float()
 
 
+def split_scales(S: Tensor, scale: float, split: str) -> tuple[Tensor, Tensor]:
+    """(d_B, d_A) with s·diag(d_B)·diag(d_A) = diag(S): B = U·diag(d_B), A = diag(d_A)·Vh for
+    ``split`` "B" (d_B = S/s, d_A = 1) or "sqrt" (both √(S/s)); see :func:`adapter_from_svd`."""
+    S = S.clamp_min(0) / scale
+    if split == "B":
+        return S, torch.ones_like(S)
+    if split == "sqrt":
+        root = S.sqrt()
+        return root, root
+    raise ValueError(f"unknown singular-value split {split!r}; use 'B' or 'sqrt'")
+
+
 def adapter_from_svd(
     svd: SVD,
     rank: int,
@@ -125,14 +137,8 @@ def adapter_from_svd(
     m, n = svd.U.shape[0], svd.Vh.shape[1]
     top = svd.truncate(rank)
     k = top.rank
-    S = top.S.clamp_min(0) / scale
-    if split == "B":
-        B, A = top.U * S, top.Vh
-    elif split == "sqrt":
-        root = S.sqrt()
-        B, A = top.U * root, root[:, None] * top.Vh
-    else:
-        raise ValueError(f"unknown singular-value split {split!r}; use 'B' or 'sqrt'")
+    dB, dA = split_scales(top.S, scale, split)
+    B, A = top.U * dB, dA[:, None] * top.Vh
     if k < rank:
         fill = init_adapter((m, n), rank - k, scale, generator, dtype=svd.U.dtype)
         B = torch.cat([B, fill.B], dim=1)

@@ -52,17 +52,29 @@ class SVD:
         """‖M − M_rank‖_F² = Σ_{j>rank} σ_j²."""
         return float(self.S[rank:].double().square().sum())
 
-    def plus(self, weights: Tensor, update: Factored, rank: int | None = None, rtol: float | None = None) -> SVD:
+    def plus(
+        self,
+        weights: Tensor,
+        update: Factored,
+        rank: int | None = None,
+        rtol: float | None = None,
+        in_basis: tuple[Tensor, Tensor] | None = None,
+    ) -> SVD:
         """The thin SVD of U·diag(w)·Vh + L·R, reusing this SVD's orthonormal U and Vh.
 
         A QR of the stacked factors [U·diag(w), L] would redo the orthogonalisation U already has.
         Instead only L's part outside span(U) is orthogonalised (classical Gram–Schmidt against
-        U, twice, then a thin QR of what is left), and likewise Rᵀ against V:
+        U, a second pass where the first cancelled most of a column, then a thin QR of what is
+        left), and likewise Rᵀ against V:
 
             L = [U, Q_X]·[[I, C], [0, T_X]],   C = Uᵀ·L,  X = L − U·C = Q_X·T_X
             Rᵀ = [V, Q_Y]·[[I, E], [0, T_Y]],  E = Vᵀ·Rᵀ, Y = Rᵀ − V·E = Q_Y·T_Y
             U·diag(w)·Vh + L·R = [U, Q_X]·core·[V, Q_Y]ᵀ,
             core = [[diag(w), C], [0, T_X]]·[[I, E], [0, T_Y]]ᵀ   (a+b)², its SVD in float64
+
+        ``in_basis = (P, E₀)``, when the caller knows them: L = U·P + L', Rᵀ = V·E₀ + R'ᵀ with
+        ``update`` holding (L', R') (FedHL: a client's start is U's own columns, its change is
+        L'); then C = P + Uᵀ·L' and only the changes are projected, which seldom cancel.
 
         The projections are GEMMs, so with a = rank(U), b = inner dim of L·R, the QR work falls from
         that of m×(a+b) to m×b (FedHL's global update: a grows by Σ r_i every round). Directions
@@ -71,11 +83,17 @@ class SVD:
         """
         (m, a), (b, n) = self.U.shape, update.R.shape
         if a == 0 or b == 0 or a + b > min(m, n):
-            return Factored.stack([Factored(self.U * weights.to(self.U.dtype), self.Vh), update]).svd(rank=rank, rtol=rtol)
+            full = update
+            if in_basis is not None:
+                P, E0 = in_basis
+                full = Factored(update.L + self.U @ P.to(update.L.dtype), (self.Vh.T @ E0.to(update.R.dtype) + update.R.T).T)
+            return Factored.stack([Factored(self.U * weights.to(self.U.dtype), self.Vh), full]).svd(rank=rank, rtol=rtol)
         dtype, U, V = self.U.dtype, self.U, self.Vh.T
         L, Rt = update.L.to(dtype), update.R.T.to(dtype)
         C, X = _project_out(U, L)
         E, Y = _project_out(V, Rt)
+        if in_basis is not None:
+            C, E = C + in_basis[0].to(dtype), E + in_basis[1].to(dtype)
         QX, TX = torch.linalg.qr(X)  # explicit Q: two GEMMs below beat applying reflectors to (a+b) columns
         QY, TY = torch.linalg.qr(Y)
         TL = torch.zeros(a + b, a + b, dtype=torch.float64)
@@ -94,12 +112,15 @@ class SVD:
 
 
 def _project_out(Q: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
-    """(C, X − Q·C) with C = Qᵀ·X for orthonormal Q: classical Gram–Schmidt, twice ("twice is
-    enough": the second pass removes what round-off left of span(Q) after the first)."""
+    """(C, X − Q·C) with C = Qᵀ·X for orthonormal Q: classical Gram–Schmidt, and a second pass
+    when the first removed more than half of some column's norm ("twice is enough": after such a
+    cancellation round-off leaves a part in span(Q) that the second pass removes)."""
     C = Q.T @ X
-    X = X - Q @ C
-    C2 = Q.T @ X
-    return C + C2, X - Q @ C2
+    Y = X - Q @ C
+    if bool((Y.norm(dim=0) < 0.5 * X.norm(dim=0)).any()):
+        C2 = Q.T @ Y
+        return C + C2, Y - Q @ C2
+    return C, Y
 
 
 def _kept(S: Tensor, rank: int | None, rtol: float | None) -> int:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..adapter import split_scales
 from ..aggregator import RoundOutput
 from ..factored import SVD, Factored
 from ..registry import register
@@ -65,8 +66,27 @@ class FedHL(SVDGlobal):
             ranks = torch.tensor([u.adapters[name].rank for u in updates])
             j = torch.arange(svd.rank)
             kept = 1.0 - (q[:, None] * (j[None, :] < ranks[:, None])).sum(0)  # 1 − Σ_i p_i·1[j<r_i]
-            clients = Factored.stack([u.adapters[name].delta() for u in updates], q.tolist())
-            return svd.plus(svd.S.double() * kept, clients, rank=self.max_rank, rtol=self.rtol)  # W_t's basis reused
+            # Each client's factors = its start (U's and Vh's own leading directions, scaled as
+            # svd_download scaled them) + its change: only the changes need orthogonalising.
+            a = svd.rank
+            Ls, Rs, Ps, Es = [], [], [], []
+            for u, qi in zip(updates, q.tolist()):
+                ad = u.adapters[name]
+                k = min(ad.rank, a)
+                dB, dA = split_scales(svd.S[:k], ad.scale, self.split)
+                B, A = ad.B.clone(), ad.A.clone()
+                B[:, :k] -= svd.U[:, :k] * dB
+                A[:k] -= dA[:, None] * svd.Vh[:k]
+                P, E = torch.zeros(a, ad.rank, dtype=B.dtype), torch.zeros(a, ad.rank, dtype=B.dtype)
+                P[:k, :k], E[:k, :k] = torch.diag(dB), torch.diag(dA)
+                c = qi * ad.scale
+                Ls.append(c * B)
+                Rs.append(A)
+                Ps.append(c * P)
+                Es.append(E)
+            changes = Factored(torch.cat(Ls, dim=1), torch.cat(Rs, dim=0))
+            in_basis = (torch.cat(Ps, dim=1), torch.cat(Es, dim=1))
+            return svd.plus(svd.S.double() * kept, changes, rank=self.max_rank, rtol=self.rtol, in_basis=in_basis)  # W_t's basis reused
 
         svds = per_module(module, state.extra["global"])
         nxt = state.evolve(round=state.round + 1)
