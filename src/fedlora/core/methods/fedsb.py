@@ -14,8 +14,8 @@ holds no data, so here the clients take that first step: one round of LoRA, aggr
 
 The server's adapter holds B = U·R (m×r) and A = Vᵀ, so validation, weights and checkpoints
 work unchanged. A client trains R in the parametrisation B = Q·R' (Q an orthonormal
-basis of the B it receives, which spans U's columns while R is invertible; ``FedModel.
-restrict_B_to_span``), so an Adam step on R' differs from one on R only by a fixed rotation of
+basis of the B it receives, which spans U's columns while R is invertible;
+``FedModel.B_in_span``), so an Adam step on R' differs from one on R only by a fixed rotation of
 R's rows. The server refuses an update whose A moved or whose B left span(U). Client-level DP: round 1
 as FedEx-LoRA's, then Gaussian noise on R only (``core/privacy.py``, space ``core``).
 
