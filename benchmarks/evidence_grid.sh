@@ -64,6 +64,6 @@ case $part in
       --partitions dirichlet:0.1 --seeds "$seeds" --baseline "hexa[$lr]" --out results/evidence/ablation --title "HEXA ablation, SST-2, Dirichlet(0.1)" ;;
   newer)
     grid sst2 --methods "fedsvd[train.lr=1e-2],rolora[$lr],fedsb[$lr],fedsa[fed.personal_eval=0.1,$lr],fedex[$lr],fedit[$lr]" --partitions "iid,dirichlet:0.1" --seeds "$seeds" \
-      --baseline "fedit[$lr]" --out results/evidence/newer --title "SST-2: FedSVD, RoLoRA, Fed-SB beside FedEx and FedIT" ;;
+      --baseline "fedit[$lr]" --out results/evidence/newer --title "SST-2: FedSVD, RoLoRA, Fed-SB, FedSA-LoRA beside FedEx and FedIT" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
