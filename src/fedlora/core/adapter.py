@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,12 @@ def split_scales(S: Tensor, scale: float, split: str) -> tuple[Tensor, Tensor]:
         root = S.sqrt()
         return root, root
     raise ValueError(f"unknown singular-value split {split!r}; use 'B' or 'sqrt'")
+
+
+def rebuilt_from_cores(start: Mapping[str, Adapter], cores: Mapping[str, Tensor]) -> dict[str, Adapter]:
+    """Fed-SB's upload read back against the adapters the client was sent: B = B_start·C per
+    module (:func:`from_frame`), A and the scaling as sent."""
+    return {m: Adapter(from_frame(a.B, cores[m]), a.A, a.scale) for m, a in start.items()}
 
 
 def adapter_from_svd(

@@ -146,7 +146,7 @@ def private_aggregate(aggregator: Aggregator, state: ServerState, updates: Seque
             adapters[name] = Adapter(noised_mean(g.B, [a.B.double() - g.B.double() for a in mine]), g.A.clone(), g.scale)
         elif space == "core":  # each δ_i projected on span(U) (nothing outside it is released), noise U·ξ_R
             U = state.extra["frame"][name].double()
-            deltas = [U @ (U.T @ (a.B.double() - g.B.double())) for a in mine]
+            deltas = [_module_delta(space, g, a, U)[0] for a in mine]  # type: ignore[index]
             total = sum((gm * d for gm, d in zip(gammas, deltas)), torch.zeros(g.B.shape, dtype=torch.float64))
             adapters[name] = Adapter((g.B.double() + (total + U @ noise((g.rank, g.rank))) / D).to(g.B.dtype), g.A.clone(), g.scale)
         else:

@@ -10,7 +10,7 @@ import torch
 
 from ..config import TrainConfig
 from ..core import Adapter, ClientStart, ClientUpdate
-from ..core.adapter import from_frame, in_frame
+from ..core.adapter import in_frame, rebuilt_from_cores
 from ..core.bandwidth import transport_update
 from ..models import FedModel
 from .dp_sgd import LocalDP, train_local_dp
@@ -91,10 +91,5 @@ def run_client(
     )
     update = transport_update(update, transport)
     if cores:  # what the server holds: B rebuilt from the C that travelled, A as sent
-        update = replace(update, adapters=rebuilt_adapters(start, update.cores))
+        update = replace(update, adapters=rebuilt_from_cores(start.adapters, update.cores))
     return update, stats
-
-
-def rebuilt_adapters(start: ClientStart, cores) -> dict[str, Adapter]:
-    """Fed-SB's upload read back: B = B_start·C per module, A and the scaling as sent."""
-    return {m: Adapter(from_frame(a.B, cores[m]), a.A, a.scale) for m, a in start.adapters.items()}

@@ -39,7 +39,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from ..core import Adapter, ClientStart, ClientUpdate, Factored
-from ..core.adapter import from_frame
+from ..core.adapter import rebuilt_from_cores
 
 __all__ = [
     "encode_start",
@@ -228,7 +228,7 @@ def decode_update(content: RecordDict, client_id: str, start: ClientStart | None
     cores: dict[str, Tensor] = {}
     if CORES in content.array_records:
         cores = _cores(_tensors(content, CORES), start)
-        adapters = {m: Adapter(from_frame(a.B, cores[m]), a.A, a.scale) for m, a in start.adapters.items()}  # type: ignore[union-attr]
+        adapters = rebuilt_from_cores(start.adapters, cores)  # type: ignore[union-attr]
     else:
         adapters = _get_adapters(content)
     update = ClientUpdate(client_id=client_id, num_examples=n, adapters=adapters, dense=_tensors(content, DENSE), label_counts=counts, cores=cores)
