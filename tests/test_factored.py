@@ -348,3 +348,45 @@ def test_svd_plus_falls_back_when_the_basis_would_outgrow_the_matrix():
     empty = SVD(torch.zeros(m, 0), torch.zeros(0), torch.zeros(0, n))
     got = empty.plus(torch.zeros(0, dtype=torch.float64), fac(m, 3, n, seed=13), rtol=1e-7)
     assert ref.rel_err(ref.d(got.U) * ref.d(got.S) @ ref.d(got.Vh), D(fac(m, 3, n, seed=13))) < 1e-5
+
+
+# ------------------------------------------------ top_svd (the top-r SVD from float64 Grams)
+def near_collinear(m, n, K, r, eps, seed):
+    """K clients' factors B0 + ε·noise, A0 + ε·noise stacked, as an exact method's M = Σ_i B_i·A_i."""
+    B0, A0 = rnd(m, r, seed=seed), rnd(r, n, seed=seed + 1)
+    Ls = [B0 + eps * rnd(m, r, seed=seed + 10 + i) for i in range(K)]
+    Rs = [A0 + eps * rnd(r, n, seed=seed + 50 + i) for i in range(K)]
+    return Factored(torch.cat(Ls, 1), torch.cat(Rs, 0))
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        fac(40, 12, 30, seed=1),
+        near_collinear(60, 45, 5, 4, 1e-3, seed=2),  # clients that barely moved: the Grams are ill-conditioned
+        near_collinear(60, 45, 5, 4, 1e-5, seed=3),
+        deficient(50, 40, 3, 10, seed=4),  # duplicate directions: singular Grams
+        Factored(torch.cat([rnd(30, 4, seed=5)] * 3, 1), rnd(12, 25, seed=6)),  # identical columns
+    ],
+)
+@pytest.mark.parametrize("r", [1, 4])
+def test_top_svd_is_the_dense_top_r(f, r):
+    M = D(f)
+    got = f.top_svd(r)
+    S_ref = ref.singular_values(M)
+    k = got.rank
+    assert k == min(r, int((S_ref > 1e-7 * S_ref[0]).sum()))
+    assert torch.allclose(ref.d(got.S), S_ref[:k], rtol=0, atol=1e-5 * float(S_ref[0]))
+    assert ref.rel_err((ref.d(got.U) * ref.d(got.S)) @ ref.d(got.Vh), ref.top_r(M, k)) < 1e-5
+    eye = torch.eye(k, dtype=torch.float64)
+    assert (ref.d(got.U).T @ ref.d(got.U) - eye).abs().max() < 1e-5
+    assert (ref.d(got.Vh) @ ref.d(got.Vh).T - eye).abs().max() < 1e-5
+    # the caller's Grams give the same result as the ones it computes
+    G = (ref.d(f.L).T @ ref.d(f.L), ref.d(f.R) @ ref.d(f.R).T)
+    assert torch.equal(f.top_svd(r, grams=G).S, got.S)
+
+
+def test_top_svd_of_zero_is_empty():
+    for f in (Factored.zeros(6, 5), Factored(torch.zeros(6, 3), rnd(3, 5, seed=0))):
+        got = f.top_svd(2)
+        assert got.rank == 0 and got.U.shape == (6, 0) and got.Vh.shape == (0, 5)

@@ -6,6 +6,7 @@ and Flower) call into this package and nothing else for aggregation.
 
 from .adapter import Adapter, LoraSpec, init_adapter
 from .aggregator import Aggregator
+from .basis_svd import BasisSVD
 from .errors import AggregationError, UpdateError
 from .factored import SVD, Factored, pairwise_inner
 from .fold import fold_delta
@@ -24,6 +25,7 @@ __all__ = [
     "AggregationError",
     "UpdateError",
     "SVD",
+    "BasisSVD",
     "Factored",
     "pairwise_inner",
     "fold_delta",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .basis_svd import BasisSVD
 from .factored import SVD, Factored
 
 __all__ = ["LoraSpec", "Adapter", "init_adapter", "adapter_from_svd", "module_generator"]
@@ -123,7 +124,7 @@ def rebuilt_from_cores(start: Mapping[str, Adapter], cores: Mapping[str, Tensor]
 
 
 def adapter_from_svd(
-    svd: SVD,
+    svd: SVD | BasisSVD,
     rank: int,
     scale: float,
     split: str,
@@ -141,13 +142,13 @@ def adapter_from_svd(
     a fresh peft initialisation (A random, B = 0): the product is unchanged,
     but every component can still learn.
     """
-    m, n = svd.U.shape[0], svd.Vh.shape[1]
+    m, n = svd.shape
     top = svd.truncate(rank)
     k = top.rank
     dB, dA = split_scales(top.S, scale, split)
     B, A = top.U * dB, dA[:, None] * top.Vh
     if k < rank:
-        fill = init_adapter((m, n), rank - k, scale, generator, dtype=svd.U.dtype)
+        fill = init_adapter((m, n), rank - k, scale, generator, dtype=top.U.dtype)
         B = torch.cat([B, fill.B], dim=1)
         A = torch.cat([A, fill.A], dim=0)
     return Adapter(B, A, scale)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Factored", "SVD", "pairwise_inner"]
+__all__ = ["Factored", "SVD", "pairwise_inner", "stacked_grams"]
 
 
 @dataclass(frozen=True)
@@ -88,27 +88,55 @@ class SVD:
                 P, E0 = in_basis
                 full = Factored(update.L + self.U @ P.to(update.L.dtype), (self.Vh.T @ E0.to(update.R.dtype) + update.R.T).T)
             return Factored.stack([Factored(self.U * weights.to(self.U.dtype), self.Vh), full]).svd(rank=rank, rtol=rtol)
-        dtype, U, V = self.U.dtype, self.U, self.Vh.T
-        L, Rt = update.L.to(dtype), update.R.T.to(dtype)
-        C, X = _project_out(U, L)
-        E, Y = _project_out(V, Rt)
-        if in_basis is not None:
-            C, E = C + in_basis[0].to(dtype), E + in_basis[1].to(dtype)
-        QX, TX = torch.linalg.qr(X)  # explicit Q: two GEMMs below beat applying reflectors to (a+b) columns
-        QY, TY = torch.linalg.qr(Y)
-        TL = torch.zeros(a + b, a + b, dtype=torch.float64)
-        TL[:a, :a] = torch.diag(weights.double())
-        TL[:a, a:] = C.double()
-        TL[a:, a:] = TX.double()
-        TR = torch.eye(a + b, dtype=torch.float64)
-        TR[:a, a:] = E.double()
-        TR[a:, a:] = TY.double()
-        Uc, S, Vch = torch.linalg.svd(TL @ TR.T, full_matrices=False)
-        keep = _kept(S, rank, rtol)
-        Uk, Vk = Uc[:, :keep].to(dtype), Vch[:keep].T.to(dtype)
-        U_new = torch.addmm(U @ Uk[:a], QX, Uk[a:])
-        V_new = torch.addmm(V @ Vk[:a], QY, Vk[a:])
-        return SVD(U_new, S[:keep].to(dtype), V_new.T.contiguous())
+        eye = torch.eye(a, dtype=torch.float64)
+        QX, Uk, S, QY, Vk = extend_basis(self.U, eye, weights, eye, self.Vh.T, update, rank, rtol, in_basis)
+        dtype = self.U.dtype
+        Uk, Vk = Uk.to(dtype), Vk.to(dtype)
+        U_new = torch.addmm(self.U @ Uk[:a], QX, Uk[a:])
+        V_new = torch.addmm(self.Vh.T @ Vk[:a], QY, Vk[a:])
+        return SVD(U_new, S.to(dtype), V_new.T.contiguous())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.U.shape[0], self.Vh.shape[1])
+
+
+def extend_basis(
+    Q: Tensor,
+    Uc: Tensor,
+    weights: Tensor,
+    Vc: Tensor,
+    P: Tensor,
+    update: Factored,
+    rank: int | None,
+    rtol: float | None,
+    in_basis: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The arithmetic of :meth:`SVD.plus` for M = Q·U_c·diag(w)·V_cᵀ·Pᵀ with orthonormal bases
+    Q (m×c), P (n×d) and rotations U_c (c×k), V_c (d×k) in float64 (U = Q·U_c; plain SVDs pass
+    U_c = V_c = I). Returns (Q_X, U_k, Σ, Q_Y, V_k): the SVD of M + L·R is
+    [Q, Q_X]·U_k·diag(Σ)·V_kᵀ·[P, Q_Y]ᵀ, with U_k, V_k in float64."""
+    dtype = Q.dtype
+    L, Rt = update.L.to(dtype), update.R.T.to(dtype)
+    C, X = _project_out(Q, L)
+    E, Y = _project_out(P, Rt)
+    if in_basis is not None:
+        C = C + (Uc @ in_basis[0].double()).to(dtype)
+        E = E + (Vc @ in_basis[1].double()).to(dtype)
+    QX, TX = torch.linalg.qr(X)  # explicit Q: two GEMMs beat applying reflectors to (a+b) columns
+    QY, TY = torch.linalg.qr(Y)
+    (c, k), d, b = Uc.shape, Vc.shape[0], L.shape[1]
+    TL = torch.zeros(c + b, k + b, dtype=torch.float64)
+    TL[:c, :k] = Uc * weights.double()
+    TL[:c, k:] = C.double()
+    TL[c:, k:] = TX.double()
+    TR = torch.zeros(d + b, k + b, dtype=torch.float64)
+    TR[:d, :k] = Vc
+    TR[:d, k:] = E.double()
+    TR[d:, k:] = TY.double()
+    Uk, S, Vkh = torch.linalg.svd(TL @ TR.T, full_matrices=False)
+    keep = _kept(S, rank, rtol)
+    return QX, Uk[:, :keep], S[:keep], QY, Vkh[:keep].T
 
 
 def _project_out(Q: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
@@ -261,6 +289,50 @@ class Factored:
         Vh = torch.ormqr(hR, tauR, _pad_rows(Vch[:keep].T.to(dtype), n)).T.contiguous()
         return SVD(U, S[:keep], Vh), float(S[keep:].double().square().sum())
 
+    def grams(self) -> tuple[Tensor, Tensor]:
+        """(LᵀL, R·Rᵀ) in float64: k×k each, O(k²(m+n)) flops."""
+        return stacked_grams([self.L], [self.R])
+
+    def top_svd(self, rank: int, grams: tuple[Tensor, Tensor] | None = None) -> SVD:
+        """The top-``rank`` singular triplets of M = L·R without a QR of the m×k factors.
+
+        From the float64 Grams G_L = LᵀL = W_L·Λ_L·W_Lᵀ and G_R = R·Rᵀ = W_R·Λ_R·W_Rᵀ
+        (``grams``, when the caller already has them): L = Q_L·Λ_L^½·W_Lᵀ and R = W_R·Λ_R^½·Q_Rᵀ
+        with Q_L = L·W_L·Λ_L^-½ and Q_R orthonormal, so M = Q_L·C·Q_Rᵀ with the k×k core
+        C = Λ_L^½·W_Lᵀ·W_R·Λ_R^½, and C = U_c·Σ·V_cᵀ gives M's top subspaces:
+
+            span(U_r) = span(L·W_L·Λ_L^-½·U_c[:, :r]),   span(V_r) = span(Rᵀ·W_R·Λ_R^-½·V_c[:, :r]).
+
+        A Gram squares the condition number, so these m×r and n×r bases are then made
+        orthonormal (thin QRs of ``rank`` columns, not k) and the SVD is finished by a
+        Rayleigh–Ritz step on them, which costs O(k·r·(m+n)):
+
+            Q_Uᵀ·M·Q_V = (Q_Uᵀ·L)·(R·Q_V) = U'·Σ·V'ᵀ   ⇒   U_r = Q_U·U',  V_r = Q_V·V'.
+
+        Eigen-directions with λ ≤ 1e-14·λ_max (σ below 1e-7 of the largest: float32
+        round-off in the factors) are left out of the search, and so are singular values
+        ≤ 1e-7·σ₁ (fewer than ``rank`` triplets then come back). Only the top part is returned:
+        a caller that needs the rest keeps it as M − U_r·Σ_r·V_rᵀ in factored form.
+        """
+        m, n = self.shape
+        dtype = self.dtype
+        GL, GR = self.grams() if grams is None else grams
+        bases = []
+        for G, F in ((GL, self.L), (GR, self.R.T)):
+            lam, W = torch.linalg.eigh(G)
+            keep = lam > 1e-14 * float(lam[-1]) if lam.numel() and lam[-1] > 0 else torch.zeros_like(lam, dtype=torch.bool)
+            bases.append((lam[keep].sqrt(), W[:, keep], F))
+        (sL, WL, L), (sR, WR, Rt) = bases
+        if sL.numel() == 0 or sR.numel() == 0:
+            return SVD(torch.zeros(m, 0, dtype=dtype), torch.zeros(0, dtype=dtype), torch.zeros(0, n, dtype=dtype))
+        Uc, _, Vch = torch.linalg.svd(sL[:, None] * (WL.T @ WR) * sR[None, :], full_matrices=False)
+        r = min(rank, Uc.shape[1])
+        QU = torch.linalg.qr(L @ (WL @ (Uc[:, :r] / sL[:, None])).to(dtype))[0]
+        QV = torch.linalg.qr(Rt @ (WR @ (Vch[:r].T / sR[:, None])).to(dtype))[0]
+        Up, S, Vph = torch.linalg.svd((QU.T @ L).double() @ (self.R @ QV).double(), full_matrices=False)
+        keep = _kept(S, None, 1e-7)  # a σ at round-off level would leave both factors of its component zero
+        return SVD(QU @ Up[:, :keep].to(dtype), S[:keep].to(dtype), (QV @ Vph[:keep].T.to(dtype)).T.contiguous())
+
     def compress(self, rtol: float = 1e-7) -> Factored:
         """The same matrix with the smallest inner dimension its numerical rank allows."""
         if self.inner_dim <= 1:
@@ -276,6 +348,24 @@ def _pad_rows(x: Tensor, rows: int) -> Tensor:
     out = x.new_zeros(rows, x.shape[1])
     out[: x.shape[0]] = x
     return out
+
+
+def stacked_grams(Ls: Sequence[Tensor], Rs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Float64 Grams (LᵀL, R·Rᵀ) of L = [L_1, …, L_K] and R = [R_1; …; R_K].
+
+    The blocks are written straight into one float64 buffer per side (no float32 stack, no
+    second copy): a fresh m×k float64 tensor per module is the largest temporary an
+    aggregation makes, and at LLaMA widths its page faults cost as much as the copy."""
+    m, n = Ls[0].shape[0], Rs[0].shape[1]
+    L = torch.empty(m, sum(x.shape[1] for x in Ls), dtype=torch.float64)
+    R = torch.empty(sum(x.shape[0] for x in Rs), n, dtype=torch.float64)
+    at = 0
+    for Li, Ri in zip(Ls, Rs):
+        k = Li.shape[1]
+        L[:, at : at + k] = Li
+        R[at : at + k] = Ri
+        at += k
+    return L.T @ L, R @ R.T
 
 
 def pairwise_inner(terms: Sequence[Factored]) -> Tensor:

@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from .adapter import Adapter, LoraSpec
+from .basis_svd import BasisSVD
 from .factored import SVD, Factored
 from .state import ServerState
 
@@ -25,6 +26,9 @@ def _encode(x: Any) -> Any:
         return {"__factored__": True, "L": x.L, "R": x.R}
     if isinstance(x, SVD):
         return {"__svd__": True, "U": x.U, "S": x.S, "Vh": x.Vh}
+    if isinstance(x, BasisSVD):
+        # Q and P are slices of buffers with spare columns: saved alone, with the buffers' widths
+        return {"__basis_svd__": True, "Q": x.Q.contiguous(), "Uc": x.Uc, "S": x.S, "Vc": x.Vc, "P": x.P.contiguous(), "capacity": list(x.capacity)}
     if isinstance(x, dict):
         return {str(k): _encode(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -42,6 +46,8 @@ def _decode(x: Any) -> Any:
             return Factored(x["L"], x["R"])
         if x.get("__svd__"):
             return SVD(x["U"], x["S"], x["Vh"])
+        if x.get("__basis_svd__"):
+            return BasisSVD(x["Q"], x["Uc"], x["S"], x["Vc"], x["P"]).with_capacity(tuple(x["capacity"]))
         return {k: _decode(v) for k, v in x.items()}
     if isinstance(x, list):
         return [_decode(v) for v in x]

@@ -19,8 +19,10 @@ default) they are also weighted by examples, as in FedAvg.
 W_t is held as a thin SVD. Since W_t^{r_i} = U·diag(1[j<r_i]·σ)·Vᵀ, the
 update is U·diag(σ_j·(1 − Σ_i p_i·1[j<r_i]))·Vᵀ + Σ_i p_i·s_i·B_i'·A_i', a
 factorisation of inner dimension rank(W_t) + Σ r_i whose first rank(W_t) columns
-are already orthonormal: ``SVD.plus`` orthogonalises only the clients' part
-against them (numerical zeros dropped, ``max_rank`` optional cap).
+are already orthonormal: ``plus`` orthogonalises only the clients' part
+against them (numerical zeros dropped, ``max_rank`` optional cap). The singular
+vectors stay as an orthonormal basis and a small rotation (``BasisSVD``): only the
+top r columns that downloads and the clients' starts need are multiplied out.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from torch import Tensor
 
 from ..adapter import split_scales
 from ..aggregator import RoundOutput
-from ..factored import SVD, Factored
+from ..basis_svd import BasisSVD
+from ..factored import Factored
 from ..registry import register
 from ..state import ClientUpdate, ServerState
 from ..weights import normalise
@@ -61,32 +64,35 @@ class FedHL(SVDGlobal):
         raw = p / (r_hat.square() + self.eps)
         q = normalise(raw, "FedHL", [u.client_id for u in updates])
 
-        def module(name: str) -> SVD:
-            svd = state.extra["global"][name]
+        def module(name: str) -> BasisSVD:
+            g = state.extra["global"][name]
+            svd = g if isinstance(g, BasisSVD) else BasisSVD.of(g)
             ranks = torch.tensor([u.adapters[name].rank for u in updates])
             j = torch.arange(svd.rank)
             kept = 1.0 - (q[:, None] * (j[None, :] < ranks[:, None])).sum(0)  # 1 − Σ_i p_i·1[j<r_i]
             # Each client's factors = its start (U's and Vh's own leading directions, scaled as
             # svd_download scaled them) + its change: only the changes need orthogonalising.
             a = svd.rank
-            Ls, Rs, Ps, Es = [], [], [], []
+            top = svd.truncate(min(int(ranks.max()), a))  # the only singular vectors multiplied out
+            # One buffer per side, the clients' blocks written in place (no per-client temporaries).
+            (m, n), b = svd.shape, int(ranks.sum())
+            dtype = updates[0].adapters[name].B.dtype
+            L, R = torch.empty(m, b, dtype=dtype), torch.empty(b, n, dtype=dtype)
+            P, E = torch.zeros(a, b, dtype=torch.float64), torch.zeros(a, b, dtype=torch.float64)
+            at = 0
             for u, qi in zip(updates, q.tolist()):
                 ad = u.adapters[name]
-                k = min(ad.rank, a)
-                dB, dA = split_scales(svd.S[:k], ad.scale, self.split)
-                B, A = ad.B.clone(), ad.A.clone()
-                B[:, :k] -= svd.U[:, :k] * dB
-                A[:k] -= dA[:, None] * svd.Vh[:k]
-                P, E = torch.zeros(a, ad.rank, dtype=B.dtype), torch.zeros(a, ad.rank, dtype=B.dtype)
-                P[:k, :k], E[:k, :k] = torch.diag(dB), torch.diag(dA)
-                c = qi * ad.scale
-                Ls.append(c * B)
-                Rs.append(A)
-                Ps.append(c * P)
-                Es.append(E)
-            changes = Factored(torch.cat(Ls, dim=1), torch.cat(Rs, dim=0))
-            in_basis = (torch.cat(Ps, dim=1), torch.cat(Es, dim=1))
-            return svd.plus(svd.S.double() * kept, changes, rank=self.max_rank, rtol=self.rtol, in_basis=in_basis)  # W_t's basis reused
+                k, c, cols = min(ad.rank, a), qi * ad.scale, slice(at, at + ad.rank)
+                dB, dA = split_scales(top.S[:k], ad.scale, self.split)
+                L[:, cols] = ad.B
+                R[cols] = ad.A
+                L[:, at : at + k].addcmul_(top.U[:, :k], dB, value=-1.0)
+                R[at : at + k].addcmul_(dA[:, None], top.Vh[:k], value=-1.0)
+                L[:, cols] *= c
+                P[torch.arange(k), torch.arange(at, at + k)] = c * dB.double()
+                E[torch.arange(k), torch.arange(at, at + k)] = dA.double()
+                at += ad.rank
+            return svd.plus(svd.S.double() * kept, Factored(L, R), rank=self.max_rank, rtol=self.rtol, in_basis=(P, E))  # W_t's basis reused
 
         svds = per_module(module, state.extra["global"])
         nxt = state.evolve(round=state.round + 1)

@@ -12,17 +12,20 @@ are filled with a fresh peft init (B = 0), so the product is unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor
 
 from ..adapter import adapter_from_svd, module_generator
 from ..aggregator import Aggregator, RoundOutput
+from ..basis_svd import BasisSVD
 from ..factored import SVD, Factored
 from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
 from ._common import module_adapters, per_module, weighted_sum_of_deltas
 
 
-def svd_download(state: ServerState, svds: dict[str, SVD], rank: int, split: str) -> dict:
+def svd_download(state: ServerState, svds: Mapping[str, SVD | BasisSVD], rank: int, split: str) -> dict:
     """Every module's rank-``rank`` adapter whose product is the top-``rank`` part of its SVD."""
     scale = state.lora.scale(rank)
     return {name: adapter_from_svd(svd, rank, scale, split, module_generator(state.seed, state.round, name, f"r{rank}")) for name, svd in svds.items()}

@@ -25,7 +25,8 @@ adapter (B₀, A₀) of rank r and scaling s:
     "mean"        B' = Σ p_i·B̃_i, A' = Σ p_i·Ã_i (FedEx-LoRA's rule);
                   residual s·Σ_i p_i·B̃_i·(Ã_i − A'), inner dimension K·r
     "svd_sqrt"    M = U·Σ·Vᵀ; s·B'·A' = M_r with B' = U_r·√(Σ_r/s), A' = √(Σ_r/s)·V_rᵀ;
-                  residual = the SVD tail M − M_r
+                  residual = the SVD tail M − M_r, shipped as M's factors beside −s·B'·A'
+                  (M_r from the Grams the drift weights already took: ``Factored.top_svd``)
     "svd_a_scale" as svd, A' = c·V_rᵀ with c = ‖Ā‖_F/√r (the mean A's row scale),
                   B' = U_r·Σ_r/(s·c)
     "lstsq"       A' = Ā = Σ p_i·Ã_i, B' = argmin_B ‖s·B·Ā − M‖_F = M·Ā⁺/s
@@ -48,7 +49,7 @@ from torch import Tensor
 from ..adapter import Adapter, adapter_from_svd, module_generator
 from ..aggregator import Aggregator, RoundOutput
 from ..dense import class_aware_average
-from ..factored import Factored, pairwise_inner
+from ..factored import Factored, stacked_grams
 from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
 from ..weights import normalise
@@ -70,17 +71,26 @@ def full_rank_view(update: Adapter, g: Adapter, fold_tail: bool) -> Adapter:
     return Adapter(B, A, g.scale)
 
 
-def drift_distances(views: dict[str, list[Adapter]], start: dict[str, Adapter], q: Tensor) -> Tensor:
-    """d_i = ‖Δ_i − Δ̄‖_F / ‖Δ̄‖_F over all modules, Δ_i = s·(B̃_iÃ_i − B₀A₀), Δ̄ = Σ q_i·Δ_i."""
+def module_grams(views: list[Adapter], start: Adapter) -> tuple[Tensor, Tensor]:
+    """Float64 Grams (LᵀL, R·Rᵀ) of [s·B̃_1, …, s·B̃_K, s·B₀]·[Ã_1; …; Ã_K; A₀], (K+1)·r square:
+    the drift distances and the SVD restarts both read them (one pair of GEMMs per module).
+    Every view is at the start's scaling s (``full_rank_view``), so s² multiplies G_L once."""
+    s = start.scale
+    GL, GR = stacked_grams([a.B for a in views] + [start.B], [a.A for a in views] + [start.A])
+    return GL * (s * s), GR
+
+
+def drift_distances(grams: dict[str, tuple[Tensor, Tensor]], q: Tensor) -> Tensor:
+    """d_i = ‖Δ_i − Δ̄‖_F / ‖Δ̄‖_F over all modules, Δ_i = s·(B̃_iÃ_i − B₀A₀), Δ̄ = Σ q_i·Δ_i.
+
+    From :func:`module_grams`: ⟨s·B̃_jÃ_j, s·B̃_kÃ_k⟩_F is the sum of the (j, k) r×r block of
+    G_L ∘ G_R (the start is block K), so the K×K Gram of the Δ_i costs nothing more."""
     K = q.numel()
-
-    def module(name: str) -> Tensor:
-        G = pairwise_inner([a.delta() for a in views[name]] + [start[name].delta()])  # (K+1)²
-        return G[:K, :K] - G[:K, K:] - G[K:, :K] + G[K, K]
-
     D = torch.zeros(K, K, dtype=torch.float64)
-    for part in per_module(module, views).values():  # summed in module order: the same bits every time
-        D += part
+    for GL, GR in grams.values():  # summed in module order: the same bits every time
+        r = GL.shape[0] // (K + 1)
+        G = (GL * GR).view(K + 1, r, K + 1, r).sum(dim=(1, 3))
+        D += G[:K, :K] - G[:K, K:] - G[K:, :K] + G[K, K]
     spread = D.diagonal() - 2 * (D @ q) + q @ D @ q
     consensus = float(q @ D @ q)
     return (spread.clamp_min(0) / max(consensus, 1e-300)).sqrt()
@@ -134,39 +144,59 @@ class HEXA(Aggregator):
         views = {n: [full_rank_view(u.adapters[n], g, self.fold_tail) for u in updates] for n, g in state.adapters.items()}
         info: dict = {}
         w = p
+        svd_restart = self.restart in ("svd_sqrt", "svd_a_scale")
+        grams = {}
+        if self.drift_beta > 0 or svd_restart:
+            grams = per_module(lambda name: module_grams(views[name], state.adapters[name]), state.adapters)
         if self.drift_beta > 0:
-            d = drift_distances(views, dict(state.adapters), p)
+            d = drift_distances(grams, p)
             # exp(−β·(d_i − d_min)) ∝ exp(−β·d_i): the same weights after normalising, but exp cannot
             # underflow to zero for every client when all d_i are large (updates that nearly cancel).
             shift = float(d[p > 0].min())
             w = normalise(p * torch.exp(-self.drift_beta * (d - shift)), "HEXA drift", [u.client_id for u in updates])
             info["drift"] = d.tolist()
         info["hexa_weights"] = w.tolist()
-        adapters, residual = unzip(per_module(lambda name: self._restart(state, name, views[name], w), state.adapters))
+        adapters, residual = unzip(per_module(lambda name: self._restart(state, name, views[name], w, grams.get(name)), state.adapters))
         # Heads use the base weights as in every method; only their output rows may be class-aware.
         dense = class_aware_average(updates, p, self.head_keys) if self.class_aware_head else None
         return RoundOutput(adapters=adapters, base_delta=residual if self.fold_residual else {}, info=info, dense=dense)
 
-    def _restart(self, state: ServerState, name: str, local: list[Adapter], p: Tensor) -> tuple[Adapter, Factored]:
+    def _restart(self, state: ServerState, name: str, local: list[Adapter], p: Tensor, grams: tuple[Tensor, Tensor] | None) -> tuple[Adapter, Factored]:
         """(B', A') and the exact residual M − s·B'·A' for one module (part b)."""
         s, r = local[0].scale, state.rank
         if self.restart == "mean":
             B_mean, A_mean = mean_factors(local, p)
             return Adapter(B_mean, A_mean, s), exact_residual(local, p, A_mean, s)
-        M = Factored.stack([a.delta() for a in local], p.tolist())
+        # M = Σ p_i·s·B̃_i·Ã_i and, after it, −s·B'·A' in one pair of buffers: the residual M − s·B'·A'
+        # is then these factors as they stand (inner dimension K·r + r), exact for the adapter sent.
+        (m, n), k = local[0].shape, len(local) * r
+        L, R = local[0].B.new_empty(m, k + r), local[0].A.new_empty(k + r, n)
+        for i, (a, w) in enumerate(zip(local, p.tolist())):
+            torch.mul(a.B, w * s, out=L[:, i * r : (i + 1) * r])
+            R[i * r : (i + 1) * r] = a.A
+        M = Factored(L[:, :k], R[:k])
         if self.restart in ("lstsq", "svd_a_scale"):
             _, A_mean = mean_factors(local, p)
         if self.restart == "lstsq":
-            B = (M.L @ (M.R @ torch.linalg.pinv(A_mean.double()).to(M.dtype))) / s
-            new = Adapter(B, A_mean, s)
-            return new, M - new.delta()
-        svd = M.svd()
+            new = Adapter((M.L @ (M.R @ torch.linalg.pinv(A_mean.double()).to(M.dtype))) / s, A_mean, s)
+            return new, _minus_restart(L, R, k, new)
+        # M's Grams are the views' blocks of the stacked Grams, the columns of L weighted by p_i.
+        assert grams is not None
+        col = torch.repeat_interleave(p.double(), r)
+        top = M.top_svd(r, grams=(grams[0][:k, :k] * col[:, None] * col[None, :], grams[1][:k, :k]))
         gen = module_generator(state.seed, state.round + 1, name)
         if self.restart == "svd_sqrt":
-            new = adapter_from_svd(svd, r, s, "sqrt", gen)
+            new = adapter_from_svd(top, r, s, "sqrt", gen)
         else:  # svd_a_scale
-            new = adapter_from_svd(svd, r, s, "B", gen)
+            new = adapter_from_svd(top, r, s, "B", gen)
             c = float(A_mean.norm()) / math.sqrt(r)
             if c > 0:
                 new = Adapter(new.B / c, new.A * c, s)
-        return new, svd.tail(r).factored()
+        return new, _minus_restart(L, R, k, new)  # the tail M − M_r, with no m×k basis formed
+
+
+def _minus_restart(L: Tensor, R: Tensor, k: int, new: Adapter) -> Factored:
+    """[L[:, :k], −s·B']·[R[:k]; A'] = M − s·B'·A', written into the buffers' last r columns/rows."""
+    torch.mul(new.B, -new.scale, out=L[:, k:])
+    R[k:] = new.A
+    return Factored(L, R)
