@@ -2,7 +2,8 @@
 against folding them into W0 (``fold``), round after round, on one or more layers of a preset's shapes.
 
 Each round brings every module a random ΔW0_t of inner dimension ``--delta-rank`` (fedex's
-residual Σ p_i·B_i·A_i − B̄·Ā has rank ≤ K·r + r: 176 for 10 clients at r = 16). Random factors
+residual ships with inner dimension (K−1)·r, 144 for 10 clients at r = 16; HEXA's svd restarts
+K·r + r = 176, the default). Random factors
 have full numerical rank, so the side grows by the whole ``--delta-rank`` each round: the worst
 case for the factored store. Per round it reports the time to take the delta in each mode, the
 side's inner dimension (or "dense" once it holds a dense matrix beside a quantized W0), its

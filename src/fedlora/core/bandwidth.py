@@ -1,8 +1,8 @@
 """Exactness against bandwidth: the base delta at the rank a tolerance allows.
 
 Exact methods (FedEx-LoRA, HEXA, FLoRA) send every client the round's base delta ΔW0, of inner
-dimension up to K·r + r per module: 11 times FedIT's download at LLaMA-7B shapes with 10
-clients. ``residual_tol`` = τ > 0 sends instead, per module, its best approximation of the
+dimension up to K·r per module (FedEx-LoRA: (K−1)·r residual columns beside the rank-r adapter):
+10 times FedIT's download at LLaMA-7B shapes with 10 clients. ``residual_tol`` = τ > 0 sends instead, per module, its best approximation of the
 smallest rank k with
 
     ‖ΔW0 − ΔW0_k‖_F ≤ τ·‖ΔW0‖_F          (Eckart–Young: Σ_{j>k} σ_j² ≤ τ²·Σ_j σ_j²)

@@ -23,7 +23,7 @@ adapter (B₀, A₀) of rank r and scaling s:
 
 (b) Restart point (``restart``):
     "mean"        B' = Σ p_i·B̃_i, A' = Σ p_i·Ã_i (FedEx-LoRA's rule);
-                  residual s·Σ_i p_i·B̃_i·(Ã_i − A'), inner dimension K·r
+                  residual s·Σ_i p_i·B̃_i·(Ã_i − A'), inner dimension (K−1)·r
     "svd_sqrt"    M = U·Σ·Vᵀ; s·B'·A' = M_r with B' = U_r·√(Σ_r/s), A' = √(Σ_r/s)·V_rᵀ;
                   residual = the SVD tail M − M_r, shipped as M's factors beside −s·B'·A'
                   (M_r from the Grams the drift weights already took: ``Factored.top_svd``)
