@@ -31,28 +31,36 @@ __all__ = ["BasisSVD"]
 
 
 class _Columns:
-    """A row-major m×capacity buffer whose first ``used`` columns hold somebody's basis."""
+    """A basis buffer: ``data`` is capacity×m, row j holding basis column j (the basis is
+    ``data[:used].T``, column-major, so appending columns copies contiguous rows)."""
 
     def __init__(self, data: Tensor, used: int):
         self.data, self.used = data, used
         self.lock = threading.Lock()
 
 
+def _buffer(Q: Tensor, capacity: int) -> tuple[Tensor, _Columns]:
+    c = Q.shape[1]
+    data = Q.new_empty(max(capacity, c), Q.shape[0])
+    data[:c] = Q.T
+    return data[:c].T, _Columns(data, c)
+
+
 def _appended(Q: Tensor, buf: _Columns | None, X: Tensor) -> tuple[Tensor, _Columns]:
     """[Q, X], written into Q's buffer when Q is its used part and it has room, else into a new one."""
-    (m, c), b = Q.shape, X.shape[1]
-    if buf is not None and c + b <= buf.data.shape[1] and Q.data_ptr() == buf.data.data_ptr():
+    c, b = Q.shape[1], X.shape[1]
+    if buf is not None and c + b <= buf.data.shape[0] and Q.data_ptr() == buf.data.data_ptr():
         with buf.lock:
             mine = buf.used == c
             if mine:
                 buf.used = c + b
         if mine:
-            buf.data[:, c : c + b] = X
-            return buf.data[:, : c + b], buf
-    data = Q.new_empty(m, max(2 * (c + b), 64))
-    data[:, :c] = Q
-    data[:, c : c + b] = X
-    return data[:, : c + b], _Columns(data, c + b)
+            buf.data[c : c + b] = X.T
+            return buf.data[: c + b].T, buf
+    Q, buf = _buffer(Q, max(2 * (c + b), 64))
+    buf.data[c : c + b] = X.T
+    buf.used = c + b
+    return buf.data[: c + b].T, buf
 
 
 @dataclass(frozen=True)
@@ -78,20 +86,32 @@ class BasisSVD:
 
     @property
     def capacity(self) -> tuple[int, int]:
-        """Columns the bases' buffers hold (their widths when they have no buffer)."""
-        return tuple(b.data.shape[1] if b is not None else x.shape[1] for b, x in zip(self.buffers, (self.Q, self.P)))  # type: ignore[return-value]
+        """Columns the bases' buffers hold (0 for a basis with no buffer, as ``of`` makes them)."""
+        return (self.buffers[0].data.shape[0] if self.buffers[0] else 0, self.buffers[1].data.shape[0] if self.buffers[1] else 0)
 
     def with_capacity(self, capacity: tuple[int, int]) -> BasisSVD:
-        """The same SVD with its bases copied into buffers of these widths. A checkpoint saves the
-        bases alone and restores them this way: the same strides as before, so the resumed
-        products (``truncate``) round exactly as the uninterrupted ones."""
-        out = []
-        for X, cap in zip((self.Q, self.P), capacity):
-            data = X.new_empty(X.shape[0], max(int(cap), X.shape[1]))
-            data[:, : X.shape[1]] = X
-            out.append((data[:, : X.shape[1]], _Columns(data, X.shape[1])))
+        """The same SVD with its bases in buffers of these capacities (0: kept as they are). A
+        checkpoint saves the bases alone and restores them this way: the same layouts and
+        strides as before, so a resumed run's products round exactly as the uninterrupted ones'."""
+        out = [(X, None) if int(cap) == 0 else _buffer(X, int(cap)) for X, cap in zip((self.Q, self.P), capacity)]
         (Q, bq), (P, bp) = out
         return BasisSVD(Q, self.Uc, self.S, self.Vc, P, (bq, bp))
+
+    def to_dict(self) -> dict:
+        """Plain tensors for a checkpoint: each basis alone (not its buffer's spare rows), stored
+        in its own memory order, with the buffers' capacities (see :meth:`from_dict`)."""
+        out: dict = {"Uc": self.Uc, "S": self.S, "Vc": self.Vc, "capacity": list(self.capacity)}
+        for key, X in (("Q", self.Q), ("P", self.P)):
+            column_major = X.stride(0) == 1 and X.shape[1] > 1
+            out[key], out[key + "_column_major"] = (X.T if column_major else X).clone(memory_format=torch.contiguous_format), column_major
+        return out
+
+    @staticmethod
+    def from_dict(d: dict) -> BasisSVD:
+        """The inverse of :meth:`to_dict`: the same layouts and strides as before saving, so a
+        resumed run's products round exactly as the uninterrupted run's."""
+        Q, P = ((d[k].T if d[k + "_column_major"] else d[k]) for k in ("Q", "P"))
+        return BasisSVD(Q, d["Uc"], d["S"], d["Vc"], P).with_capacity(tuple(d["capacity"]))
 
     @property
     def shape(self) -> tuple[int, int]:

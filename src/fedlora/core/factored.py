@@ -142,12 +142,16 @@ def extend_basis(
 def _project_out(Q: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
     """(C, X − Q·C) with C = Qᵀ·X for orthonormal Q: classical Gram–Schmidt, and a second pass
     when the first removed more than half of some column's norm ("twice is enough": after such a
-    cancellation round-off leaves a part in span(Q) that the second pass removes)."""
+    cancellation round-off leaves a part in span(Q) that the second pass removes).
+
+    The remainder comes back column-major, (Xᵀ − Cᵀ·Qᵀ)ᵀ: the thin QR that follows copies it
+    for LAPACK without transposing, and hands back a column-major Q whose columns a basis
+    buffer (``core/basis_svd.py``) appends as contiguous rows."""
     C = Q.T @ X
-    Y = X - Q @ C
+    Y = torch.addmm(X.T, C.T, Q.T, alpha=-1.0).T
     if bool((Y.norm(dim=0) < 0.5 * X.norm(dim=0)).any()):
         C2 = Q.T @ Y
-        return C + C2, Y - Q @ C2
+        return C + C2, torch.addmm(Y.T, C2.T, Q.T, alpha=-1.0).T
     return C, Y
 
 

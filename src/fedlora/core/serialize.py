@@ -27,8 +27,7 @@ def _encode(x: Any) -> Any:
     if isinstance(x, SVD):
         return {"__svd__": True, "U": x.U, "S": x.S, "Vh": x.Vh}
     if isinstance(x, BasisSVD):
-        # Q and P are slices of buffers with spare columns: saved alone, with the buffers' widths
-        return {"__basis_svd__": True, "Q": x.Q.contiguous(), "Uc": x.Uc, "S": x.S, "Vc": x.Vc, "P": x.P.contiguous(), "capacity": list(x.capacity)}
+        return {"__basis_svd__": True, **x.to_dict()}
     if isinstance(x, dict):
         return {str(k): _encode(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -47,7 +46,7 @@ def _decode(x: Any) -> Any:
         if x.get("__svd__"):
             return SVD(x["U"], x["S"], x["Vh"])
         if x.get("__basis_svd__"):
-            return BasisSVD(x["Q"], x["Uc"], x["S"], x["Vc"], x["P"]).with_capacity(tuple(x["capacity"]))
+            return BasisSVD.from_dict(x)
         return {k: _decode(v) for k, v in x.items()}
     if isinstance(x, list):
         return [_decode(v) for v in x]
