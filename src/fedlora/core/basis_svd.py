@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .factored import SVD, Factored, extend_basis
+from .factored import SVD, Factored, Spectrum, extend_basis
 
 __all__ = ["BasisSVD"]
 
@@ -64,7 +64,7 @@ def _appended(Q: Tensor, buf: _Columns | None, X: Tensor) -> tuple[Tensor, _Colu
 
 
 @dataclass(frozen=True)
-class BasisSVD:
+class BasisSVD(Spectrum):
     """U = Q·U_c, Vᵀ = (P·V_c)ᵀ; Q (m×c) and P (n×d) orthonormal, U_c (c×k) and V_c (d×k) float64."""
 
     Q: Tensor
@@ -79,10 +79,6 @@ class BasisSVD:
         k = svd.rank
         eye = torch.eye(k, dtype=torch.float64)
         return BasisSVD(svd.U, eye, svd.S, eye.clone(), svd.Vh.T)
-
-    @property
-    def rank(self) -> int:
-        return int(self.S.numel())
 
     @property
     def capacity(self) -> tuple[int, int]:
@@ -128,17 +124,8 @@ class BasisSVD:
     def factored(self) -> Factored:
         return self.svd().factored()
 
-    def tail_energy(self, rank: int) -> float:
-        """‖M − M_rank‖_F² = Σ_{j>rank} σ_j²."""
-        return float(self.S[rank:].double().square().sum())
-
     def plus(
-        self,
-        weights: Tensor,
-        update: Factored,
-        rank: int | None = None,
-        rtol: float | None = None,
-        in_basis: tuple[Tensor, Tensor] | None = None,
+        self, weights: Tensor, update: Factored, rank: int | None = None, rtol: float | None = None, in_basis: tuple[Tensor, Tensor] | None = None
     ) -> BasisSVD:
         """:meth:`SVD.plus` (U·diag(w)·Vᵀ + L·R; ``in_basis`` parts in U's and V's coordinates),
         with the new vectors left as the basis [Q, Q_X] and a rotation."""

@@ -24,17 +24,27 @@ from torch import Tensor
 __all__ = ["Factored", "SVD", "pairwise_inner", "stacked_grams"]
 
 
+class Spectrum:
+    """What the singular values S alone say (shared by :class:`SVD` and ``BasisSVD``)."""
+
+    S: Tensor  # (k,), decreasing
+
+    @property
+    def rank(self) -> int:
+        return int(self.S.numel())
+
+    def tail_energy(self, rank: int) -> float:
+        """‖M − M_rank‖_F² = Σ_{j>rank} σ_j²."""
+        return float(self.S[rank:].double().square().sum())
+
+
 @dataclass(frozen=True)
-class SVD:
+class SVD(Spectrum):
     """A thin SVD M = U·diag(S)·Vh with S sorted in decreasing order."""
 
     U: Tensor  # (m, k), orthonormal columns
     S: Tensor  # (k,)
     Vh: Tensor  # (k, n), orthonormal rows
-
-    @property
-    def rank(self) -> int:
-        return int(self.S.numel())
 
     def truncate(self, rank: int) -> SVD:
         """The best rank-``rank`` approximation (Eckart–Young)."""
@@ -47,10 +57,6 @@ class SVD:
     def factored(self) -> Factored:
         """M as factors (U·Σ)·Vh."""
         return Factored(self.U * self.S, self.Vh)
-
-    def tail_energy(self, rank: int) -> float:
-        """‖M − M_rank‖_F² = Σ_{j>rank} σ_j²."""
-        return float(self.S[rank:].double().square().sum())
 
     def plus(
         self,
