@@ -321,9 +321,9 @@ def test_tls_authenticated_nodes_with_their_own_data_as_in_readme_a_killed_super
 
 
 def test_insecure_trial_carries_messages_of_hundreds_of_mb_intact(tmp_path):
-    """Large messages: a base model of width 4096 with rank-512 LoRA on query, key and value of
+    """Large messages: a base model of width 4096 with rank-768 LoRA on query, key and value of
     two layers (what a LLaMA-7B-scale exact download weighs: FedEx's residual travels as
-    factors beside the new adapters), through README's insecure trial, so every array passes
+    (K−1)·r columns of factors beside the new adapters), through README's insecure trial, so every array passes
     Flower's chunking between ServerApp, SuperLink, SuperNodes and ClientApps. Round 2 sends
     each node about 300 MB; the result must equal an in-process run of the same config to
     float32 round-off (an array cut or reordered in transit would not)."""
@@ -339,7 +339,7 @@ def test_insecure_trial_carries_messages_of_hundreds_of_mb_intact(tmp_path):
     )
     tf.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "wide-bert")
     tok.save_pretrained(tmp_path / "wide-bert")
-    wide = {"model.rank": 512, "model.target_modules": "'query,key,value'", "model.max_length": 16, "data.max_train_examples": 40, "data.max_eval_examples": 8}
+    wide = {"model.rank": 768, "model.target_modules": "'query,key,value'", "model.max_length": 16, "data.max_train_examples": 40, "data.max_eval_examples": 8}
     settings = tiny(
         tmp_path / "wide-bert", **wide, **{"train.steps": 1, "train.batch_size": 2, "fed.rounds": 2, "fed.client_timeout": 300, "name": "'readme-wide'"}
     )
