@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Factored", "SVD", "pairwise_inner", "stacked_grams"]
+__all__ = ["Factored", "SVD", "block_inner", "pairwise_inner", "stacked_grams"]
 
 
 class Spectrum:
@@ -386,12 +386,15 @@ def pairwise_inner(terms: Sequence[Factored]) -> Tensor:
     """
     if not terms:
         return torch.zeros(0, 0, dtype=torch.float64)
-    sizes = [t.inner_dim for t in terms]
-    L = torch.cat([t.L for t in terms], dim=1).double()
-    R = torch.cat([t.R for t in terms], dim=0).double()
-    prod = (L.T @ L) * (R @ R.T)
-    # Sum each (k_j × k_k) block: segment-sum rows, then columns.
-    seg = torch.repeat_interleave(torch.arange(len(terms)), torch.tensor(sizes))
-    P = torch.zeros(len(terms), prod.shape[0], dtype=torch.float64)
+    GL, GR = stacked_grams([t.L for t in terms], [t.R for t in terms])
+    return block_inner(GL, GR, [t.inner_dim for t in terms])
+
+
+def block_inner(GL: Tensor, GR: Tensor, sizes: Sequence[int]) -> Tensor:
+    """⟨L_j·R_j, L_k·R_k⟩_F for all pairs from the stacked Grams (:func:`stacked_grams`): the sum
+    of the (k_j × k_k) block of G_L ∘ G_R, segment-summing rows, then columns."""
+    prod = GL * GR
+    seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(list(sizes)))
+    P = torch.zeros(len(sizes), prod.shape[0], dtype=torch.float64)
     P[seg, torch.arange(prod.shape[0])] = 1.0
     return P @ prod @ P.T

@@ -49,7 +49,7 @@ from torch import Tensor
 from ..adapter import Adapter, adapter_from_svd, module_generator
 from ..aggregator import Aggregator, RoundOutput
 from ..dense import class_aware_average
-from ..factored import Factored, stacked_grams
+from ..factored import Factored, block_inner, stacked_grams
 from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
 from ..weights import normalise
@@ -84,12 +84,11 @@ def drift_distances(grams: dict[str, tuple[Tensor, Tensor]], q: Tensor) -> Tenso
     """d_i = ‖Δ_i − Δ̄‖_F / ‖Δ̄‖_F over all modules, Δ_i = s·(B̃_iÃ_i − B₀A₀), Δ̄ = Σ q_i·Δ_i.
 
     From :func:`module_grams`: ⟨s·B̃_jÃ_j, s·B̃_kÃ_k⟩_F is the sum of the (j, k) r×r block of
-    G_L ∘ G_R (the start is block K), so the K×K Gram of the Δ_i costs nothing more."""
+    G_L ∘ G_R (``block_inner``; the start is block K), so the K×K Gram of the Δ_i costs nothing more."""
     K = q.numel()
     D = torch.zeros(K, K, dtype=torch.float64)
     for GL, GR in grams.values():  # summed in module order: the same bits every time
-        r = GL.shape[0] // (K + 1)
-        G = (GL * GR).view(K + 1, r, K + 1, r).sum(dim=(1, 3))
+        G = block_inner(GL, GR, [GL.shape[0] // (K + 1)] * (K + 1))
         D += G[:K, :K] - G[:K, K:] - G[K:, :K] + G[K, K]
     spread = D.diagonal() - 2 * (D @ q) + q @ D @ q
     consensus = float(q @ D @ q)
