@@ -12,7 +12,7 @@
 #   lr-holdout  the two best of each again, and the head at the adapters' rate (the recipe's head_lr
 #               1e-2 was chosen centralized), on examples held out of the training set (the choice)
 #   sst2      SST-2 × {iid, Dirichlet 1.0, Dirichlet 0.1} × the nine methods and centralized
-#   centralized  the sst2 part's centralized cells only
+#   centralized  the centralized cells only (TASK=sst2 by default, or stsb, rte): one run per seed serves every partition
 #   stsb      STS-B × {iid, Dirichlet 0.1} × hexa, fedex, fedit, flexlora, fedhl, centralized
 #   rte       RTE, the same
 #   ranks     SST-2 with client ranks 2/4/8/16 (FedHL's setting): hexa, fedhl, flexlora, hetlora, flora
@@ -49,8 +49,9 @@ case $part in
   sst2)
     grid sst2 --methods "$nine,centralized" --partitions "${PARTITIONS:-iid,dirichlet:1.0,dirichlet:0.1}" --seeds "$seeds" \
       --baseline "fedit[$lr]" --out results/evidence/sst2 --title "SST-2, MiniLM-L6, 10 clients, recipe budget" ;;
-  centralized)  # the sst2 part's centralized cells alone (one run per seed serves every partition)
-    grid sst2 --methods centralized --partitions iid --seeds "$seeds" --baseline centralized --out results/evidence/sst2 --title "SST-2, MiniLM-L6, centralized" ;;
+  centralized)  # the task part's centralized cells alone (one run per seed serves every partition)
+    task=${TASK:-sst2}
+    grid "$task" --methods centralized --partitions iid --seeds "$seeds" --baseline centralized --out "results/evidence/$task" --title "$task, MiniLM-L6, centralized" ;;
   stsb|rte)
     grid "$part" --methods "hexa,fedex,fedit,flexlora,fedhl,centralized" --partitions "iid,dirichlet:0.1" --seeds "$seeds" \
       --baseline fedit --out "results/evidence/$part" --title "$part, MiniLM-L6, 10 clients, recipe budget" ;;

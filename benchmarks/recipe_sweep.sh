@@ -3,11 +3,12 @@
 # round on examples held out of the *training* set (data.eval_split=holdout): dev is never seen
 # while choosing. The chosen pair goes into benchmarks/recipes/<task>.yaml, which every method of
 # the evidence grids then uses. Finished runs are read back, so the sweep resumes.
-# Usage: [LRS="3e-4 1e-3 3e-3"] [HEAD_LRS="1e-2"] [THREADS=2] bash benchmarks/recipe_sweep.sh TASK [overrides...]
+# Usage: [LRS="3e-4 1e-3 3e-3"] [HEAD_LRS="1e-2"] [THREADS=2] [TAG=name] bash benchmarks/recipe_sweep.sh TASK [overrides...]
+# TAG names a variant of the recipe (the overrides): its runs go to results/recipes/TASK-TAG.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 task=$1; shift
-out=results/recipes/$task
+out=results/recipes/$task${TAG:+-$TAG}
 for lr in ${LRS:-3e-4 1e-3 3e-3}; do
   for hl in ${HEAD_LRS:-1e-2}; do
     fedlora run "benchmarks/recipes/$task.yaml" fed.mode=centralized data.eval_split=holdout \

@@ -95,3 +95,13 @@ def test_bench_commands_run_and_report_their_ratios(tiny_models, tmp_path, capsy
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["0"]]
     assert [r[1] for r in rows] == ["fp32", "bf16"] and "bf16 ÷ fp32 throughput" in out
+
+
+@pytest.mark.parametrize("device,says", [("foo", "is not a torch device"), ("cuda:0", "no CUDA GPU")])
+def test_bench_aggregation_refuses_a_fold_device_it_cannot_use(capsys, device, says):
+    from fedlora import cli
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal is for machines without one")
+    assert cli.main(["bench", "aggregation", "--preset", "roberta-base", "--methods", "fedex", "--fold-device", device]) == 2
+    assert says in capsys.readouterr().err

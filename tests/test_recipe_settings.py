@@ -36,6 +36,36 @@ def test_holdout_comes_from_train_is_fixed_across_seeds_and_disjoint(tiny_models
         assert held <= full_train and not held & dev and not train & held
 
 
+def test_holdout_min_words_holds_out_only_long_examples(tiny_models, tmp_path):
+    from fedlora.engine.experiment import load_datasets
+
+    full = load_glue("sst2", "train", data_dir=GLUE)
+    words = lambda text: len(text.split())  # noqa: E731
+    held_sets = []
+    for seed in (0, 1):
+        cfg = load_config(
+            None,
+            overrides(
+                tiny_models["bert"], tmp_path, data__task="sst2", data__eval_split="holdout", data__holdout_examples=40, data__holdout_min_words=15, seed=seed
+            ),
+        )
+        _, train, held = load_datasets(cfg)
+        assert len(held) == 40 and min(words(t) for t in held.text_a) >= 15
+        assert any(words(t) < 15 for t in train.text_a), "short examples stay trainable"
+        assert not set(train.text_a) & set(held.text_a)
+        held_sets.append(held.text_a)
+    assert held_sets[0] == held_sets[1]
+    eligible = sum(words(t) >= 15 for t in full.text_a)
+    cfg = load_config(
+        None,
+        overrides(
+            tiny_models["bert"], tmp_path, data__task="sst2", data__eval_split="holdout", data__holdout_examples=eligible + 1, data__holdout_min_words=15
+        ),
+    )
+    with pytest.raises(ConfigError, match=f"{eligible} with ≥ 15 words"):
+        load_datasets(cfg)
+
+
 def test_holdout_larger_than_the_training_set_is_refused(tiny_models, tmp_path):
     from fedlora.engine.experiment import load_datasets
 

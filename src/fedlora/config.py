@@ -60,6 +60,9 @@ class DataConfig:
     max_eval_examples: int = 0
     eval_split: str = "dev"  # dev | holdout: evaluate on `holdout_examples` held out of the training set (recipe sweeps never see dev)
     holdout_examples: int = 500  # eval_split=holdout: a fixed subset (the same for every seed), never trained on
+    holdout_min_words: int = (
+        0  # eval_split=holdout: draw the held-out examples only from those with ≥ this many words (SST-2's train is mostly phrases, its dev full sentences)
+    )
     as_prompt: bool = False  # a GLUE task as label-word prompts for a causal LM (data/prompts.py)
     category_field: str = ""  # instruct: the field partitions skew by (empty: none, every example in one category)
     sample_prompts: int = 3  # instruct: answers generated for the first N eval prompts after every evaluation
@@ -164,6 +167,7 @@ class RunConfig:
             (self.train.head_lr >= 0, "train.head_lr must be ≥ 0 (0: the same as train.lr)"),
             (self.data.eval_split in ("dev", "holdout"), f"data.eval_split must be 'dev' or 'holdout', got {self.data.eval_split!r}"),
             (self.data.holdout_examples >= 1, "data.holdout_examples must be ≥ 1"),
+            (self.data.holdout_min_words >= 0, "data.holdout_min_words must be ≥ 0"),
             (self.train.epochs > 0 or self.train.steps > 0, "train.epochs or train.steps must be > 0"),
             (self.train.batch_size >= 1 and self.train.grad_accum >= 1, "train.batch_size and train.grad_accum must be ≥ 1"),
             (0 <= self.train.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),

@@ -94,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-modules", type=int, help="modules timed densely, spread over the shape classes (default: all for roberta, 2 for llama)")
     parser.add_argument("--threads", type=int, help="torch CPU threads, in every row's process (default: torch's, one per core)")
     parser.add_argument("--profile", action="store_true", help="also time one module of each shape alone and list the functions with the most own time")
+    parser.add_argument(
+        "--fold-device", default="cpu", help="where the fold row's dense W0 lives (cpu, cuda): the fold runs where the model trains (default: cpu)"
+    )
     parser.add_argument("--out", help="also write the results as JSON to this file")
 
 
@@ -173,6 +176,7 @@ def run_preset(name: str, args: argparse.Namespace, methods: list[str], threads:
             "seed": args.seed,
             "threads": threads,
             "profile": args.profile,
+            "fold_device": args.fold_device,
         }
         print(f"[{name}] {row.label} …", file=sys.stderr, flush=True)
         # A fresh process per row: its peak RSS is this row's alone.
@@ -214,7 +218,7 @@ def check_targets(result: dict) -> list[dict]:
             )
         for r in rows:
             for key, how in (
-                ("fold_s", "into dense fp32 W0"),
+                ("fold_s", f"into dense fp32 W0 on {r.get('fold_device', 'cpu')}"),
                 ("fold_factored_s", "kept factored beside W0, append"),
                 ("fold_compress_s", "kept factored, a compressing round"),
             ):
@@ -283,7 +287,7 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         if "fold_s" in r:
             lines.append(
-                f"Folding {r['label']}'s base_delta into dense fp32 base weights, all {cfg['modules']} modules "
+                f"Folding {r['label']}'s base_delta into dense fp32 base weights on {r.get('fold_device', 'cpu')}, all {cfg['modules']} modules "
                 f"(one weight per shape, reused): {r['fold_s']:.3f} s. Kept factored beside W0 (`model.base_delta: factored`): "
                 f"appending it {r['fold_factored_s']:.3f} s; the round after, whose append triggers the compression "
                 f"to the numerical rank (k = {r['fold_compress_k']}), {r['fold_compress_s']:.3f} s."
@@ -320,6 +324,12 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}")
     presets = list(PRESETS) if args.preset == "both" else [args.preset]
+    try:
+        fold_device = torch.device(args.fold_device)
+    except RuntimeError:
+        raise ValueError(f"--fold-device {args.fold_device!r} is not a torch device (cpu, cuda, cuda:1, …)") from None
+    if fold_device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--fold-device {args.fold_device}: this machine has no CUDA GPU")
     if args.threads:
         torch.set_num_threads(args.threads)
     # The row processes inherit this. With libgomp's default spin-waiting, a 2-thread MKL call

@@ -94,24 +94,33 @@ def load_datasets(cfg: RunConfig):
         task = get_task(d.task)
         kw = dict(source=d.source, data_dir=d.data_dir)
         if d.eval_split == "holdout":
-            return task, *holdout_split(load_glue(task, "train", **kw), d.holdout_examples, d.max_train_examples, cfg.seed)
+            return task, *holdout_split(load_glue(task, "train", **kw), d.holdout_examples, d.max_train_examples, cfg.seed, d.holdout_min_words)
         train = load_glue(task, "train", max_examples=d.max_train_examples or None, seed=cfg.seed, **kw)
         # One evaluation subset for every seed, so seeds differ only in what they train on.
         dev = load_glue(task, "dev", max_examples=d.max_eval_examples or None, seed=0, **kw)
     if d.eval_split == "holdout":
-        return task, *holdout_split(train, d.holdout_examples, d.max_train_examples, cfg.seed)
+        return task, *holdout_split(train, d.holdout_examples, d.max_train_examples, cfg.seed, d.holdout_min_words)
     return task, train, dev
 
 
-def holdout_split(full, holdout: int, max_train: int, seed: int):
+def holdout_split(full, holdout: int, max_train: int, seed: int, min_words: int = 0):
     """(train, evaluation) both from the training set: a fixed ``holdout`` examples (the same
     for every seed) to evaluate on, and a per-seed subset of the rest to train on. What recipe
-    sweeps tune on, so the dev set stays unseen until the final runs."""
-    if holdout >= len(full):
-        raise ConfigError(f"data.holdout_examples={holdout} leaves nothing to train on: the training set has {len(full)} examples")
-    perm = np.random.default_rng(20261127).permutation(len(full))
-    evaluation = full.subset(np.sort(perm[:holdout]))
-    train = take_random(full.subset(np.sort(perm[holdout:])), max_train or None, seed)
+    sweeps tune on, so the dev set stays unseen until the final runs.
+
+    ``min_words`` > 0 draws the held-out examples only among those whose text has at least that
+    many words (both sentences together for pairs): SST-2's training set is mostly short phrases
+    and its dev set full sentences, so a held-out set of phrases judges recipes on the wrong
+    distribution. The shorter examples stay available for training."""
+    words = np.array([len(a.split()) + (len(full.text_b[i].split()) if full.text_b is not None else 0) for i, a in enumerate(full.text_a)])
+    eligible = np.flatnonzero(words >= min_words)
+    if holdout >= len(full) or holdout > len(eligible):
+        what = f"{len(eligible)} with ≥ {min_words} words" if min_words else f"{len(full)} examples"
+        raise ConfigError(f"data.holdout_examples={holdout} leaves nothing to train on: the training set has {what}")
+    chosen = eligible[np.random.default_rng(20261127).permutation(len(eligible))[:holdout]]
+    rest = np.setdiff1d(np.arange(len(full)), chosen)
+    evaluation = full.subset(np.sort(chosen))
+    train = take_random(full.subset(rest), max_train or None, seed)
     return train, evaluation
 
 
