@@ -290,6 +290,7 @@ def test_run_folder_contents(runs):
     assert summary["final"]["accuracy"] == rows[-1]["eval_accuracy"]
     assert summary["best"]["accuracy"] == max(r["eval_accuracy"] for r in rows)
     assert rows[summary["best_round"] - 1]["eval_accuracy"] == summary["best"]["accuracy"]
+    assert summary["last_half"]["accuracy"] == pytest.approx((rows[1]["eval_accuracy"] + rows[2]["eval_accuracy"]) / 2)  # ⌈3/2⌉ = 2 rounds
     assert summary["rounds"] == ROUNDS and summary["method"] == "fedex"
     assert summary["bytes_up"] == sum(r["bytes_up"] for r in rows)
 

@@ -9,6 +9,7 @@ import yaml
 
 from fedlora.config import ConfigError, config_to_dict, load_config
 from fedlora.engine.grid import Cell, collect, grid_overrides, parse_method, parse_partition
+from fedlora.engine.run import last_half
 from fedlora.report.compare import markdown_table, paired_table, write_report
 
 
@@ -145,3 +146,31 @@ def test_personalised_models_get_their_own_table(tmp_path):
     for r in results.values():
         r.pop("personal_final", None)
     assert "Personalised" not in write_report(results, tmp_path / "report", "t", baseline="fedit").read_text()
+
+
+def test_last_half_is_the_mean_of_the_second_half_of_the_evaluated_rounds():
+    rows = [{"round": i, "eval_accuracy": a, "eval_f1": a / 2, "eval_s": 9.0} for i, a in enumerate([0.5, 0.6, 0.9, 0.7, 0.8, 0.6, 0.7], 1)]
+    assert last_half(rows) == pytest.approx({"accuracy": (0.7 + 0.8 + 0.6 + 0.7) / 4, "f1": (0.7 + 0.8 + 0.6 + 0.7) / 8})  # ⌈7/2⌉ = 4
+    assert last_half(rows[:1]) == pytest.approx({"accuracy": 0.5, "f1": 0.25})
+    assert last_half(rows[:2]) == pytest.approx({"accuracy": 0.6, "f1": 0.3})
+    assert last_half([]) == {}
+
+
+def test_runs_summarised_before_last_half_get_it_from_their_metrics(tmp_path):
+    """Cells finished by an older fedlora have no last_half in summary.json: the grid computes it
+    from the run's metrics.jsonl, and the report leads with that table and its paired differences."""
+    curves = {"fedit": [[0.5, 0.6, 0.7, 0.8], [0.5, 0.5, 0.6, 0.6]], "hexa": [[0.5, 0.7, 0.8, 0.9], [0.5, 0.6, 0.7, 0.7]]}
+    for method, per_seed in curves.items():
+        for seed, curve in enumerate(per_seed):
+            name = f"compare-sst2-{method}-iid-s{seed}"
+            write_summary(tmp_path, name, max(curve))
+            rows = [{"round": i, "train_s": 1.0, "eval_accuracy": a} for i, a in enumerate(curve, 1)] + [{"round": 5, "train_s": 1.0}]  # an unevaluated round
+            (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cells = [Cell(m, "iid", s) for m in curves for s in (0, 1)]
+    results = collect(cells, None, [f"output_dir={tmp_path}", "data.task=sst2"], run=False)
+    assert [results[Cell("hexa", "iid", s)]["last_half"]["accuracy"] for s in (0, 1)] == pytest.approx([0.85, 0.70])
+    table = paired_table(results, "fedit", "last_half")
+    assert "| hexa | 10.00 ± 0.00 (2) **ahead** |" in table  # d = [85 − 75, 70 − 60]
+    text = write_report(results, tmp_path / "report", "t").read_text()
+    assert text.index("## Mean over the second half of the rounds") < text.index("## Final round") < text.index("## Best over rounds")
+    assert "### Paired difference from fedit (last_half)" in text

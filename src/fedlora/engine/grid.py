@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, load_config
-from .run import run_experiment, run_name
+from .run import last_half, run_experiment, run_name
 from .server import same_results
 
 __all__ = ["Cell", "parse_method", "parse_partition", "grid_overrides", "collect"]
@@ -110,6 +110,9 @@ def collect(
                     f"{run_dir} holds a run of {cell.method} / {cell.partition} / seed {cell.seed} with a different configuration; "
                     "give the grid its own output_dir, or --overwrite"
                 )
+            if "last_half" not in summary and (run_dir / "metrics.jsonl").is_file():  # a run summarised before the field existed
+                rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+                summary["last_half"] = last_half([r for r in rows if "eval_" + summary["primary_metric"] in r])
             out[cell] = summary
         elif run:
             # one centralized run per seed serves every partition column

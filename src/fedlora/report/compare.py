@@ -17,6 +17,8 @@ from .stats import Interval, mean_interval, paired_interval
 if TYPE_CHECKING:
     from ..engine.grid import Cell
 
+WHICH = {"last_half": "second-half mean of", "final": "final-round", "best": "best-round"}
+
 __all__ = ["markdown_table", "paired_table", "compute_table", "plot_grid", "write_report"]
 
 
@@ -104,7 +106,7 @@ def plot_grid(results: dict[Cell, dict], which: str, path: Path) -> None:
         ax.bar(np.arange(len(methods)) + j * width, mus, width, yerr=halves, capsize=2, label=p)
     ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2)
     ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(f"{which} {metric} (×100), 95% interval")
+    ax.set_ylabel(f"{WHICH.get(which, which)} {metric} (×100), 95% interval", fontsize=8)
     finite = [r[which][metric] * 100 for r in results.values() if metric in r[which]]
     if finite:
         ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 3))
@@ -130,7 +132,13 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
         "called ahead or behind only where the interval excludes zero.\n"
     )
     text = f"# {title}\n\n{note}"
-    for which, heading in (("best", "Best over rounds"), ("final", "Final round")):
+    for which, heading in (
+        ("last_half", "Mean over the second half of the rounds (the comparison the text relies on)"),
+        ("final", "Final round"),
+        ("best", "Best over rounds (a maximum over rounds scored on the evaluation set: optimistic)"),
+    ):
+        if which == "last_half" and not any("last_half" in r for r in results.values()):
+            continue
         text += f"\n## {heading}\n\n" + markdown_table(results, which)
         text += f"\n### Paired difference from {baseline} ({which})\n\n" + paired_table(results, baseline, which)
     if any("personal_final" in r for r in results.values()):
@@ -148,13 +156,14 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
             "seed": c.seed,
             **{f"best_{k}": v for k, v in r["best"].items()},
             **{f"final_{k}": v for k, v in r["final"].items()},
+            **{f"last_half_{k}": v for k, v in r.get("last_half", {}).items()},
             **{f"personal_final_{k}": v for k, v in r.get("personal_final", {}).items()},
             **{k: r[k] for k in ("train_s", "train_tokens", "train_steps", "aggregate_s") if k in r},
         }
         for c, r in results.items()
     ]
     atomic_write_text(out_dir / "results.json", json.dumps(rows, indent=1))
-    plot_grid(results, "best", out_dir / "results.png")
+    plot_grid(results, "last_half" if all("last_half" in r for r in results.values()) else "final", out_dir / "results.png")
     if any("epsilon" in r for r in results.values()):
         plot_epsilon_grid(results, out_dir / "results_epsilon.png")
     return out_dir / "results.md"
