@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -104,3 +106,23 @@ def test_the_heads_default_rate_follows_the_head(regression, given, want):
     adapters, head = groups
     assert "lr" not in adapters and head["lr"] == pytest.approx(want)
     assert {id(p) for p in head["params"]} == {id(p) for p in fm.head.values()}
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "benchmarks" / "recipes"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_every_benchmark_recipe_is_a_valid_config(recipe):
+    cfg = load_config(str(RECIPES / recipe), [])
+    assert cfg.fed.rounds >= 10 and cfg.model.rank >= 1
+
+
+@pytest.mark.parametrize("task", ["cola", "rte", "mrpc", "sst2", "qnli", "stsb"])
+def test_fedex_table3_recipe_is_the_papers_setting(task):
+    """FedEx-LoRA Table 3 (methods.md §4.3): RoBERTa-base, r=4, α=8, dropout 0.1, query/value, AdamW lr 1e-3,
+    weight decay 0.01, batch 128, warm-up 0.06, 3 clients, 3 local epochs, 50 rounds, max length 128."""
+    cfg = load_config(str(RECIPES / "fedex_table3.yaml"), [f"data.task={task}", "train.head_lr=1e-3"])  # the script's overrides
+    m, t = cfg.model, cfg.train
+    assert (m.name, m.rank, m.alpha, m.dropout, tuple(m.target_modules), m.max_length) == ("roberta-base", 4, 8, 0.1, ("query", "value"), 128)
+    assert (t.lr, t.head_lr, t.weight_decay, t.batch_size, t.warmup_ratio, t.epochs) == (1e-3, 1e-3, 0.01, 128, 0.06, 3)
+    assert (cfg.partition.num_clients, cfg.partition.scheme, cfg.fed.rounds) == (3, "iid", 50)
