@@ -5,7 +5,9 @@
 # from fedit paired by seed. Finished cells are read back and interrupted ones resume, so each
 # part can run in pieces. JOBS worker processes of one thread each (2 cores → JOBS=2).
 #
-# Usage: [SEEDS=0,1,2,3,4] [PARTITIONS=iid,dirichlet:1.0,dirichlet:0.1] [JOBS=2] bash benchmarks/evidence_grid.sh PART
+# Usage: [SEEDS=0,1,2,3,4] [PARTITIONS=iid,dirichlet:1.0,dirichlet:0.1] [JOBS=2] [SST2_RECIPE=sst2] bash benchmarks/evidence_grid.sh PART
+# SST2_RECIPE picks the SST-2 parts' recipe under benchmarks/recipes/ (sst2-8k: the first, 8,000-example
+# budget, whose grids are in results/evidence/sst2-8k); another recipe's tables go to results/evidence/<recipe>.
 # (SEEDS=0 then SEEDS=1 … fills whole seeds first when a part runs in pieces; a last call with
 # every seed writes the full table from the finished cells.)
 #   lr        each method's learning rate at SST-2 Dirichlet(0.1), seed 0 (FFA-LoRA trains only B), on dev
@@ -33,38 +35,41 @@ seeds=${SEEDS:-0,1,2,3,4}
 # the recipe's 1e-3, chosen by its own sweep.
 lr="train.lr=3e-3"
 nine="hexa[$lr],fedex[$lr],fedit[$lr],ffa[train.lr=1e-2],fra[$lr],flora[$lr],flexlora[$lr],hetlora[$lr],fedhl[$lr]"
+recipe=${SST2_RECIPE:-sst2}
+root=results/evidence${SST2_RECIPE:+/$SST2_RECIPE}  # the SST-2 parts' tables
 grid() {  # grid TASK [overrides…] [--options…]: overrides must come before fedlora compare's options
   local task=$1 over=()
   shift
   while [[ $# -gt 0 && $1 != --* ]]; do over+=("$1"); shift; done
+  [[ $task == sst2 ]] && task=$recipe
   fedlora compare "benchmarks/recipes/$task.yaml" threads=1 "${over[@]}" --jobs "${JOBS:-2}" "$@"
 }
 case $part in
   lr)
     grid sst2 --methods "fedit[train.lr=3e-4],fedit,fedit[train.lr=3e-3],fedit[train.lr=1e-2],ffa[train.lr=1e-3],ffa[train.lr=3e-3],ffa[train.lr=1e-2],ffa[train.lr=3e-2],hexa[train.lr=3e-4],hexa,hexa[train.lr=3e-3],hexa[train.lr=1e-2]" \
-      --partitions dirichlet:0.1 --seeds 0 --baseline fedit --out results/evidence/lr --title "Learning rate per method: SST-2, Dirichlet(0.1), seed 0" ;;
+      --partitions dirichlet:0.1 --seeds 0 --baseline fedit --out $root/lr --title "Learning rate per method: SST-2, Dirichlet(0.1), seed 0" ;;
   lr-holdout)  # the two best rates of each at seed 0, judged on 1,000 training examples held out (not dev)
-    grid sst2 data.eval_split=holdout output_dir=runs/evidence-holdout --methods "fedit[train.lr=3e-3],fedit[train.lr=1e-2],fedit[train.lr=3e-3,train.head_lr=3e-3],ffa[train.lr=3e-3],ffa[train.lr=1e-2],ffa[train.lr=1e-2,train.head_lr=1e-2],hexa,hexa[train.lr=3e-3],hexa[train.lr=3e-3,train.head_lr=3e-3]" \
-      --partitions dirichlet:0.1 --seeds 0 --baseline "fedit[train.lr=3e-3]" --out results/evidence/lr-holdout --title "Learning rate per method on held-out training data: SST-2, Dirichlet(0.1), seed 0" ;;
+    grid sst2 data.eval_split=holdout output_dir=runs/evidence-holdout${SST2_RECIPE:+-$SST2_RECIPE} --methods "fedit[train.lr=3e-3],fedit[train.lr=1e-2],fedit[train.lr=3e-3,train.head_lr=3e-3],ffa[train.lr=3e-3],ffa[train.lr=1e-2],ffa[train.lr=1e-2,train.head_lr=1e-2],hexa,hexa[train.lr=3e-3],hexa[train.lr=3e-3,train.head_lr=3e-3]" \
+      --partitions dirichlet:0.1 --seeds 0 --baseline "fedit[train.lr=3e-3]" --out $root/lr-holdout --title "Learning rate per method on held-out training data: SST-2, Dirichlet(0.1), seed 0" ;;
   sst2)
     grid sst2 --methods "$nine,centralized" --partitions "${PARTITIONS:-iid,dirichlet:1.0,dirichlet:0.1}" --seeds "$seeds" \
-      --baseline "fedit[$lr]" --out results/evidence/sst2 --title "SST-2, MiniLM-L6, 10 clients, recipe budget" ;;
+      --baseline "fedit[$lr]" --out $root/sst2 --title "SST-2, MiniLM-L6, 10 clients, recipe budget" ;;
   centralized)  # the task part's centralized cells alone (one run per seed serves every partition)
     task=${TASK:-sst2}
-    grid "$task" --methods centralized --partitions iid --seeds "$seeds" --baseline centralized --out "results/evidence/$task" --title "$task, MiniLM-L6, centralized" ;;
+    grid "$task" --methods centralized --partitions iid --seeds "$seeds" --baseline centralized --out "$( [[ $task == sst2 ]] && echo $root || echo results/evidence )/$task" --title "$task, MiniLM-L6, centralized" ;;
   stsb|rte)
     grid "$part" --methods "hexa,fedex,fedit,flexlora,fedhl,centralized" --partitions "iid,dirichlet:0.1" --seeds "$seeds" \
       --baseline fedit --out "results/evidence/$part" --title "$part, MiniLM-L6, 10 clients, recipe budget" ;;
   ranks)
     grid sst2 model.client_ranks="[2,4,8,16]" model.rank=16 --methods "hexa[$lr],fedhl[$lr],flexlora[$lr],hetlora[$lr],flora[$lr]" --partitions "iid,dirichlet:0.1" \
-      --seeds "$seeds" --baseline "flexlora[$lr]" --out results/evidence/ranks --title "SST-2, client ranks 2/4/8/16" ;;
+      --seeds "$seeds" --baseline "flexlora[$lr]" --out $root/ranks --title "SST-2, client ranks 2/4/8/16" ;;
   quantity)
-    grid sst2 --methods "$nine" --partitions "quantity:0.5" --seeds "$seeds" --baseline "fedit[$lr]" --out results/evidence/quantity --title "SST-2, quantity skew" ;;
+    grid sst2 --methods "$nine" --partitions "quantity:0.5" --seeds "$seeds" --baseline "fedit[$lr]" --out $root/quantity --title "SST-2, quantity skew" ;;
   ablation)
     grid sst2 --methods "hexa[$lr],hexa[drift_beta=0,$lr],hexa[fold_residual=false,$lr],hexa[class_aware_head=true,$lr],hexa[restart=svd_sqrt,$lr],hexa[restart=lstsq,$lr],fedex[$lr],fedit[$lr]" \
-      --partitions dirichlet:0.1 --seeds "$seeds" --baseline "hexa[$lr]" --out results/evidence/ablation --title "HEXA ablation, SST-2, Dirichlet(0.1)" ;;
+      --partitions dirichlet:0.1 --seeds "$seeds" --baseline "hexa[$lr]" --out $root/ablation --title "HEXA ablation, SST-2, Dirichlet(0.1)" ;;
   newer)
     grid sst2 --methods "fedsvd[train.lr=1e-2],rolora[$lr],fedsb[$lr],fedsa[fed.personal_eval=0.1,$lr],fedex[$lr],fedit[$lr]" --partitions "iid,dirichlet:0.1" --seeds "$seeds" \
-      --baseline "fedit[$lr]" --out results/evidence/newer --title "SST-2: FedSVD, RoLoRA, Fed-SB, FedSA-LoRA beside FedEx and FedIT" ;;
+      --baseline "fedit[$lr]" --out $root/newer --title "SST-2: FedSVD, RoLoRA, Fed-SB, FedSA-LoRA beside FedEx and FedIT" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
