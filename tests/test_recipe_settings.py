@@ -38,7 +38,7 @@ def test_holdout_comes_from_train_is_fixed_across_seeds_and_disjoint(tiny_models
         assert held <= full_train and not held & dev and not train & held
 
 
-def test_holdout_min_words_holds_out_only_long_examples(tiny_models, tmp_path):
+def test_holdout_min_words_holds_out_whole_sentences_and_their_phrases(tiny_models, tmp_path):
     from fedlora.engine.experiment import load_datasets
 
     full = load_glue("sst2", "train", data_dir=GLUE)
@@ -55,8 +55,15 @@ def test_holdout_min_words_holds_out_only_long_examples(tiny_models, tmp_path):
         assert len(held) == 40 and min(words(t) for t in held.text_a) >= 15
         assert any(words(t) < 15 for t in train.text_a), "short examples stay trainable"
         assert not set(train.text_a) & set(held.text_a)
+        # no trained phrase is cut from a held-out sentence (checked by plain substring search on word boundaries)
+        padded = [f" {' '.join(t.split())} " for t in held.text_a]
+        assert not [t for t in train.text_a if any(f" {' '.join(t.split())} " in h for h in padded)]
         held_sets.append(held.text_a)
     assert held_sets[0] == held_sets[1]
+    # ... and those phrases exist in SST-2's training set: the rule removes something
+    padded = [f" {' '.join(t.split())} " for t in held_sets[0]]
+    cut = [t for t in full.text_a if t not in held_sets[0] and any(f" {' '.join(t.split())} " in h for h in padded)]
+    assert len(cut) > len(held_sets[0])
     eligible = sum(words(t) >= 15 for t in full.text_a)
     cfg = load_config(
         None,

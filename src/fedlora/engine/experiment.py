@@ -108,17 +108,27 @@ def holdout_split(full, holdout: int, max_train: int, seed: int, min_words: int 
     for every seed) to evaluate on, and a per-seed subset of the rest to train on. What recipe
     sweeps tune on, so the dev set stays unseen until the final runs.
 
-    ``min_words`` > 0 draws the held-out examples only among those whose text has at least that
-    many words (both sentences together for pairs): SST-2's training set is mostly short phrases
-    and its dev set full sentences, so a held-out set of phrases judges recipes on the wrong
-    distribution. The shorter examples stay available for training."""
-    words = np.array([len(a.split()) + (len(full.text_b[i].split()) if full.text_b is not None else 0) for i, a in enumerate(full.text_a)])
-    eligible = np.flatnonzero(words >= min_words)
+    ``min_words`` > 0 holds out whole sentences: the held-out examples are drawn only among those
+    of at least that many words, and every training example whose words are a contiguous span of a
+    held-out sentence leaves the training pool. SST-2 is the case in point: its training set is
+    mostly phrases cut from its sentences (each labelled), its dev set full sentences; a held-out
+    set of phrases judges recipes on the wrong distribution, and a held-out sentence whose phrases
+    are still trained on is half seen (an 8,000 → 12,000-example sweep scored 3 points above dev
+    that way). Single-sentence tasks only: pairs are held out as they are."""
+    words = [a.split() for a in full.text_a]
+    if full.text_b is not None:
+        counts = np.array([len(w) + len(b.split()) for w, b in zip(words, full.text_b)])
+    else:
+        counts = np.array([len(w) for w in words])
+    eligible = np.flatnonzero(counts >= min_words)
     if holdout >= len(full) or holdout > len(eligible):
         what = f"{len(eligible)} with ≥ {min_words} words" if min_words else f"{len(full)} examples"
         raise ConfigError(f"data.holdout_examples={holdout} leaves nothing to train on: the training set has {what}")
     chosen = eligible[np.random.default_rng(20261127).permutation(len(eligible))[:holdout]]
     rest = np.setdiff1d(np.arange(len(full)), chosen)
+    if min_words and full.text_b is None:
+        spans = {" ".join(w[i:j]) for w in (words[k] for k in chosen) for i in range(len(w)) for j in range(i + 1, len(w) + 1)}
+        rest = np.array([k for k in rest if " ".join(words[k]) not in spans], dtype=np.int64)
     evaluation = full.subset(np.sort(chosen))
     train = take_random(full.subset(rest), max_train or None, seed)
     return train, evaluation
