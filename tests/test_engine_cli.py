@@ -211,11 +211,11 @@ def test_compare_runs_then_collects(tiny_models, tmp_path, capsys, monkeypatch):
     assert set(best) == {(m, p) for m in METHODS for p in PARTITIONS}
 
     text = (results / "results.md").read_text()
-    for heading in ("## Best over rounds", "## Final round"):
+    for heading in ("## Mean over the second half of the rounds", "## Best over rounds", "## Final round"):
         table = _table(text, heading)
         assert table[0] == ["method", *PARTITIONS]
         assert [row[0] for row in table[2:]] == METHODS
-        if heading.startswith("## Best"):
+        if heading.startswith(("## Best", "## Mean")):  # one round: its second half is that round, the best too
             for row in table[2:]:
                 for p, cell in zip(PARTITIONS, row[1:]):
                     assert cell == f"{100 * best[(row[0], p)]:.2f} ± n/a (1)", (row[0], p, cell)  # one seed: no interval

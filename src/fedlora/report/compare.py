@@ -132,11 +132,12 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
         "called ahead or behind only where the interval excludes zero.\n"
     )
     text = f"# {title}\n\n{note}"
-    for which, heading in (
-        ("last_half", "Mean over the second half of the rounds (the comparison the text relies on)"),
-        ("final", "Final round"),
-        ("best", "Best over rounds (a maximum over rounds scored on the evaluation set: optimistic)"),
-    ):
+    text += (
+        "Three measures of each run: the mean over the second half of its rounds (first: under label skew a federated "
+        "model swings from round to round, and this averages the swing away), the final round, and the best round "
+        "(optimistic: a maximum chosen on the evaluation set itself).\n"
+    )
+    for which, heading in (("last_half", "Mean over the second half of the rounds"), ("final", "Final round"), ("best", "Best over rounds")):
         if which == "last_half" and not any("last_half" in r for r in results.values()):
             continue
         text += f"\n## {heading}\n\n" + markdown_table(results, which)
