@@ -60,9 +60,7 @@ class DataConfig:
     max_eval_examples: int = 0
     eval_split: str = "dev"  # dev | holdout: evaluate on `holdout_examples` held out of the training set (recipe sweeps never see dev)
     holdout_examples: int = 500  # eval_split=holdout: a fixed subset (the same for every seed), never trained on
-    holdout_min_words: int = (
-        0  # eval_split=holdout: draw the held-out examples only from those with ≥ this many words (SST-2's train is mostly phrases, its dev full sentences)
-    )
+    holdout_min_words: int = 0  # holdout: hold out sentences of ≥ N words and drop their phrases from training
     as_prompt: bool = False  # a GLUE task as label-word prompts for a causal LM (data/prompts.py)
     category_field: str = ""  # instruct: the field partitions skew by (empty: none, every example in one category)
     sample_prompts: int = 3  # instruct: answers generated for the first N eval prompts after every evaluation

@@ -34,7 +34,12 @@ def run_name(cfg: RunConfig) -> str:
     return f"{cfg.data.task}-{method}-{part}-s{cfg.seed}"
 
 
-def last_half(evaluated: list[dict[str, Any]], pick: Callable[[dict[str, Any]], dict[str, float]] | None = None) -> dict[str, float]:
+def eval_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """A metrics row's eval_* values, without the prefix (eval_s, the evaluation's time, left out)."""
+    return {k[5:]: v for k, v in row.items() if k.startswith("eval_") and k != "eval_s"}
+
+
+def last_half(evaluated: list[dict[str, Any]]) -> dict[str, float]:
     """Every eval metric averaged over the last ⌈n/2⌉ of the n evaluated rounds.
 
     Under label skew a federated model swings by ten points from one round to the next, so the
@@ -42,8 +47,7 @@ def last_half(evaluated: list[dict[str, Any]], pick: Callable[[dict[str, Any]], 
     over noisy values chosen on the evaluation set itself. The mean over the second half of the
     run keeps the method's late level and averages the swing away: the grids' comparisons use it
     beside the final and best rounds. ``evaluated``: metrics rows holding eval_* values."""
-    pick = pick or (lambda r: {k[5:]: v for k, v in r.items() if k.startswith("eval_") and k != "eval_s"})
-    tail = [pick(r) for r in evaluated[len(evaluated) // 2 :]]
+    tail = [eval_metrics(r) for r in evaluated[len(evaluated) // 2 :]]
     keys = set.intersection(*(set(t) for t in tail)) if tail else set()
     return {k: sum(t[k] for t in tail) / len(tail) for k in sorted(keys)}
 
@@ -55,8 +59,6 @@ def summarise(exp: Experiment, rows: list[dict[str, Any]]) -> dict[str, Any]:
     final = evaluated[-1] if evaluated else {}
     pick_best = min if exp.task.lower_is_better else max
     best = pick_best(evaluated, key=lambda r: r[primary]) if evaluated else {}
-    pick = lambda r: {k[5:]: v for k, v in r.items() if k.startswith("eval_") and k != "eval_s"}  # noqa: E731
-    late = last_half(evaluated, pick)
     # fed.personal_eval: each client's own model on its held-out examples, weighted by their number
     own = [{k[9:]: v for k, v in r.items() if k.startswith("personal_") and k != "personal_n"} for r in rows]
     own = [o for o in own if o]
@@ -69,10 +71,10 @@ def summarise(exp: Experiment, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "seed": cfg.seed,
         "primary_metric": exp.task.primary_metric,
         "rounds": len(rows),
-        "final": pick(final),
-        "best": pick(best),
+        "final": eval_metrics(final),
+        "best": eval_metrics(best),
         "best_round": best.get("round"),
-        "last_half": late,
+        "last_half": last_half(evaluated),
         **({"personal_final": own[-1]} if own else {}),
         "train_s": sum(r["train_s"] for r in rows),
         "aggregate_s": sum(r["aggregate_s"] for r in rows),
