@@ -291,6 +291,12 @@ def test_run_folder_contents(runs):
     assert summary["best"]["accuracy"] == max(r["eval_accuracy"] for r in rows)
     assert rows[summary["best_round"] - 1]["eval_accuracy"] == summary["best"]["accuracy"]
     assert summary["last_half"]["accuracy"] == pytest.approx((rows[1]["eval_accuracy"] + rows[2]["eval_accuracy"]) / 2)  # ⌈3/2⌉ = 2 rounds
+    # the machine that made the compute figures, read independently from /proc/cpuinfo
+    assert summary["hardware"].startswith("cpu: ") and summary["hardware"].endswith((", bf16", ", fp32"))
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        name = next(line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name"))
+        assert summary["hardware"] in (f"cpu: {name}, bf16", f"cpu: {name}, fp32")
     assert summary["rounds"] == ROUNDS and summary["method"] == "fedex"
     assert summary["bytes_up"] == sum(r["bytes_up"] for r in rows)
 

@@ -174,3 +174,21 @@ def test_runs_summarised_before_last_half_get_it_from_their_metrics(tmp_path):
     text = write_report(results, tmp_path / "report", "t").read_text()
     assert text.index("## Mean over the second half of the rounds") < text.index("## Final round") < text.index("## Best over rounds")
     assert "### Paired difference from fedit (last_half)" in text
+
+
+def test_compute_per_run_never_averages_two_machines():
+    """Seconds from a GPU and from a CPU are different quantities: one row per (method, machine)."""
+    from fedlora.report.compare import compute_table
+
+    results = {
+        Cell("fedit", "iid", 0): {"train_s": 100.0, "train_tokens": 10, "train_steps": 5, "aggregate_s": 0.5, "hardware": "cpu: X, bf16"},
+        Cell("fedit", "iid", 1): {"train_s": 300.0, "train_tokens": 10, "train_steps": 5, "aggregate_s": 0.5, "hardware": "cpu: X, bf16"},
+        Cell("fedit", "iid", 2): {"train_s": 8.0, "train_tokens": 10, "train_steps": 5, "aggregate_s": 0.5, "hardware": "cuda: H, bf16"},
+        Cell("hexa", "iid", 0): {"train_s": 50.0, "train_tokens": 10, "train_steps": 5, "aggregate_s": 0.5},
+    }
+    rows = [line.split(" | ") for line in compute_table(results).splitlines()[2:]]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        ("| fedit", "cpu: X, bf16", "2", "200"),
+        ("| fedit", "cuda: H, bf16", "1", "8"),
+        ("| hexa", "not recorded", "1", "50"),
+    ]

@@ -77,6 +77,8 @@ def summarise(exp: Experiment, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "last_half": last_half(evaluated),
         **({"personal_final": own[-1]} if own else {}),
         "train_s": sum(r["train_s"] for r in rows),
+        # the compute figures mean little without the machine that made them
+        "hardware": exp.fm.placement.describe(),
         "aggregate_s": sum(r["aggregate_s"] for r in rows),
         "fold_s": sum(r["fold_s"] for r in rows),
         "eval_s": sum(r.get("eval_s", 0.0) for r in rows),

@@ -50,6 +50,17 @@ class Placement:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def describe(self) -> str:
+        """What trained, for reports that put runs from several machines side by side:
+        ``"cuda: NVIDIA H100 80GB HBM3, bf16"``, ``"cpu: AMD EPYC 9R14 96-Core Processor, bf16"``."""
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+        elif self.device.type == "cpu":
+            name = cpu_model_name()
+        else:
+            name = self.device.type
+        return f"{self.device.type}: {name}, {self.precision}"
+
     def batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.device.type == "cpu":
             return batch
@@ -62,6 +73,19 @@ def _available(kind: str) -> bool:
     if kind == "mps":
         return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
     return True
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (/proc/cpuinfo's first "model name"), or the platform's processor string."""
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    except OSError:
+        m = None
+    if m:
+        return m.group(1).strip()
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def cpu_has_bf16() -> bool:
