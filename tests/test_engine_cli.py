@@ -238,6 +238,14 @@ def test_compare_runs_then_collects(tiny_models, tmp_path, capsys, monkeypatch):
     assert {f: (f / "summary.json").stat().st_mtime_ns for f in folders} == stamps
     assert "results.md" in capsys.readouterr().out
 
+    # --status lists the runs as they stand and runs nothing either: all five finished, and a
+    # seed not run yet adds five runs not started, its rounds priced at the finished runs' rate
+    assert cli.main([*argv[:-2], "--status", "--seeds", "0,1"]) == 0
+    out = capsys.readouterr().out
+    assert "5 finished, 5 not started (10 runs)" in out and "5 rounds left" in out and "process-hours" in out
+    assert {f.name for f in folders} <= {line.split(" | ")[0].strip("| ") for line in out.splitlines() if "| finished |" in line}
+    assert sorted(p for p in runs.iterdir() if p.is_dir()) == folders  # nothing was started
+
     # a cell with no run, under --collect-only, is an error naming the whole spec (options with commas)
     msg = _assert_refused(
         capsys,

@@ -192,3 +192,34 @@ def test_compute_per_run_never_averages_two_machines():
         ("| fedit", "cuda: H, bf16", "1", "8"),
         ("| hexa", "not recorded", "1", "50"),
     ]
+
+
+def test_status_lists_each_run_and_the_compute_left(tmp_path):
+    """`--status`: finished, stopped after some rounds, not started, and a folder of another
+    configuration, each named; the estimate is the rounds left × the finished runs' seconds per round."""
+    from fedlora.engine.grid import grid_status, status_table
+
+    over = [f"output_dir={tmp_path}", "data.task=sst2", "fed.rounds=4"]
+    cells = [Cell("fedit", "iid", s) for s in range(3)] + [Cell("centralized", "iid", 0), Cell("centralized", "dirichlet:0.1", 0), Cell("hexa", "iid", 0)]
+    for name, rounds, extra in [("compare-sst2-fedit-iid-s0", 4, []), ("compare-sst2-hexa-iid-s0", 4, ["train.lr=0.5"])]:
+        cfg = load_config(None, grid_overrides(Cell(name.split("-")[2], "iid", 0), [*over, *extra], "sst2"))
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        (d / "summary.json").write_text(json.dumps({"task": "sst2", "hardware": "cpu: X, bf16"}))
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"round": i, "train_s": 50.0}) + "\n" for i in range(1, rounds + 1)))
+    stopped = tmp_path / "compare-sst2-fedit-iid-s1"
+    stopped.mkdir()
+    (stopped / "metrics.jsonl").write_text("".join(json.dumps({"round": i, "train_s": 70.0}) + "\n" for i in (1, 2, 3)))
+    rows = grid_status(cells, None, over)
+    assert [(r["run"], r["state"], r["rounds"]) for r in rows] == [
+        ("compare-sst2-fedit-iid-s0", "finished", 4),
+        ("compare-sst2-fedit-iid-s1", "running or stopped", 3),
+        ("compare-sst2-fedit-iid-s2", "not started", 0),
+        ("compare-sst2-centralized-s0", "not started", 0),  # one run for both partitions
+        ("compare-sst2-hexa-iid-s0", "other configuration", 4),
+    ]
+    text = status_table(rows)
+    # left: 1 + 4 + 4, and 4 for the other configuration's folder (trained again from round 1) = 13 rounds at 50 s
+    assert "1 finished, 1 running or stopped, 2 not started, 1 other configuration (5 runs)" in text
+    assert "13 rounds left; at 50 training s per round (cpu: X, bf16, 1 runs): ≈ 0.2 process-hours" in text

@@ -70,6 +70,11 @@ def _compare(args: argparse.Namespace) -> int:
     cells = [Cell(m, p, s) for p in _split_specs(args.partitions) for m in _split_specs(args.methods) for s in seeds]
     if not cells:
         raise ConfigError("--methods, --partitions and --seeds must each name at least one entry")
+    if args.status:
+        from .engine.grid import grid_status, status_table
+
+        print(status_table(grid_status(cells, args.config, args.overrides)), end="")
+        return 0
     results = collect(
         cells, args.config, args.overrides, run=not (args.collect_only or args.partial), overwrite=args.overwrite, skip_missing=args.partial, jobs=args.jobs
     )
@@ -143,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--collect-only", action="store_true", help="do not run missing cells; fail instead")
     cmp_.add_argument("--partial", action="store_true", help="like --collect-only, but leave unfinished cells out of the table")
     cmp_.add_argument("--overwrite", action="store_true", help="re-run cells that already finished")
+    cmp_.add_argument("--status", action="store_true", help="list each run's state (finished, rounds done, not started) and the compute left; run nothing")
     cmp_.add_argument("--jobs", type=_positive_int, default=1, help="run missing cells in this many processes (set threads=cores/jobs)")
     cmp_.set_defaults(func=_compare)
 

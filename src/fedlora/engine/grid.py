@@ -23,7 +23,7 @@ from ..config import ConfigError, load_config
 from .run import last_half, run_experiment, run_name
 from .server import same_results
 
-__all__ = ["Cell", "parse_method", "parse_partition", "grid_overrides", "collect"]
+__all__ = ["Cell", "parse_method", "parse_partition", "grid_overrides", "collect", "grid_status", "status_table"]
 
 
 @dataclass(frozen=True)
@@ -134,3 +134,55 @@ def collect(
     if not out:
         raise ConfigError("no finished run for any cell of the grid")
     return {cell: out[cell] for cell in cells if cell in out}
+
+
+def _metric_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def grid_status(cells: list[Cell], config: str | None, base_overrides: list[str]) -> list[dict[str, Any]]:
+    """Where each run of a grid stands, without running or loading anything: one row per run
+    folder (a centralized run serves every partition), in grid order, with its ``state``:
+    ``finished``, ``running or stopped`` (rounds in metrics.jsonl, resumable), ``not started``, or
+    ``other configuration`` (a finished folder under the cell's name that the grid would refuse)."""
+    rows: dict[Path, dict[str, Any]] = {}
+    task = load_config(config, list(base_overrides)).data.task
+    for cell in cells:
+        cfg = load_config(config, grid_overrides(cell, base_overrides, task))
+        run_dir = Path(cfg.output_dir) / run_name(cfg)
+        if run_dir in rows:
+            continue
+        done = _metric_rows(run_dir)
+        row: dict[str, Any] = {"run": run_dir.name, "rounds": len(done), "planned": cfg.fed.rounds, "train_s": sum(r.get("train_s", 0.0) for r in done)}
+        if (run_dir / "summary.json").is_file():
+            stored = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
+            summary = json.loads((run_dir / "summary.json").read_text())
+            same = isinstance(stored, dict) and same_results(stored, cfg)
+            row |= {"state": "finished" if same else "other configuration", "hardware": summary.get("hardware", "not recorded")}
+        else:
+            row["state"] = "running or stopped" if done else "not started"
+        rows[run_dir] = row
+    return list(rows.values())
+
+
+def status_table(rows: list[dict[str, Any]]) -> str:
+    """The status rows as Markdown, then the totals and what is left: rounds not yet trained
+    times the mean training seconds per round of the finished runs (per machine they ran on:
+    an estimate for that machine, one process per run)."""
+    lines = ["| run | state | rounds | training s |", "|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['state']} | {r['rounds']}/{r['planned']} | {r['train_s']:.0f} |" for r in rows]
+    count = {state: sum(r["state"] == state for r in rows) for state in ("finished", "running or stopped", "not started", "other configuration")}
+    lines.append("")
+    lines.append(", ".join(f"{n} {state}" for state, n in count.items() if n) + f" ({len(rows)} runs)")
+    # a folder of another configuration is trained again from its first round (under --overwrite)
+    left = sum(r["planned"] if r["state"] == "other configuration" else max(r["planned"] - r["rounds"], 0) for r in rows if r["state"] != "finished")
+    finished = [r for r in rows if r["state"] == "finished" and r["rounds"]]
+    groups = {hw: [r for r in finished if r["hardware"] == hw] for hw in dict.fromkeys(r["hardware"] for r in finished)}
+    if not groups:  # nothing finished yet: the runs under way are the only measure
+        groups = {"runs in progress, machine not recorded": [r for r in rows if r["state"] == "running or stopped" and r["rounds"]]}
+    for hw, on in groups.items():
+        if on:
+            per_round = sum(r["train_s"] for r in on) / sum(r["rounds"] for r in on)
+            lines.append(f"{left} rounds left; at {per_round:.0f} training s per round ({hw}, {len(on)} runs): ≈ {left * per_round / 3600:.1f} process-hours")
+    return "\n".join(lines) + "\n"
