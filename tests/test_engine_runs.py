@@ -48,6 +48,15 @@ def test_mixed_client_ranks(tiny_models, tmp_path, method):
     for c in clients:
         assert c["bytes_up"] == _upload_bytes(c["rank"]), c
         assert c["steps"] > 0 and c["train_loss"] == c["train_loss"]  # trained, loss not NaN
+    # each client's aggregation weight beside its row: p_i = n_i / Σ n_j from the rows' own example counts
+    for rnd in (1, 2):
+        these = [c for c in clients if c["round"] == rnd]
+        total = sum(c["examples"] for c in these)
+        assert [c["weights"] for c in these] == pytest.approx([c["examples"] / total for c in these])
+        if method == "hexa":  # the drift-adjusted weights, a distribution, and each client's drift
+            assert sum(c["hexa_weights"] for c in these) == pytest.approx(1.0) and all(c["drift"] >= 0 for c in these)
+        if method == "fedhl":
+            assert sum(c["fedhl_weights"] for c in these) == pytest.approx(1.0) and all(c["truncation_errors"] >= 0 for c in these)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2] and all("eval_accuracy" in r for r in rows)
     assert (run_dir / "adapter" / "adapter_config.json").is_file()

@@ -50,6 +50,10 @@ class Aggregator(ABC):
     exact: ClassVar[bool]
     mixed_ranks: ClassVar[bool] = False
     local_dp: ClassVar[bool] = True  # whether its clients can train under DP-SGD (privacy.mode=local)
+    # Keys of ``info`` holding one number per client, in the order of ``info["clients"]``; the
+    # engines write them beside each client's row of clients.jsonl. Every method has "weights",
+    # the base weights p_i.
+    per_client_info: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, weighting: str = "data_size"):
         if weighting not in WEIGHTINGS:

@@ -45,6 +45,7 @@ from .flexlora import SVDGlobal, svd_download
 class FedHL(SVDGlobal):
     name = "fedhl"
     exact = False
+    per_client_info = ("fedhl_weights", "truncation_errors")  # p_i and r̂_i
 
     def __init__(self, weighting: str = "data_size", eps: float = 1e-6, split: str = "B", rtol: float = 1e-7, max_rank: int | None = None):
         super().__init__(weighting, split, rtol)

@@ -100,6 +100,7 @@ class HEXA(Aggregator):
     name = "hexa"
     exact = True
     mixed_ranks = True
+    per_client_info = ("drift", "hexa_weights")  # d_i and the weights p_i after the drift (part c)
 
     def __init__(
         self,
