@@ -5,7 +5,8 @@
 # from fedit paired by seed. Finished cells are read back and interrupted ones resume, so each
 # part can run in pieces. JOBS worker processes of one thread each (2 cores → JOBS=2).
 #
-# Usage: [SEEDS=0,1,2,3,4] [PARTITIONS=iid,dirichlet:1.0,dirichlet:0.1] [JOBS=2] [SST2_RECIPE=sst2] bash benchmarks/evidence_grid.sh PART
+# Usage: [SEEDS=0,1,2,3,4] [PARTITIONS=iid,dirichlet:1.0,dirichlet:0.1] [JOBS=2] [SST2_RECIPE=sst2] [STATUS=1] bash benchmarks/evidence_grid.sh PART
+# STATUS=1 runs nothing: it lists the part's runs (finished, stopped after k rounds, not started) and the compute left.
 # SST2_RECIPE picks the SST-2 parts' recipe under benchmarks/recipes/ (sst2-8k: the first, 8,000-example
 # budget, whose grids are in results/evidence/sst2-8k); another recipe's tables go to results/evidence/<recipe>.
 # (SEEDS=0 then SEEDS=1 … fills whole seeds first when a part runs in pieces; a last call with
@@ -42,7 +43,7 @@ grid() {  # grid TASK [overrides…] [--options…]: overrides must come before 
   shift
   while [[ $# -gt 0 && $1 != --* ]]; do over+=("$1"); shift; done
   [[ $task == sst2 ]] && task=$recipe
-  fedlora compare "benchmarks/recipes/$task.yaml" threads=1 "${over[@]}" --jobs "${JOBS:-2}" "$@"
+  fedlora compare "benchmarks/recipes/$task.yaml" threads=1 "${over[@]}" --jobs "${JOBS:-2}" "$@" ${STATUS:+--status}
 }
 case $part in
   lr)
