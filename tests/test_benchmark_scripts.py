@@ -33,16 +33,27 @@ def test_grid_scripts_refuse_an_unknown_part(script):
 # The evidence issue's grids, counted from its text: SST-2 × 3 partitions × (9 methods) × 5 seeds plus
 # one centralized run per seed; STS-B/RTE × 2 partitions × 5 methods × 5 seeds plus centralized; ranks
 # 5 methods × 2 partitions; quantity 9 methods; the ablation's 8 rows; the newer methods' 6 × 2.
-EXPECTED_RUNS = {"sst2": 3 * 9 * 5 + 5, "stsb": 2 * 5 * 5 + 5, "rte": 2 * 5 * 5 + 5, "ranks": 5 * 2 * 5, "quantity": 9 * 5, "ablation": 8 * 5, "newer": 6 * 2 * 5, "centralized": 5}
+# The privacy issue's: local DP-SGD, 5 methods × ε ∈ {1, 3, 6, ∞} × 3 seeds; client-level, 3 methods × ε ∈ {1, 8, ∞} × 3 seeds.
+EVIDENCE = {
+    "sst2": 3 * 9 * 5 + 5,
+    "stsb": 2 * 5 * 5 + 5,
+    "rte": 2 * 5 * 5 + 5,
+    "ranks": 5 * 2 * 5,
+    "quantity": 9 * 5,
+    "ablation": 8 * 5,
+    "newer": 6 * 2 * 5,
+    "centralized": 5,
+}
+EXPECTED_RUNS = [("evidence_grid", part, n) for part, n in sorted(EVIDENCE.items())] + [("dp_grid", "local", 5 * 4 * 3), ("dp_grid", "client", 3 * 3 * 3)]
 
 
-@pytest.mark.parametrize("part", sorted(EXPECTED_RUNS))
-def test_evidence_grid_status_lists_the_whole_grid_and_runs_nothing(part):
+@pytest.mark.parametrize("script,part,runs", EXPECTED_RUNS)
+def test_grid_status_lists_the_whole_grid_and_runs_nothing(script, part, runs):
     """STATUS=1: every run of the part listed (its state, whatever this checkout holds), nothing run."""
     import os
     import sys
 
     env = {**os.environ, "STATUS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks/evidence_grid.sh"), part], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(["bash", str(ROOT / f"benchmarks/{script}.sh"), part], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert f"({EXPECTED_RUNS[part]} runs)" in done.stdout, done.stdout[-500:]
+    assert f"({runs} runs)" in done.stdout, done.stdout[-500:]
