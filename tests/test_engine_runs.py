@@ -59,6 +59,10 @@ def test_mixed_client_ranks(tiny_models, tmp_path, method):
             assert sum(c["fedhl_weights"] for c in these) == pytest.approx(1.0) and all(c["truncation_errors"] >= 0 for c in these)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2] and all("eval_accuracy" in r for r in rows)
+    if method == "hexa":  # 1/Σ p_i² of the weights beside the client rows
+        for r in rows:
+            w = [c["hexa_weights"] for c in clients if c["round"] == r["round"]]
+            assert r["hexa_effective_clients"] == pytest.approx(1 / sum(x * x for x in w))
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     assert summary["rounds"] == 2
 

@@ -193,6 +193,7 @@ def test_drift_weights_match_dense_and_round_is_exact(beta, restart, weighting):
     assert new.info["hexa_weights"] == pytest.approx(p, rel=1e-5)
     assert new.info["weights"] == pytest.approx(q)
     assert p[3] < q[3] * 0.9  # the outlier lost weight
+    assert new.info["hexa_effective_clients"] == pytest.approx(1.0 / sum(x * x for x in p), rel=1e-5)
     reported = new.info["hexa_weights"]
     for name in MIXED_SHAPES:
         got = global_after(agg, new, name)
@@ -208,6 +209,7 @@ def test_drift_identical_clients_keep_base_weights():
     new = agg.aggregate(state, same)
     assert new.info["drift"] == pytest.approx([0.0] * 3, abs=1e-5)
     assert new.info["hexa_weights"] == pytest.approx(ref.data_weights([1, 2, 3]), rel=1e-5)
+    assert new.info["hexa_effective_clients"] == pytest.approx(36 / 14, rel=1e-5)  # 1/Σ(n_i/6)² for n = 1, 2, 3
 
 
 # -------------------------------------------------------- class-aware head

@@ -156,6 +156,8 @@ class HEXA(Aggregator):
             w = normalise(p * torch.exp(-self.drift_beta * (d - shift)), "HEXA drift", [u.client_id for u in updates])
             info["drift"] = d.tolist()
         info["hexa_weights"] = w.tolist()
+        # the effective number of clients 1/Σ p_i²: K for equal weights, 1 when the drift leaves one client
+        info["hexa_effective_clients"] = float(1.0 / (w.double() ** 2).sum())
         adapters, residual = unzip(per_module(lambda name: self._restart(state, name, views[name], w, grams.get(name)), state.adapters))
         # Heads use the base weights as in every method; only their output rows may be class-aware.
         dense = class_aware_average(updates, p, self.head_keys) if self.class_aware_head else None
