@@ -54,7 +54,7 @@ case $part in
       rates="fedit[train.lr=3e-3],fedit[train.lr=1e-2],fedit[train.lr=3e-3,train.head_lr=3e-3],ffa[train.lr=3e-3],ffa[train.lr=1e-2],ffa[train.lr=1e-2,train.head_lr=1e-2],hexa,hexa[train.lr=3e-3],hexa[train.lr=3e-3,train.head_lr=3e-3]"
     else  # a larger budget takes more local steps per round: the rates chosen at 8k and lower ones (3e-3 diverged
           # for fedit at 24k, so each method's range reaches down until its best rate is not at the range's edge)
-      rates="fedit[train.lr=1e-3],fedit[train.lr=3e-3],hexa[train.lr=1e-3],ffa[train.lr=3e-3],fedit[train.lr=3e-4],ffa[train.lr=1e-3],ffa[train.lr=1e-2],hexa[train.lr=3e-4]"
+      rates="fedit[train.lr=1e-3],fedit[train.lr=3e-3],hexa[train.lr=1e-3],ffa[train.lr=3e-3],fedit[train.lr=3e-4],ffa[train.lr=1e-3],ffa[train.lr=1e-2],hexa[train.lr=3e-4],ffa[train.lr=3e-4]"
     fi
     grid sst2 data.eval_split=holdout output_dir=runs/evidence-holdout${SST2_RECIPE:+-$SST2_RECIPE} --methods "$rates" \
       --partitions dirichlet:0.1 --seeds 0 --baseline "fedit[train.lr=3e-3]" --out $root/lr-holdout --title "Learning rate per method on held-out training data: SST-2, Dirichlet(0.1), seed 0" ;;
