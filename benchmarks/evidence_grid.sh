@@ -40,8 +40,8 @@ if [[ $recipe == sst2-8k ]]; then
   lr="train.lr=3e-3" lr_b="train.lr=1e-2"
 else
   # 24,000 examples on every linear layer (75 local steps a round): fedit 1e-3 (80.4%) over 3e-4 (78.2%), 3e-3
-  # diverged (50.7%: the global model flips between the two classes); ffa 1e-3 (78.4%) over 3e-3 (75.8%), 1e-2
-  # diverged; hexa 1e-3 (82.8%).
+  # diverged (50.7%: the global model flips between the two classes); ffa 1e-3 (78.4%) over 3e-3 (75.8%) and
+  # 3e-4 (72.6%), 1e-2 diverged; hexa 1e-3 (82.8%) over 3e-4 (81.9%).
   lr="train.lr=1e-3" lr_b="train.lr=1e-3"
 fi
 nine="hexa[$lr],fedex[$lr],fedit[$lr],ffa[$lr_b],fra[$lr],flora[$lr],flexlora[$lr],hetlora[$lr],fedhl[$lr]"
