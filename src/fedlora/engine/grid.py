@@ -103,15 +103,14 @@ def collect(
             summary = json.loads(summary_path.read_text())
             if summary.get("task") != cfg.data.task:
                 raise ConfigError(f"{summary_path} is a run on task {summary.get('task')!r}, not {cfg.data.task!r}")
-            stored = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
-            if not isinstance(stored, dict) or not same_results(stored, cfg):
+            if not _ran_as_configured(run_dir, cfg):
                 # A finished run of another configuration under this cell's name: never report it as this cell.
                 raise ConfigError(
                     f"{run_dir} holds a run of {cell.method} / {cell.partition} / seed {cell.seed} with a different configuration; "
                     "give the grid its own output_dir, or --overwrite"
                 )
             if "last_half" not in summary and (run_dir / "metrics.jsonl").is_file():  # a run summarised before the field existed
-                rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+                rows = _metric_rows(run_dir)
                 summary["last_half"] = last_half([r for r in rows if "eval_" + summary["primary_metric"] in r])
             out[cell] = summary
         elif run:
@@ -136,6 +135,12 @@ def collect(
     return {cell: out[cell] for cell in cells if cell in out}
 
 
+def _ran_as_configured(run_dir: Path, cfg) -> bool:
+    """Whether the folder's stored configuration gives the results ``cfg`` would (no config.yaml: it proves nothing)."""
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
+    return isinstance(stored, dict) and same_results(stored, cfg)
+
+
 def _metric_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
@@ -156,10 +161,8 @@ def grid_status(cells: list[Cell], config: str | None, base_overrides: list[str]
         done = _metric_rows(run_dir)
         row: dict[str, Any] = {"run": run_dir.name, "rounds": len(done), "planned": cfg.fed.rounds, "train_s": sum(r.get("train_s", 0.0) for r in done)}
         if (run_dir / "summary.json").is_file():
-            stored = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
             summary = json.loads((run_dir / "summary.json").read_text())
-            same = isinstance(stored, dict) and same_results(stored, cfg)
-            row |= {"state": "finished" if same else "other configuration", "hardware": summary.get("hardware", "not recorded")}
+            row |= {"state": "finished" if _ran_as_configured(run_dir, cfg) else "other configuration", "hardware": summary.get("hardware", "not recorded")}
         else:
             row["state"] = "running or stopped" if done else "not started"
         rows[run_dir] = row

@@ -243,13 +243,13 @@ class Server:
                 row[key] = sum(r.get(key, 0) for r in done)
         row.update({k: v for k, v in state.info.items() if isinstance(v, (int, float))})
         # what the aggregation gave each client (its weight; HEXA's drift, FedHL's truncation error)
-        ids = list(state.info.get("clients", []))
+        position = {cid: i for i, cid in enumerate(state.info.get("clients", []))}
         for key in ("weights", *self.exp.aggregator.per_client_info):
             values = state.info.get(key)
-            if isinstance(values, list) and len(values) == len(ids):
+            if isinstance(values, list) and len(values) == len(position):
                 for r in done:
-                    if r["client"] in ids:
-                        r[key] = values[ids.index(r["client"])]
+                    if r["client"] in position:
+                        r[key] = values[position[r["client"]]]
         personal = [r for r in done if r.get("personal_n")]
         if personal:  # each client's own model on its held-out examples, weighted by their number
             total = sum(r["personal_n"] for r in personal)
