@@ -81,7 +81,7 @@ case $part in
   quantity)
     grid sst2 --methods "$nine" --partitions "quantity:0.5" --seeds "$seeds" --baseline "fedit[$lr]" --out $root/quantity --title "SST-2, quantity skew" ;;
   ablation)
-    grid sst2 --methods "hexa[$lr],hexa[drift_beta=0,$lr],hexa[fold_residual=false,$lr],hexa[class_aware_head=true,$lr],hexa[restart=svd_sqrt,$lr],hexa[restart=lstsq,$lr],hexa[drift_beta=3,$lr],fedex[$lr],fedit[$lr]" \
+    grid sst2 --methods "hexa[$lr],hexa[drift_beta=0,$lr],hexa[fold_residual=false,$lr],hexa[class_aware_head=true,$lr],hexa[restart=svd_sqrt,$lr],hexa[restart=lstsq,$lr],hexa[drift_beta=3,$lr],hexa[server_momentum=0.5,$lr],fedex[$lr],fedit[$lr]" \
       --partitions dirichlet:0.1 --seeds "$seeds" --baseline "hexa[$lr]" --out $root/ablation --title "HEXA ablation, SST-2, Dirichlet(0.1)" ;;
   newer)
     grid sst2 --methods "fedsvd[$lr_b],rolora[$lr],fedsb[$lr],fedsa[fed.personal_eval=0.1,$lr],fedex[$lr],fedit[$lr]" --partitions "iid,dirichlet:0.1" --seeds "$seeds" \

@@ -135,6 +135,7 @@ def test_run_config_round_trips_lists_and_options():
         ("fedex", ["fed.fraction=0.67"]),
         ("fedex", ["fed.fraction=0.67", "fed.transport=bfloat16"]),  # bf16 on the wire, catching up on base deltas
         ("hexa", ["model.client_ranks=[2,4,4]"]),
+        ("hexa", ["model.client_ranks=[2,4,4]", "fed.fraction=0.67", "fed.options={server_momentum: 0.5}"]),  # μ·v in W0's delta: nodes catch up on it
         ("fedex", ["fed.fraction=0.67", "model.base_delta=factored"]),
         ("fedex", ["fed.fraction=0.67", "privacy.mode=client", "fed.weighting=uniform", "privacy.noise_multiplier=0.3", "privacy.delta=1e-3"]),
         ("hexa", ["privacy.mode=local", "privacy.noise_multiplier=1.0", "privacy.delta=1e-3"]),
@@ -144,7 +145,20 @@ def test_run_config_round_trips_lists_and_options():
         ("fedsb", ["fed.fraction=0.67", "privacy.mode=client", "fed.weighting=uniform", "privacy.noise_multiplier=0.3", "privacy.delta=1e-3"]),
         ("fedsa", ["fed.personal_eval=0.25"]),  # B and head kept on the node (context.state), personal metrics
     ],
-    ids=["fedex", "fedex-bf16", "hexa", "fedex-factored", "fedex-client-dp", "hexa-local-dp", "rolora", "fedsvd", "fedsb", "fedsb-client-dp", "fedsa-personal"],
+    ids=[
+        "fedex",
+        "fedex-bf16",
+        "hexa",
+        "hexa-momentum",
+        "fedex-factored",
+        "fedex-client-dp",
+        "hexa-local-dp",
+        "rolora",
+        "fedsvd",
+        "fedsb",
+        "fedsb-client-dp",
+        "fedsa-personal",
+    ],
 )
 def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
     """Same seed → the same global adapters, heads and metrics as the in-process engine.
@@ -161,6 +175,8 @@ def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
     rtol = 2**-7 if "fed.transport=bfloat16" in extra else 1e-4
     if method == "fedsa":  # each node's own model, scored on its own held-out examples, reached the server
         assert [r["personal_accuracy"] for r in server.rounds] == pytest.approx([r["personal_accuracy"] for r in sim.rounds], abs=1e-6)
+    if any("server_momentum" in e for e in extra):  # the momentum buffer was kept and applied on both sides
+        assert all(r["momentum_norm"] > 0 for r in sim.rounds + server.rounds)
     if "privacy.mode=local" in extra:  # every client's ε reached the server through Flower's metric records
         assert [r["epsilon"] for r in server.rounds] == [r["epsilon"] for r in sim.rounds] and server.rounds[-1]["epsilon"] > 0
     for name, a in want.adapters.items():

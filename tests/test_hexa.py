@@ -283,3 +283,109 @@ def test_drift_nearly_cancelling_updates_are_aggregated(beta):
     for name in MIXED_SHAPES:
         want = ref.weighted_sum([dl[name] for dl in deltas], new.info["hexa_weights"])
         assert ref.rel_err(global_after(agg, new, name), want) < 1e-5
+
+
+# -------------------------------------------------------- server momentum (f)
+def momentum_rounds(agg, rounds=4, seed=0, dense_shape=(3, 5)):
+    """Runs ``rounds`` HEXA rounds (mixed ranks, random heads) and, beside them, FedAvgM by hand in
+    dense float64 on what the clients sent: v_t = μ·v_{t−1} + Δ_t, W_{t+1} = W_t + v_t, with
+    Δ_t = Σ_i p_i·ΔW_i − G_t and p the weights the round reports (the drift's, tested above).
+    Returns the package's models (Σ folded base deltas + the global adapter) and the reference's."""
+    mu = agg.server_momentum
+    dense = {"head.weight": torch.zeros(dense_shape)}
+    state = random_global(agg, seed=seed, dense=dense)
+    g = torch.Generator().manual_seed(seed + 11)
+    folded = {n: torch.zeros(shape, dtype=torch.float64) for n, shape in MIXED_SHAPES.items()}
+    W = {n: P(a) for n, a in state.adapters.items()}  # the reference model (on top of W0)
+    head = ref.d(state.dense["head.weight"])
+    v = {n: torch.zeros_like(w) for n, w in W.items()}
+    v_head = torch.zeros_like(head)
+    got, want = [], []
+    for t in range(rounds):
+        _, ups = client_round(agg, state, MIXED_RANKS, NS, seed=100 * seed + t)
+        thetas = [state.dense["head.weight"] + torch.randn(dense_shape, generator=g) for _ in ups]
+        updates = [ClientUpdate(u.client_id, u.num_examples, u.adapters, dense={"head.weight": th}) for u, th in zip(ups, thetas)]
+        new = agg.aggregate(state, updates)
+        p = new.info["hexa_weights"]
+        q = new.info["weights"]
+        deltas = [hand_delta(state, u) for u in updates]
+        for n in W:
+            step = ref.weighted_sum([dl[n] for dl in deltas], p) - P(state.adapters[n])
+            v[n] = mu * v[n] + step
+            W[n] = W[n] + v[n]
+            if n in new.base_delta:
+                folded[n] = folded[n] + fdense(new.base_delta[n])
+        v_head = mu * v_head + ref.weighted_sum(thetas, q) - head
+        head = head + v_head
+        got.append(({n: folded[n] + P(a) for n, a in new.adapters.items()}, ref.d(new.dense["head.weight"])))
+        want.append((dict(W), head.clone()))
+        state = new
+    return state, got, want
+
+
+@pytest.mark.parametrize("restart", ["mean", "svd_sqrt"])
+@pytest.mark.parametrize("mu", [0.5, 0.9])
+def test_server_momentum_is_fedavgm_on_the_exact_aggregate(restart, mu):
+    agg = get_aggregator("hexa", restart=restart, server_momentum=mu)
+    state, got, want = momentum_rounds(agg)
+    for (gw, gh), (ww, wh) in zip(got, want):
+        for n in MIXED_SHAPES:
+            assert ref.rel_err(gw[n], ww[n]) < 1e-5
+        assert ref.rel_err(gh, wh) < 1e-6
+    # the buffer kept is v_t itself (nothing truncated at momentum_rank=0), and it is not zero
+    assert state.info["momentum_norm"] > 0 and "momentum_truncation" not in state.info
+    # a round without momentum is a different model: the test can tell them apart
+    plain = momentum_rounds(get_aggregator("hexa", restart=restart))[1]
+    assert ref.rel_err(plain[-1][0]["q"], want[-1][0]["q"]) > 1e-2
+
+
+def test_server_momentum_survives_serialisation():
+    from fedlora.core.serialize import state_from_dict, state_to_dict
+
+    agg = get_aggregator("hexa", server_momentum=0.7)
+    state, *_ = momentum_rounds(agg, rounds=2)
+    back = state_from_dict(state_to_dict(state))
+    for n, f in state.extra["momentum"].items():
+        assert ref.rel_err(fdense(back.extra["momentum"][n]), fdense(f)) == 0
+    _, ups = client_round(agg, state, MIXED_RANKS, NS, seed=9)
+    ups = [ClientUpdate(u.client_id, u.num_examples, u.adapters, dense=dict(state.dense)) for u in ups]
+    a, b = agg.aggregate(state, ups), agg.aggregate(back, ups)
+    for n in MIXED_SHAPES:
+        assert torch.equal(fdense(a.base_delta[n]), fdense(b.base_delta[n]))
+
+
+def test_server_momentum_rank_keeps_the_top_of_the_buffer():
+    """momentum_rank = k keeps v_t's best rank-k approximation (Eckart–Young, against a dense
+    float64 SVD of μ·ṽ_{t−1} + Δ_t) and reports the share of ‖v_t‖² it drops."""
+    k = 3
+    agg = get_aggregator("hexa", drift_beta=0.0, server_momentum=0.6, momentum_rank=k)
+    state = random_global(agg, seed=4)
+    dropped = total = 0.0
+    for t in range(3):
+        _, ups = client_round(agg, state, MIXED_RANKS, NS, seed=40 + t)
+        new = agg.aggregate(state, ups)
+        deltas = [hand_delta(state, u) for u in ups]
+        p = new.info["hexa_weights"]
+        dropped = total = 0.0
+        for n in MIXED_SHAPES:
+            full = ref.weighted_sum([dl[n] for dl in deltas], p) - P(state.adapters[n])
+            if t:
+                full = full + 0.6 * fdense(state.extra["momentum"][n])
+            U, S, Vh = torch.linalg.svd(full)
+            best = (U[:, :k] * S[:k]) @ Vh[:k]
+            kept = new.extra["momentum"][n]
+            assert kept.inner_dim <= k
+            assert ref.rel_err(fdense(kept), best) < 1e-5
+            dropped += float((S[k:] ** 2).sum())
+            total += float((S**2).sum())
+        assert new.info["momentum_truncation"] == pytest.approx(dropped / total, rel=1e-4)
+        state = new
+    assert 0 < dropped / total < 1
+
+
+@pytest.mark.parametrize(
+    "bad", [{"server_momentum": 1.0}, {"server_momentum": -0.1}, {"server_momentum": float("nan")}, {"momentum_rank": -1}, {"momentum_rank": 2.5}]
+)
+def test_server_momentum_bad_options(bad):
+    with pytest.raises(ValueError, match="server_momentum|momentum_rank"):
+        get_aggregator("hexa", **bad)

@@ -36,6 +36,15 @@ adapter (B₀, A₀) of rank r and scaling s:
 (e) Class-aware head (``class_aware_head=True``, ``head_keys``): each row c of
     the output layer is averaged with weights n_{i,c}/Σ_j n_{j,c} from label
     counts the clients send. Off by default: label counts can be private.
+
+(f) Server momentum (``server_momentum`` = μ; FedAvgM, Hsu et al. 2019, on the exact
+    aggregate). With Δ_t = M − s·B₀·A₀, the round's exact change of the global model,
+        v_t = μ·v_{t−1} + Δ_t,      W_{t+1} = W_t + v_t = (W0 + M) + μ·v_{t−1}
+    so μ·v_{t−1} travels in W0's delta beside the residual (the restart is unchanged).
+    v_t stays factored in the server state: at its numerical rank (``momentum_rank=0``,
+    FedAvgM exactly), or its top ``momentum_rank`` singular triplets, the dropped share of
+    ‖v_t‖²_F reported as ``momentum_truncation``. Trained dense parameters (heads) follow the
+    same rule on their average. μ = 0 (default) is off.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from torch import Tensor
 
 from ..adapter import Adapter, adapter_from_svd, module_generator
 from ..aggregator import Aggregator, RoundOutput
-from ..dense import class_aware_average
+from ..dense import class_aware_average, weighted_average
 from ..factored import Factored, block_inner, stacked_grams
 from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
@@ -111,6 +120,8 @@ class HEXA(Aggregator):
         fold_residual: bool = True,
         class_aware_head: bool = False,
         head_keys: Sequence[str] = (),
+        server_momentum: float = 0.0,
+        momentum_rank: int = 0,
     ):
         super().__init__(weighting)
         if restart not in RESTARTS:
@@ -119,6 +130,10 @@ class HEXA(Aggregator):
             raise ValueError(f"mixed_ranks must be 'fold' or 'truncate', got {mixed_ranks!r}")
         if not math.isfinite(drift_beta) or drift_beta < 0:
             raise ValueError(f"drift_beta must be a finite number ≥ 0, got {drift_beta}")
+        if not (math.isfinite(server_momentum) and 0 <= server_momentum < 1):
+            raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum}")
+        if isinstance(momentum_rank, bool) or not isinstance(momentum_rank, int) or momentum_rank < 0:
+            raise ValueError(f"momentum_rank must be an integer ≥ 0 (0: the buffer at its numerical rank), got {momentum_rank!r}")
         if class_aware_head and not head_keys:
             raise ValueError("class_aware_head needs head_keys: the names of the output layer's weight and bias")
         self.restart = restart
@@ -127,6 +142,8 @@ class HEXA(Aggregator):
         self.fold_residual = fold_residual
         self.class_aware_head = class_aware_head
         self.head_keys = tuple(head_keys)
+        self.server_momentum = float(server_momentum)
+        self.momentum_rank = momentum_rank
 
     # -------------------------------------------------------------- download
     def client_start(self, state: ServerState, rank: int | None = None) -> ClientStart:
@@ -161,7 +178,38 @@ class HEXA(Aggregator):
         adapters, residual = unzip(per_module(lambda name: self._restart(state, name, views[name], w, grams.get(name)), state.adapters))
         # Heads use the base weights as in every method; only their output rows may be class-aware.
         dense = class_aware_average(updates, p, self.head_keys) if self.class_aware_head else None
-        return RoundOutput(adapters=adapters, base_delta=residual if self.fold_residual else {}, info=info, dense=dense)
+        out = RoundOutput(adapters=adapters, base_delta=residual if self.fold_residual else {}, info=info, dense=dense)
+        if self.server_momentum > 0:
+            self._momentum(state, updates, views, w, p, out)
+        return out
+
+    def _momentum(self, state: ServerState, updates: list[ClientUpdate], views: dict[str, list[Adapter]], w: Tensor, p: Tensor, out: RoundOutput) -> None:
+        """Part (f): fold μ·v_{t−1} into W0's delta and keep v_t = μ·v_{t−1} + Δ_t (in ``out``)."""
+        mu = self.server_momentum
+        previous = state.extra.get("momentum", {})
+        buffers, dropped, total = {}, 0.0, 0.0
+        for name, g in state.adapters.items():
+            # Δ_t = Σ_i w_i·s·B̃_i·Ã_i − s·B₀·A₀ as (K+1)·r columns
+            delta = Factored.stack([v.delta() for v in views[name]] + [g.delta()], w.tolist() + [-1.0])
+            v_prev = previous.get(name)
+            if v_prev is not None:
+                kept = v_prev * mu
+                out.base_delta[name] = out.base_delta[name] + kept if name in out.base_delta else kept
+                delta = Factored.stack([kept, delta])
+            if self.momentum_rank:
+                svd, tail = delta.truncated_svd(self.momentum_rank)
+                dropped, total = dropped + tail, total + tail + float(svd.S.double().square().sum())
+            else:
+                svd = delta.svd(rtol=1e-7)
+            buffers[name] = svd.factored()
+        mean = out.dense if out.dense is not None else weighted_average(updates, p)
+        v_dense_prev = state.extra.get("momentum_dense", {})
+        v_dense = {k: t - state.dense[k] + (mu * v_dense_prev[k] if k in v_dense_prev else 0) for k, t in mean.items()}
+        out.dense = {k: t + mu * v_dense_prev[k] if k in v_dense_prev else t for k, t in mean.items()}
+        out.extra = {"momentum": buffers, "momentum_dense": v_dense}
+        out.info["momentum_norm"] = math.sqrt(sum(b.norm() ** 2 for b in buffers.values()))
+        if self.momentum_rank:
+            out.info["momentum_truncation"] = dropped / total if total > 0 else 0.0
 
     def _restart(self, state: ServerState, name: str, local: list[Adapter], p: Tensor, grams: tuple[Tensor, Tensor] | None) -> tuple[Adapter, Factored]:
         """(B', A') and the exact residual M − s·B'·A' for one module (part b)."""
