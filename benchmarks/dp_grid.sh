@@ -38,7 +38,7 @@ case $part in
     fedlora compare "${common[@]}" privacy.clip=0.1 data.max_train_examples=0 data.eval_split=holdout data.holdout_examples=1000 \
       data.holdout_min_words=10 model.max_length=64 partition.num_clients=3 fed.rounds=3 train.epochs=1 train.batch_size=32 \
       train.grad_accum=32 train.lr=5e-3 train.head_lr=5e-2 output_dir=runs/dp-local-recipe "${options[@]}" \
-      --methods "fedit[$dp,fed.rounds=6],fedit[$dp],fedit[$dp,train.lr=1e-2,train.head_lr=1e-1],fedit[fed.rounds=6],fedit,fedit[$dp,train.grad_accum=64,train.lr=1e-2,train.head_lr=1e-1]" \
+      --methods "fedit[$dp,fed.rounds=6],fedit[$dp],fedit[$dp,train.lr=1e-2,train.head_lr=1e-1],fedit[$dp,train.grad_accum=64,train.lr=1e-2,train.head_lr=1e-1],fedit,fedit[fed.rounds=6]" \
       --partitions dirichlet:0.5 --baseline "fedit[$dp]" \
       --out results/dp/local-recipe --title "Local DP-SGD recipe on held-out training sentences: fedit, 3 clients, Dirichlet(0.5), ε = 6" ;;
   local-small)

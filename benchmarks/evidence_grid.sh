@@ -5,7 +5,9 @@
 # from fedit paired by seed. Finished cells are read back and interrupted ones resume, so each
 # part can run in pieces. JOBS worker processes of one thread each (2 cores → JOBS=2).
 #
-# Usage: [SEEDS=0,1,2,3,4] [PARTITIONS=iid,dirichlet:1.0,dirichlet:0.1] [JOBS=2] [SST2_RECIPE=sst2] [STATUS=1] bash benchmarks/evidence_grid.sh PART
+# Usage: [SEEDS=0,1,2,3,4] [PARTITIONS=iid,dirichlet:1.0,dirichlet:0.1] [ONLY=hexa,fedex,…] [JOBS=2] [SST2_RECIPE=sst2] [STATUS=1] bash benchmarks/evidence_grid.sh PART
+# ONLY runs the part's cells of these methods alone (e.g. the Dirichlet(0.1) cells HEXA's question needs first); a
+# later call without it runs the rest and writes the whole table.
 # STATUS=1 runs nothing: it lists the part's runs (finished, stopped after k rounds, not started) and the compute left.
 # SST2_RECIPE picks the SST-2 parts' recipe under benchmarks/recipes/ (sst2-8k: the first, 8,000-example
 # budget, whose grids are in results/evidence/sst2-8k); another recipe's tables go to results/evidence/<recipe>.
@@ -46,12 +48,21 @@ else
 fi
 nine="hexa[$lr],fedex[$lr],fedit[$lr],ffa[$lr_b],fra[$lr],flora[$lr],flexlora[$lr],hetlora[$lr],fedhl[$lr]"
 root=results/evidence${SST2_RECIPE:+/$SST2_RECIPE}  # the SST-2 parts' tables
+only() {  # only SPECS: the comma-separated method specs whose method is in $ONLY (every spec when ONLY is unset)
+  python3 -c 'import re, sys
+specs = re.findall(r"[^,\[]+(?:\[[^\]]*\])?", sys.argv[1])  # commas inside [...] belong to a spec
+keep = [s for s in specs if not sys.argv[2] or s.split("[")[0] in sys.argv[2].split(",")]
+print(",".join(keep)) if keep else sys.exit("ONLY=" + sys.argv[2] + " names none of " + sys.argv[1])' "$1" "${ONLY:-}"
+}
 grid() {  # grid TASK [overrides…] [--options…]: overrides must come before fedlora compare's options
-  local task=$1 over=()
+  local task=$1 over=() opts=()
   shift
   while [[ $# -gt 0 && $1 != --* ]]; do over+=("$1"); shift; done
   [[ $task == sst2 ]] && task=$recipe
-  fedlora compare "benchmarks/recipes/$task.yaml" threads=1 "${over[@]}" --jobs "${JOBS:-2}" "$@" ${STATUS:+--status}
+  while [[ $# -gt 0 ]]; do
+    if [[ $1 == --methods ]]; then opts+=("$1" "$(only "$2")") || exit 2; shift 2; else opts+=("$1"); shift; fi
+  done
+  fedlora compare "benchmarks/recipes/$task.yaml" threads=1 "${over[@]}" --jobs "${JOBS:-2}" "${opts[@]}" ${STATUS:+--status}
 }
 case $part in
   lr)

@@ -57,3 +57,25 @@ def test_grid_status_lists_the_whole_grid_and_runs_nothing(script, part, runs):
     done = subprocess.run(["bash", str(ROOT / f"benchmarks/{script}.sh"), part], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"({runs} runs)" in done.stdout, done.stdout[-500:]
+
+
+def _status(part: str, **env_vars: str) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    env = {**os.environ, "STATUS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env_vars}
+    return subprocess.run(["bash", str(ROOT / "benchmarks/evidence_grid.sh"), part], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_only_picks_methods_and_keeps_their_options():
+    """ONLY=hexa,fedex: those methods' cells (with options holding commas) and no other; a name that
+    picks nothing is refused."""
+    done = _status("sst2", ONLY="hexa,fedex", SEEDS="0,1")
+    assert done.returncode == 0, done.stderr
+    assert "(12 runs)" in done.stdout  # 2 methods × 3 partitions × 2 seeds
+    assert "fedit" not in done.stdout and "centralized" not in done.stdout
+    done = _status("ablation", ONLY="hexa", SEEDS="0")
+    assert done.returncode == 0, done.stderr
+    assert "(8 runs)" in done.stdout and "hexa_drift_beta=0_train.lr=1e-3" in done.stdout  # the 8 hexa rows
+    done = _status("ablation", ONLY="nope")
+    assert done.returncode != 0 and "ONLY=nope names none" in done.stderr
