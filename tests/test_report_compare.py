@@ -220,6 +220,12 @@ def test_status_lists_each_run_and_the_compute_left(tmp_path):
         ("compare-sst2-hexa-iid-s0", "other configuration", 4),
     ]
     text = status_table(rows)
-    # left: 1 + 4 + 4, and 4 for the other configuration's folder (trained again from round 1) = 13 rounds at 50 s
+    # left: 1 + 4 federated, the centralized run's 4 (at the federated rate: no centralized run finished), and 4 for
+    # the other configuration's folder (trained again from round 1) = 13 rounds at 50 s
     assert "1 finished, 1 running or stopped, 2 not started, 1 other configuration (5 runs)" in text
-    assert "13 rounds left; at 50 training s per round (cpu: X, bf16, 1 runs): ≈ 0.2 process-hours" in text
+    assert "13 rounds left, ≈ 0.2 process-hours on cpu: X, bf16 (federated: 9 × 50 s from 1 runs; centralized: 4 × 50 s from 1 other-mode runs)" in text
+    # a finished centralized run (200 s a round) does not move the federated rounds' rate
+    finished = [dict(r) for r in rows]
+    finished[3] |= {"state": "finished", "rounds": 4, "train_s": 800.0, "hardware": "cpu: X, bf16"}  # compare-sst2-centralized-s0
+    assert "9 rounds left, ≈ 0.1 process-hours on cpu: X, bf16 (federated: 9 × 50 s from 1 runs)" in status_table(finished)
+    assert [r["mode"] for r in rows] == ["federated"] * 3 + ["centralized", "federated"]

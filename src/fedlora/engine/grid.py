@@ -159,7 +159,13 @@ def grid_status(cells: list[Cell], config: str | None, base_overrides: list[str]
         if run_dir in rows:
             continue
         done = _metric_rows(run_dir)
-        row: dict[str, Any] = {"run": run_dir.name, "rounds": len(done), "planned": cfg.fed.rounds, "train_s": sum(r.get("train_s", 0.0) for r in done)}
+        row: dict[str, Any] = {
+            "run": run_dir.name,
+            "mode": cfg.fed.mode,
+            "rounds": len(done),
+            "planned": cfg.fed.rounds,
+            "train_s": sum(r.get("train_s", 0.0) for r in done),
+        }
         if (run_dir / "summary.json").is_file():
             summary = json.loads((run_dir / "summary.json").read_text())
             row |= {"state": "finished" if _ran_as_configured(run_dir, cfg) else "other configuration", "hardware": summary.get("hardware", "not recorded")}
@@ -172,20 +178,37 @@ def grid_status(cells: list[Cell], config: str | None, base_overrides: list[str]
 def status_table(rows: list[dict[str, Any]]) -> str:
     """The status rows as Markdown, then the totals and what is left: rounds not yet trained
     times the mean training seconds per round of the finished runs (per machine they ran on:
-    an estimate for that machine, one process per run)."""
+    an estimate for that machine, one process per run), federated and centralized rounds each
+    at their own mode's rate (a centralized round of a recipe trains on every client's examples
+    in one process, not at a federated round's rate); with none of a mode finished, its runs under way
+    (machine unknown: assumed this one) or else the other mode's."""
     lines = ["| run | state | rounds | training s |", "|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['state']} | {r['rounds']}/{r['planned']} | {r['train_s']:.0f} |" for r in rows]
     count = {state: sum(r["state"] == state for r in rows) for state in ("finished", "running or stopped", "not started", "other configuration")}
     lines.append("")
     lines.append(", ".join(f"{n} {state}" for state, n in count.items() if n) + f" ({len(rows)} runs)")
+
     # a folder of another configuration is trained again from its first round (under --overwrite)
-    left = sum(r["planned"] if r["state"] == "other configuration" else max(r["planned"] - r["rounds"], 0) for r in rows if r["state"] != "finished")
+    def rounds_left(r: dict[str, Any]) -> int:
+        return 0 if r["state"] == "finished" else r["planned"] if r["state"] == "other configuration" else max(r["planned"] - r["rounds"], 0)
+
+    left = sum(rounds_left(r) for r in rows)
     finished = [r for r in rows if r["state"] == "finished" and r["rounds"]]
     groups = {hw: [r for r in finished if r["hardware"] == hw] for hw in dict.fromkeys(r["hardware"] for r in finished)}
     if not groups:  # nothing finished yet: the runs under way are the only measure
         groups = {"runs in progress, machine not recorded": [r for r in rows if r["state"] == "running or stopped" and r["rounds"]]}
     for hw, on in groups.items():
-        if on:
-            per_round = sum(r["train_s"] for r in on) / sum(r["rounds"] for r in on)
-            lines.append(f"{left} rounds left; at {per_round:.0f} training s per round ({hw}, {len(on)} runs): ≈ {left * per_round / 3600:.1f} process-hours")
+        if not on:
+            continue
+        seconds, parts = 0.0, []
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            todo = sum(rounds_left(r) for r in rows if r["mode"] == mode)
+            same = [r for r in on if r["mode"] == mode]
+            under_way = [r for r in rows if r["mode"] == mode and r["state"] == "running or stopped" and r["rounds"]]
+            basis, which = (same, "") if same else (under_way, "unfinished ") if under_way else (on, "other-mode ")
+            per_round = sum(r["train_s"] for r in basis) / sum(r["rounds"] for r in basis)
+            seconds += todo * per_round
+            if todo:
+                parts.append(f"{mode}: {todo} × {per_round:.0f} s from {len(basis)} {which}runs")
+        lines.append(f"{left} rounds left, ≈ {seconds / 3600:.1f} process-hours on {hw} ({'; '.join(parts)})")
     return "\n".join(lines) + "\n"
