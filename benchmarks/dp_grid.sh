@@ -4,12 +4,13 @@
 # Usage: [SEEDS=0,1,2] [JOBS=2] [STATUS=1] bash benchmarks/dp_grid.sh local|local-recipe|local-small|client   (STATUS=1: list the runs and the compute left, run nothing)
 #   local   FFA-LoRA's protocol on MiniLM SST-2: 3 clients over all 67k training examples,
 #           Dirichlet(0.5), local DP-SGD at ε ∈ {1, 3, 6} and without DP, δ = 1e-5, for fedit,
-#           ffa, fra, fedex and hexa; logical batch 1024 (32 × 32 accumulated), C = 0.1, lr 5e-3
-#           (head 5e-2), 3 rounds × 1 local epoch (the budget at which DP trains: BENCHMARKS.md)
+#           ffa, fra, fedex and hexa; logical batch 2048 (32 × 64 accumulated), C = 0.1, lr 1e-2
+#           (head 1e-1), 3 rounds × 1 local epoch (the budget at which DP trains, the rates `local-recipe`
+#           chose on held-out sentences: BENCHMARKS.md)
 #   local-recipe  the DP recipe for `local`, chosen on 1,000 training sentences held out (never dev): fedit at
-#           ε = 6 and without DP, seed 0, the protocol above against more rounds, a larger learning rate and a
-#           larger logical batch (rule fixed before it ran: the highest held-out accuracy at ε = 6 after the last
-#           round; within 1 point of it, the cheapest)
+#           ε = 6 and without DP, seed 0, the first protocol (logical batch 1024, lr 5e-3) against more
+#           rounds, a larger learning rate, and a larger logical batch with it (rule fixed before it ran:
+#           the highest held-out accuracy at ε = 6 after the last round; within 1 point of it, the cheapest)
 #   local-small  the first attempt (1,500 examples: no method learns under DP there)
 #   client  client-level DP (DP-FedAvg) with 100 clients, 10% Poisson-sampled per round, at
 #           ε ∈ {1, 8} and without DP, δ = 1e-5, for fedit, ffa and fra
@@ -30,7 +31,7 @@ options=(--jobs "${JOBS:-2}" --seeds "$seeds" ${STATUS:+--status})
 case $part in
   local)
     fedlora compare "${common[@]}" privacy.clip=0.1 data.max_train_examples=0 data.max_eval_examples=872 model.max_length=64 partition.num_clients=3 \
-      fed.rounds=3 train.epochs=1 train.batch_size=32 train.grad_accum=32 train.lr=5e-3 train.head_lr=5e-2 output_dir=runs/dp-local-full "${options[@]}" \
+      fed.rounds=3 train.epochs=1 train.batch_size=32 train.grad_accum=64 train.lr=1e-2 train.head_lr=1e-1 output_dir=runs/dp-local-full "${options[@]}" \
       --methods "$(specs fedit,ffa,fra,fedex,hexa 1,3,6 local)" --partitions dirichlet:0.5 --baseline fedit \
       --out results/dp/local-full --title "Local DP-SGD: MiniLM SST-2 (all 67k examples), 3 clients, Dirichlet(0.5), δ = 1e-5" ;;
   local-recipe)
@@ -38,7 +39,7 @@ case $part in
     fedlora compare "${common[@]}" privacy.clip=0.1 data.max_train_examples=0 data.eval_split=holdout data.holdout_examples=1000 \
       data.holdout_min_words=10 model.max_length=64 partition.num_clients=3 fed.rounds=3 train.epochs=1 train.batch_size=32 \
       train.grad_accum=32 train.lr=5e-3 train.head_lr=5e-2 output_dir=runs/dp-local-recipe "${options[@]}" \
-      --methods "fedit[$dp,fed.rounds=6],fedit[$dp],fedit[$dp,train.lr=1e-2,train.head_lr=1e-1],fedit[$dp,train.grad_accum=64,train.lr=1e-2,train.head_lr=1e-1],fedit,fedit[fed.rounds=6]" \
+      --methods "fedit[$dp,fed.rounds=6],fedit[$dp],fedit[$dp,train.lr=1e-2,train.head_lr=1e-1],fedit[$dp,train.grad_accum=64,train.lr=1e-2,train.head_lr=1e-1],fedit" \
       --partitions dirichlet:0.5 --baseline "fedit[$dp]" \
       --out results/dp/local-recipe --title "Local DP-SGD recipe on held-out training sentences: fedit, 3 clients, Dirichlet(0.5), ε = 6" ;;
   local-small)
