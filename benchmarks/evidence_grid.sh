@@ -16,6 +16,7 @@
 #   lr        each method's learning rate at SST-2 Dirichlet(0.1), seed 0 (FFA-LoRA trains only B), on dev
 #   lr-holdout  the two best of each again, and the head at the adapters' rate (the recipe's head_lr
 #               1e-2 was chosen centralized), on examples held out of the training set (the choice)
+#   momentum-holdout  HEXA's server momentum (μ = 0.5) at the chosen rate and at 3e-4, seed 0, held out (as lr-holdout)
 #   sst2      SST-2 × {iid, Dirichlet 1.0, Dirichlet 0.1} × the nine methods and centralized
 #   centralized  the centralized cells only (TASK=sst2 by default, or stsb, rte): one run per seed serves every partition
 #   stsb      STS-B × {iid, Dirichlet 0.1} × hexa, fedex, fedit, flexlora, fedhl, centralized
@@ -29,7 +30,7 @@
 # Compute per run (2 cores, bf16): see the "Compute per run" table each part writes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: bash benchmarks/evidence_grid.sh lr|lr-holdout|sst2|centralized|stsb|rte|ranks|quantity|ablation|newer}
+part=${1:?usage: bash benchmarks/evidence_grid.sh lr|lr-holdout|momentum-holdout|sst2|centralized|stsb|rte|ranks|quantity|ablation|newer}
 seeds=${SEEDS:-0,1,2,3,4}
 recipe=${SST2_RECIPE:-sst2}
 # Federated learning rates from the lr-holdout part (SST-2, Dirichlet(0.1), seed 0, mean held-out accuracy of rounds
@@ -77,6 +78,11 @@ case $part in
     fi
     grid sst2 data.eval_split=holdout output_dir=runs/evidence-holdout${SST2_RECIPE:+-$SST2_RECIPE} --methods "$rates" \
       --partitions dirichlet:0.1 --seeds 0 --baseline "fedit[train.lr=3e-3]" --out $root/lr-holdout --title "Learning rate per method on held-out training data: SST-2, Dirichlet(0.1), seed 0" ;;
+  momentum-holdout)  # HEXA's server momentum (docs/hexa.md, candidate 4) before its ablation row: does μ = 0.5 train at
+                     # the chosen rate, or does the doubled step want a lower one? Seed 0, held-out sentences, as lr-holdout
+    grid sst2 data.eval_split=holdout output_dir=runs/evidence-holdout${SST2_RECIPE:+-$SST2_RECIPE} \
+      --methods "hexa[$lr],hexa[server_momentum=0.5,$lr],hexa[server_momentum=0.5,train.lr=3e-4]" --partitions dirichlet:0.1 --seeds 0 \
+      --baseline "hexa[$lr]" --out $root/momentum-holdout --title "HEXA with server momentum on held-out training data: SST-2, Dirichlet(0.1), seed 0" ;;
   sst2)
     grid sst2 --methods "$nine,centralized" --partitions "${PARTITIONS:-iid,dirichlet:1.0,dirichlet:0.1}" --seeds "$seeds" \
       --baseline "fedit[$lr]" --out $root/sst2 --title "SST-2, MiniLM-L6, 10 clients, recipe budget" ;;
