@@ -248,6 +248,11 @@ def test_run_folder_contents(runs):
         assert int(c["round"]) == r["round"] and float(c["eval_accuracy"]) == pytest.approx(r["eval_accuracy"])
         assert int(c["bytes_up"]) == r["bytes_up"]
 
+    # compute: CPU seconds of each round's training beside its wall time, summed in the summary
+    assert all(r["train_cpu_s"] > 0 and r["train_s"] > 0 for r in rows)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train_cpu_s"] == pytest.approx(sum(r["train_cpu_s"] for r in rows))
+
     # accuracy on 40 dev examples is a multiple of 1/40
     for r in rows:
         assert abs(r["eval_accuracy"] * EVAL - round(r["eval_accuracy"] * EVAL)) < 1e-9

@@ -187,11 +187,14 @@ def test_compute_per_run_never_averages_two_machines():
         Cell("hexa", "iid", 0): {"train_s": 50.0, "train_tokens": 10, "train_steps": 5, "aggregate_s": 0.5},
     }
     rows = [line.split(" | ") for line in compute_table(results).splitlines()[2:]]
-    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
-        ("| fedit", "cpu: X, bf16", "2", "200"),
-        ("| fedit", "cuda: H, bf16", "1", "8"),
-        ("| hexa", "not recorded", "1", "50"),
+    assert [(r[0], r[1], r[2], r[3], r[4]) for r in rows] == [
+        ("| fedit", "cpu: X, bf16", "2", "200", "–"),  # CPU seconds only where every run recorded them
+        ("| fedit", "cuda: H, bf16", "1", "8", "–"),
+        ("| hexa", "not recorded", "1", "50", "–"),
     ]
+    for seed, cpu in ((0, 90.0), (1, 110.0)):
+        results[Cell("fedit", "iid", seed)]["train_cpu_s"] = cpu
+    assert compute_table(results).splitlines()[2].split(" | ")[3:5] == ["200", "100"]
 
 
 def test_status_lists_each_run_and_the_compute_left(tmp_path):
@@ -229,3 +232,7 @@ def test_status_lists_each_run_and_the_compute_left(tmp_path):
     finished[3] |= {"state": "finished", "rounds": 4, "train_s": 800.0, "hardware": "cpu: X, bf16"}  # compare-sst2-centralized-s0
     assert "9 rounds left, ≈ 0.1 process-hours on cpu: X, bf16 (federated: 9 × 50 s from 1 runs)" in status_table(finished)
     assert [r["mode"] for r in rows] == ["federated"] * 3 + ["centralized", "federated"]
+    # CPU seconds, where every run of the basis recorded them, are the rate (wall time grows with other jobs)
+    cpu = [dict(r) for r in rows]
+    cpu[0]["cpu_s"] = 120.0  # the finished fedit run: 4 rounds, 30 CPU s each
+    assert "13 rounds left, ≈ 0.1 process-hours on cpu: X, bf16 (federated: 9 × 30 CPU s from 1 runs; centralized: 4 × 30 CPU s" in status_table(cpu)

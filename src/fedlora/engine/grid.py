@@ -165,6 +165,8 @@ def grid_status(cells: list[Cell], config: str | None, base_overrides: list[str]
             "rounds": len(done),
             "planned": cfg.fed.rounds,
             "train_s": sum(r.get("train_s", 0.0) for r in done),
+            # CPU seconds when every round recorded them: a rate that other jobs and pauses do not inflate
+            "cpu_s": sum(r["train_cpu_s"] for r in done) if done and all("train_cpu_s" in r for r in done) else None,
         }
         if (run_dir / "summary.json").is_file():
             summary = json.loads((run_dir / "summary.json").read_text())
@@ -177,7 +179,8 @@ def grid_status(cells: list[Cell], config: str | None, base_overrides: list[str]
 
 def status_table(rows: list[dict[str, Any]]) -> str:
     """The status rows as Markdown, then the totals and what is left: rounds not yet trained
-    times the mean training seconds per round of the finished runs (per machine they ran on:
+    times the mean training seconds per round of the finished runs (CPU seconds where every one
+    recorded them, else wall-clock; per machine they ran on:
     an estimate for that machine, one process per run), federated and centralized rounds each
     at their own mode's rate (a centralized round of a recipe trains on every client's examples
     in one process, not at a federated round's rate); with none of a mode finished, its runs under way
@@ -206,9 +209,10 @@ def status_table(rows: list[dict[str, Any]]) -> str:
             same = [r for r in on if r["mode"] == mode]
             under_way = [r for r in rows if r["mode"] == mode and r["state"] == "running or stopped" and r["rounds"]]
             basis, which = (same, "") if same else (under_way, "unfinished ") if under_way else (on, "other-mode ")
-            per_round = sum(r["train_s"] for r in basis) / sum(r["rounds"] for r in basis)
+            key, unit = ("cpu_s", "CPU s") if all(r.get("cpu_s") is not None for r in basis) else ("train_s", "s")
+            per_round = sum(r[key] for r in basis) / sum(r["rounds"] for r in basis)
             seconds += todo * per_round
             if todo:
-                parts.append(f"{mode}: {todo} × {per_round:.0f} s from {len(basis)} {which}runs")
+                parts.append(f"{mode}: {todo} × {per_round:.0f} {unit} from {len(basis)} {which}runs")
         lines.append(f"{left} rounds left, ≈ {seconds / 3600:.1f} process-hours on {hw} ({'; '.join(parts)})")
     return "\n".join(lines) + "\n"

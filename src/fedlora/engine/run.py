@@ -77,6 +77,8 @@ def summarise(exp: Experiment, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "last_half": last_half(evaluated),
         **({"personal_final": own[-1]} if own else {}),
         "train_s": sum(r["train_s"] for r in rows),
+        # CPU seconds of client training, when every round recorded them (in-process runs)
+        **({"train_cpu_s": sum(r["train_cpu_s"] for r in rows)} if rows and all("train_cpu_s" in r for r in rows) else {}),
         # the compute figures mean little without the machine that made them
         "hardware": exp.fm.placement.describe(),
         "aggregate_s": sum(r["aggregate_s"] for r in rows),

@@ -171,8 +171,13 @@ class Server:
             )
         return jobs
 
-    def finish(self, state: ServerState, jobs: list[ClientJob], results: list[ClientResult], train_s: float) -> ServerState:
-        """Aggregate the round's results (dropping failed clients), fold, evaluate, checkpoint."""
+    def finish(self, state: ServerState, jobs: list[ClientJob], results: list[ClientResult], train_s: float, train_cpu_s: float | None = None) -> ServerState:
+        """Aggregate the round's results (dropping failed clients), fold, evaluate, checkpoint.
+
+        ``train_s`` is the wall-clock time of the round's client training; ``train_cpu_s`` (in-process
+        only) the CPU seconds this process spent on it, every thread counted: unlike wall time it
+        does not grow when other jobs share the cores or the process is paused, so it is the compute
+        figure on a CPU (on a GPU it counts only the host's share)."""
         t = state.round
         broadcast = state.broadcast_numel()  # last round's base delta, which every client folds
         rows, updates = [], []
@@ -231,6 +236,7 @@ class Server:
             "dropped": len(rows) - len(done),
             "train_loss": sum(r["train_loss"] * r["examples"] for r in done) / sum(r["examples"] for r in done) if done else float("nan"),
             "train_s": train_s,
+            **({"train_cpu_s": train_cpu_s} if train_cpu_s is not None else {}),
             "aggregate_s": t2 - t1,
             "fold_s": t3 - t2,
             "train_steps": sum(r["steps"] for r in done),

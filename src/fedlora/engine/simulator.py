@@ -30,11 +30,11 @@ class Simulator(Server):
             jobs = self.plan(state)
             steps = sum(planned_steps(len(j.client.indices), cfg.train) for j in jobs)
             inner = tqdm(total=steps, desc=f"round {state.round + 1} local steps", disable=not cfg.progress, leave=False)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             results = [self.train(job, inner) for job in jobs]
-            train_s = time.perf_counter() - t0
+            train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
             inner.close()
-            state = self.finish(state, jobs, results, train_s)
+            state = self.finish(state, jobs, results, train_s, train_cpu_s)
             bar.update(1)
             primary = self.rounds[-1].get("eval_" + self.exp.task.primary_metric)
             if primary is not None:

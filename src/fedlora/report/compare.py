@@ -76,9 +76,10 @@ def paired_table(results: dict[Cell, dict], baseline: str, which: str = "best", 
 def compute_table(results: dict[Cell, dict]) -> str:
     """Compute per run, mean over the runs of each method and machine (``summary.json``'s
     ``hardware``; runs finished before it existed: "not recorded"): client training seconds,
-    padded tokens trained on, optimiser steps, and aggregation seconds. Seconds from two
-    machines are never averaged together."""
-    lines = ["| method | hardware | runs | training s | tokens | steps | aggregation s |", "|---|---|---|---|---|---|---|"]
+    padded tokens trained on, optimiser steps, and aggregation seconds; on a CPU also the CPU
+    seconds of training (every thread; not inflated by other jobs or pauses, "–" where a run did not
+    record them). Seconds from two machines are never averaged together."""
+    lines = ["| method | hardware | runs | training s | training CPU s | tokens | steps | aggregation s |", "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[dict]] = {}  # in the grid's method order, then machines as met
     for m in dict.fromkeys(c.method for c in results):
         for c, r in results.items():
@@ -86,7 +87,10 @@ def compute_table(results: dict[Cell, dict]) -> str:
                 groups.setdefault((m, r.get("hardware", "not recorded")), []).append(r)
     for (m, hw), rs in groups.items():
         mean = {key: sum(r.get(key, 0.0) for r in rs) / len(rs) for key in ("train_s", "train_tokens", "train_steps", "aggregate_s")}
-        lines.append(f"| {m} | {hw} | {len(rs)} | {mean['train_s']:.0f} | {mean['train_tokens']:.0f} | {mean['train_steps']:.0f} | {mean['aggregate_s']:.2f} |")
+        cpu = f"{sum(r['train_cpu_s'] for r in rs) / len(rs):.0f}" if all("train_cpu_s" in r for r in rs) else "–"
+        lines.append(
+            f"| {m} | {hw} | {len(rs)} | {mean['train_s']:.0f} | {cpu} | {mean['train_tokens']:.0f} | {mean['train_steps']:.0f} | {mean['aggregate_s']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +169,7 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
             **{f"final_{k}": v for k, v in r["final"].items()},
             **{f"last_half_{k}": v for k, v in r.get("last_half", {}).items()},
             **{f"personal_final_{k}": v for k, v in r.get("personal_final", {}).items()},
-            **{k: r[k] for k in ("train_s", "train_tokens", "train_steps", "aggregate_s", "hardware") if k in r},
+            **{k: r[k] for k in ("train_s", "train_cpu_s", "train_tokens", "train_steps", "aggregate_s", "hardware") if k in r},
         }
         for c, r in results.items()
     ]
