@@ -236,3 +236,28 @@ def test_status_lists_each_run_and_the_compute_left(tmp_path):
     cpu = [dict(r) for r in rows]
     cpu[0]["cpu_s"] = 120.0  # the finished fedit run: 4 rounds, 30 CPU s each
     assert "13 rounds left, ≈ 0.1 process-hours on cpu: X, bf16 (federated: 9 × 30 CPU s from 1 runs; centralized: 4 × 30 CPU s" in status_table(cpu)
+
+
+def test_learning_curves_with_bands(tmp_path):
+    """collect reads each run's curve from metrics.jsonl; the bands are the mean over seeds at the rounds
+    every seed evaluated, with Student's t interval (hand values); write_report draws curves.png."""
+    from fedlora.report.compare import round_bands
+
+    over = [f"output_dir={tmp_path}", "data.task=sst2"]
+    curves = {0: [0.5, 0.6, 0.7], 1: [0.7, 0.8, None], 2: [0.6, 0.7, 0.8]}  # seed 1 did not evaluate round 3
+    for seed, curve in curves.items():
+        write_summary(tmp_path, f"compare-sst2-hexa-iid-s{seed}", 0.7)
+        rows = [{"round": t, "train_s": 1.0, **({"eval_accuracy": v} if v is not None else {})} for t, v in enumerate(curve, 1)]
+        (tmp_path / f"compare-sst2-hexa-iid-s{seed}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = collect([Cell("hexa", "iid", s) for s in curves], None, over, run=False)
+    assert results[Cell("hexa", "iid", 1)]["curve"] == [[1, 0.7], [2, 0.8]]
+    rounds, ivs = round_bands(results, "iid")["hexa"]
+    assert rounds == [1, 2]  # round 3 is missing from one seed
+    t2 = 4.30265273  # t_{0.975, 2} from a t table
+    for iv, xs in zip(ivs, ([50, 70, 60], [60, 80, 70])):
+        mean = sum(xs) / 3
+        sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / 2)
+        assert iv.mean == pytest.approx(mean) and iv.half == pytest.approx(t2 * sd / math.sqrt(3)) and iv.n == 3
+    write_report(results, tmp_path / "report", "t")
+    assert (tmp_path / "report" / "curves.png").stat().st_size > 0
+    assert json.loads((tmp_path / "report" / "results.json").read_text())[0]["curve"] == [[1, 0.5], [2, 0.6], [3, 0.7]]

@@ -94,10 +94,11 @@ def collect(
     ``skip_missing`` leaves unfinished cells out (the table shows how many seeds each has)."""
     out: dict[Cell, dict] = {}
     todo: dict[Path, tuple[Any, list[Cell]]] = {}  # run folder → (config, cells it serves)
+    folders: dict[Cell, Path] = {}
     task = load_config(config, list(base_overrides)).data.task  # once per grid, not per cell
     for cell in cells:
         cfg = load_config(config, grid_overrides(cell, base_overrides, task))
-        run_dir = Path(cfg.output_dir) / run_name(cfg)
+        run_dir = folders[cell] = Path(cfg.output_dir) / run_name(cfg)
         summary_path = run_dir / "summary.json"
         if summary_path.exists() and not overwrite:
             summary = json.loads(summary_path.read_text())
@@ -132,7 +133,13 @@ def collect(
             out.update(dict.fromkeys(served, _run_cell(cfg, overwrite)))
     if not out:
         raise ConfigError("no finished run for any cell of the grid")
-    return {cell: out[cell] for cell in cells if cell in out}
+    return {cell: _with_curve(out[cell], folders[cell]) for cell in cells if cell in out}
+
+
+def _with_curve(summary: dict, run_dir: Path) -> dict:
+    """The summary and its run's learning curve, ``curve``: [round, primary metric] of every evaluated round."""
+    key = "eval_" + summary["primary_metric"]
+    return {**summary, "curve": [[r["round"], r[key]] for r in _metric_rows(run_dir) if r.get(key) is not None]}
 
 
 def _ran_as_configured(run_dir: Path, cfg) -> bool:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 WHICH = {"last_half": "second-half mean of", "final": "final-round", "best": "best-round"}
 
-__all__ = ["markdown_table", "paired_table", "compute_table", "plot_grid", "write_report"]
+__all__ = ["markdown_table", "paired_table", "compute_table", "plot_grid", "round_bands", "plot_round_curves", "write_report"]
 
 
 def _values(results: dict[Cell, dict], which: str, method: str, partition: str, scale: float) -> dict[int, float]:
@@ -127,9 +127,51 @@ def plot_grid(results: dict[Cell, dict], which: str, path: Path) -> None:
     plt.close(fig)
 
 
+def round_bands(results: dict[Cell, dict], partition: str, scale: float = 100.0) -> dict[str, tuple[list[int], list[Interval]]]:
+    """Per method, the rounds every seed of it evaluated and there the mean over seeds with its 95%
+    interval (the learning curves with their bands; ``curve`` from each run's metrics)."""
+    bands: dict[str, tuple[list[int], list[Interval]]] = {}
+    for m in dict.fromkeys(c.method for c in results):
+        curves = [dict((int(t), v) for t, v in r.get("curve", [])) for c, r in results.items() if c.method == m and c.partition == partition]
+        shared = sorted(set.intersection(*(set(cv) for cv in curves))) if curves else []
+        if shared:
+            bands[m] = (shared, [mean_interval([cv[t] * scale for cv in curves]) for t in shared])
+    return bands
+
+
+def plot_round_curves(results: dict[Cell, dict], path: Path) -> None:
+    """curves.png: one panel per partition, the primary metric against the round for each method,
+    mean over seeds with its 95% band: how fast each converges and how much it swings between rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    parts = list(dict.fromkeys(c.partition for c in results))
+    metric = next(iter(results.values()))["primary_metric"]
+    fig, axes = plt.subplots(1, len(parts), figsize=(4.6 * len(parts), 3.8), squeeze=False, sharey=True)
+    for ax, p in zip(axes[0], parts):
+        for m, (rounds, ivs) in round_bands(results, p).items():
+            mean = [iv.mean for iv in ivs]
+            line = ax.plot(rounds, mean, marker="o", markersize=2.5, label=f"{m} (n={ivs[0].n})")[0]
+            if ivs[0].n > 1:
+                ax.fill_between(rounds, [iv.low for iv in ivs], [iv.high for iv in ivs], color=line.get_color(), alpha=0.15)
+        ax.set_title(p, fontsize=9)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{metric} (×100), mean over seeds, 95% band", fontsize=8)
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline: str | None = None) -> Path:
     """results.md (means with 95% intervals; differences from ``baseline`` paired by seed;
-    compute per run), results.json (one row per run) and results.png (bars with 95% intervals)."""
+    compute per run), results.json (one row per run), results.png (bars with 95% intervals) and
+    curves.png (the metric by round, mean over seeds with its 95% band)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(c.method for c in results))
     if baseline is None:
@@ -169,12 +211,14 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
             **{f"final_{k}": v for k, v in r["final"].items()},
             **{f"last_half_{k}": v for k, v in r.get("last_half", {}).items()},
             **{f"personal_final_{k}": v for k, v in r.get("personal_final", {}).items()},
-            **{k: r[k] for k in ("train_s", "train_cpu_s", "train_tokens", "train_steps", "aggregate_s", "hardware") if k in r},
+            **{k: r[k] for k in ("train_s", "train_cpu_s", "train_tokens", "train_steps", "aggregate_s", "hardware", "curve") if k in r},
         }
         for c, r in results.items()
     ]
     atomic_write_text(out_dir / "results.json", json.dumps(rows, indent=1))
     plot_grid(results, "last_half" if all("last_half" in r for r in results.values()) else "final", out_dir / "results.png")
+    if any(r.get("curve") for r in results.values()):
+        plot_round_curves(results, out_dir / "curves.png")
     if any("epsilon" in r for r in results.values()):
         plot_epsilon_grid(results, out_dir / "results_epsilon.png")
     return out_dir / "results.md"
