@@ -187,29 +187,28 @@ class HEXA(Aggregator):
         """Part (f): fold μ·v_{t−1} into W0's delta and keep v_t = μ·v_{t−1} + Δ_t (in ``out``)."""
         mu = self.server_momentum
         previous = state.extra.get("momentum", {})
-        buffers, dropped, total = {}, 0.0, 0.0
-        for name, g in state.adapters.items():
+        kept = {name: v * mu for name, v in previous.items()}  # μ·v_{t−1}, applied this round
+
+        def module(name: str) -> tuple[Factored, float, float]:
+            """v_t of one module, the energy its truncation drops and the energy it keeps."""
             # Δ_t = Σ_i w_i·s·B̃_i·Ã_i − s·B₀·A₀ as (K+1)·r columns
-            delta = Factored.stack([v.delta() for v in views[name]] + [g.delta()], w.tolist() + [-1.0])
-            v_prev = previous.get(name)
-            if v_prev is not None:
-                kept = v_prev * mu
-                out.base_delta[name] = out.base_delta[name] + kept if name in out.base_delta else kept
-                delta = Factored.stack([kept, delta])
-            if self.momentum_rank:
-                svd, tail = delta.truncated_svd(self.momentum_rank)
-                dropped, total = dropped + tail, total + tail + float(svd.S.double().square().sum())
-            else:
-                svd = delta.svd(rtol=1e-7)
-            buffers[name] = svd.factored()
+            delta = Factored.stack([v.delta() for v in views[name]] + [state.adapters[name].delta()], w.tolist() + [-1.0])
+            if name in kept:
+                delta = Factored.stack([kept[name], delta])
+            svd, tail = delta.truncated_svd(self.momentum_rank) if self.momentum_rank else (delta.svd(rtol=1e-7), 0.0)
+            return svd.factored(), tail, float(svd.S.double().square().sum())
+
+        buffers, tails, energies = unzip(per_module(module, state.adapters))
+        for name, v in kept.items():
+            out.base_delta[name] = out.base_delta[name] + v if name in out.base_delta else v
         mean = out.dense if out.dense is not None else weighted_average(updates, p)
-        v_dense_prev = state.extra.get("momentum_dense", {})
-        v_dense = {k: t - state.dense[k] + (mu * v_dense_prev[k] if k in v_dense_prev else 0) for k, t in mean.items()}
-        out.dense = {k: t + mu * v_dense_prev[k] if k in v_dense_prev else t for k, t in mean.items()}
-        out.extra = {"momentum": buffers, "momentum_dense": v_dense}
-        out.info["momentum_norm"] = math.sqrt(sum(b.norm() ** 2 for b in buffers.values()))
+        kept_dense = {k: mu * v for k, v in state.extra.get("momentum_dense", {}).items()}
+        out.dense = {k: t + kept_dense[k] if k in kept_dense else t for k, t in mean.items()}
+        out.extra = {"momentum": buffers, "momentum_dense": {k: out.dense[k] - state.dense[k] for k in mean}}
+        kept_energy, dropped = sum(energies.values()), sum(tails.values())
+        out.info["momentum_norm"] = math.sqrt(kept_energy)
         if self.momentum_rank:
-            out.info["momentum_truncation"] = dropped / total if total > 0 else 0.0
+            out.info["momentum_truncation"] = dropped / (dropped + kept_energy) if dropped + kept_energy > 0 else 0.0
 
     def _restart(self, state: ServerState, name: str, local: list[Adapter], p: Tensor, grams: tuple[Tensor, Tensor] | None) -> tuple[Adapter, Factored]:
         """(B', A') and the exact residual M − s·B'·A' for one module (part b)."""
