@@ -31,25 +31,25 @@ options=(--jobs "${JOBS:-2}" --seeds "$seeds" ${STATUS:+--status})
 case $part in
   local)
     fedlora compare "${common[@]}" privacy.clip=0.1 data.max_train_examples=0 data.max_eval_examples=872 model.max_length=64 partition.num_clients=3 \
-      fed.rounds=3 train.epochs=1 train.batch_size=32 train.grad_accum=64 train.lr=1e-2 train.head_lr=1e-1 output_dir=runs/dp-local-full "${options[@]}" \
+      fed.rounds=3 train.epochs=1 train.batch_size=32 train.grad_accum=64 train.lr=1e-2 train.head_lr=1e-1 output_dir=results/runs/dp-local-full "${options[@]}" \
       --methods "$(specs fedit,ffa,fra,fedex,hexa 1,3,6 local)" --partitions dirichlet:0.5 --baseline fedit \
       --out results/dp/local-full --title "Local DP-SGD: MiniLM SST-2 (all 67k examples), 3 clients, Dirichlet(0.5), δ = 1e-5" ;;
   local-recipe)
     dp="privacy.mode=local,privacy.target_epsilon=6"
     fedlora compare "${common[@]}" privacy.clip=0.1 data.max_train_examples=0 data.eval_split=holdout data.holdout_examples=1000 \
       data.holdout_min_words=10 model.max_length=64 partition.num_clients=3 fed.rounds=3 train.epochs=1 train.batch_size=32 \
-      train.grad_accum=32 train.lr=5e-3 train.head_lr=5e-2 output_dir=runs/dp-local-recipe "${options[@]}" \
+      train.grad_accum=32 train.lr=5e-3 train.head_lr=5e-2 output_dir=results/runs/dp-local-recipe "${options[@]}" \
       --methods "fedit[$dp,fed.rounds=6],fedit[$dp],fedit[$dp,train.lr=1e-2,train.head_lr=1e-1],fedit[$dp,train.grad_accum=64,train.lr=1e-2,train.head_lr=1e-1],fedit" \
       --partitions dirichlet:0.5 --baseline "fedit[$dp]" \
       --out results/dp/local-recipe --title "Local DP-SGD recipe on held-out training sentences: fedit, 3 clients, Dirichlet(0.5), ε = 6" ;;
   local-small)
     fedlora compare "${common[@]}" data.max_train_examples=1500 data.max_eval_examples=872 partition.num_clients=3 fed.rounds=5 \
-      train.epochs=1 train.batch_size=32 train.lr=1e-3 train.head_lr=1e-2 output_dir=runs/dp-local "${options[@]}" \
+      train.epochs=1 train.batch_size=32 train.lr=1e-3 train.head_lr=1e-2 output_dir=results/runs/dp-local "${options[@]}" \
       --methods "$(specs fedit,ffa,fra,fedex,hexa 1,3,6 local)" --partitions dirichlet:0.5 --baseline fedit \
       --out results/dp/local --title "Local DP-SGD: MiniLM SST-2, 3 clients, Dirichlet(0.5), δ = 1e-5" ;;
   client)
     fedlora compare "${common[@]}" data.max_train_examples=5000 data.max_eval_examples=872 partition.num_clients=100 fed.fraction=0.1 \
-      fed.rounds=20 train.epochs=1 train.batch_size=16 train.lr=1e-3 train.head_lr=1e-2 output_dir=runs/dp-client "${options[@]}" \
+      fed.rounds=20 train.epochs=1 train.batch_size=16 train.lr=1e-3 train.head_lr=1e-2 output_dir=results/runs/dp-client "${options[@]}" \
       --methods "$(specs fedit,ffa,fra 1,8 client)" --partitions iid --baseline fedit \
       --out results/dp/client --title "Client-level DP: MiniLM SST-2, 100 clients, q = 0.1, δ = 1e-5" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;

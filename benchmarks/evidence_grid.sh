@@ -76,11 +76,11 @@ case $part in
           # for fedit at 24k, so each method's range reaches down until its best rate is not at the range's edge)
       rates="fedit[train.lr=1e-3],fedit[train.lr=3e-3],hexa[train.lr=1e-3],ffa[train.lr=3e-3],fedit[train.lr=3e-4],ffa[train.lr=1e-3],ffa[train.lr=1e-2],hexa[train.lr=3e-4],ffa[train.lr=3e-4]"
     fi
-    grid sst2 data.eval_split=holdout output_dir=runs/evidence-holdout${SST2_RECIPE:+-$SST2_RECIPE} --methods "$rates" \
+    grid sst2 data.eval_split=holdout output_dir=results/runs/evidence-holdout${SST2_RECIPE:+-$SST2_RECIPE} --methods "$rates" \
       --partitions dirichlet:0.1 --seeds 0 --baseline "fedit[train.lr=3e-3]" --out $root/lr-holdout --title "Learning rate per method on held-out training data: SST-2, Dirichlet(0.1), seed 0" ;;
   momentum-holdout)  # HEXA's server momentum (docs/hexa.md, candidate 4) before its ablation row: does μ = 0.5 train at
                      # the chosen rate, or does the doubled step want a lower one? Seed 0, held-out sentences, as lr-holdout
-    grid sst2 data.eval_split=holdout output_dir=runs/evidence-holdout${SST2_RECIPE:+-$SST2_RECIPE} \
+    grid sst2 data.eval_split=holdout output_dir=results/runs/evidence-holdout${SST2_RECIPE:+-$SST2_RECIPE} \
       --methods "hexa[$lr],hexa[server_momentum=0.5,$lr],hexa[server_momentum=0.5,train.lr=3e-4]" --partitions dirichlet:0.1 --seeds 0 \
       --baseline "hexa[$lr]" --out $root/momentum-holdout --title "HEXA with server momentum on held-out training data: SST-2, Dirichlet(0.1), seed 0" ;;
   sst2)

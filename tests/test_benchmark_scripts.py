@@ -79,3 +79,55 @@ def test_only_picks_methods_and_keeps_their_options():
     assert "(8 runs)" in done.stdout and "hexa_drift_beta=0_train.lr=1e-3" in done.stdout  # the 8 hexa rows
     done = _status("ablation", ONLY="nope")
     assert done.returncode != 0 and "ONLY=nope names none" in done.stderr
+
+
+def test_grid_runs_are_kept_where_git_keeps_what_compare_reads_back():
+    """Grids run in pieces across sessions and clones: their folders live under results/runs, where git keeps
+    a run's summary.json, config.yaml and metrics.jsonl (all `fedlora compare` reads back) and nothing else."""
+    import shutil
+
+    import yaml
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for recipe in ["sst2", "stsb", "rte"]:
+        out = yaml.safe_load((ROOT / f"benchmarks/recipes/{recipe}.yaml").read_text())["output_dir"]
+        assert out.startswith("results/runs/"), (recipe, out)
+    for script in ["dp_grid", "evidence_grid"]:
+        dirs = re.findall(r"output_dir=(\S+)", (ROOT / f"benchmarks/{script}.sh").read_text())
+        assert dirs and all(d.startswith("results/runs/") for d in dirs), (script, dirs)
+    run = "results/runs/some-grid/compare-sst2-hexa_train.lr=1e-3-dirichlet_0.1-s0"
+    kept = ["summary.json", "config.yaml", "metrics.jsonl"]
+    dropped = ["clients.jsonl", "metrics.csv", "checkpoint.pt", "label_histogram.png", "adapter/adapter_model.safetensors"]
+    paths = [f"{run}/{f}" for f in kept + dropped] + ["runs/x/summary.json", "examples/runs/x/summary.json"]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
+    ignored = set(done.stdout.split())
+    assert ignored == set(paths) - {f"{run}/{f}" for f in kept}, ignored
+
+
+def test_keep_runs_stages_finished_runs_only(tmp_path):
+    """benchmarks/keep_runs.sh in a repository with this .gitignore: a finished run's three read-back files are
+    staged; an unfinished run (no summary.json) and every other file of either are not."""
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(ROOT / ".gitignore", tmp_path / ".gitignore")
+    shutil.copy(ROOT / "benchmarks/keep_runs.sh", tmp_path / "benchmarks/keep_runs.sh")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    finished = tmp_path / "results/runs/grid/compare-sst2-hexa[drift_beta=0]-iid-s0"
+    stopped = tmp_path / "results/runs/grid/compare-sst2-fedit-iid-s0"
+    for run, files in [
+        (finished, ["summary.json", "config.yaml", "metrics.jsonl", "clients.jsonl", "checkpoint.pt"]),
+        (stopped, ["config.yaml", "metrics.jsonl", "checkpoint.pt"]),
+    ]:
+        run.mkdir(parents=True)
+        for f in files:
+            (run / f).write_text("{}")
+    done = subprocess.run(["bash", "benchmarks/keep_runs.sh"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "1 finished runs staged" in done.stdout
+    staged = subprocess.run(["git", "diff", "--cached", "--name-only"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split("\n")
+    rel = finished.relative_to(tmp_path).as_posix()
+    assert sorted(s for s in staged if s) == sorted(f"{rel}/{f}" for f in ["config.yaml", "metrics.jsonl", "summary.json"])
