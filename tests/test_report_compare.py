@@ -261,3 +261,35 @@ def test_learning_curves_with_bands(tmp_path):
     write_report(results, tmp_path / "report", "t")
     assert (tmp_path / "report" / "curves.png").stat().st_size > 0
     assert json.loads((tmp_path / "report" / "results.json").read_text())[0]["curve"] == [[1, 0.5], [2, 0.6], [3, 0.7]]
+
+
+def test_privacy_tables_read_a_dp_grid_by_epsilon(tmp_path):
+    """Hand-computed: fedit at ε = 1 minus fedit without DP is −10, −11, −9 (mean −10, s = 1,
+    t_{0.975,2} = 4.302653: ± 2.48, behind); ffa minus fedit at ε = 1 is 2, 3, 1 (2.00 ± 2.48: the interval
+    holds zero, no verdict); without DP −2 at every seed (± 0.00, behind); hexa minus fedit at ε = 1 is 5, 4, 4
+    (4.33 ± 1.43, ahead). Options other than privacy.* stay in the row's name."""
+    from fedlora.report.compare import privacy_tables
+
+    def summary(acc, eps=None):
+        r = {"primary_metric": "accuracy", "best": {"accuracy": acc}, "final": {"accuracy": acc}, "train_s": 1.0}
+        return r | ({"epsilon": eps} if eps is not None else {})
+
+    dp = "privacy.mode=local,privacy.target_epsilon=1"
+    accs = {
+        "fedit": ([0.80, 0.82, 0.81], None),
+        f"fedit[{dp}]": ([0.70, 0.71, 0.72], 0.998),
+        "ffa": ([0.78, 0.80, 0.79], None),
+        f"ffa[{dp}]": ([0.72, 0.74, 0.73], 0.998),
+        f"hexa[drift_beta=0,{dp}]": ([0.75, 0.75, 0.76], 0.998),
+    }
+    results = {Cell(m, "dirichlet:0.5", s): summary(a, eps) for m, (xs, eps) in accs.items() for s, a in enumerate(xs)}
+    text = privacy_tables(results, "fedit")
+    half = 4.302653 / math.sqrt(3)
+    assert "| method | ε = 1 (spent 0.998–0.998) | ε = ∞ (no DP) |" in text
+    assert f"| fedit | 71.00 ± {half:.2f} (3) | 81.00 ± {half:.2f} (3) |" in text
+    assert f"| fedit | -10.00 ± {half:.2f} (3) **behind** | – |" in text
+    assert f"| ffa | 2.00 ± {half:.2f} (3) | -2.00 ± 0.00 (3) **behind** |" in text
+    assert f"| hexa[drift_beta=0] | 4.33 ± {4.302653 * math.sqrt(1 / 3) / math.sqrt(3):.2f} (3) **ahead** | – |" in text
+    assert "| hexa[drift_beta=0] | 75.33 ±" in text and "| hexa[drift_beta=0] | – | – |" in text  # no DP-free hexa run: no cost, no pair
+    report = write_report(results, tmp_path / "report", "dp", baseline="fedit").read_text()
+    assert "## Privacy–utility" in report and "Each method minus fedit at the same ε" in report

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 WHICH = {"last_half": "second-half mean of", "final": "final-round", "best": "best-round"}
 
-__all__ = ["markdown_table", "paired_table", "compute_table", "plot_grid", "round_bands", "plot_round_curves", "write_report"]
+__all__ = ["markdown_table", "paired_table", "privacy_tables", "compute_table", "plot_grid", "round_bands", "plot_round_curves", "write_report"]
 
 
 def _values(results: dict[Cell, dict], which: str, method: str, partition: str, scale: float) -> dict[int, float]:
@@ -71,6 +71,70 @@ def paired_table(results: dict[Cell, dict], baseline: str, which: str = "best", 
             cells.append(_fmt(iv) + verdict)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _privacy_column(spec: str, summary: dict) -> tuple[str, float]:
+    """(method spec without its ``privacy.*`` options, ε of the run: the spec's target, else the ε the run
+    spent, ∞ without DP)."""
+    name, _, opts = spec.partition("[")
+    items = [o for o in opts.rstrip("]").split(",") if o] if opts else []
+    kept = [o for o in items if not o.startswith("privacy.")]
+    target = [float(o.split("=", 1)[1]) for o in items if o.startswith("privacy.target_epsilon=")]
+    eps = target[0] if target else summary.get("epsilon")
+    base = name + (f"[{','.join(kept)}]" if kept else "")
+    return base, math.inf if eps is None else round(float(eps), 2)
+
+
+def privacy_tables(results: dict[Cell, dict], baseline: str, which: str = "final", scale: float = 100.0) -> str:
+    """A DP grid read by ε: rows = methods without their ``privacy.*`` options, columns = ε (the target, or the
+    ε spent; ∞ = no DP). Three tables: the metric (mean ± 95% interval over seeds); the cost of privacy, each
+    cell minus the same method without DP at the same seed; and each method minus ``baseline`` (its spec
+    without ``privacy.*``) at the same ε and seed. Paired intervals are marked ahead / behind only where they
+    exclude zero. One table per partition column of the grid, side by side in the rows' labels."""
+    metric = next(iter(results.values()))["primary_metric"]
+    lower = _lower_is_better(results)
+    values: dict[tuple[str, str, float], dict[int, float]] = {}
+    spent: dict[float, list[float]] = {}
+    for c, r in results.items():
+        if metric not in r.get(which, {}):
+            continue
+        base, eps = _privacy_column(c.method, r)
+        values.setdefault((base, c.partition, eps), {})[c.seed] = r[which][metric] * scale
+        if r.get("epsilon") is not None:
+            spent.setdefault(eps, []).append(float(r["epsilon"]))
+    bases = list(dict.fromkeys(k[0] for k in values))
+    parts = list(dict.fromkeys(k[1] for k in values))
+    epsilons = sorted({k[2] for k in values})
+    ref = _privacy_column(baseline, {})[0]
+    heads = [
+        ("ε = ∞ (no DP)" if e == math.inf else f"ε = {e:g}") + (f" (spent {min(spent[e]):.3g}–{max(spent[e]):.3g})" if e in spent else "") for e in epsilons
+    ]
+
+    def table(label: str, cell) -> str:
+        lines = [f"| {label} | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+        for b in bases:
+            for p in parts:
+                row = b if len(parts) == 1 else f"{b} ({p})"
+                lines.append(f"| {row} | " + " | ".join(cell(b, p, e) for e in epsilons) + " |")
+        return "\n".join(lines) + "\n"
+
+    def mean_cell(b: str, p: str, e: float) -> str:
+        xs = values.get((b, p, e))
+        return _fmt(mean_interval(list(xs.values()))) if xs else "–"
+
+    def paired_cell(x: dict[int, float] | None, y: dict[int, float] | None) -> str:
+        iv = paired_interval(x, y) if x and y else None
+        if iv is None:
+            return "–"
+        verdict = (" **ahead**" if (iv.mean < 0) == lower else " **behind**") if iv.excludes_zero() else ""
+        return _fmt(iv) + verdict
+
+    text = f"{WHICH.get(which, which).capitalize()} {metric} (×{scale:g}) by ε:\n\n" + table("method", mean_cell)
+    text += "\nThe cost of privacy: each ε minus the same method without DP, paired by seed:\n\n"
+    text += table("method", lambda b, p, e: "–" if e == math.inf else paired_cell(values.get((b, p, e)), values.get((b, p, math.inf))))
+    text += f"\nEach method minus {ref} at the same ε, paired by seed:\n\n"
+    text += table(f"method − {ref}", lambda b, p, e: "–" if b == ref else paired_cell(values.get((b, p, e)), values.get((ref, p, e))))
+    return text
 
 
 def compute_table(results: dict[Cell, dict]) -> str:
@@ -200,6 +264,8 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
             "on examples of its own held out of its training (`fed.personal_eval`), the mean weighted by their number: what "
             "FedSA-LoRA's published figures are, not one global model. Runs without personal evaluation show –.\n\n"
         ) + markdown_table(results, "personal_final")
+    if any(r.get("epsilon") is not None for r in results.values()):
+        text += ("\n## Privacy–utility\n\nThe final round's model is the one whose ε is accounted. ") + privacy_tables(results, baseline, "final")
     text += "\n## Compute per run (mean)\n\n" + compute_table(results)
     atomic_write_text(out_dir / "results.md", text)
     rows = [
@@ -211,7 +277,7 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
             **{f"final_{k}": v for k, v in r["final"].items()},
             **{f"last_half_{k}": v for k, v in r.get("last_half", {}).items()},
             **{f"personal_final_{k}": v for k, v in r.get("personal_final", {}).items()},
-            **{k: r[k] for k in ("train_s", "train_cpu_s", "train_tokens", "train_steps", "aggregate_s", "hardware", "curve") if k in r},
+            **{k: r[k] for k in ("train_s", "train_cpu_s", "train_tokens", "train_steps", "aggregate_s", "hardware", "epsilon", "curve") if k in r},
         }
         for c, r in results.items()
     ]
