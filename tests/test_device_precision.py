@@ -14,13 +14,15 @@ from engine_support import overrides, tiny_models  # noqa: F401  (fixture)
 from fedlora.config import ConfigError, load_config
 from fedlora.engine import Server, build_experiment
 from fedlora.engine.client import run_client
-from fedlora.models.device import Placement, cpu_has_bf16, resolve_placement
+from fedlora.models import device as device_module
+from fedlora.models.device import Placement, cpu_bf16_speedup, cpu_has_bf16, resolve_placement
 
 
 def test_resolution_on_this_machine():
-    # auto: bf16 where the CPU computes it natively (BENCHMARKS.md "Precision"), else fp32
-    want = torch.bfloat16 if "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open("/proc/cpuinfo").read() else None
-    assert cpu_has_bf16() == (want is not None)
+    # auto: bf16 where the CPU computes it natively and the probe times it faster (BENCHMARKS.md "Precision"), else fp32
+    flags = "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open("/proc/cpuinfo").read()
+    assert cpu_has_bf16() == flags
+    want = torch.bfloat16 if flags and cpu_bf16_speedup(torch.get_num_threads()) >= 1.1 else None
     assert resolve_placement("auto", "auto") == Placement(torch.device("cpu"), want)
     assert resolve_placement("cpu", "bf16").dtype is torch.bfloat16
     assert resolve_placement("cpu", "fp32").precision == "fp32"
@@ -32,6 +34,29 @@ def test_resolution_on_this_machine():
         resolve_placement("gpu", "auto")
     with pytest.raises(ConfigError, match="train.precision must be"):
         resolve_placement("cpu", "fp8")
+
+
+def test_auto_precision_on_a_cpu_follows_the_timed_probe(monkeypatch):
+    """bf16 flags alone do not pick bf16: the probe's speedup must reach 1.1; without the flags the probe
+    never runs. The probe leaves the global random state where it was (seeded runs stay seeded)."""
+    calls = []
+
+    def probe(speedup):
+        return lambda threads: calls.append(threads) or speedup
+
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(device_module, "cpu_bf16_speedup", probe(1.74))
+    assert resolve_placement("cpu", "auto").precision == "bf16"
+    monkeypatch.setattr(device_module, "cpu_bf16_speedup", probe(0.55))
+    assert resolve_placement("cpu", "auto").precision == "fp32"
+    assert resolve_placement("cpu", "bf16").precision == "bf16"  # a pinned precision is never second-guessed
+    assert calls == [torch.get_num_threads()] * 2
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: False)
+    assert resolve_placement("cpu", "auto").precision == "fp32" and len(calls) == 2
+    cpu_bf16_speedup.cache_clear()
+    before = torch.get_rng_state()
+    assert cpu_bf16_speedup(1, reps=1) > 0
+    assert torch.equal(before, torch.get_rng_state())
 
 
 def _one_client_round(exp, server):

@@ -15,7 +15,9 @@ fp32's range and needs none.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,13 +99,41 @@ def cpu_has_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
+@functools.cache
+def cpu_bf16_speedup(threads: int, reps: int = 5) -> float:
+    """fp32 time ÷ bf16-autocast time of a LoRA-sized product (256×384 by 384×1536, forward and backward),
+    the best of ``reps`` each on ``threads`` threads (the argument keys the cache), once per process.
+
+    AVX512-BF16 alone does not make bf16 fast: it was 1.74× faster than fp32 on an AMD EPYC and 1.8×
+    slower on an Intel Xeon with the same flag (BENCHMARKS.md "Precision"). The probe takes about
+    0.3 s and draws from its own generator, so it never moves a seeded run's random numbers."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 384, generator=gen, requires_grad=True)
+    w = torch.randn(1536, 384, generator=gen, requires_grad=True)
+
+    def best(bf16: bool) -> float:
+        out = float("inf")
+        for _ in range(reps):
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = torch.nn.functional.linear(x, w)
+            y.float().sum().backward()
+            out = min(out, time.perf_counter() - start)
+        return out
+
+    best(False), best(True)  # first calls build the kernels
+    return best(False) / best(True)
+
+
 def resolve_placement(device: str = "auto", precision: str = "auto") -> Placement:
     """``train.device`` and ``train.precision`` → a :class:`Placement`, or a ConfigError naming what is missing.
 
     ``auto`` device: CUDA when torch sees one, else MPS, else the CPU. ``auto``
-    precision: bf16 on a GPU that supports it (fp16 with a scaler on older ones) and
-    on a CPU with bf16 instructions (AVX512-BF16 or AMX: 1.74× the fp32 throughput at
-    the same accuracy, BENCHMARKS.md "Precision"), fp32 elsewhere (emulated bf16 is slower).
+    precision: bf16 on a GPU that supports it (fp16 with a scaler on older ones); on a CPU
+    with bf16 instructions (AVX512-BF16 or AMX) bf16 where :func:`cpu_bf16_speedup` times it
+    at least 1.1× faster than fp32 (1.74× the throughput at the same accuracy on one such CPU,
+    BENCHMARKS.md "Precision"; slower on another), fp32 elsewhere (emulated bf16 is slower).
+    A grid that must not depend on the machine's arithmetic pins ``train.precision``.
     """
     if not re.fullmatch(DEVICE_PATTERN, device):
         raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
@@ -119,7 +149,7 @@ def resolve_placement(device: str = "auto", precision: str = "auto") -> Placemen
     if precision == "auto":
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif dev.type == "cpu" and cpu_has_bf16():
+        elif dev.type == "cpu" and cpu_has_bf16() and cpu_bf16_speedup(torch.get_num_threads()) >= 1.1:
             precision = "bf16"
         else:
             precision = "fp32"
