@@ -120,6 +120,7 @@ def test_bench_commands_run_and_report_their_ratios(tiny_models, tmp_path, capsy
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["0"]]
     assert [r[1] for r in rows] == ["fp32", "bf16"] and "bf16 ÷ fp32 throughput" in out
+    assert "one seed: no interval" in out and "a difference" not in out  # one pair: no interval, no verdict
 
 
 @pytest.mark.parametrize("device,says", [("foo", "is not a torch device"), ("cuda:0", "no CUDA GPU")])

@@ -12,25 +12,13 @@ can be read off.
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 
 from ..config import load_config
 from ..engine.run import run_experiment
+from ..report.stats import mean_interval
 
 PRECISIONS = ("fp32", "bf16")
-
-
-def _interval(xs: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (0 for one value)."""
-    from scipy import stats
-
-    n = len(xs)
-    mean = sum(xs) / n
-    if n < 2:
-        return mean, 0.0
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    return mean, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
 def measure(config: str | None, overrides: list[str], seeds: list[int]) -> list[dict]:
@@ -66,7 +54,12 @@ def main(args: argparse.Namespace) -> int:
     by = {(r["seed"], r["precision"]): r for r in rows}
     speed = [by[s, "bf16"]["tokens_per_s"] / by[s, "fp32"]["tokens_per_s"] for s in seeds]
     delta = [by[s, "bf16"]["final"] - by[s, "fp32"]["final"] for s in seeds]
-    (ms, hs), (md, hd) = _interval(speed), _interval(delta)
-    print(f"bf16 ÷ fp32 throughput: {ms:.3f} ± {hs:.3f} (95% CI over {len(seeds)} paired seeds)")
-    print(f"bf16 − fp32 final {metric}: {md:+.4f} ± {hd:.4f} (95% CI; {'no difference shown' if abs(md) <= hd else 'a difference'})")
+    ratio, diff = mean_interval(speed), mean_interval(delta)
+    if diff.n < 2:  # one seed: no interval, and no verdict
+        print(f"bf16 ÷ fp32 throughput: {ratio.mean:.3f} (one seed: no interval)")
+        print(f"bf16 − fp32 final {metric}: {diff.mean:+.4f} (one seed: no interval)")
+        return 0
+    print(f"bf16 ÷ fp32 throughput: {ratio.mean:.3f} ± {ratio.half:.3f} (95% CI over {len(seeds)} paired seeds)")
+    verdict = "a difference" if diff.excludes_zero() else "no difference shown"
+    print(f"bf16 − fp32 final {metric}: {diff.mean:+.4f} ± {diff.half:.4f} (95% CI; {verdict})")
     return 0
