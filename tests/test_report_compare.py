@@ -293,3 +293,37 @@ def test_privacy_tables_read_a_dp_grid_by_epsilon(tmp_path):
     assert "| hexa[drift_beta=0] | 75.33 ±" in text and "| hexa[drift_beta=0] | – | – |" in text  # no DP-free hexa run: no cost, no pair
     report = write_report(results, tmp_path / "report", "dp", baseline="fedit").read_text()
     assert "## Privacy–utility" in report and "Each method minus fedit at the same ε" in report
+
+
+def test_paired_p_value_is_scipys_paired_t_test_and_holm_is_step_down():
+    """References: scipy.stats.ttest_rel for the p-value; Holm by hand for p = (0.01, 0.04, 0.03, 0.005):
+    sorted 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 → max so far 0.06."""
+    from scipy.stats import ttest_rel
+
+    from fedlora.report.stats import holm, paired_p_value
+
+    a, b = dict(enumerate(HEXA)), dict(enumerate(FEDEX))
+    assert paired_p_value(a, b) == pytest.approx(ttest_rel(HEXA, FEDEX).pvalue, rel=1e-12)
+    assert paired_p_value(dict(enumerate(HEXA)), dict(enumerate(FEDIT))) == pytest.approx(ttest_rel(HEXA, FEDIT).pvalue, rel=1e-12)
+    assert paired_p_value({0: 1.0}, {0: 0.0}) is None  # one pair: no test
+    assert paired_p_value({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0}) == 0.0 and paired_p_value({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}) == 1.0
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+
+
+def test_which_differences_are_real_lists_confident_pairs_better_first(tmp_path):
+    """hexa − fedit (1.20 ± 0.34, p from the paired t-test, ×3 pairs by Holm) is listed and real; hexa − fedex and
+    fedex − fedit hold zero and are not listed. Reversed, fedit − hexa never appears: the better method comes first."""
+    from scipy.stats import ttest_rel
+
+    from fedlora.report.compare import pairwise_verdicts
+
+    results = _grid(tmp_path)
+    text = pairwise_verdicts(results, "best")
+    half = 2.776445 * math.sqrt(0.075) / math.sqrt(5)
+    p = ttest_rel(HEXA, FEDIT).pvalue
+    assert f"| iid | hexa − fedit | 1.20 ± {half:.2f} (5) | {p:.2g} | {min(1, 3 * p):.2g} | yes |" in text
+    assert "fedex −" not in text and "− fedex" not in text and "fedit − hexa" not in text and "(3 pairs)" in text
+    report = write_report(results, tmp_path / "report", "t", baseline="fedit").read_text()
+    assert "## Which differences are real" in report
+    lonely = {Cell("hexa", "iid", 0): results[Cell("hexa", "iid", 0)], Cell("fedit", "iid", 0): results[Cell("fedit", "iid", 0)]}
+    assert "no comparison" in pairwise_verdicts(lonely, "best")
