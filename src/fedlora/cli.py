@@ -31,6 +31,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from .engine.merge import merge_run
+
+    print(f"merged model written to {merge_run(args.run_dir, args.out)}")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .engine.generate import generate_from_run
 
@@ -135,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="+", help="one or more prompts, each answered on its own")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=128)
     gen.set_defaults(func=_generate)
+
+    mrg = sub.add_parser("merge", help="write a finished run's global model as one standalone Hugging Face folder (adapter merged, head, tokenizer)")
+    mrg.add_argument("run_dir", help="the run folder (runs/<name>)")
+    mrg.add_argument("out", help="the folder to write (must not exist)")
+    mrg.set_defaults(func=_merge)
 
     cmp_ = sub.add_parser("compare", help="run or collect a grid of methods × partitions × seeds; write a table and a plot")
     cmp_.add_argument("config", nargs="?", help="base config file")

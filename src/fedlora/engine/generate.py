@@ -17,16 +17,21 @@ from ..models.device import resolve_placement
 from ..models.hub import quantized_loading
 from .evaluate import generate_answers
 
-__all__ = ["generate_from_run"]
+__all__ = ["generate_from_run", "finished_run_config"]
+
+
+def finished_run_config(run_dir: Path):
+    """The configuration of a finished run folder (one with config.yaml and its exported adapter/), or a ConfigError."""
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise ConfigError(f"{run_dir} is not a finished run folder (it needs config.yaml and adapter/)")
+    return load_config(run_dir / "config.yaml")
 
 
 def generate_from_run(run_dir: str | Path, prompts: list[str], max_new_tokens: int = 128) -> list[str]:
     from peft import PeftModel
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise ConfigError(f"{run_dir} is not a finished run folder (it needs config.yaml and adapter/)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = finished_run_config(run_dir)
     if cfg.data.task != "instruct":
         raise ConfigError(f"{run_dir} fine-tuned a classifier (data.task={cfg.data.task!r}); fedlora generate needs a causal LM run (data.task=instruct)")
     place = resolve_placement(cfg.train.device, cfg.train.precision)
