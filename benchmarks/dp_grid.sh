@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Privacy–utility grids (BENCHMARKS.md "Differential privacy"). JOBS worker processes of one
 # thread each; finished cells are read back, so a part can run in pieces.
-# Usage: [SEEDS=0,1,2] [JOBS=2] [STATUS=1] bash benchmarks/dp_grid.sh local|local-recipe|local-small|client   (STATUS=1: list the runs and the compute left, run nothing)
+# Usage: [SEEDS=0,1,2] [JOBS=2] [STATUS=1] [PARTIAL=1] bash benchmarks/dp_grid.sh local|local-recipe|local-small|client   (STATUS=1: list the runs and
+# the compute left, run nothing; PARTIAL=1: run nothing, write the tables from the finished cells, n per cell)
 #   local   FFA-LoRA's protocol on MiniLM SST-2: 3 clients over all 67k training examples,
 #           Dirichlet(0.5), local DP-SGD at ε ∈ {1, 3, 6} and without DP, δ = 1e-5, for fedit,
 #           ffa, fra, fedex and hexa; logical batch 2048 (32 × 64 accumulated), C = 0.1, lr 1e-2
@@ -27,7 +28,7 @@ specs() {  # specs METHODS EPSILONS MODE → "m,m[privacy.mode=MODE,privacy.targ
   (IFS=,; echo "${out[*]}")
 }
 common=(examples/sst2_noniid.yaml threads=1 progress=false fed.weighting=uniform privacy.delta=1e-5 privacy.clip=1.0)
-options=(--jobs "${JOBS:-2}" --seeds "$seeds" ${STATUS:+--status})
+options=(--jobs "${JOBS:-2}" --seeds "$seeds" ${STATUS:+--status} ${PARTIAL:+--partial})
 case $part in
   local)
     fedlora compare "${common[@]}" privacy.clip=0.1 data.max_train_examples=0 data.max_eval_examples=872 model.max_length=64 partition.num_clients=3 \

@@ -5,10 +5,11 @@
 # from fedit paired by seed. Finished cells are read back and interrupted ones resume, so each
 # part can run in pieces. JOBS worker processes of one thread each (2 cores → JOBS=2).
 #
-# Usage: [SEEDS=0,1,2,3,4] [PARTITIONS=iid,dirichlet:1.0,dirichlet:0.1] [ONLY=hexa,fedex,…] [JOBS=2] [SST2_RECIPE=sst2] [STATUS=1] bash benchmarks/evidence_grid.sh PART
+# Usage: [SEEDS=0,1,2,3,4] [PARTITIONS=iid,dirichlet:1.0,dirichlet:0.1] [ONLY=hexa,fedex,…] [JOBS=2] [SST2_RECIPE=sst2] [STATUS=1] [PARTIAL=1] bash benchmarks/evidence_grid.sh PART
 # ONLY runs the part's cells of these methods alone (e.g. the Dirichlet(0.1) cells HEXA's question needs first); a
 # later call without it runs the rest and writes the whole table.
 # STATUS=1 runs nothing: it lists the part's runs (finished, stopped after k rounds, not started) and the compute left.
+# PARTIAL=1 runs nothing either: it writes the part's tables from the cells finished so far (n seeds per cell).
 # SST2_RECIPE picks the SST-2 parts' recipe under benchmarks/recipes/ (sst2-8k: the first, 8,000-example
 # budget, whose grids are in results/evidence/sst2-8k); another recipe's tables go to results/evidence/<recipe>.
 # (SEEDS=0 then SEEDS=1 … fills whole seeds first when a part runs in pieces; a last call with
@@ -63,7 +64,7 @@ grid() {  # grid TASK [overrides…] [--options…]: overrides must come before 
   while [[ $# -gt 0 ]]; do
     if [[ $1 == --methods ]]; then opts+=("$1" "$(only "$2")") || exit 2; shift 2; else opts+=("$1"); shift; fi
   done
-  fedlora compare "benchmarks/recipes/$task.yaml" threads=1 "${over[@]}" --jobs "${JOBS:-2}" "${opts[@]}" ${STATUS:+--status}
+  fedlora compare "benchmarks/recipes/$task.yaml" threads=1 "${over[@]}" --jobs "${JOBS:-2}" "${opts[@]}" ${STATUS:+--status} ${PARTIAL:+--partial}
 }
 case $part in
   lr)

@@ -131,3 +131,19 @@ def test_keep_runs_stages_finished_runs_only(tmp_path):
     staged = subprocess.run(["git", "diff", "--cached", "--name-only"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split("\n")
     rel = finished.relative_to(tmp_path).as_posix()
     assert sorted(s for s in staged if s) == sorted(f"{rel}/{f}" for f in ["config.yaml", "metrics.jsonl", "summary.json"])
+
+
+@pytest.mark.parametrize("script,part", [("dp_grid", "local"), ("evidence_grid", "sst2")])
+def test_partial_writes_tables_from_finished_cells_and_runs_nothing(tmp_path, script, part):
+    """PARTIAL=1 hands `fedlora compare` --partial (collect the finished cells, run none); seen through a stand-in
+    `fedlora` on PATH that records its arguments, so nothing runs or writes into the checkout."""
+    import os
+
+    fake = tmp_path / "fedlora"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path}/args\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PARTIAL": "1", "SEEDS": "0", "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(ROOT / f"benchmarks/{script}.sh"), part], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    args = (tmp_path / "args").read_text().split("\n")
+    assert args[0] == "compare" and "--partial" in args and "--status" not in args
