@@ -47,6 +47,15 @@ def _fmt(iv: Interval) -> str:
     return f"{iv.mean:.2f} ± {half} ({iv.n})"
 
 
+def _paired_cell(iv: Interval | None, lower: bool) -> str:
+    """A paired difference's cell: mean ± half-width (n pairs), marked ahead / behind only where the
+    95% interval excludes zero (``lower``: a lower metric is better, as for a loss)."""
+    if iv is None:
+        return "–"
+    verdict = (" **ahead**" if (iv.mean < 0) == lower else " **behind**") if iv.excludes_zero() else ""
+    return _fmt(iv) + verdict
+
+
 def markdown_table(results: dict[Cell, dict], which: str = "best", scale: float = 100.0) -> str:
     """Rows = methods, columns = partitions, cells = mean ± half-width of the 95% interval (n seeds)."""
     methods = list(dict.fromkeys(c.method for c in results))
@@ -69,16 +78,7 @@ def paired_table(results: dict[Cell, dict], baseline: str, which: str = "best", 
     lower = _lower_is_better(results)
     lines = ["| method − " + baseline + " | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
     for m in methods:
-        cells = []
-        for p in parts:
-            iv = paired_interval(_values(results, which, m, p, scale), _values(results, which, baseline, p, scale))
-            if iv is None:
-                cells.append("–")
-                continue
-            verdict = ""
-            if iv.excludes_zero():
-                verdict = " **ahead**" if (iv.mean < 0) == lower else " **behind**"
-            cells.append(_fmt(iv) + verdict)
+        cells = [_paired_cell(paired_interval(_values(results, which, m, p, scale), _values(results, which, baseline, p, scale)), lower) for p in parts]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -169,11 +169,7 @@ def privacy_tables(results: dict[Cell, dict], baseline: str, which: str = "final
         return _fmt(mean_interval(list(xs.values()))) if xs else "–"
 
     def paired_cell(x: dict[int, float] | None, y: dict[int, float] | None) -> str:
-        iv = paired_interval(x, y) if x and y else None
-        if iv is None:
-            return "–"
-        verdict = (" **ahead**" if (iv.mean < 0) == lower else " **behind**") if iv.excludes_zero() else ""
-        return _fmt(iv) + verdict
+        return _paired_cell(paired_interval(x, y) if x and y else None, lower)
 
     text = f"{WHICH.get(which, which).capitalize()} {metric} (×{scale:g}) by ε:\n\n" + table("method", mean_cell)
     text += "\nThe cost of privacy: each ε minus the same method without DP, paired by seed:\n\n"
