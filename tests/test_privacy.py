@@ -381,11 +381,12 @@ def test_dp_sgd_step_is_the_clipped_noiseless_mean_and_trains_the_weights_it_sen
     assert not any(m._forward_hooks or m._backward_hooks for m in fm.peft.modules()), "Opacus' hooks were left on the shared model"
 
 
-def test_dp_sgd_without_noise_or_clipping_trains_as_the_plain_loop_over_many_steps():
+@pytest.mark.parametrize("optimizer", [{}, {"optimizer": "sgd", "momentum": 0.9}], ids=["adamw", "sgd"])
+def test_dp_sgd_without_noise_or_clipping_trains_as_the_plain_loop_over_many_steps(optimizer):
     """z = 0, a clip that never binds, q = 1: every step sees all four examples (as two
     length-sorted physical batches accumulated by Opacus) and must move the weights exactly as
     the plain training loop with the same logical batch (2 × 2 accumulated), AdamW state, head
-    learning rate and schedule do, step after step (a one-step check cannot see optimiser state,
+    learning rate and schedule do (AdamW, or SGD with momentum), step after step (a one-step check cannot see optimiser state,
     schedule or accumulation going wrong; Opacus issue #820 was silent over many steps)."""
     import numpy as np
 
@@ -398,7 +399,7 @@ def test_dp_sgd_without_noise_or_clipping_trains_as_the_plain_loop_over_many_ste
     class Data:  # the four examples above stand for the engine's tokenised data (collate is replaced)
         lengths = batch["attention_mask"].sum(1).numpy()
 
-    cfg = TrainConfig(lr=1e-2, head_lr=3e-2, epochs=5, batch_size=2, grad_accum=2, warmup_ratio=0.2, max_grad_norm=0.0)
+    cfg = TrainConfig(lr=1e-2, head_lr=3e-2, epochs=5, batch_size=2, grad_accum=2, warmup_ratio=0.2, max_grad_norm=0.0, **optimizer)
     lookup = lambda data, idx, pad: {k: v[torch.as_tensor(np.sort(idx))] for k, v in batch.items()}  # noqa: E731
     trained = {}
     for name, module in (("dp", dp_sgd), ("plain", plain)):

@@ -82,6 +82,8 @@ class TrainConfig:
     lr: float = 1e-3
     head_lr: float = 0.0  # the head's learning rate; 0: train.lr for a classification head, 10× for a regression head
     weight_decay: float = 0.01
+    optimizer: str = "adamw"  # adamw | sgd (FedAvg's and DP-FedAvg's local SGD; `momentum` applies to it)
+    momentum: float = 0.0  # sgd only: heavy-ball momentum, reset every round like the optimiser itself
     epochs: float = 1.0  # local epochs per round (ignored when steps > 0)
     steps: int = 0  # local optimiser steps per round
     batch_size: int = 32
@@ -169,6 +171,12 @@ class RunConfig:
             (self.train.epochs > 0 or self.train.steps > 0, "train.epochs or train.steps must be > 0"),
             (self.train.batch_size >= 1 and self.train.grad_accum >= 1, "train.batch_size and train.grad_accum must be ≥ 1"),
             (0 <= self.train.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+            (self.train.optimizer in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, got {self.train.optimizer!r}"),
+            (0 <= self.train.momentum < 1, f"train.momentum must be in [0, 1), got {self.train.momentum}"),
+            (
+                self.train.momentum == 0 or self.train.optimizer == "sgd",
+                f"train.momentum={self.train.momentum} applies to train.optimizer=sgd only (AdamW keeps its own moments)",
+            ),
             (self.fed.mode in ("federated", "centralized"), f"fed.mode must be 'federated' or 'centralized', got {self.fed.mode!r}"),
             (self.fed.rounds >= 1, "fed.rounds must be ≥ 1"),
             (0 < self.fed.fraction <= 1, f"fed.fraction must be in (0, 1], got {self.fed.fraction}"),

@@ -4,7 +4,7 @@ Each step draws a logical batch by Poisson sampling (every example of the client
 independently with probability q = L / n_i, L = batch_size · grad_accum: the sampling the
 accountant assumes, so a batch may be empty), Opacus' ``GradSampleModule`` hooks give every
 example's gradient g_j of the trainable parameters (LoRA factors of the active adapter and the
-head, all together), and Opacus' ``DPOptimizer`` clips and noises them before AdamW sees them:
+head, all together), and Opacus' ``DPOptimizer`` clips and noises them before the optimiser (AdamW, or SGD) sees them:
 
     ḡ = (Σ_j g_j·min(1, C/‖g_j‖₂) + N(0, z²C²·I)) / (q·n_i)
 
@@ -32,7 +32,7 @@ from ..config import TrainConfig
 from ..data import collate
 from ..models import FedModel
 from .seeding import derive_seed, generator
-from .train import TrainStats, optimizer_groups, planned_steps
+from .train import TrainStats, make_optimizer, planned_steps
 
 __all__ = ["LocalDP", "train_local_dp", "sample_rate"]
 
@@ -76,7 +76,7 @@ def train_local_dp(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, se
         warnings.simplefilter("ignore")
         gsm = GradSampleModule(fm.peft, batch_first=True, loss_reduction="mean", strict=False)
         opt = DPOptimizer(
-            torch.optim.AdamW(optimizer_groups(fm, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay),
+            make_optimizer(fm, params, cfg),
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.clip,
             expected_batch_size=max(1, round(q * n)),

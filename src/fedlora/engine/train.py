@@ -1,5 +1,5 @@
 """The one local training loop, used by every client of every engine and by
-centralized training: AdamW, linear warm-up/decay, gradient accumulation,
+centralized training: AdamW (or SGD), linear warm-up/decay, gradient accumulation,
 gradient clipping, length-bucketed batches, on the model's device under its
 autocast precision (``models/device.py``; fp16 with a gradient scaler)."""
 
@@ -16,7 +16,7 @@ from ..data import collate, length_bucketed_batches
 from ..models import FedModel
 from .seeding import derive_seed, generator
 
-__all__ = ["TrainStats", "train_local", "planned_steps", "optimizer_groups"]
+__all__ = ["TrainStats", "train_local", "planned_steps", "optimizer_groups", "make_optimizer"]
 
 
 @dataclass
@@ -70,6 +70,18 @@ def optimizer_groups(fm: FedModel, params: list, cfg: TrainConfig) -> list[dict]
     return [g for g in groups if g["params"]]
 
 
+def make_optimizer(fm: FedModel, params: list, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``train.optimizer``: AdamW (decoupled weight decay), or SGD, θ ← θ − η·(g + λ·θ) with optional
+    heavy-ball momentum v ← μ·v + g + λ·θ, θ ← θ − η·v (torch's SGD; λ = ``weight_decay`` as L2). SGD
+    is FedAvg's local optimiser and the one DP-FedAvg's analysis assumes; with AdamW a client's first
+    step moves every coordinate by about η whatever its gradient, so its update's norm says little
+    about its data. Both take the groups of :func:`optimizer_groups`."""
+    groups = optimizer_groups(fm, params, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed: int, *, pad_token_id: int, progress=None) -> TrainStats:
     """Train the active adapter and the head of ``fm`` on ``data[indices]``.
 
@@ -81,7 +93,7 @@ def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed:
     torch.manual_seed(derive_seed(seed, "dropout"))
     gen = generator(seed, "batches")
     params = fm.trainable_parameters()
-    opt = torch.optim.AdamW(optimizer_groups(fm, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(fm, params, cfg)
     total = planned_steps(len(indices), cfg)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     place = fm.placement

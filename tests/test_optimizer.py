@@ -1,0 +1,67 @@
+"""``train.optimizer``: SGD steps against heavy-ball SGD computed by hand, and the settings it refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_privacy import _batch, _tiny_fm
+
+import fedlora.engine.train as plain
+from fedlora.config import ConfigError, TrainConfig, load_config
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_takes_the_hand_computed_heavy_ball_steps(momentum):
+    """Three full-batch steps (4 examples, batch 4), adapters at η = 0.05 and the head at 0.2, linear decay
+    over 3 steps (factors 1, 2/3, 1/3): v ← μ·v + ∇L(θ), θ ← θ − η·f_t·v, the gradients by autograd
+    at each θ_t and the update in float64 by hand, never through torch.optim."""
+    fm = _tiny_fm("bert")
+    batch = _batch("bert")
+    named = [(n, p) for n, p in fm.peft.named_parameters() if p.requires_grad]
+    head = {id(p) for p in fm.head.values()}
+    rate = {n: 0.2 if id(p) in head else 0.05 for n, p in named}
+    start = {n: p.detach().clone() for n, p in named}
+
+    theta = {n: p.double() for n, p in start.items()}
+    velocity = {n: torch.zeros_like(t) for n, t in theta.items()}
+    for factor in (1.0, 2 / 3, 1 / 3):
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(theta[n].float())
+        grads = torch.autograd.grad(fm.peft(**batch).loss, [p for _, p in named])
+        for (n, _), g in zip(named, grads, strict=True):
+            velocity[n] = momentum * velocity[n] + g.double()
+            theta[n] = theta[n] - rate[n] * factor * velocity[n]
+
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(start[n])
+
+    class Data:  # the four examples stand for the engine's tokenised data (collate is replaced)
+        lengths = batch["attention_mask"].sum(1).numpy()
+
+    cfg = TrainConfig(optimizer="sgd", momentum=momentum, lr=0.05, head_lr=0.2, weight_decay=0.0, steps=3, batch_size=4, warmup_ratio=0.0, max_grad_norm=0.0)
+    real, plain.collate = plain.collate, lambda data, idx, pad: {k: v[torch.as_tensor(np.sort(idx))] for k, v in batch.items()}
+    try:
+        stats = plain.train_local(fm, Data(), np.arange(4), cfg, seed=0, pad_token_id=0)
+    finally:
+        plain.collate = real
+    assert stats.steps == 3
+    for n, p in fm.peft.named_parameters():
+        if n in theta:
+            assert not torch.equal(p.detach(), start[n]), f"{n} did not move: the check would have no power"
+            torch.testing.assert_close(p.detach().double(), theta[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize(
+    "settings,named",
+    [
+        (["train.optimizer=adam"], "train.optimizer must be adamw or sgd"),
+        (["train.optimizer=sgd", "train.momentum=1.0"], r"train.momentum must be in \[0, 1\)"),
+        (["train.momentum=0.9"], "train.momentum=0.9 applies to train.optimizer=sgd only"),
+    ],
+)
+def test_optimizer_settings_that_make_no_sense_are_refused(settings, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, settings)
