@@ -131,6 +131,12 @@ def _privacy_column(spec: str, summary: dict) -> tuple[str, float]:
     return base, math.inf if eps is None else round(float(eps), 2)
 
 
+def _span(xs: list[float]) -> str:
+    """``lo–hi`` at three significant figures, one figure where they agree."""
+    lo, hi = f"{min(xs):.3g}", f"{max(xs):.3g}"
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
 def privacy_tables(results: dict[Cell, dict], baseline: str, which: str = "final", scale: float = 100.0) -> str:
     """A DP grid read by ε: rows = methods without their ``privacy.*`` options, columns = ε (the target, or the
     ε spent; ∞ = no DP). Three tables: the metric (mean ± 95% interval over seeds); the cost of privacy, each
@@ -152,9 +158,7 @@ def privacy_tables(results: dict[Cell, dict], baseline: str, which: str = "final
     parts = list(dict.fromkeys(k[1] for k in values))
     epsilons = sorted({k[2] for k in values})
     ref = _privacy_column(baseline, {})[0]
-    heads = [
-        ("ε = ∞ (no DP)" if e == math.inf else f"ε = {e:g}") + (f" (spent {min(spent[e]):.3g}–{max(spent[e]):.3g})" if e in spent else "") for e in epsilons
-    ]
+    heads = [("ε = ∞ (no DP)" if e == math.inf else f"ε = {e:g}") + (f" (spent {_span(spent[e])})" if e in spent else "") for e in epsilons]
 
     def table(label: str, cell) -> str:
         lines = [f"| {label} | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
