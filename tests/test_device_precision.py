@@ -131,3 +131,35 @@ def test_bench_aggregation_refuses_a_fold_device_it_cannot_use(capsys, device, s
         pytest.skip("this machine has a GPU: the refusal is for machines without one")
     assert cli.main(["bench", "aggregation", "--preset", "roberta-base", "--methods", "fedex", "--fold-device", device]) == 2
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_bench_loops_plain_reference_uses_the_runs_optimiser(tiny_models, tmp_path, optimizer):
+    """With ``train.optimizer=sgd`` the plain loop's one step is θ − η·ĝ (ĝ the clipped gradient, computed
+    here by autograd on a copy); with AdamW the first step moves each coordinate by about η (a sign step)."""
+    from fedlora.bench.loop import _plain_loop
+    from fedlora.data import collate
+
+    lr = 0.05
+    over = overrides(tiny_models["bert"], tmp_path, train__optimizer=optimizer, train__lr=lr, train__weight_decay=0.0, train__max_grad_norm=1e9)
+    cfg = load_config(None, over)
+    exp = build_experiment(cfg)
+    fm, place = exp.fm, exp.fm.placement
+    params = fm.trainable_parameters()
+    idx = torch.arange(min(4, len(exp.train))).numpy()
+    before = [p.detach().clone() for p in params]
+    fm.peft.train()
+    torch.manual_seed(0)
+    fm.peft(**place.batch(collate(exp.train, idx, exp.pad_token_id))).loss.backward()
+    grads = [p.grad.detach().clone() for p in params]
+    for p in params:
+        p.grad = None
+    torch.manual_seed(0)  # the same dropout mask in the loop's forward
+    _plain_loop(fm.peft, params, exp.train, [idx], exp.pad_token_id, cfg.train, place)
+    moved = [p.detach() - b for p, b in zip(params, before)]
+    if optimizer == "sgd":
+        for m, g in zip(moved, grads):
+            torch.testing.assert_close(m, -lr * g, atol=1e-6, rtol=1e-4)
+    else:
+        big = torch.cat([(m.abs() / lr).flatten()[g.flatten().abs() > 1e-4] for m, g in zip(moved, grads)])
+        assert big.numel() > 0 and torch.allclose(big, torch.ones_like(big), atol=0.05)

@@ -5,7 +5,7 @@ head, device and autocast precision) for the same optimiser steps on the same
 batches: the plain loop takes exactly the index batches ``train_local`` draws for
 that seed and collates each as it goes, as a DataLoader would. The plain loop is
 the textbook one: collate, forward under autocast, ``loss.backward()``, clip,
-``AdamW.step()``, ``zero_grad``. fedlora's is ``engine.train.train_local``, the
+``AdamW.step()`` (or ``SGD.step()`` with ``train.optimizer=sgd``), ``zero_grad``. fedlora's is ``engine.train.train_local``, the
 loop every client runs (learning-rate schedule, accumulation and counters included). They alternate
 ``--repeats`` times; the command prints padded tokens per second of each and the
 ratio fedlora ÷ plain per repeat and its median (target ≥ 0.95).
@@ -28,7 +28,11 @@ from ..engine.train import planned_steps, train_local
 
 
 def _plain_loop(model, params, data, index_batches, pad_token_id, cfg, place) -> float:
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The optimiser the run names, built the textbook way (one group, no head rate).
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     t0 = time.perf_counter()
     for idx in index_batches:
