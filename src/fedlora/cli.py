@@ -5,6 +5,7 @@ with a non-zero exit, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -91,40 +92,14 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_aggregation(args: argparse.Namespace) -> int:
-    from .bench.aggregation import main as bench_main
+def _bench(module: str):
+    """The ``main`` of ``fedlora.bench.<module>``, imported only when its subcommand runs (the
+    benchmarks pull in what a plain ``fedlora run`` does not need)."""
 
-    return bench_main(args)
+    def run_bench(args: argparse.Namespace) -> int:
+        return importlib.import_module(f"fedlora.bench.{module}").main(args)
 
-
-def _bench_base_delta(args: argparse.Namespace) -> int:
-    from .bench.base_delta import main as base_delta_main
-
-    return base_delta_main(args)
-
-
-def _bench_clients(args: argparse.Namespace) -> int:
-    from .bench.clients import main as clients_main
-
-    return clients_main(args)
-
-
-def _bench_overhead(args: argparse.Namespace) -> int:
-    from .bench.overhead import main as overhead_main
-
-    return overhead_main(args)
-
-
-def _bench_precision(args: argparse.Namespace) -> int:
-    from .bench.precision import main as precision_main
-
-    return precision_main(args)
-
-
-def _bench_loop(args: argparse.Namespace) -> int:
-    from .bench.loop import main as loop_main
-
-    return loop_main(args)
+    return run_bench
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,32 +145,32 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.aggregation import add_arguments
 
     add_arguments(agg)
-    agg.set_defaults(func=_bench_aggregation)
+    agg.set_defaults(func=_bench("aggregation"))
     bd = bench_sub.add_parser("base-delta", help="base deltas beside W0 (factored) against folded into W0: time per round, memory, forward cost")
     from .bench.base_delta import add_arguments as add_base_delta_arguments
 
     add_base_delta_arguments(bd)
-    bd.set_defaults(func=_bench_base_delta)
+    bd.set_defaults(func=_bench("base_delta"))
     cl = bench_sub.add_parser("clients", help="peak memory and time per round against the number of clients (same data, same work per round)")
     from .bench.clients import add_arguments as add_clients_arguments
 
     add_clients_arguments(cl)
-    cl.set_defaults(func=_bench_clients)
+    cl.set_defaults(func=_bench("clients"))
     ovh = bench_sub.add_parser("overhead", help="federated wall time / centralized wall time, evaluation excluded")
     ovh.add_argument("config", nargs="?")
     ovh.add_argument("overrides", nargs="*")
-    ovh.set_defaults(func=_bench_overhead)
+    ovh.set_defaults(func=_bench("overhead"))
     prec = bench_sub.add_parser("precision", help="fp32 against bf16 autocast over whole runs: throughput and final metric, paired by seed")
     prec.add_argument("config", nargs="?")
     prec.add_argument("overrides", nargs="*")
     prec.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (each runs fp32 and bf16)")
-    prec.set_defaults(func=_bench_precision)
+    prec.set_defaults(func=_bench("precision"))
     loop = bench_sub.add_parser("loop", help="fedlora's training loop against a plain peft + torch loop on the same batches")
     loop.add_argument("config", nargs="?")
     loop.add_argument("overrides", nargs="*")
     loop.add_argument("--repeats", type=_positive_int, default=3)
     loop.add_argument("--steps", type=_positive_int, default=20, help="optimiser steps per timed loop")
-    loop.set_defaults(func=_bench_loop)
+    loop.set_defaults(func=_bench("loop"))
     return parser
 
 
