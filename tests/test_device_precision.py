@@ -135,8 +135,8 @@ def test_bench_aggregation_refuses_a_fold_device_it_cannot_use(capsys, device, s
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_bench_loops_plain_reference_uses_the_runs_optimiser(tiny_models, tmp_path, optimizer):
-    """With ``train.optimizer=sgd`` the plain loop's one step is θ − η·ĝ (ĝ the clipped gradient, computed
-    here by autograd on a copy); with AdamW the first step moves each coordinate by about η (a sign step)."""
+    """With ``train.optimizer=sgd`` the plain loop's one step is θ − η·g (g from autograd on the same batch and
+    dropout mask, the clip set never to bind); with AdamW the first step moves each coordinate by about η."""
     from fedlora.bench.loop import _plain_loop
     from fedlora.data import collate
 

@@ -5,8 +5,8 @@ head, device and autocast precision) for the same optimiser steps on the same
 batches: the plain loop takes exactly the index batches ``train_local`` draws for
 that seed and collates each as it goes, as a DataLoader would. The plain loop is
 the textbook one: collate, forward under autocast, ``loss.backward()``, clip,
-``AdamW.step()`` (or ``SGD.step()`` with ``train.optimizer=sgd``), ``zero_grad``. fedlora's is ``engine.train.train_local``, the
-loop every client runs (learning-rate schedule, accumulation and counters included). They alternate
+``AdamW.step()`` (``SGD.step()`` with ``train.optimizer=sgd``), ``zero_grad``. fedlora's
+is ``engine.train.train_local``, the loop every client runs (learning-rate schedule, accumulation and counters included). They alternate
 ``--repeats`` times; the command prints padded tokens per second of each and the
 ratio fedlora ÷ plain per repeat and its median (target ≥ 0.95).
 """
