@@ -42,6 +42,7 @@ class ModelConfig:
     max_length: int = 128
     quantization: str = "none"  # none | 4bit (NF4, QLoRA) | 8bit: bitsandbytes, CUDA only
     base_delta: str = "auto"  # where exact methods' ΔW0 lives: fold (into W0) | factored (beside it) | auto (factored iff quantized)
+    pair_encoder: str = "cross"  # sentence pairs: cross (one sequence) | siamese (each sentence apart, head on their cosine: models/siamese.py)
     export_rank: int = 0  # > 0: export each module's best rank-≤N approximation (error and metrics in summary.json); 0 = exact
 
 
@@ -150,6 +151,7 @@ class RunConfig:
             (all(r >= 1 for r in self.model.client_ranks), "model.client_ranks must all be ≥ 1"),
             (self.model.max_length >= 8, "model.max_length must be ≥ 8"),
             (self.model.quantization in ("none", "4bit", "8bit"), f"model.quantization must be none, 4bit or 8bit, got {self.model.quantization!r}"),
+            (self.model.pair_encoder in ("cross", "siamese"), f"model.pair_encoder must be cross or siamese, got {self.model.pair_encoder!r}"),
             (self.model.base_delta in ("auto", "fold", "factored"), f"model.base_delta must be auto, fold or factored, got {self.model.base_delta!r}"),
             (
                 not (self.model.quantization != "none" and self.model.base_delta == "fold"),

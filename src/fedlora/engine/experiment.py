@@ -15,7 +15,7 @@ from ..data import TaskSpec, bin_names, get_task, label_histogram, load_glue, lo
 from ..data.glue import take_random
 from ..data.instruct import answer_ids, load_instruct_file, render_prompt, tokenize_instruct
 from ..data.prompts import PROMPTS, glue_as_instructions
-from ..models import FedModel, LoraSettings, default_target_modules, load_causal_lm, load_pretrained
+from ..models import FedModel, LoraSettings, as_siamese, default_target_modules, load_causal_lm, load_pretrained
 from ..models.device import resolve_placement
 from ..models.hub import max_input_length, quantized_loading
 from ..privacy import PrivacyPlan, plan_privacy
@@ -176,6 +176,24 @@ def make_aggregator(cfg: RunConfig, fm: FedModel) -> Aggregator:
     return get_aggregator(cfg.fed.method, weighting=cfg.fed.weighting, **options)
 
 
+def read_pairs_apart(cfg: RunConfig, model, tokenizer, causal: bool, train_text):
+    """``model.pair_encoder=siamese``: the classifier read as a bi-encoder (models/siamese.py),
+    or a one-line refusal where that cannot work."""
+    if causal:
+        raise ConfigError("model.pair_encoder=siamese reads sentence pairs with an encoder; it does not apply to a causal LM")
+    if train_text.text_b is None:
+        raise ConfigError(
+            f"model.pair_encoder=siamese needs sentence pairs (RTE, STS-B, …, or two data.text_columns); data.task={cfg.data.task!r} has one sentence"
+        )
+    if cfg.privacy.mode == "local":
+        raise ConfigError(
+            "model.pair_encoder=siamese with privacy.mode=local is not supported: per-example gradients through two encoder calls are not verified"
+        )
+    if cfg.train.gradient_checkpointing:
+        raise ConfigError("model.pair_encoder=siamese does not support train.gradient_checkpointing")
+    return as_siamese(model, tokenizer)
+
+
 def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experiment:
     """Load and check everything. ``model``/``tokenizer`` may be passed in (tests)."""
     if cfg.threads > 0:
@@ -215,6 +233,8 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
                 model, tokenizer = load_causal_lm(cfg.model.name, loading)
             else:
                 model, tokenizer = load_pretrained(cfg.model.name, task.num_labels, regression=task.is_regression, loading=loading)
+    if cfg.model.pair_encoder == "siamese":
+        model = read_pairs_apart(cfg, model, tokenizer, causal, train_text)
     limit = max_input_length(model, tokenizer)
     if limit is not None and cfg.model.max_length > limit:
         raise ConfigError(f"model.max_length={cfg.model.max_length} exceeds the {limit} positions of model {cfg.model.name!r}")

@@ -5,17 +5,21 @@ the pretrained base, so W = W0 + ΔW for every adapted module is peft's ``merge_
 the trained head comes with it. The folder (weights, config, tokenizer) loads with
 ``AutoModelForSequenceClassification`` or ``AutoModelForCausalLM.from_pretrained`` alone, without peft
 or fedlora, and serves as another run's ``model.name``: intermediate training (fine-tune on one task,
-merge, fine-tune the merged model on the next) is two runs and a merge.
+merge, fine-tune the merged model on the next) is two runs and a merge. A bi-encoder run
+(``model.pair_encoder: siamese``) writes its merged encoder (``AutoModel``) and the two-number cosine
+head beside it (``siamese_head.json``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..config import ConfigError
 from ..models import load_causal_lm
 from ..models.hub import load_pretrained
 from ..models.lora import HEAD_MODULES
+from ..models.siamese import SIAMESE_HEAD, SiameseClassifier, as_siamese
 from .generate import finished_run_config
 
 __all__ = ["merge_run"]
@@ -51,7 +55,21 @@ def merge_run(run_dir: str | Path, out: str | Path) -> Path:
     else:
         rows = _head_rows(adapter)
         base, tokenizer = load_pretrained(cfg.model.name, rows, regression=rows == 1)
+        if cfg.model.pair_encoder == "siamese":
+            base = as_siamese(base, tokenizer)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    merged.save_pretrained(out)
+    if isinstance(merged, SiameseClassifier):
+        _save_siamese(merged, out)
+    else:
+        merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _save_siamese(model: SiameseClassifier, out: Path) -> None:
+    """A bi-encoder run's merged model: the encoder as a plain transformers folder (``AutoModel``
+    loads it; mean-pooled, it is the fine-tuned sentence encoder, as sentence-transformers reads
+    it) and the cosine head beside it in ``siamese_head.json`` (logits = weight·cos(u, v) + bias)."""
+    model.encoder.save_pretrained(out)
+    head = {"weight": model.classifier.weight.detach().reshape(-1).tolist(), "bias": model.classifier.bias.detach().tolist()}
+    (out / SIAMESE_HEAD).write_text(json.dumps(head, indent=1) + "\n")

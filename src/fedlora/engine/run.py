@@ -134,7 +134,7 @@ def evaluate_export(exp: Experiment, cfg: RunConfig, folder: Path) -> dict[str, 
 
     from ..models.hub import load_base
 
-    base = load_base(cfg.model.name, exp.task.num_labels, exp.task.is_regression, exp.causal)
+    base = load_base(cfg.model.name, exp.task.num_labels, exp.task.is_regression, exp.causal, cfg.model.pair_encoder)
     with quiet_peft():
         model = PeftModel.from_pretrained(base, str(folder)).to(exp.fm.placement.device).eval()
     indices = np.arange(len(exp.eval.labels))

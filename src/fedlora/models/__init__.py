@@ -3,6 +3,7 @@ named (B, A) adapters and dense head parameters."""
 
 from .hub import ModelError, default_target_modules, load_causal_lm, load_pretrained, resolve_model, tiny_causal_lm, tiny_model
 from .lora import FedModel, LoraSettings
+from .siamese import SiameseClassifier, as_siamese
 
 __all__ = [
     "ModelError",
@@ -14,4 +15,6 @@ __all__ = [
     "tiny_causal_lm",
     "FedModel",
     "LoraSettings",
+    "SiameseClassifier",
+    "as_siamese",
 ]

@@ -35,6 +35,7 @@ from torch import Tensor
 from ..core import SVD, Factored
 from .hub import load_base
 from .lora import HEAD_MODULES, FedModel
+from .siamese import SiameseClassifier
 
 __all__ = ["export_peft_adapter", "ExportReport"]
 
@@ -107,7 +108,7 @@ def export_peft_adapter(
         (m, n), k = total_delta[name].shape, svd.rank
         factors[name], numbers = (svd.U * svd.S, svd.Vh), numbers - m * n + k * (m + n)
     ranks = {name: B.shape[1] for name, (B, _) in factors.items()}
-    base = load_base(model_path, num_labels, regression, causal)
+    base = load_base(model_path, num_labels, regression, causal, "siamese" if isinstance(fm.base, SiameseClassifier) else "cross")
     heads = sorted({k.split(".")[0] for k in dense} & set(HEAD_MODULES))
     top = max(ranks.values())
     config = LoraConfig(

@@ -176,10 +176,18 @@ def load_pretrained(name: str, num_labels: int, regression: bool = False, loadin
     return model, tokenizer
 
 
-def load_base(name: str, num_labels: int, regression: bool, causal: bool):
+def load_base(name: str, num_labels: int, regression: bool, causal: bool, pair_encoder: str = "cross"):
     """The pretrained model a run adapts, as a user reloads it: a causal LM, or a classifier with
-    the task's head (what an exported adapter folder is applied to)."""
-    return load_causal_lm(name)[0] if causal else load_pretrained(name, num_labels, regression)[0]
+    the task's head (what an exported adapter folder is applied to); with ``pair_encoder="siamese"``
+    that classifier read as a bi-encoder (:class:`~fedlora.models.siamese.SiameseClassifier`)."""
+    if causal:
+        return load_causal_lm(name)[0]
+    model, tokenizer = load_pretrained(name, num_labels, regression)
+    if pair_encoder == "siamese":
+        from .siamese import as_siamese  # siamese imports this module
+
+        return as_siamese(model, tokenizer)
+    return model
 
 
 def load_causal_lm(name: str, loading: dict | None = None):

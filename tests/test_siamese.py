@@ -1,0 +1,141 @@
+"""``model.pair_encoder: siamese``: sentence pairs read by a bi-encoder (models/siamese.py).
+
+References are independent of the module: each sentence tokenized on its own by the tokenizer, run
+alone through the plain transformers encoder, mean-pooled and compared in float64 by hand.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from engine_support import GLUE, overrides, tiny_models  # noqa: F401  (fixture)
+
+from fedlora import cli
+from fedlora.models import as_siamese, tiny_model
+from fedlora.models.siamese import SIAMESE_HEAD, split_pair
+
+FIRST = ["the movie was good", "bad plot", "it is not very fun and the story was dull"]
+SECOND = ["it is great fun", "the actors were awful and the story was dull", "a film"]
+
+
+def _reference_cosines(encoder, tokenizer, first, second, max_length: int = 512) -> np.ndarray:
+    """cos(u, v) in float64, u and v each sentence's mean-pooled last hidden state, each sentence
+    encoded alone (batch of one: no padding anywhere). The sentences are the tokenizer's pair
+    encoding cut by token type in plain Python, [CLS] put before the second: what the pair's
+    longest-first truncation to ``max_length`` left of each."""
+
+    def embed(ids):
+        with torch.no_grad():
+            h = encoder(input_ids=torch.tensor([ids])).last_hidden_state[0].double().numpy()
+        return h.mean(0)
+
+    out = []
+    for a, b in zip(first, second):
+        enc = tokenizer(a, b, truncation=True, max_length=max_length)
+        ids_a = [t for t, k in zip(enc["input_ids"], enc["token_type_ids"]) if k == 0]
+        ids_b = [tokenizer.cls_token_id] + [t for t, k in zip(enc["input_ids"], enc["token_type_ids"]) if k == 1]
+        u, v = embed(ids_a), embed(ids_b)
+        out.append(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
+    return np.array(out)
+
+
+def test_split_pair_gives_each_sentence_as_the_tokenizer_encodes_it_alone():
+    _, tok = tiny_model("bert")
+    enc = tok(FIRST, SECOND, padding=True, return_tensors="pt")
+    ids_a, mask_a, ids_b, mask_b = split_pair(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], tok.cls_token_id, tok.pad_token_id)
+    alone_a = tok(FIRST, padding=True, return_tensors="pt")
+    alone_b = tok(SECOND, padding=True, return_tensors="pt")
+    assert torch.equal(ids_a, alone_a["input_ids"]) and torch.equal(mask_a, alone_a["attention_mask"])
+    assert torch.equal(ids_b, alone_b["input_ids"]) and torch.equal(mask_b, alone_b["attention_mask"])
+
+
+def test_logits_and_gradients_equal_an_encoder_run_on_each_sentence_alone():
+    model, tok = tiny_model("bert")
+    siamese = as_siamese(model, tok).eval()
+    with torch.no_grad():
+        siamese.classifier.weight.copy_(torch.tensor([[-2.0], [3.0]]))
+        siamese.classifier.bias.copy_(torch.tensor([0.5, -0.25]))
+    enc = tok(FIRST, SECOND, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = siamese(**enc).logits.double().numpy()
+    cos = _reference_cosines(model.bert, tok, FIRST, SECOND)
+    want = cos[:, None] * np.array([-2.0, 3.0]) + np.array([0.5, -0.25])
+    np.testing.assert_allclose(logits, want, atol=1e-5)
+
+    # The loss's gradient through the split batch equals the gradient through the sentences alone.
+    labels = torch.tensor([0, 1, 1])
+    weight = model.bert.encoder.layer[0].attention.self.query.weight
+    siamese.zero_grad()
+    siamese(**enc, labels=labels).loss.backward()
+    got = weight.grad.clone()
+    siamese.zero_grad()
+    cosines = []
+    for a, b in zip(FIRST, SECOND):
+        u = model.bert(**tok(a, return_tensors="pt")).last_hidden_state[0].mean(0)
+        v = model.bert(**tok(b, return_tensors="pt")).last_hidden_state[0].mean(0)
+        cosines.append(torch.nn.functional.cosine_similarity(u, v, dim=0))
+    ref_logits = torch.stack(cosines)[:, None] * siamese.classifier.weight[:, 0] + siamese.classifier.bias
+    torch.nn.functional.cross_entropy(ref_logits, labels).backward()
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got, weight.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_a_bi_encoder_run_trains_exports_and_merges(tiny_models, tmp_path, capsys):
+    """RTE through the CLI: the run's exported adapter reloads (as `evaluate_export` and a user load
+    it) and `fedlora merge` writes an encoder + head whose predictions, computed by hand, give the
+    run's final dev accuracy."""
+    from peft import PeftModel
+    from transformers import AutoModel, AutoTokenizer
+
+    from fedlora.data.glue import load_glue
+    from fedlora.models.hub import load_base
+
+    over = overrides(tiny_models["bert"], tmp_path, data__task="rte", model__pair_encoder="siamese", fed__method="fedex", train__lr=1e-2, name="r")
+    assert cli.main(["run", *over]) == 0
+    run = tmp_path / "r"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final"]["accuracy"] >= 0
+    reloaded = PeftModel.from_pretrained(load_base(str(tiny_models["bert"]), 2, False, False, "siamese"), str(run / "adapter")).eval()
+    head = reloaded.base_model.model.classifier.modules_to_save["default"]
+    assert head.weight.abs().max() > 0  # the zero-initialised head trained and travelled
+
+    out = tmp_path / "merged"
+    assert cli.main(["merge", str(run), str(out)]) == 0
+    encoder = AutoModel.from_pretrained(out).eval()  # transformers alone
+    tok = AutoTokenizer.from_pretrained(out)
+    cosine_head = json.loads((out / SIAMESE_HEAD).read_text())
+    dev = load_glue("rte", "dev", data_dir=GLUE, max_examples=40, seed=0)  # the run's evaluation subset (overrides' data.max_eval_examples)
+    dev_first, dev_second, labels = dev.text_a, dev.text_b, np.asarray(dev.labels)
+    cos = _reference_cosines(encoder, tok, dev_first, dev_second, max_length=64)  # overrides' model.max_length
+    logits = cos[:, None] * np.array(cosine_head["weight"]) + np.array(cosine_head["bias"])
+    batch = tok(list(dev_first), list(dev_second), truncation=True, max_length=64, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        exported = reloaded(**batch).logits.double().numpy()  # the unmerged export, as peft applies it
+    np.testing.assert_allclose(logits, exported, atol=1e-5)
+    assert np.ptp(logits[:, 1] - logits[:, 0]) > 0  # the predictions depend on the pair
+    accuracy = float((logits.argmax(1) == labels).mean())
+    assert accuracy == pytest.approx(summary["final"]["accuracy"])
+    # and the merged encoder is not the pretrained one: the adapters' update is in it (the test can fail)
+    pretrained = AutoModel.from_pretrained(tiny_models["bert"]).eval()
+    ids = tok(dev_first[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert not torch.allclose(encoder(**ids).last_hidden_state, pretrained(**ids).last_hidden_state, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"data__task": "sst2"}, "needs sentence pairs"),
+        ({"data__task": "rte", "privacy__mode": "local", "privacy__noise_multiplier": 1.0}, "privacy.mode=local is not supported"),
+        ({"data__task": "rte", "model__pair_encoder": "both"}, "model.pair_encoder must be cross or siamese"),
+    ],
+)
+def test_settings_a_bi_encoder_cannot_take_are_refused_in_one_line(tiny_models, tmp_path, capsys, setting, message):
+    kw = {"model__pair_encoder": "siamese", **setting}
+    assert cli.main(["run", *overrides(tiny_models["bert"], tmp_path, **kw)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())
