@@ -129,13 +129,65 @@ def test_a_bi_encoder_run_trains_exports_and_merges(tiny_models, tmp_path, capsy
     "setting,message",
     [
         ({"data__task": "sst2"}, "needs sentence pairs"),
-        ({"data__task": "rte", "privacy__mode": "local", "privacy__noise_multiplier": 1.0}, "privacy.mode=local is not supported"),
+        ({"data__task": "rte", "model__name": "GPT2"}, "needs an encoder model"),
         ({"data__task": "rte", "model__pair_encoder": "both"}, "model.pair_encoder must be cross or siamese"),
     ],
 )
 def test_settings_a_bi_encoder_cannot_take_are_refused_in_one_line(tiny_models, tmp_path, capsys, setting, message):
     kw = {"model__pair_encoder": "siamese", **setting}
+    if kw.get("model__name") == "GPT2":  # a decoder read as a classifier: no encoder to read pairs apart
+        kw["model__name"] = tiny_models["gpt2"]
     assert cli.main(["run", *overrides(tiny_models["bert"], tmp_path, **kw)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not any(tmp_path.iterdir())
+
+
+def test_opacus_per_example_gradients_through_the_two_encoder_calls():
+    """DP-SGD's premise with a bi-encoder: every example's gradient sums its two encoder calls (the
+    LoRA layers run twice a batch). Reference: each pair alone, tokenized alone, through the model and
+    torch.autograd.grad; no Opacus involved (as tests/test_privacy.py does for Opacus #820)."""
+    from opacus import GradSampleModule
+
+    from fedlora.models import FedModel, LoraSettings
+
+    model, tok = tiny_model("bert", seed=1)
+    fm = FedModel(as_siamese(model, tok), LoraSettings(("query", "value"), rank=4))
+    for m in fm.peft.modules():  # Opacus records activations in training mode only: dropout off instead of eval()
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    fm.peft.train()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # B = 0 and a zero head would make the adapters' gradients zero
+        for layer in fm.layers.values():
+            layer.lora_B["r4"].weight.normal_(0, 0.1, generator=g)
+        fm.base.classifier.weight.copy_(torch.tensor([[-2.0], [3.0]]))
+    labels = torch.tensor([0, 1, 1])
+    params = [(n, p) for n, p in fm.peft.named_parameters() if p.requires_grad]
+    rows = []
+    for a, b, y in zip(FIRST, SECOND, labels):
+        loss = fm.peft(**tok(a, b, return_tensors="pt"), labels=y[None]).loss
+        rows.append(torch.autograd.grad(loss, [p for _, p in params]))
+    want = {n: torch.stack([r[i] for r in rows]) for i, (n, _) in enumerate(params)}
+    gsm = GradSampleModule(fm.peft, batch_first=True, loss_reduction="mean", strict=False)
+    try:
+        gsm(**tok(FIRST, SECOND, padding=True, return_tensors="pt"), labels=labels).loss.backward()
+        got = {n: p.grad_sample for n, p in params}
+    finally:
+        gsm._close()
+    assert any("lora_A" in n for n in got) and any("classifier" in n for n in got)
+    for n, _ in params:
+        assert float(want[n].abs().max()) > 0, n
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_a_bi_encoder_trains_under_local_dp_sgd(tiny_models, tmp_path):
+    """privacy.mode=local through the CLI: the accountant's ε each round, and the model moves."""
+    from test_privacy import LOCAL
+
+    over = overrides(tiny_models["bert"], tmp_path, data__task="rte", model__pair_encoder="siamese", fed__rounds=2, name="dp", **LOCAL)
+    assert cli.main(["run", *over]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["epsilon"] > rows[0]["epsilon"] > 0
+    ckpt = torch.load(tmp_path / "dp" / "checkpoint.pt", weights_only=False)
+    assert float(ckpt["state"]["dense"]["classifier.weight"].abs().max()) > 0  # the zero-initialised head trained

@@ -185,10 +185,6 @@ def read_pairs_apart(cfg: RunConfig, model, tokenizer, causal: bool, train_text)
         raise ConfigError(
             f"model.pair_encoder=siamese needs sentence pairs (RTE, STS-B, …, or two data.text_columns); data.task={cfg.data.task!r} has one sentence"
         )
-    if cfg.privacy.mode == "local":
-        raise ConfigError(
-            "model.pair_encoder=siamese with privacy.mode=local is not supported: per-example gradients through two encoder calls are not verified"
-        )
     if cfg.train.gradient_checkpointing:
         raise ConfigError("model.pair_encoder=siamese does not support train.gradient_checkpointing")
     return as_siamese(model, tokenizer)
