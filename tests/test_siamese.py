@@ -131,12 +131,22 @@ def test_a_bi_encoder_run_trains_exports_and_merges(tiny_models, tmp_path, capsy
         ({"data__task": "sst2"}, "needs sentence pairs"),
         ({"data__task": "rte", "model__name": "GPT2"}, "needs an encoder model"),
         ({"data__task": "rte", "model__pair_encoder": "both"}, "model.pair_encoder must be cross or siamese"),
+        ({"data__task": "rte", "model__name": "ROBERTA"}, "needs a tokenizer that marks the second sentence"),
     ],
 )
 def test_settings_a_bi_encoder_cannot_take_are_refused_in_one_line(tiny_models, tmp_path, capsys, setting, message):
     kw = {"model__pair_encoder": "siamese", **setting}
     if kw.get("model__name") == "GPT2":  # a decoder read as a classifier: no encoder to read pairs apart
         kw["model__name"] = tiny_models["gpt2"]
+    if kw.get("model__name") == "ROBERTA":  # an encoder whose tokenizer gives no token types, as RoBERTa's
+        model, tok = tiny_model("bert")
+        folder = tmp_path.parent / f"{tmp_path.name}-no-token-types"
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_input_names": ["input_ids", "attention_mask"]}))
+        kw["model__name"] = folder
+        capsys.readouterr()  # transformers' saving bar, not the run's output
     assert cli.main(["run", *overrides(tiny_models["bert"], tmp_path, **kw)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err

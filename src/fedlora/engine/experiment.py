@@ -187,6 +187,10 @@ def read_pairs_apart(cfg: RunConfig, model, tokenizer, causal: bool, train_text)
         )
     if cfg.train.gradient_checkpointing:
         raise ConfigError("model.pair_encoder=siamese does not support train.gradient_checkpointing")
+    if 1 not in tokenizer("a", "b").get("token_type_ids", []):  # RoBERTa's tokenizer marks no second segment
+        raise ConfigError(
+            f"model.pair_encoder=siamese needs a tokenizer that marks the second sentence with token_type_ids (BERT-style); the one of {cfg.model.name!r} does not"
+        )
     return as_siamese(model, tokenizer)
 
 
