@@ -70,8 +70,8 @@ class SiameseClassifier(nn.Module):
         self.config = config
         self.cls_id, self.pad_id = int(cls_id), int(pad_id)
         self.classifier = nn.Linear(1, config.num_labels)
-        # A head that starts at "no opinion": logits equal for every cosine (linear probing in the
-        # first rounds, or training, moves it; a random w would start the adapters on noise).
+        # A head that starts at "no opinion": logits equal for every cosine (training moves it; a
+        # random w would start the adapters on noise).
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
 
