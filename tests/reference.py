@@ -108,3 +108,23 @@ def drift_weights(dist: Sequence[float], q: Sequence[float], beta: float) -> lis
     logs = [math.log(qi) - beta * di if qi > 0 else -math.inf for qi, di in zip(q, dist)]
     top = max(logs)
     return normalised([math.exp(x - top) for x in logs])
+
+
+def pair_cosines(encoder, tokenizer, first: Sequence[str], second: Sequence[str], max_length: int = 512) -> Tensor:
+    """A bi-encoder's cos(u, v) per pair in float64, u and v each sentence's mean-pooled last hidden
+    state, each sentence encoded alone (a batch of one: no padding anywhere). The sentences are the
+    tokenizer's pair encoding cut by token type in plain Python, [CLS] put before the second: what
+    the pair's longest-first truncation to ``max_length`` left of each."""
+
+    def embed(ids: list[int]) -> Tensor:
+        with torch.no_grad():
+            return encoder(input_ids=torch.tensor([ids])).last_hidden_state[0].to(F64).mean(0)
+
+    out = []
+    for a, b in zip(first, second):
+        enc = tokenizer(a, b, truncation=True, max_length=max_length)
+        ids_a = [t for t, k in zip(enc["input_ids"], enc["token_type_ids"]) if k == 0]
+        ids_b = [tokenizer.cls_token_id] + [t for t, k in zip(enc["input_ids"], enc["token_type_ids"]) if k == 1]
+        u, v = embed(ids_a), embed(ids_b)
+        out.append(u @ v / u.norm() / v.norm())
+    return torch.stack(out)

@@ -9,7 +9,7 @@ import shlex
 
 import numpy as np
 import pytest
-import torch
+from reference import pair_cosines
 from test_readme_decoder import BIN, ROOT, readme_block, run
 
 pytestmark = pytest.mark.slow
@@ -34,14 +34,7 @@ def test_pair_commands_as_in_readme(tmp_path):
     encoder, tok = AutoModel.from_pretrained(merged).eval(), AutoTokenizer.from_pretrained(merged)
     head = json.loads((merged / "siamese_head.json").read_text())
     dev = load_glue("rte", "dev", data_dir=ROOT.parent / "shared" / "data" / "glue", max_examples=64, seed=0)
-    logits = []
-    for a, b in zip(dev.text_a, dev.text_b):  # each sentence alone, as the pair's truncation to 128 left it
-        enc = tok(a, b, truncation=True, max_length=128)
-        ids_a = [t for t, k in zip(enc["input_ids"], enc["token_type_ids"]) if k == 0]
-        ids_b = [tok.cls_token_id] + [t for t, k in zip(enc["input_ids"], enc["token_type_ids"]) if k == 1]
-        with torch.no_grad():
-            u, v = (encoder(input_ids=torch.tensor([ids])).last_hidden_state[0].double().mean(0).numpy() for ids in (ids_a, ids_b))
-        cos = u @ v / np.linalg.norm(u) / np.linalg.norm(v)
-        logits.append(cos * np.array(head["weight"]) + np.array(head["bias"]))
+    cos = pair_cosines(encoder, tok, dev.text_a, dev.text_b, max_length=128).numpy()  # the README's model.max_length
+    logits = cos[:, None] * np.array(head["weight"]) + np.array(head["bias"])
     accuracy = float((np.array(logits).argmax(1) == np.asarray(dev.labels)).mean())
     assert accuracy == pytest.approx(summary["final"]["accuracy"])

@@ -1,7 +1,8 @@
 """``model.pair_encoder: siamese``: sentence pairs read by a bi-encoder (models/siamese.py).
 
-References are independent of the module: each sentence tokenized on its own by the tokenizer, run
-alone through the plain transformers encoder, mean-pooled and compared in float64 by hand.
+References are independent of the module (reference.pair_cosines): each sentence tokenized on its own
+by the tokenizer, run alone through the plain transformers encoder, mean-pooled and compared in
+float64 by hand.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from engine_support import GLUE, overrides, tiny_models  # noqa: F401  (fixture)
+from reference import pair_cosines
 
 from fedlora import cli
 from fedlora.models import as_siamese, tiny_model
@@ -19,27 +21,6 @@ from fedlora.models.siamese import SIAMESE_HEAD, split_pair
 
 FIRST = ["the movie was good", "bad plot", "it is not very fun and the story was dull"]
 SECOND = ["it is great fun", "the actors were awful and the story was dull", "a film"]
-
-
-def _reference_cosines(encoder, tokenizer, first, second, max_length: int = 512) -> np.ndarray:
-    """cos(u, v) in float64, u and v each sentence's mean-pooled last hidden state, each sentence
-    encoded alone (batch of one: no padding anywhere). The sentences are the tokenizer's pair
-    encoding cut by token type in plain Python, [CLS] put before the second: what the pair's
-    longest-first truncation to ``max_length`` left of each."""
-
-    def embed(ids):
-        with torch.no_grad():
-            h = encoder(input_ids=torch.tensor([ids])).last_hidden_state[0].double().numpy()
-        return h.mean(0)
-
-    out = []
-    for a, b in zip(first, second):
-        enc = tokenizer(a, b, truncation=True, max_length=max_length)
-        ids_a = [t for t, k in zip(enc["input_ids"], enc["token_type_ids"]) if k == 0]
-        ids_b = [tokenizer.cls_token_id] + [t for t, k in zip(enc["input_ids"], enc["token_type_ids"]) if k == 1]
-        u, v = embed(ids_a), embed(ids_b)
-        out.append(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
-    return np.array(out)
 
 
 def test_split_pair_gives_each_sentence_as_the_tokenizer_encodes_it_alone():
@@ -61,7 +42,7 @@ def test_logits_and_gradients_equal_an_encoder_run_on_each_sentence_alone():
     enc = tok(FIRST, SECOND, padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = siamese(**enc).logits.double().numpy()
-    cos = _reference_cosines(model.bert, tok, FIRST, SECOND)
+    cos = pair_cosines(model.bert, tok, FIRST, SECOND).numpy()
     want = cos[:, None] * np.array([-2.0, 3.0]) + np.array([0.5, -0.25])
     np.testing.assert_allclose(logits, want, atol=1e-5)
 
@@ -93,9 +74,23 @@ def test_a_bi_encoder_run_trains_exports_and_merges(tiny_models, tmp_path, capsy
     from fedlora.data.glue import load_glue
     from fedlora.models.hub import load_base
 
-    over = overrides(tiny_models["bert"], tmp_path, data__task="rte", model__pair_encoder="siamese", fed__method="fedex", train__lr=1e-2, name="r")
+    over = overrides(
+        tiny_models["bert"],
+        tmp_path,
+        data__task="rte",
+        model__pair_encoder="siamese",
+        model__target_modules="[query,value,dense]",
+        fed__method="fedex",
+        train__lr=1e-2,
+        name="r",
+    )
     assert cli.main(["run", *over]) == 0
     run = tmp_path / "r"
+    from safetensors.torch import load_file
+
+    sent = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert any(".output.dense." in k for k in sent)  # "dense" adapted the encoder's layers (fedex: some sent whole) …
+    assert not [k for k in sent if "pooler" in k]  # … but not the pooler mean pooling never reads
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final"]["accuracy"] >= 0
     reloaded = PeftModel.from_pretrained(load_base(str(tiny_models["bert"]), 2, False, False, "siamese"), str(run / "adapter")).eval()
@@ -104,12 +99,14 @@ def test_a_bi_encoder_run_trains_exports_and_merges(tiny_models, tmp_path, capsy
 
     out = tmp_path / "merged"
     assert cli.main(["merge", str(run), str(out)]) == 0
-    encoder = AutoModel.from_pretrained(out).eval()  # transformers alone
+    encoder, loading = AutoModel.from_pretrained(out, output_loading_info=True)  # transformers alone
+    encoder = encoder.eval()
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]  # a whole BertModel, pooler included
     tok = AutoTokenizer.from_pretrained(out)
     cosine_head = json.loads((out / SIAMESE_HEAD).read_text())
     dev = load_glue("rte", "dev", data_dir=GLUE, max_examples=40, seed=0)  # the run's evaluation subset (overrides' data.max_eval_examples)
     dev_first, dev_second, labels = dev.text_a, dev.text_b, np.asarray(dev.labels)
-    cos = _reference_cosines(encoder, tok, dev_first, dev_second, max_length=64)  # overrides' model.max_length
+    cos = pair_cosines(encoder, tok, dev_first, dev_second, max_length=64).numpy()  # overrides' model.max_length
     logits = cos[:, None] * np.array(cosine_head["weight"]) + np.array(cosine_head["bias"])
     batch = tok(list(dev_first), list(dev_second), truncation=True, max_length=64, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -120,6 +117,7 @@ def test_a_bi_encoder_run_trains_exports_and_merges(tiny_models, tmp_path, capsy
     assert accuracy == pytest.approx(summary["final"]["accuracy"])
     # and the merged encoder is not the pretrained one: the adapters' update is in it (the test can fail)
     pretrained = AutoModel.from_pretrained(tiny_models["bert"]).eval()
+    torch.testing.assert_close(encoder.pooler.dense.weight, pretrained.pooler.dense.weight, rtol=0, atol=0)  # the pretrained pooler
     ids = tok(dev_first[:2], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert not torch.allclose(encoder(**ids).last_hidden_state, pretrained(**ids).last_hidden_state, atol=1e-4)

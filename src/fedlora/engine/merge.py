@@ -50,26 +50,31 @@ def merge_run(run_dir: str | Path, out: str | Path) -> Path:
             f"{run_dir} trained on a {cfg.model.quantization} base: merging into it would round the update; merge into the full-precision base by hand"
         )
     adapter = run_dir / "adapter"
+    pooler = None
     if cfg.data.task == "instruct" or cfg.data.as_prompt:
         base, tokenizer = load_causal_lm(cfg.model.name)
     else:
         rows = _head_rows(adapter)
         base, tokenizer = load_pretrained(cfg.model.name, rows, regression=rows == 1)
         if cfg.model.pair_encoder == "siamese":
+            pooler = getattr(base.base_model, "pooler", None)  # as_siamese drops it; the saved encoder keeps it
             base = as_siamese(base, tokenizer)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     if isinstance(merged, SiameseClassifier):
-        _save_siamese(merged, out)
+        _save_siamese(merged, out, pooler)
     else:
         merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
 
-def _save_siamese(model: SiameseClassifier, out: Path) -> None:
+def _save_siamese(model: SiameseClassifier, out: Path, pooler) -> None:
     """A bi-encoder run's merged model: the encoder as a plain transformers folder (``AutoModel``
-    loads it; mean-pooled, it is the fine-tuned sentence encoder, as sentence-transformers reads
-    it) and the cosine head beside it in ``siamese_head.json`` (logits = weight·cos(u, v) + bias)."""
+    loads it, with the pretrained ``pooler`` the bi-encoder never read, so no weight is missing;
+    mean-pooled, it is the fine-tuned sentence encoder, as sentence-transformers reads it) and the
+    cosine head beside it in ``siamese_head.json`` (logits = weight·cos(u, v) + bias)."""
+    if pooler is not None:
+        model.encoder.pooler = pooler
     model.encoder.save_pretrained(out)
     head = {"weight": model.classifier.weight.detach().reshape(-1).tolist(), "bias": model.classifier.bias.detach().tolist()}
     (out / SIAMESE_HEAD).write_text(json.dumps(head, indent=1) + "\n")

@@ -99,10 +99,16 @@ class SiameseClassifier(nn.Module):
 
 def as_siamese(model: nn.Module, tokenizer) -> SiameseClassifier:
     """The sequence classifier ``model`` (as :func:`~fedlora.models.hub.load_pretrained` gives it)
-    read as a bi-encoder: its encoder (``model.base_model``) kept, its head replaced."""
+    read as a bi-encoder: its encoder (``model.base_model``) kept without its pooler, its head
+    replaced."""
     encoder = model.base_model
     if encoder is model or not hasattr(encoder, "embeddings"):
         raise ModelError(f"model.pair_encoder=siamese needs an encoder model (BERT-style); {model.config.model_type!r} is not one")
     if tokenizer.cls_token_id is None:
         raise ModelError("model.pair_encoder=siamese needs a tokenizer with a [CLS] token")
+    # Mean pooling never reads the pooler (BERT's dense + tanh over [CLS]): dropped, it is neither
+    # computed each forward nor adapted by a target such as "dense" (its adapters would get zero
+    # gradient and still travel every round). `fedlora merge` puts the pretrained one back.
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
     return SiameseClassifier(encoder, model.config, tokenizer.cls_token_id, tokenizer.pad_token_id)
