@@ -195,6 +195,32 @@ def test_fedsb_first_round_is_fedex_like_then_noise_stays_on_its_r_by_r_core():
         torch.testing.assert_close(proj[n] @ step, step, atol=1e-5, rtol=0)
 
 
+def test_fedsvd_refactors_the_noised_B_mean_instead_of_keeping_A():
+    """FedSVD under DP: FFA-LoRA's clipped mean of B (reference: B + Σγ_i(B_i − B)/D, A shared),
+    then its SVD step on s·B̃·A as post-processing: the product is kept and A' has orthonormal
+    rows that follow it (before, A stayed at its random start: FFA-LoRA under another name)."""
+    state, C, D = _state(), 1.0, 5.0
+    updates = _updates(state, frozen_A=True)
+    new = private_aggregate(get_aggregator("fedsvd", weighting="uniform"), state, updates, _noiseless(C, D), torch.Generator().manual_seed(0))
+    gam = [min(1.0, C / _ref_norm(state, u, "B")) for u in updates]
+    assert min(gam) < 0.5, "the check has power: a client is clipped"
+    for n, a in state.adapters.items():
+        B = a.B.double() + sum(gm * (u.adapters[n].B.double() - a.B.double()) for gm, u in zip(gam, updates)) / D
+        torch.testing.assert_close(new.adapters[n].delta().dense(torch.float64), a.scale * B @ a.A.double(), atol=1e-5, rtol=0)
+        A = new.adapters[n].A.double()
+        torch.testing.assert_close(A @ A.T, torch.eye(RANK, dtype=torch.float64), atol=1e-5, rtol=0)
+        assert not torch.allclose(A, a.A.double(), atol=1e-3)
+
+
+def test_the_dp_methods_named_in_messages_are_those_with_a_dp_space():
+    from fedlora.core import available_methods
+    from fedlora.core.privacy import DP_METHODS
+    from fedlora.privacy import aggregator_state_stub
+
+    have = {m for m in available_methods() if get_aggregator(m).dp_space(aggregator_state_stub()) is not None}
+    assert set(DP_METHODS) == have
+
+
 def test_methods_without_a_mechanism_are_refused():
     state = _state()
     with pytest.raises(AggregationError, match="'hexa' has no client-level DP"):
@@ -217,6 +243,9 @@ DP = {"privacy__mode": "client", "fed__weighting": "uniform", "privacy__noise_mu
         ({"fed__mode": "centralized"}, "centralized"),
         ({"privacy__noise_multiplier": 0, "privacy__target_epsilon": 1e-4}, "cannot be met"),
         ({"fed__method": "fedsb", "privacy__mode": "local"}, "fed.method=fedsb cannot train under privacy.mode=local"),
+        ({"fed__max_update_ratio": 5}, "cannot take fed.max_update_ratio"),
+        ({"fed__personal_eval": 0.2}, "fed.personal_eval"),
+        ({"fed__method": "hexa", "privacy__mode": "local", "fed__options": "{class_aware_head: true}"}, "label counts"),
     ],
 )
 def test_settings_that_break_the_guarantee_are_refused_before_training(tiny_models, tmp_path, capsys, extra, message):
@@ -381,6 +410,40 @@ def test_dp_sgd_step_is_the_clipped_noiseless_mean_and_trains_the_weights_it_sen
     assert not any(m._forward_hooks or m._backward_hooks for m in fm.peft.modules()), "Opacus' hooks were left on the shared model"
 
 
+@pytest.mark.parametrize("z,batch_size", [(1.0, 4), (0.0, 2)], ids=["noise", "batches"])
+def test_secure_noise_draws_what_nobody_can_regenerate_from_the_config(z, batch_size):
+    """The same client trained twice from the same start, seed and examples: the run's seed fixes
+    its Poisson batches and its noise, so the two agree; with privacy.secure_noise both come from
+    the OS's entropy and the two differ, through the noise alone (z = 1, q = 1: every step takes
+    every example) and through which examples each step drew alone (z = 0, q = 1/2). Before, secure mode drew its noise from
+    torch's default generator, which the client had just seeded from the run's seed."""
+    import numpy as np
+
+    import fedlora.engine.dp_sgd as dp_sgd
+    from fedlora.config import TrainConfig
+
+    batch = _batch("bert")
+
+    class Data:
+        lengths = batch["attention_mask"].sum(1).numpy()
+
+    cfg = TrainConfig(lr=1e-2, steps=3, batch_size=batch_size, warmup_ratio=0.0)  # q = batch_size / 4
+    real, dp_sgd.collate = dp_sgd.collate, lambda data, idx, pad: {k: v[torch.as_tensor(np.sort(idx))] for k, v in batch.items()}
+    try:
+        trained = {}
+        for secure in (False, True):
+            for attempt in (0, 1):
+                fm = _tiny_fm("bert")
+                dp_sgd.train_local_dp(
+                    fm, Data(), np.arange(4), cfg, seed=0, dp=dp_sgd.LocalDP(clip=0.05, noise_multiplier=z, secure_noise=secure), pad_token_id=0
+                )
+                trained[secure, attempt] = torch.cat([p.detach().flatten() for p in fm.trainable_parameters()])
+    finally:
+        dp_sgd.collate = real
+    assert torch.equal(trained[False, 0], trained[False, 1])
+    assert not torch.allclose(trained[True, 0], trained[True, 1], atol=1e-6)
+
+
 @pytest.mark.parametrize("optimizer", [{}, {"optimizer": "sgd", "momentum": 0.9}], ids=["adamw", "sgd"])
 def test_dp_sgd_without_noise_or_clipping_trains_as_the_plain_loop_over_many_steps(optimizer):
     """z = 0, a clip that never binds, q = 1: every step sees all four examples (as two
@@ -443,6 +506,63 @@ def test_a_local_dp_run_reports_each_clients_epsilon(tiny_models, tmp_path, meth
             assert mine and mine[0]["epsilon"] == pytest.approx(eps[-1], rel=1e-9)
         assert row["epsilon"] == pytest.approx(max(eps), rel=1e-9)
     assert rows[1]["epsilon"] > rows[0]["epsilon"] > 0
+
+
+def test_a_node_whose_own_data_would_overspend_the_target_is_refused():
+    """A Flower node training on its own examples, which the server's plan (z for the target ε
+    over the planned rounds, from its partitions' sizes) never saw: at the planned size it
+    spends at most the target; with fewer examples (larger q) more, and it is refused."""
+    from fedlora.engine.train import planned_steps
+    from fedlora.privacy import plan_privacy
+
+    cfg = load_config(None, ["privacy.mode=local", "privacy.target_epsilon=3", "privacy.delta=1e-4", "fed.rounds=4", "train.batch_size=16"])
+    plan = plan_privacy(cfg, get_aggregator("fedit"), [400, 400])
+    for n in (400, 1000):
+        plan.check_local_client(n, cfg)
+        assert epsilon("rdp", plan.noise_multiplier, 16 / n, planned_steps(n, cfg.train) * 4, 1e-4) <= 3
+    assert epsilon("rdp", plan.noise_multiplier, 16 / 100, planned_steps(100, cfg.train) * 4, 1e-4) > 3
+    with pytest.raises(ConfigError, match="this node's 100 examples would spend"):
+        plan.check_local_client(100, cfg)
+    with pytest.raises(ConfigError, match="privacy.delta=0.0001 must be below"):
+        plan.check_local_client(20_000, cfg)  # δ = 1e-4 ≥ 1/n
+
+
+@pytest.mark.parametrize("failure", ["diverged", "no reply"])
+def test_a_dropped_clients_steps_still_count_in_its_epsilon(tiny_models, tmp_path, monkeypatch, failure):
+    """Local DP, client1's round-2 update dropped: sent and refused by the server (diverged), or
+    no reply (a failed or late node: it may have trained, and a late reply reaches the server).
+    Either way its ε after round 2 is the accountant's for two rounds of its steps (reference:
+    Opacus through fedlora.privacy.epsilon on q and the planned steps), and so is the run's."""
+    import fedlora.engine.simulator as simulator
+    from fedlora.engine.server import ClientResult
+    from fedlora.engine.train import planned_steps
+
+    real = simulator.Simulator.train
+
+    def train(self, job, progress=None):
+        res = real(self, job, progress)
+        if job.client.client_id == "client1" and job.round == 2:
+            if failure == "no reply":
+                return ClientResult(error="node did not reply in time")
+            u = res.update
+            res = ClientResult(
+                ClientUpdate(u.client_id, u.num_examples, {m: Adapter(a.B * 1e25, a.A, a.scale) for m, a in u.adapters.items()}, u.dense), res.stats
+            )
+        return res
+
+    monkeypatch.setattr(simulator.Simulator, "train", train)
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedit", fed__rounds=2, **LOCAL)
+    assert cli.main(["run", *over]) == 0
+    cfg = load_config(None, over)
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rows, clients = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "clients.jsonl")
+    assert rows[1]["dropped"] == 1
+    (dropped,) = [c for c in clients if "dropped" in c]
+    assert dropped["client"] == "client1" and dropped["round"] == 2
+    n = len(build_experiment(cfg).clients[1].indices)
+    want = epsilon("rdp", 1.0, min(1.0, cfg.train.batch_size / n), 2 * planned_steps(n, cfg.train), 1e-3)
+    assert dropped["epsilon"] == pytest.approx(want, rel=1e-9)
+    assert rows[1]["epsilon"] >= want
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from .config import ConfigError, RunConfig
 from .core import Aggregator
-from .core.privacy import ClientDP
+from .core.privacy import DP_METHODS, ClientDP
 
 if TYPE_CHECKING:
     from .engine.dp_sgd import LocalDP
@@ -67,14 +67,35 @@ class PrivacyPlan:
         return epsilon(self.accountant, self.noise_multiplier, self.sample_rate, rounds, self.delta)
 
     def local_epsilon(self, client_rows: list[dict], clients: set[str]) -> dict[str, float]:
-        """Local mode: the ε of each of ``clients`` over every DP-SGD step it has taken (rows of clients.jsonl)."""
+        """Local mode: the ε of each of ``clients`` over every DP-SGD step it has taken (rows of
+        clients.jsonl), those of rounds whose update was dropped included: it trained, and what it
+        sent may have reached the server."""
         steps: dict[str, int] = {}
         rate: dict[str, float] = {}
         for r in client_rows:
-            if "dropped" not in r and r.get("sample_rate") and r["client"] in clients:
+            if r.get("sample_rate") and r["client"] in clients:
                 steps[r["client"]] = steps.get(r["client"], 0) + int(r["steps"])
                 rate[r["client"]] = float(r["sample_rate"])
         return {c: epsilon(self.accountant, self.noise_multiplier, rate[c], steps[c], self.delta) for c in steps}
+
+    def check_local_client(self, n: int, cfg: RunConfig) -> None:
+        """Local mode, a client whose examples the plan did not see (a Flower node's own data):
+        ConfigError if δ ≥ 1/n, or if over the planned rounds it would spend more than the target ε."""
+        if self.local is None:
+            return
+        if self.delta >= 1 / max(n, 1):
+            raise ConfigError(f"privacy.delta={self.delta} must be below 1/n = {1 / max(n, 1):.3g} for this node's n = {n} examples")
+        target = cfg.privacy.target_epsilon
+        if target > 0:
+            from .engine.dp_sgd import sample_rate
+            from .engine.train import planned_steps
+
+            spent = epsilon(self.accountant, self.noise_multiplier, sample_rate(n, cfg.train), planned_steps(n, cfg.train) * cfg.fed.rounds, self.delta)
+            if spent > target:
+                raise ConfigError(
+                    f"this node's {n} examples would spend ε = {spent:.3g} over {cfg.fed.rounds} rounds at the noise planned on the "
+                    f"server's partitions (z = {self.noise_multiplier:.4g}), above privacy.target_epsilon={target}: give privacy.noise_multiplier instead"
+                )
 
 
 def plan_privacy(cfg: RunConfig, aggregator: Aggregator, client_sizes: list[int]) -> PrivacyPlan | None:
@@ -89,6 +110,12 @@ def plan_privacy(cfg: RunConfig, aggregator: Aggregator, client_sizes: list[int]
         raise ConfigError(f"privacy.mode={p.mode} needs privacy.noise_multiplier > 0 or privacy.target_epsilon > 0 (without noise ε is infinite)")
     if cfg.fed.eval_clients:
         raise ConfigError("fed.eval_clients reports the global model's metric on each client's training data, which the DP guarantee does not cover")
+    if cfg.fed.personal_eval:
+        raise ConfigError("fed.personal_eval reports each client's own model on examples it holds out, which the DP guarantee does not cover")
+    if aggregator._needs_label_counts():
+        raise ConfigError(
+            f"fed.method={cfg.fed.method} with class_aware_head sends each client's exact label counts, which the DP guarantee does not cover: set it false"
+        )
     if p.mode == "local":
         if not aggregator.local_dp:
             raise ConfigError(
@@ -99,7 +126,12 @@ def plan_privacy(cfg: RunConfig, aggregator: Aggregator, client_sizes: list[int]
     if cfg.fed.mode != "federated":
         raise ConfigError("privacy.mode=client protects clients of a federation; fed.mode=centralized has none (privacy.mode=local is DP-SGD)")
     if aggregator.dp_space(aggregator_state_stub()) is None:
-        raise ConfigError(f"fed.method={cfg.fed.method} has no client-level DP mechanism: use fedit, ffa, fra or fedex (docs/privacy.md says why)")
+        raise ConfigError(f"fed.method={cfg.fed.method} has no client-level DP mechanism: use {', '.join(DP_METHODS)} (docs/privacy.md says why)")
+    if cfg.fed.max_update_ratio:
+        raise ConfigError(
+            "privacy.mode=client cannot take fed.max_update_ratio: whether it drops a client depends on the others' norms (the round's median), "
+            "so one client can change the release by more than C; fed.max_update_norm decides per client and is allowed"
+        )
     if cfg.fed.weighting != "uniform":
         raise ConfigError(
             "privacy.mode=client needs fed.weighting=uniform: data-size weights let a client's share grow with its example count, which the clip C does not bound"

@@ -162,6 +162,13 @@ class Aggregator(ABC):
         (``core/privacy.py``: factors, B, dense, dense_exact), or None: no DP mechanism."""
         return None
 
+    def private_adapters(self, state: ServerState, adapters: dict[str, Adapter]) -> dict[str, Adapter]:
+        """The adapters a client-level DP round releases, from the noised ones its ``dp_space``
+        gave (``core/privacy.py``): the method's own step after the mean, if it has one. Anything
+        computed from the noised release and the public state is post-processing and keeps the
+        guarantee. By default the noised adapters as they are."""
+        return adapters
+
     def private_extra(self, state: ServerState, new: ServerState) -> dict[str, Any]:
         """The method's ``extra`` after a client-level DP round (``core/privacy.py``), which
         replaces ``_aggregate``: by default what it was."""

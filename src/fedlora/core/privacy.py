@@ -18,9 +18,10 @@ Where δ_i lives decides what noise does to each method (``Aggregator.dp_space``
     δ_i = (B_i − B, A_i − A, θ_i − θ): the parameters FedIT averages. B and A get noise
     separately; the product of two noised factors carries a cross term ξ_B·ξ_A, the noise
     amplification FFA-LoRA argues against. Transmitted rank stays r.
-``B`` (FFA-LoRA, FRA's FFA phase)
+``B`` (FFA-LoRA, FRA's FFA phase, FedSVD)
     δ_i = (B_i − B, θ_i − θ) with A frozen and shared: the noise of the product, s·ξ_B·A,
-    stays in A's r-dimensional row space and is exact (no cross term).
+    stays in A's r-dimensional row space and is exact (no cross term). FedSVD then refactors
+    the noised s·B̄·A by its SVD (``Aggregator.private_adapters``: post-processing).
 ``dense`` (FRA)
     δ_i = (s·B_i·A_i − s·B·A, θ_i − θ) per module, the product's increment, its norm computed
     from the factors (‖L·R‖_F² = Σ (LᵀL)∘(RRᵀ), never the m×n matrix). ξ is dense m×n per module,
@@ -56,7 +57,11 @@ from .factored import SVD, Factored
 from .methods.ffa import check_frozen_A
 from .state import ClientUpdate, ServerState
 
-__all__ = ["ClientDP", "DP_SPACES", "update_norm", "effective_update_norm", "private_aggregate"]
+__all__ = ["ClientDP", "DP_METHODS", "DP_SPACES", "update_norm", "effective_update_norm", "private_aggregate"]
+
+# The built-in methods with a client-level DP space (tests/test_privacy.py checks this list
+# against every registered method's ``dp_space``).
+DP_METHODS = ("fedit", "ffa", "fedsvd", "fra", "fedex", "fedsb")
 
 DP_SPACES = ("factors", "B", "dense", "dense_exact", "core")
 
@@ -112,7 +117,7 @@ def private_aggregate(aggregator: Aggregator, state: ServerState, updates: Seque
     the new state; ``state`` is untouched."""
     space = aggregator.dp_space(state)
     if space not in DP_SPACES:
-        raise AggregationError(f"method {aggregator.name!r} has no client-level DP mechanism (methods with one: fedit, ffa, fra, fedex)")
+        raise AggregationError(f"method {aggregator.name!r} has no client-level DP mechanism (the methods with one: {', '.join(DP_METHODS)})")
     split = getattr(aggregator, "split", "sqrt")
     if updates:
         aggregator.validate(state, updates)
@@ -170,5 +175,6 @@ def private_aggregate(aggregator: Aggregator, state: ServerState, updates: Seque
     }
     if space in ("dense", "dense_exact") and kept + removed > 0:
         info["dp_truncated_energy"] = removed / (kept + removed)  # of M̃; the noise's share of it is the larger part at small ε
+    adapters = aggregator.private_adapters(state, adapters)
     new = state.evolve(round=state.round + 1, adapters=adapters, base_delta=base_delta, dense=dense, info=info)
     return new.evolve(extra=aggregator.private_extra(state, new))

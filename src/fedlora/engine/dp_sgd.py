@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..config import TrainConfig
 from ..data import collate
 from ..models import FedModel
-from .seeding import derive_seed, generator
+from .seeding import derive_seed, generator, secret_generator
 from .train import TrainStats, make_optimizer, planned_steps
 
 __all__ = ["LocalDP", "train_local_dp", "sample_rate"]
@@ -64,13 +64,19 @@ def train_local_dp(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, se
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(derive_seed(seed, "dropout"))
-    batches = generator(seed, "dp-batches")
-    noise = torch.Generator().manual_seed(derive_seed(seed, "dp-noise")) if not dp.secure_noise else None
+    place = fm.placement
+    # Opacus draws the noise on the parameters' device, so the generator lives there. With
+    # secure_noise the Poisson batches and the noise come from the operating system's entropy:
+    # which examples a step used is as secret as the noise (the subsampling amplification needs it).
+    if dp.secure_noise:
+        batches, noise = secret_generator(), secret_generator(place.device)
+    else:
+        batches = generator(seed, "dp-batches")
+        noise = torch.Generator(device=place.device).manual_seed(derive_seed(seed, "dp-noise"))
     n = len(indices)
     q = sample_rate(n, cfg)
     total = planned_steps(n, cfg)
     params = fm.trainable_parameters()
-    place = fm.placement
     causal = not fm.head
     with warnings.catch_warnings():  # Opacus warns about modules it does not need to hook (frozen ones)
         warnings.simplefilter("ignore")

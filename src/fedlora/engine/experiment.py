@@ -255,15 +255,10 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     fm = FedModel(model, settings, ranks, placement, head=not causal, base_delta=cfg.model.base_delta)
     aggregator = make_aggregator(cfg, fm)
-    privacy = plan_privacy(cfg, aggregator, [len(p) for p in parts])
     if any(r != cfg.model.rank for r in ranks) and not aggregator.mixed_ranks:
         raise ConfigError(
             f"method {cfg.fed.method!r} needs every client at model.rank={cfg.model.rank}; mixed client_ranks need hexa, fedhl, flexlora, hetlora or flora"
         )
-    encode = tokenize_instruct if causal else tokenize
-    train = encode(train_text, tokenizer, cfg.model.max_length)
-    dev = encode(dev_text, tokenizer, cfg.model.max_length)
-    hist = label_histogram(train_text.labels, parts)
     clients = []
     for i, (idx, r) in enumerate(zip(parts, ranks)):
         idx, held = personal_split(np.asarray(idx), cfg.fed.personal_eval, derive_seed(cfg.seed, "personal", i))
@@ -271,6 +266,11 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
         if not task.is_regression:
             counts = torch.bincount(torch.as_tensor(train_text.labels[idx]), minlength=task.num_labels).double()
         clients.append(ClientData(client_id=f"client{i}", indices=idx, rank=r, label_counts=counts, held_out=held))
+    privacy = plan_privacy(cfg, aggregator, [len(c.indices) for c in clients])  # the examples each client trains on
+    encode = tokenize_instruct if causal else tokenize
+    train = encode(train_text, tokenizer, cfg.model.max_length)
+    dev = encode(dev_text, tokenizer, cfg.model.max_length)
+    hist = label_histogram(train_text.labels, parts)
     names = list(train_text.label_names or []) or bin_names(regression_bins(train_text.labels)[1])
     samples = []
     if causal:

@@ -32,9 +32,11 @@ from ..core.serialize import state_from_dict, state_to_dict
 from ..data.prompts import prompt_metrics
 from .checkpoint import load_checkpoint, save_checkpoint
 from .client import ClientData
+from .dp_sgd import sample_rate
 from .evaluate import evaluate, generate_answers, label_word_scores
 from .experiment import Experiment
-from .seeding import derive_seed, generator
+from .seeding import derive_seed, generator, secret_generator
+from .train import planned_steps
 
 __all__ = ["Server", "ClientJob", "ClientResult", "RoundFailed", "BYTES_PER_NUMBER"]
 
@@ -46,9 +48,7 @@ def privacy_generator(cfg, t: int) -> torch.Generator:
     with privacy.secure_noise, from the operating system's entropy (what a deployment needs:
     noise anyone can regenerate from the config protects nobody)."""
     if cfg.privacy.secure_noise:
-        import secrets
-
-        return torch.Generator().manual_seed(secrets.randbits(63))
+        return secret_generator()
     return generator(cfg.seed, t, "dp-noise")
 
 
@@ -146,8 +146,10 @@ class Server:
         k = len(self.exp.clients)
         if self.exp.privacy is not None and self.exp.privacy.client is not None:
             # Poisson sampling, what the accountant assumes: each client independently with
-            # probability q (a round may have none: its release is noise alone).
-            draws = torch.rand(k, generator=generator(self.cfg.seed, t, "sample"), dtype=torch.float64)
+            # probability q (a round may have none: its release is noise alone). With secure_noise
+            # from the OS's entropy: who took part is as secret as the noise.
+            draw = secret_generator() if self.cfg.privacy.secure_noise else generator(self.cfg.seed, t, "sample")
+            draws = torch.rand(k, generator=draw, dtype=torch.float64)
             return (draws < self.cfg.fed.fraction).nonzero().flatten().tolist()
         m = max(1, round(self.cfg.fed.fraction * k))
         return sorted(torch.randperm(k, generator=generator(self.cfg.seed, t, "sample"))[:m].tolist())
@@ -184,7 +186,7 @@ class Server:
         for job, res in zip(jobs, results, strict=True):
             if res.error is not None:
                 log.warning("round %d: %s dropped: %s", t + 1, job.client.client_id, res.error)
-                rows.append({"round": t + 1, "client": job.client.client_id, "rank": job.client.rank, "dropped": res.error})
+                rows.append({"round": t + 1, "client": job.client.client_id, "rank": job.client.rank, "dropped": res.error, **self._planned_dp(job)})
                 continue
             updates.append(res.update)
             rows.append(
@@ -264,10 +266,11 @@ class Server:
         if plan is not None and plan.client is not None:
             row["epsilon"] = plan.epsilon_after(t + 1)
         if plan is not None and plan.local is not None:  # each client's own ε; the run's is the largest so far
-            trained = {r["client"] for r in done}  # only their ε changed: one accountant call per client that trained
+            trained = {r["client"] for r in rows if r.get("sample_rate")}  # only their ε changed (dropped ones' too): one accountant call each
             per_client = plan.local_epsilon(self.client_rows + rows, trained)
-            for r in done:
-                r["epsilon"] = per_client[r["client"]]
+            for r in rows:
+                if r["client"] in per_client:
+                    r["epsilon"] = per_client[r["client"]]
             row["epsilon"] = max([*per_client.values(), self.rounds[-1].get("epsilon", 0.0) if self.rounds else 0.0])
         if plan is not None:
             row["dp_noise_multiplier"] = plan.noise_multiplier
@@ -300,11 +303,22 @@ class Server:
                 out[cid] = f"update norm {n:.4g} is more than fed.max_update_ratio={fed.max_update_ratio:g} × the round's median {median:.4g}"
         return out
 
+    def _planned_dp(self, job: ClientJob) -> dict:
+        """Local DP: a sampled client that failed may have trained (and its reply may have reached
+        the server late), so its ε counts the DP-SGD steps it was given."""
+        plan = self.exp.privacy
+        if plan is None or plan.local is None:
+            return {}
+        n = len(job.client.indices)
+        return {"steps": planned_steps(n, self.cfg.train), "sample_rate": sample_rate(n, self.cfg.train)}
+
     def _drop(self, rows: list[dict], client: str, reason: str, t: int) -> None:
         log.warning("round %d: %s dropped: %s", t + 1, client, reason)
         for i, r in enumerate(rows):
             if r["client"] == client and "dropped" not in r:
-                rows[i] = {"round": r["round"], "client": client, "rank": r["rank"], "dropped": reason}
+                # the steps it took stay: its ε counts them (local DP), whatever the server did with the update
+                spent = {k: r[k] for k in ("steps", "sample_rate") if k in r}
+                rows[i] = {"round": r["round"], "client": client, "rank": r["rank"], "dropped": reason, **spent}
 
     def accumulate_folded(self, state: ServerState) -> None:
         for name, delta in state.base_delta.items():

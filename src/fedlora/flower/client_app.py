@@ -91,6 +91,8 @@ def _client_data(local: _Local, context: Context, pid: int) -> tuple[ClientData,
         if held is not None and counts is not None:
             counts = torch.bincount(torch.as_tensor(text.labels[idx]), minlength=exp.task.num_labels).double()
         client = ClientData(client_id=exp.clients[pid].client_id, indices=idx, rank=exp.clients[pid].rank, label_counts=counts, held_out=held)
+        if exp.privacy is not None:  # the server planned the noise on its own partitions, not on these examples
+            exp.privacy.check_local_client(len(idx), exp.cfg)
         local.node_data[key] = (client, data)
     return local.node_data[key]
 

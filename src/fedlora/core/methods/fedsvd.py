@@ -33,11 +33,15 @@ class FedSVD(FFA):
 
     def _aggregate(self, state: ServerState, updates: list[ClientUpdate], p: Tensor) -> RoundOutput:
         check_frozen_A(state, updates, self.frozen_rtol)
+        return RoundOutput(adapters=per_module(lambda name: self._follow(state, name, mean_factors(module_adapters(updates, name), p)[0]), state.adapters))
 
-        def module(name: str) -> Adapter:
-            g = state.adapters[name]
-            B, _ = mean_factors(module_adapters(updates, name), p)
-            svd = Factored(g.scale * B, g.A).svd(rank=state.rank, rtol=1e-7)  # numerical zeros get a fresh init
-            return adapter_from_svd(svd, state.rank, g.scale, "B", module_generator(state.seed, state.round + 1, name))
+    def private_adapters(self, state: ServerState, adapters: dict[str, Adapter]) -> dict[str, Adapter]:
+        """Under client-level DP the noised B̄ (FFA-LoRA's space), then the same SVD: A follows
+        the noised product's row space (post-processing of the release)."""
+        return {name: self._follow(state, name, a.B) for name, a in adapters.items()}
 
-        return RoundOutput(adapters=per_module(module, state.adapters))
+    def _follow(self, state: ServerState, name: str, B: Tensor) -> Adapter:
+        """s·B·A (A this round's shared one) refactored as A' = V_rᵀ, B' = U_r·Σ_r / s."""
+        g = state.adapters[name]
+        svd = Factored(g.scale * B, g.A).svd(rank=state.rank, rtol=1e-7)  # numerical zeros get a fresh init
+        return adapter_from_svd(svd, state.rank, g.scale, "B", module_generator(state.seed, state.round + 1, name))
