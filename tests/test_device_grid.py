@@ -74,7 +74,11 @@ def test_the_grids_travel_in_two_calls_and_come_back(tmp_path):
     # A grid still running at the deadline is stopped, with its process group.
     (tmp_path / "out3").mkdir()
     slow = _bash(
-        "benchmarks/device_grid.sh", device / "repo", {**run_env, "OUT": str(tmp_path / "out3"), "DEVICE_GRIDS": "sleep 300 & wait", "DEADLINE": "25"}, "grid", timeout=120
+        "benchmarks/device_grid.sh",
+        device / "repo",
+        {**run_env, "OUT": str(tmp_path / "out3"), "DEVICE_GRIDS": "sleep 300 & wait", "DEADLINE": "25"},
+        "grid",
+        timeout=120,
     )
     assert slow.returncode == 0 and "deadline: stopped" in (tmp_path / "out3" / "grid.log").read_text()
     assert "0 cells finished here" in slow.stdout

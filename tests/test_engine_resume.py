@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,33 @@ def test_resume_with_a_different_config_is_refused_and_leaves_the_folder_alone(r
     assert err.startswith("fedlora: error:") and "different configuration" in err and "Traceback" not in err
     assert (dir_a / "config.yaml").read_text() == config_before
     assert (dir_a / "checkpoint.pt").read_bytes() == ckpt_before
+
+
+def test_a_checkpoint_of_other_modules_is_refused_and_left_alone(runs, tmp_path, capsys):
+    """A checkpoint whose adapters name modules the model does not have (a bi-encoder run written
+    before `as_siamese` dropped BERT's pooler, say) cannot resume: one line, the file untouched."""
+    cfg_a, dir_a, _, _ = runs["fedex"]
+    copy = Path(cfg_a.output_dir) / "other-modules"
+    shutil.copytree(dir_a, copy)
+    ckpt = torch.load(copy / "checkpoint.pt", weights_only=True)
+    first = next(iter(ckpt["state"]["adapters"]))
+    ckpt["state"]["adapters"]["bert.pooler.dense"] = ckpt["state"]["adapters"][first]
+    torch.save(ckpt, copy / "checkpoint.pt")
+    before = (copy / "checkpoint.pt").read_bytes()
+    over = overrides(
+        Path(cfg_a.model.name),
+        Path(cfg_a.output_dir),
+        fed__method="fedex",
+        fed__rounds=ROUNDS,
+        partition__num_clients=CLIENTS,
+        data__max_train_examples=TRAIN,
+        data__max_eval_examples=EVAL,
+        name="other-modules",
+    )
+    assert cli.main(["run", *over]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "other modules than this model has (bert.pooler.dense" in err[0], err
+    assert (copy / "checkpoint.pt").read_bytes() == before
 
 
 # ------------------------------------------------------------------------ run folder

@@ -119,12 +119,20 @@ class Server:
         ckpt = load_checkpoint(self.ckpt_path)
         if not same_results(ckpt["config"], self.cfg):
             raise ConfigError(f"{self.run_dir} holds a run with a different configuration; choose another run name or output_dir")
+        state = state_from_dict(ckpt["state"])
+        saved, here = set(state.adapters), set(self.exp.fm.layers)
+        if saved != here:  # e.g. written by a fedlora that adapted other modules of this model
+            odd = sorted(saved - here)[:3] or sorted(here - saved)[:3]
+            raise ConfigError(
+                f"{self.ckpt_path} holds adapters for other modules than this model has ({', '.join(odd)} …: {len(saved)} saved, {len(here)} here); "
+                "it cannot resume: choose another run name or output_dir"
+            )
         self.exp.fm.load_base_state(ckpt["base"])
         self.rounds, self.client_rows = ckpt["rounds"], ckpt["clients"]
         self.samples = ckpt.get("samples", [])
         self.local_state = ckpt.get("local", {})
         self.folded = {k: Factored(v["L"], v["R"]) for k, v in ckpt["folded"].items()}
-        return state_from_dict(ckpt["state"])
+        return state
 
     def checkpoint(self, state: ServerState) -> None:
         save_checkpoint(
