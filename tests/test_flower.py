@@ -141,6 +141,10 @@ def test_run_config_round_trips_lists_and_options():
         ("hexa", ["privacy.mode=local", "privacy.noise_multiplier=1.0", "privacy.delta=1e-3"]),
         ("rolora", []),  # B-rounds and A-rounds: the frozen factor must stay frozen on the node
         ("fedsvd", []),
+        (
+            "fedsvd",
+            ["fed.fraction=0.67", "privacy.mode=client", "fed.weighting=uniform", "privacy.noise_multiplier=0.3", "privacy.delta=1e-3"],
+        ),  # its SVD after the noise
         ("fedsb", []),  # round 1 fixes the frames, then nodes train only R inside them (a refused update would drop)
         ("fedsb", ["fed.fraction=0.67", "privacy.mode=client", "fed.weighting=uniform", "privacy.noise_multiplier=0.3", "privacy.delta=1e-3"]),
         ("fedsa", ["fed.personal_eval=0.25"]),  # B and head kept on the node (context.state), personal metrics
@@ -155,6 +159,7 @@ def test_run_config_round_trips_lists_and_options():
         "hexa-local-dp",
         "rolora",
         "fedsvd",
+        "fedsvd-client-dp",
         "fedsb",
         "fedsb-client-dp",
         "fedsa-personal",
