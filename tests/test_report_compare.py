@@ -112,6 +112,34 @@ def test_paired_differences_of_a_loss_lower_is_better(tmp_path):
     assert "| fedit | -1.20 ±" in table and "**ahead**" in table.split("| fedit |")[1].split("\n")[0]
     table = paired_table(results, "fedit", "best", scale=1.0)
     assert "**behind**" in table.split("| hexa |")[1].split("\n")[0]
+    # the report shows a perplexity as it is (×1): fedit's mean 71.20, not 7120
+    text = write_report(results, tmp_path / "report", "t", baseline="fedit").read_text()
+    assert "Cells: perplexity, mean" in text and "| fedit | 71.20 ±" in text and "7120" not in text
+
+
+def test_a_diverged_run_drops_out_of_its_pairs_and_cancels_no_one_elses_call(tmp_path):
+    """A method whose seed 0 diverged (NaN) listed first: its pairs run on its four finite seeds, fra − hexa (−20
+    at every seed: no spread) has no test, and hexa − fedit stays real (before, the NaN p sorted anywhere and
+    pushed every Holm p after it to 1)."""
+    from scipy.stats import ttest_rel
+
+    from fedlora.report.compare import pairwise_verdicts
+
+    for seed in range(5):
+        write_summary(tmp_path, f"compare-sst2-fra-iid-s{seed}", math.nan if seed == 0 else (HEXA[seed] - 20) / 100)
+    results = _grid(tmp_path)
+    fra = {
+        Cell("fra", "iid", s): r
+        for s in range(5)
+        for r in collect([Cell("fra", "iid", s)], None, [f"output_dir={tmp_path}", "data.task=sst2"], run=False).values()
+    }
+    results = fra | results  # fra first: before the fix its NaN sorted anywhere and pushed every Holm p to 1
+    text = pairwise_verdicts(results, "best")
+    p = ttest_rel(HEXA, FEDIT).pvalue
+    (row,) = [line for line in text.splitlines() if "| hexa − fedit |" in line]
+    assert row.startswith(f"| iid | hexa − fedit | 1.20 ± {2.776445 * math.sqrt(0.075) / math.sqrt(5):.2f} (5) | {p:.2g} |") and row.endswith("| yes |")
+    assert "(5 in iid:" in text  # the six pairs but fra − hexa
+    assert "| iid | fedit − fra | 18.75 ± 0.46 (4) |" in text  # seed 0 left out: d = 20 − (HEXA − FEDIT) at seeds 1–4
 
 
 def test_method_specs_with_config_overrides():
@@ -170,7 +198,7 @@ def test_runs_summarised_before_last_half_get_it_from_their_metrics(tmp_path):
     results = collect(cells, None, [f"output_dir={tmp_path}", "data.task=sst2"], run=False)
     assert [results[Cell("hexa", "iid", s)]["last_half"]["accuracy"] for s in (0, 1)] == pytest.approx([0.85, 0.70])
     table = paired_table(results, "fedit", "last_half")
-    assert "| hexa | 10.00 ± 0.00 (2) **ahead** |" in table  # d = [85 − 75, 70 − 60]
+    assert "| hexa | 10.00 ± 0.00 (2) |" in table  # d = [85 − 75, 70 − 60]: no spread, no test, no call (stats.py)
     text = write_report(results, tmp_path / "report", "t").read_text()
     assert text.index("## Mean over the second half of the rounds") < text.index("## Final round") < text.index("## Best over rounds")
     assert "### Paired difference from fedit (last_half)" in text
@@ -290,11 +318,34 @@ def test_privacy_tables_read_a_dp_grid_by_epsilon(tmp_path):
     assert "| method | ε = 1 (spent 0.998) | ε = ∞ (no DP) |" in privacy_tables(only_fedit, "fedit")
     assert f"| fedit | 71.00 ± {half:.2f} (3) | 81.00 ± {half:.2f} (3) |" in text
     assert f"| fedit | -10.00 ± {half:.2f} (3) **behind** | – |" in text
-    assert f"| ffa | 2.00 ± {half:.2f} (3) | -2.00 ± 0.00 (3) **behind** |" in text
+    assert f"| ffa | 2.00 ± {half:.2f} (3) | -2.00 ± 0.00 (3) |" in text  # the same −2 at every seed: no spread, no call
     assert f"| hexa[drift_beta=0] | 4.33 ± {4.302653 * math.sqrt(1 / 3) / math.sqrt(3):.2f} (3) **ahead** | – |" in text
     assert "| hexa[drift_beta=0] | 75.33 ±" in text and "| hexa[drift_beta=0] | – | – |" in text  # no DP-free hexa run: no cost, no pair
     report = write_report(results, tmp_path / "report", "dp", baseline="fedit").read_text()
     assert "## Privacy–utility" in report and "Each method minus fedit at the same ε" in report
+
+
+def test_privacy_columns_keep_local_and_client_apart_and_group_a_given_noise():
+    """Local and client DP at the same target ε are two columns (they were one: the last written won); a
+    spec that gives z instead of a target is one column over its seeds, the ε they spent in its header
+    (it was a column per seed, each ε rounded)."""
+    from fedlora.report.compare import privacy_tables
+
+    def summary(acc, eps=None):
+        r = {"primary_metric": "accuracy", "best": {"accuracy": acc}, "final": {"accuracy": acc}, "train_s": 1.0}
+        return r | ({"epsilon": eps} if eps is not None else {})
+
+    accs = {
+        "fedit": ([0.80, 0.82, 0.81], None),
+        "fedit[privacy.mode=local,privacy.target_epsilon=1]": ([0.70, 0.71, 0.72], [0.998] * 3),
+        "fedit[privacy.mode=client,privacy.target_epsilon=1]": ([0.60, 0.61, 0.59], [0.99] * 3),
+        "fedit[privacy.mode=local,privacy.noise_multiplier=1]": ([0.75, 0.74, 0.76], [2.013, 2.171, 1.954]),
+    }
+    results = {Cell(m, "iid", s): summary(a, None if eps is None else eps[s]) for m, (xs, eps) in accs.items() for s, a in enumerate(xs)}
+    text = privacy_tables(results, "fedit")
+    head = "| method | ε = 1 (mode=client) (spent 0.99) | ε = 1 (mode=local) (spent 0.998) | mode=local, noise_multiplier=1 (spent 1.95–2.17) | ε = ∞ (no DP) |"
+    assert head in text, text
+    assert "| fedit | 60.00 ± 2.48 (3) | 71.00 ± 2.48 (3) | 75.00 ± 2.48 (3) | 81.00 ± 2.48 (3) |" in text
 
 
 def test_paired_p_value_is_scipys_paired_t_test_and_holm_is_step_down():
@@ -302,14 +353,23 @@ def test_paired_p_value_is_scipys_paired_t_test_and_holm_is_step_down():
     sorted 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 → max so far 0.06."""
     from scipy.stats import ttest_rel
 
-    from fedlora.report.stats import holm, paired_p_value
+    from fedlora.report.stats import holm, paired_interval, paired_p_value
 
     a, b = dict(enumerate(HEXA)), dict(enumerate(FEDEX))
     assert paired_p_value(a, b) == pytest.approx(ttest_rel(HEXA, FEDEX).pvalue, rel=1e-12)
     assert paired_p_value(dict(enumerate(HEXA)), dict(enumerate(FEDIT))) == pytest.approx(ttest_rel(HEXA, FEDIT).pvalue, rel=1e-12)
     assert paired_p_value({0: 1.0}, {0: 0.0}) is None  # one pair: no test
-    assert paired_p_value({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0}) == 0.0 and paired_p_value({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}) == 1.0
+    # no spread (the same difference at every seed, up to round-off): no t-test
+    assert math.isnan(paired_p_value({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})) and math.isnan(paired_p_value({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}))
+    assert math.isnan(paired_p_value({0: 85.25, 1: 90.25}, {0: 85.0, 1: 90.0}))
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # a NaN (a diverged run's pair) is in nobody's family: m = 3, 0.001·3, 0.002·2, 0.003·1 → running max
+    adjusted = holm([math.nan, 0.001, 0.002, 0.003])
+    assert math.isnan(adjusted[0]) and adjusted[1:] == pytest.approx([0.003, 0.004, 0.004])
+    # and its seed leaves the pairs: the test runs on the finite differences (scipy on seeds 1, 2, 3)
+    x, y = {0: math.nan, 1: 80.0, 2: 82.0, 3: 85.0}, {0: 70.0, 1: 78.0, 2: 79.0, 3: 81.0}
+    assert paired_p_value(x, y) == pytest.approx(ttest_rel([80.0, 82.0, 85.0], [78.0, 79.0, 81.0]).pvalue, rel=1e-12)
+    assert paired_interval(x, y).n == 3
 
 
 def test_which_differences_are_real_lists_confident_pairs_better_first(tmp_path):
@@ -324,7 +384,7 @@ def test_which_differences_are_real_lists_confident_pairs_better_first(tmp_path)
     half = 2.776445 * math.sqrt(0.075) / math.sqrt(5)
     p = ttest_rel(HEXA, FEDIT).pvalue
     assert f"| iid | hexa − fedit | 1.20 ± {half:.2f} (5) | {p:.2g} | {min(1, 3 * p):.2g} | yes |" in text
-    assert "fedex −" not in text and "− fedex" not in text and "fedit − hexa" not in text and "(3 pairs)" in text
+    assert "fedex −" not in text and "− fedex" not in text and "fedit − hexa" not in text and "(3 in iid:" in text
     report = write_report(results, tmp_path / "report", "t", baseline="fedit").read_text()
     assert "## Which differences are real" in report
     lonely = {Cell("hexa", "iid", 0): results[Cell("hexa", "iid", 0)], Cell("fedit", "iid", 0): results[Cell("fedit", "iid", 0)]}

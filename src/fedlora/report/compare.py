@@ -42,6 +42,15 @@ def _lower_is_better(results: dict[Cell, dict]) -> bool:
     return next(iter(results.values()))["primary_metric"] in ("loss", "perplexity")
 
 
+def metric_scale(results: dict[Cell, dict]) -> float:
+    """100 for a fraction (accuracy, F1, a correlation: shown as points), 1 for a loss or a perplexity."""
+    return 1.0 if _lower_is_better(results) else 100.0
+
+
+def _scaled(scale: float) -> str:
+    return f" (×{scale:g})" if scale != 1 else ""
+
+
 def _fmt(iv: Interval) -> str:
     half = "n/a" if math.isnan(iv.half) else f"{iv.half:.2f}"
     return f"{iv.mean:.2f} ± {half} ({iv.n})"
@@ -90,13 +99,15 @@ def pairwise_verdicts(results: dict[Cell, dict], which: str = "last_half", scale
     lower = _lower_is_better(results)
     methods = list(dict.fromkeys(c.method for c in results))
     parts = list(dict.fromkeys(c.partition for c in results))
-    rows, tested = [], 0
+    rows, family = [], {}
     for p in parts:
         vals = {m: _values(results, which, m, p, scale) for m in methods}
         pairs = [(a, b) for i, a in enumerate(methods) for b in methods[i + 1 :]]
         stats = [(a, b, paired_interval(vals[a], vals[b]), paired_p_value(vals[a], vals[b])) for a, b in pairs]
-        stats = [(a, b, iv, pv) for a, b, iv, pv in stats if iv is not None and pv is not None]
-        tested += len(stats)
+        # pairs with a test: two or more finite differences with some spread (stats.py says why the others decide nothing)
+        stats = [(a, b, iv, pv) for a, b, iv, pv in stats if iv is not None and pv is not None and math.isfinite(pv)]
+        if stats:
+            family[p] = len(stats)
         adjusted = holm([pv for *_, pv in stats])
         for (a, b, iv, pv), adj in zip(stats, adjusted, strict=True):
             if not iv.excludes_zero():
@@ -105,13 +116,14 @@ def pairwise_verdicts(results: dict[Cell, dict], which: str = "last_half", scale
                 a, b, iv = b, a, Interval(-iv.mean, iv.half, iv.n)
             verdict = "yes" if adj < 0.05 else "no"
             rows.append(f"| {p} | {a} − {b} | {_fmt(iv)} | {pv:.2g} | {adj:.2g} | {verdict} |")
-    if tested == 0:
+    if not family:
         return "No pair of methods shares two seeds yet: no comparison.\n"
+    sizes = ", ".join(f"{m} in {p}" for p, m in family.items())
     head = (
-        f"Every pair of methods within each partition ({tested} pairs), {WHICH.get(which, which)} the metric, paired by seed; "
-        "better method first. Listed: the pairs whose 95% interval excludes zero; the last column says whether the call "
-        "survives Holm's adjustment over the partition's pairs (p < 0.05 after it). Every other pair: no difference shown "
-        "at this number of seeds.\n\n"
+        f"Every pair of methods within each partition ({sizes}: Holm's family is each partition's pairs), "
+        f"{WHICH.get(which, which)} the metric, paired by seed; better method first. Listed: the pairs whose 95% interval "
+        "excludes zero; the last column says whether the call survives Holm's adjustment over the partition's pairs "
+        "(p < 0.05 after it). Every other pair: no difference shown at this number of seeds.\n\n"
     )
     if not rows:
         return head + "No pair differs with confidence.\n"
@@ -119,16 +131,17 @@ def pairwise_verdicts(results: dict[Cell, dict], which: str = "last_half", scale
     return head + table + "\n".join(rows) + "\n"
 
 
-def _privacy_column(spec: str, summary: dict) -> tuple[str, float]:
-    """(method spec without its ``privacy.*`` options, ε of the run: the spec's target, else the ε the run
-    spent, ∞ without DP)."""
+def _privacy_column(spec: str) -> tuple[str, float | None, str]:
+    """(method spec without its ``privacy.*`` options: the row; its target ε, ∞ without DP, None
+    when the spec gives the noise instead; its other ``privacy.*`` options: mode, clip, δ, z)."""
     name, _, opts = spec.partition("[")
     items = [o for o in opts.rstrip("]").split(",") if o] if opts else []
     kept = [o for o in items if not o.startswith("privacy.")]
-    target = [float(o.split("=", 1)[1]) for o in items if o.startswith("privacy.target_epsilon=")]
-    eps = target[0] if target else summary.get("epsilon")
+    private = [o for o in items if o.startswith("privacy.")]
+    target = [float(o.split("=", 1)[1]) for o in private if o.startswith("privacy.target_epsilon=")]
+    others = ", ".join(o.removeprefix("privacy.") for o in private if not o.startswith("privacy.target_epsilon="))
     base = name + (f"[{','.join(kept)}]" if kept else "")
-    return base, math.inf if eps is None else round(float(eps), 2)
+    return base, (target[0] if target else None if private else math.inf), others
 
 
 def _span(xs: list[float]) -> str:
@@ -138,27 +151,45 @@ def _span(xs: list[float]) -> str:
 
 
 def privacy_tables(results: dict[Cell, dict], baseline: str, which: str = "final", scale: float = 100.0) -> str:
-    """A DP grid read by ε: rows = methods without their ``privacy.*`` options, columns = ε (the target, or the
-    ε spent; ∞ = no DP). Three tables: the metric (mean ± 95% interval over seeds); the cost of privacy, each
+    """A DP grid read by ε: rows = methods without their ``privacy.*`` options, columns = the target ε (with the
+    other ``privacy.*`` settings where two columns differ in them: local and client DP never share a column), or
+    the settings of a spec that gives the noise instead (the ε its runs spent in the header); ∞ = no DP. Three tables: the metric (mean ± 95% interval over seeds); the cost of privacy, each
     cell minus the same method without DP at the same seed; and each method minus ``baseline`` (its spec
     without ``privacy.*``) at the same ε and seed. Paired intervals are marked ahead / behind only where they
     exclude zero. One table per partition column of the grid, side by side in the rows' labels."""
     metric = next(iter(results.values()))["primary_metric"]
     lower = _lower_is_better(results)
-    values: dict[tuple[str, str, float], dict[int, float]] = {}
-    spent: dict[float, list[float]] = {}
+    NO_DP = "ε = ∞ (no DP)"
+    values: dict[tuple[str, str, str], dict[int, float]] = {}  # (row, partition, column) → {seed: value}
+    spent: dict[str, list[float]] = {}
+    target_of: dict[str, float | None] = {}
+    columns = {_privacy_column(c.method)[1:] for c in results}
+    # a column is its target ε; the other privacy options join its label only where columns differ in them
+    shared = len({o for e, o in columns if e is not None and e != math.inf}) <= 1
     for c, r in results.items():
         if metric not in r.get(which, {}):
             continue
-        base, eps = _privacy_column(c.method, r)
-        values.setdefault((base, c.partition, eps), {})[c.seed] = r[which][metric] * scale
-        if r.get("epsilon") is not None:
-            spent.setdefault(eps, []).append(float(r["epsilon"]))
+        base, eps, others = _privacy_column(c.method)
+        if eps == math.inf:
+            col = NO_DP
+        elif eps is None:  # the noise given, not a target ε: the column is those settings (ε spent in its header)
+            col = others
+        else:
+            col = f"ε = {eps:g}" + ("" if shared else f" ({others})")
+        values.setdefault((base, c.partition, col), {})[c.seed] = r[which][metric] * scale
+        if r.get("epsilon") is not None and eps != math.inf:
+            spent.setdefault(col, []).append(float(r["epsilon"]))
+        target_of[col] = eps
+
+    def order(col: str) -> tuple[float, str]:  # by the target ε, else by the mean ε its runs spent; no DP last
+        eps = target_of[col]
+        return (eps if eps is not None else sum(spent[col]) / len(spent[col]) if col in spent else math.inf, col)
+
     bases = list(dict.fromkeys(k[0] for k in values))
     parts = list(dict.fromkeys(k[1] for k in values))
-    epsilons = sorted({k[2] for k in values})
-    ref = _privacy_column(baseline, {})[0]
-    heads = [("ε = ∞ (no DP)" if e == math.inf else f"ε = {e:g}") + (f" (spent {_span(spent[e])})" if e in spent else "") for e in epsilons]
+    epsilons = sorted({k[2] for k in values}, key=order)
+    ref = _privacy_column(baseline)[0]
+    heads = [col + (f" (spent {_span(spent[col])})" if col in spent else "") for col in epsilons]
 
     def table(label: str, cell) -> str:
         lines = [f"| {label} | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
@@ -168,16 +199,16 @@ def privacy_tables(results: dict[Cell, dict], baseline: str, which: str = "final
                 lines.append(f"| {row} | " + " | ".join(cell(b, p, e) for e in epsilons) + " |")
         return "\n".join(lines) + "\n"
 
-    def mean_cell(b: str, p: str, e: float) -> str:
+    def mean_cell(b: str, p: str, e: str) -> str:
         xs = values.get((b, p, e))
         return _fmt(mean_interval(list(xs.values()))) if xs else "–"
 
     def paired_cell(x: dict[int, float] | None, y: dict[int, float] | None) -> str:
         return _paired_cell(paired_interval(x, y) if x and y else None, lower)
 
-    text = f"{WHICH.get(which, which).capitalize()} {metric} (×{scale:g}) by ε:\n\n" + table("method", mean_cell)
+    text = f"{WHICH.get(which, which).capitalize()} {metric}{_scaled(scale)} by ε:\n\n" + table("method", mean_cell)
     text += "\nThe cost of privacy: each ε minus the same method without DP, paired by seed:\n\n"
-    text += table("method", lambda b, p, e: "–" if e == math.inf else paired_cell(values.get((b, p, e)), values.get((b, p, math.inf))))
+    text += table("method", lambda b, p, e: "–" if e == NO_DP else paired_cell(values.get((b, p, e)), values.get((b, p, NO_DP))))
     text += f"\nEach method minus {ref} at the same ε, paired by seed:\n\n"
     text += table(f"method − {ref}", lambda b, p, e: "–" if b == ref else paired_cell(values.get((b, p, e)), values.get((ref, p, e))))
     return text
@@ -216,19 +247,20 @@ def plot_grid(results: dict[Cell, dict], which: str, path: Path) -> None:
     metric = next(iter(results.values()))["primary_metric"]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(methods) * len(parts) / 2 + 3), 4.0))
     width = 0.8 / len(parts)
+    scale = metric_scale(results)
     for j, p in enumerate(parts):
         mus, halves = [], []
         for m in methods:
-            xs = list(_values(results, which, m, p, 100.0).values())
+            xs = list(_values(results, which, m, p, scale).values())
             iv = mean_interval(xs) if xs else Interval(float("nan"), 0.0, 0)
             mus.append(iv.mean)
             halves.append(0.0 if math.isnan(iv.half) else iv.half)
         ax.bar(np.arange(len(methods)) + j * width, mus, width, yerr=halves, capsize=2, label=p)
     ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2)
     ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(f"{WHICH.get(which, which)} {metric} (×100), 95% interval", fontsize=8)
-    finite = [r[which][metric] * 100 for r in results.values() if metric in r[which]]
-    if finite:
+    ax.set_ylabel(f"{WHICH.get(which, which)} {metric}{_scaled(scale)}, 95% interval", fontsize=8)
+    finite = [r[which][metric] * scale for r in results.values() if metric in r[which] and math.isfinite(r[which][metric])]
+    if finite and scale == 100:  # points of a fraction: the axis from just below the lowest bar, at most to 100
         ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 3))
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
@@ -261,8 +293,9 @@ def plot_round_curves(results: dict[Cell, dict], path: Path) -> None:
     parts = list(dict.fromkeys(c.partition for c in results))
     metric = next(iter(results.values()))["primary_metric"]
     fig, axes = plt.subplots(1, len(parts), figsize=(4.6 * len(parts), 3.8), squeeze=False, sharey=True)
+    scale = metric_scale(results)
     for ax, p in zip(axes[0], parts):
-        for m, (rounds, ivs) in round_bands(results, p).items():
+        for m, (rounds, ivs) in round_bands(results, p, scale).items():
             mean = [iv.mean for iv in ivs]
             line = ax.plot(rounds, mean, marker="o", markersize=2.5, label=f"{m} (n={ivs[0].n})")[0]
             if ivs[0].n > 1:
@@ -271,7 +304,7 @@ def plot_round_curves(results: dict[Cell, dict], path: Path) -> None:
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{metric} (×100), mean over seeds, 95% band", fontsize=8)
+    axes[0][0].set_ylabel(f"{metric}{_scaled(scale)}, mean over seeds, 95% band", fontsize=8)
     axes[0][-1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -288,32 +321,35 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
         baseline = "fedit" if "fedit" in methods else methods[0]
     elif baseline not in methods:
         raise ConfigError(f"--baseline {baseline!r} is not one of the grid's methods ({', '.join(methods)})")
+    scale = metric_scale(results)
+    metric = next(iter(results.values()))["primary_metric"]
     note = (
-        "Cells: mean ± half-width of the 95% interval (Student's t over seeds; n in brackets). "
+        f"Cells: {metric}{_scaled(scale)}, mean ± half-width of the 95% interval (Student's t over seeds; n in brackets). "
         f"Differences: each method minus {baseline} at the same seed (same partition, data and batches), "
-        "called ahead or behind only where the interval excludes zero.\n"
+        "called ahead or behind where that one interval excludes zero (unadjusted: with many comparisons some such calls "
+        'are chance; "Which differences are real" adjusts for them).\n'
     )
     text = f"# {title}\n\n{note}"
     text += (
-        "Three measures of each run: the mean over the second half of its rounds (first: under label skew a federated "
-        "model swings from round to round, and this averages the swing away), the final round, and the best round "
-        "(optimistic: a maximum chosen on the evaluation set itself).\n"
+        "Three measures of each run: the mean over the second half of its evaluated rounds (first: under label skew a "
+        "federated model swings from round to round, and this averages the swing away), the final round, and the best "
+        "round (optimistic: a maximum chosen on the evaluation set itself).\n"
     )
     primary = "last_half" if all("last_half" in r for r in results.values()) else "final"
-    text += "\n## Which differences are real\n\n" + pairwise_verdicts(results, primary)
+    text += "\n## Which differences are real\n\n" + pairwise_verdicts(results, primary, scale)
     for which, heading in (("last_half", "Mean over the second half of the rounds"), ("final", "Final round"), ("best", "Best over rounds")):
         if which == "last_half" and not any("last_half" in r for r in results.values()):
             continue
-        text += f"\n## {heading}\n\n" + markdown_table(results, which)
-        text += f"\n### Paired difference from {baseline} ({which})\n\n" + paired_table(results, baseline, which)
+        text += f"\n## {heading}\n\n" + markdown_table(results, which, scale)
+        text += f"\n### Paired difference from {baseline} ({which})\n\n" + paired_table(results, baseline, which, scale)
     if any("personal_final" in r for r in results.values()):
         text += (
             "\n## Personalised models, final round\n\nEach client's own model (FedSA-LoRA keeps B and the head on the client) "
             "on examples of its own held out of its training (`fed.personal_eval`), the mean weighted by their number: what "
             "FedSA-LoRA's published figures are, not one global model. Runs without personal evaluation show –.\n\n"
-        ) + markdown_table(results, "personal_final")
+        ) + markdown_table(results, "personal_final", scale)
     if any(r.get("epsilon") is not None for r in results.values()):
-        text += ("\n## Privacy–utility\n\nThe final round's model is the one whose ε is accounted. ") + privacy_tables(results, baseline, "final")
+        text += ("\n## Privacy–utility\n\nThe final round's model is the one whose ε is accounted. ") + privacy_tables(results, baseline, "final", scale)
     text += "\n## Compute per run (mean)\n\n" + compute_table(results)
     atomic_write_text(out_dir / "results.md", text)
     rows = [
@@ -339,19 +375,30 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
 
 
 def plot_epsilon_grid(results: dict[Cell, dict], path: Path) -> None:
-    """Final metric against the ε each run spent, one line per method (its cells without DP at
-    ε = ∞), means over seeds: the privacy–utility curve of a DP grid."""
+    """Final metric against ε (the spec's target, else what its runs spent), one line per method and
+    privacy setting (its cells without DP at ε = ∞), means over seeds: the privacy–utility curve."""
     from .plots import plot_against_epsilon
 
     metric = next(iter(results.values()))["primary_metric"]
-    points: dict[tuple[str, str], dict[float, list[float]]] = {}
+    scale = metric_scale(results)
+    # a line per method spec without its target ε (its other privacy settings kept: local and client DP are two
+    # lines); the spec's run without DP is the ε = ∞ point of each of its lines
+    private: dict[tuple[str, str, str], dict[float, list[float]]] = {}
+    plain: dict[tuple[str, str], list[float]] = {}
     for c, r in results.items():
-        base = c.method.split("[", 1)[0]
-        eps = r.get("epsilon")
-        key = (base, c.partition)
-        points.setdefault(key, {}).setdefault(round(eps, 2) if eps is not None else math.inf, []).append(r["final"][metric] * 100)
+        base, target, others = _privacy_column(c.method)
+        value = r["final"][metric] * scale
+        if target == math.inf:
+            plain.setdefault((base, c.partition), []).append(value)
+        elif target is not None or r.get("epsilon") is not None:  # at its target ε (the seeds' spent ε differ a little), else the ε spent
+            x = target if target is not None else round(float(r["epsilon"]), 2)
+            private.setdefault((base, others, c.partition), {}).setdefault(x, []).append(value)
+    several = len({p for *_, p in private}) > 1
     curves = {}
-    for (base, part), by_eps in points.items():
+    for (base, others, part), by_eps in private.items():
+        if (base, part) in plain:
+            by_eps = {**by_eps, math.inf: plain[(base, part)]}
         eps = sorted(by_eps)
-        curves[base if len({p for _, p in points}) == 1 else f"{base} ({part})"] = (eps, [sum(by_eps[e]) / len(by_eps[e]) for e in eps])
-    plot_against_epsilon(curves, f"final {metric} (×100), mean over seeds", "privacy–utility", path)
+        label = base + (f" [{others}]" if len({o for _, o, _ in private}) > 1 else "") + (f" ({part})" if several else "")
+        curves[label] = (eps, [sum(by_eps[e]) / len(by_eps[e]) for e in eps])
+    plot_against_epsilon(curves, f"final {metric}{_scaled(scale)}, mean over seeds", "privacy–utility", path)

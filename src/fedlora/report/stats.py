@@ -10,6 +10,11 @@ partition and data subset a seed draws), which is most of it under label skew.
 Many comparisons at once (every pair of ten methods is 45) make some intervals exclude zero by
 chance; :func:`holm` adjusts their p-values (Holm 1979: sort p_(1) ≤ … ≤ p_(m), p̃_(k) =
 max_{j≤k} min(1, (m − j + 1)·p_(j))), which bounds the chance of any false call at 5%.
+
+Two cases decide nothing: a seed whose difference is not finite (a diverged run's NaN metric) is
+left out of the pairs (n says how many remain), and differences with no spread (every seed the same
+difference, as a 0.25-point step of a small dev set can give) have no t-test: p is NaN, the
+interval has zero width and excludes nothing, and NaN p-values stay out of Holm's family.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class Interval:
         return self.mean + self.half
 
     def excludes_zero(self) -> bool:
-        return self.n > 1 and (self.low > 0 or self.high < 0)
+        return self.n > 1 and self.half > 0 and (self.low > 0 or self.high < 0)
 
 
 def mean_interval(xs: Sequence[float], level: float = 0.95) -> Interval:
@@ -48,41 +53,53 @@ def mean_interval(xs: Sequence[float], level: float = 0.95) -> Interval:
     mean = sum(xs) / n
     if n == 1:
         return Interval(mean, math.nan, 1)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    sd = _sd(xs, mean)
     return Interval(mean, float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n), n)
 
 
+def _sd(xs: Sequence[float], mean: float) -> float:
+    """The sample standard deviation, 0 where the spread is round-off of equal values."""
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    return 0.0 if sd <= 1e-9 * max(1.0, abs(mean)) else sd
+
+
+def _differences(method: Mapping[int, float], baseline: Mapping[int, float]) -> list[float]:
+    """method − baseline at each seed both have, the non-finite ones left out."""
+    d = [method[s] - baseline[s] for s in sorted(set(method) & set(baseline))]
+    return [x for x in d if math.isfinite(x)]
+
+
 def paired_interval(method: Mapping[int, float], baseline: Mapping[int, float], level: float = 0.95) -> Interval | None:
-    """The interval of method − baseline over the seeds both have; None when they share none."""
-    seeds = sorted(set(method) & set(baseline))
-    if not seeds:
-        return None
-    return mean_interval([method[s] - baseline[s] for s in seeds], level)
+    """The interval of method − baseline over the seeds both have with a finite difference; None
+    when there are none."""
+    d = _differences(method, baseline)
+    return mean_interval(d, level) if d else None
 
 
 def paired_p_value(method: Mapping[int, float], baseline: Mapping[int, float]) -> float | None:
-    """Two-sided p-value of the paired t-test of method − baseline over their shared seeds: t =
-    d̄/(s_d/√n) on n − 1 degrees of freedom. None with fewer than two pairs; 1 when every difference is 0,
-    0 when they are equal and not 0 (no spread: the sign is certain)."""
+    """Two-sided p-value of the paired t-test of method − baseline over their shared seeds (finite
+    differences): t = d̄/(s_d/√n) on n − 1 degrees of freedom. None with fewer than two pairs; NaN
+    when the differences have no spread (no test: see the module's docstring)."""
     from scipy.stats import t
 
-    seeds = sorted(set(method) & set(baseline))
-    if len(seeds) < 2:
+    d = _differences(method, baseline)
+    if len(d) < 2:
         return None
-    d = [method[s] - baseline[s] for s in seeds]
     n = len(d)
     mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    sd = _sd(d, mean)
     if sd == 0:
-        return 1.0 if mean == 0 else 0.0
+        return math.nan
     return float(2 * t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values, in the input's order."""
-    m = len(p_values)
-    order = sorted(range(m), key=lambda i: p_values[i])
-    adjusted = [0.0] * m
+    """Holm's step-down adjusted p-values, in the input's order; the family is the finite ones
+    (a NaN stays NaN and counts in no one's m)."""
+    finite = [i for i, p in enumerate(p_values) if math.isfinite(p)]
+    m = len(finite)
+    order = sorted(finite, key=lambda i: p_values[i])
+    adjusted = [math.nan] * len(p_values)
     running = 0.0
     for rank, i in enumerate(order):
         running = max(running, min(1.0, (m - rank) * p_values[i]))
