@@ -47,3 +47,28 @@ def test_plot_metric_writes_a_png(tmp_path):
     ]
     plot_metric(rows, "eval_accuracy", "hexa on sst2", tmp_path / "metrics.png")
     assert is_png(tmp_path / "metrics.png")
+
+
+@pytest.mark.parametrize("first", ["nan", "finite"])
+def test_a_diverged_round_is_never_the_best(first):
+    """STS-B's Pearson is NaN for a model whose predictions diverged. max() over rounds with a NaN
+    kept or skipped it depending on where it stood; the best round is the best finite one, wherever
+    the NaN round is."""
+    import math
+    from types import SimpleNamespace as NS
+
+    from fedlora.engine.run import summarise
+
+    exp = NS(
+        task=NS(name="stsb", primary_metric="pearson", lower_is_better=False),
+        cfg=NS(fed=NS(mode="federated", method="fedit"), partition=NS(scheme="iid", alpha=0.5), seed=0),
+        fm=NS(placement=NS(describe=lambda: "cpu")),
+        privacy=None,
+    )
+    values = [math.nan, 0.5, 0.7] if first == "nan" else [0.5, math.nan, 0.7]
+    rows = [
+        {"round": i, "eval_pearson": v, "train_s": 1.0, "aggregate_s": 0.0, "fold_s": 0.0, "bytes_down": 0, "bytes_up": 0}
+        for i, v in enumerate(values, start=1)
+    ]
+    summary = summarise(exp, rows)
+    assert summary["best"]["pearson"] == 0.7 and summary["best_round"] == 3

@@ -4,6 +4,7 @@ metrics, plots, the summary and the final peft adapter."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -58,7 +59,9 @@ def summarise(exp: Experiment, rows: list[dict[str, Any]]) -> dict[str, Any]:
     evaluated = [r for r in rows if primary in r]
     final = evaluated[-1] if evaluated else {}
     pick_best = min if exp.task.lower_is_better else max
-    best = pick_best(evaluated, key=lambda r: r[primary]) if evaluated else {}
+    # a round whose metric is NaN (a diverged model's Pearson) is never the best; max() would keep or skip it by position
+    scored = [r for r in evaluated if math.isfinite(r[primary])] or evaluated
+    best = pick_best(scored, key=lambda r: r[primary]) if scored else {}
     # fed.personal_eval: each client's own model on its held-out examples, weighted by their number
     own = [{k[9:]: v for k, v in r.items() if k.startswith("personal_") and k != "personal_n"} for r in rows]
     own = [o for o in own if o]
