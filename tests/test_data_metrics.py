@@ -85,3 +85,28 @@ def test_shape_errors():
 def test_primary_metric():
     assert [primary_metric(t) for t in ("cola", "stsb", "mrpc", "sst2")] == ["mcc", "pearson", "accuracy", "accuracy"]
     assert primary_metric(get_task("MNLI-mm")) == "accuracy"
+
+
+def test_a_file_tasks_macro_f1_is_sklearns():
+    """A user's 3-class file task reports accuracy and macro F1 (it reported accuracy alone: the
+    scorer skipped the name it did not know). Reference: F1 per class by hand, then their mean."""
+    from fedlora.config import load_config
+    from fedlora.engine.experiment import file_task
+
+    spec = file_task(load_config(None, ["data.task=file", "data.text_columns=[text]"]), ["a", "b", "c"])
+    gold = np.array([0, 0, 1, 1, 2, 2, 2, 0])
+    pred = np.array([0, 1, 1, 1, 2, 0, 2, 0])
+    f1 = []
+    for c in range(3):
+        tp, fp, fn = ((pred == c) & (gold == c)).sum(), ((pred == c) & (gold != c)).sum(), ((pred != c) & (gold == c)).sum()
+        f1.append(2 * tp / (2 * tp + fp + fn))
+    got = compute_metrics(spec, pred, gold)
+    assert got["accuracy"] == pytest.approx(6 / 8) and got["f1_macro"] == pytest.approx(sum(f1) / 3)
+
+
+def test_a_metric_without_a_scorer_is_an_error_not_a_missing_key():
+    from fedlora.data.tasks import TaskSpec
+
+    spec = TaskSpec("mine", "", ("text",), ("a", "b"), ("accuracy", "auroc"), "accuracy", "")
+    with pytest.raises(DataError, match="no scorer for metric 'auroc'"):
+        compute_metrics(spec, np.array([0, 1]), np.array([0, 1]))

@@ -65,3 +65,13 @@ def test_sgd_takes_the_hand_computed_heavy_ball_steps(momentum):
 def test_optimizer_settings_that_make_no_sense_are_refused(settings, named):
     with pytest.raises(ConfigError, match=named):
         load_config(None, settings)
+
+
+def test_a_client_without_examples_is_an_error_not_an_endless_loop():
+    """The loop runs until it has taken its planned steps (≥ 1); over no examples it would never get one."""
+    from fedlora.config import TrainConfig
+    from fedlora.engine.train import planned_steps
+
+    with pytest.raises(ValueError, match="no examples"):
+        planned_steps(0, TrainConfig())
+    assert planned_steps(1, TrainConfig(batch_size=8, epochs=2)) == 2

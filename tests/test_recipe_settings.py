@@ -59,19 +59,21 @@ def test_holdout_min_words_holds_out_whole_sentences_and_their_phrases(tiny_mode
         padded = [f" {' '.join(t.split())} " for t in held.text_a]
         assert not [t for t in train.text_a if any(f" {' '.join(t.split())} " in h for h in padded)]
         held_sets.append(held.text_a)
+    # and no held-out sentence is a phrase cut from a longer example (whose sentence would stay in training)
+    longer = [f" {' '.join(t.split())} " for t in full.text_a if words(t) > 15]
+    assert not [h for h in padded if any(h in t and h != t for t in longer)]
     assert held_sets[0] == held_sets[1]
     # ... and those phrases exist in SST-2's training set: the rule removes something
     padded = [f" {' '.join(t.split())} " for t in held_sets[0]]
     cut = [t for t in full.text_a if t not in held_sets[0] and any(f" {' '.join(t.split())} " in h for h in padded)]
     assert len(cut) > len(held_sets[0])
-    eligible = sum(words(t) >= 15 for t in full.text_a)
     cfg = load_config(
         None,
         overrides(
-            tiny_models["bert"], tmp_path, data__task="sst2", data__eval_split="holdout", data__holdout_examples=eligible + 1, data__holdout_min_words=15
+            tiny_models["bert"], tmp_path, data__task="sst2", data__eval_split="holdout", data__holdout_examples=len(full) - 1, data__holdout_min_words=15
         ),
     )
-    with pytest.raises(ConfigError, match=f"{eligible} with ≥ 15 words"):
+    with pytest.raises(ConfigError, match=r"the training set has \d+ whole sentences with ≥ 15 words"):
         load_datasets(cfg)
 
 

@@ -225,6 +225,21 @@ def test_compute_per_run_never_averages_two_machines():
     assert compute_table(results).splitlines()[2].split(" | ")[3:5] == ["200", "100"]
 
 
+def test_a_grid_trained_at_two_precisions_says_so(tmp_path):
+    """precision auto picks bf16 or fp32 per machine (and per process, by a timing probe): a report
+    whose runs differ in it says so before its tables."""
+    results = _grid(tmp_path)
+    for r in results.values():
+        r["hardware"] = "cpu: X, fp32"
+    text = write_report(results, tmp_path / "one", "t").read_text()
+    assert "more than one precision" not in text
+    for c, r in results.items():
+        if c.seed == 0:
+            r["hardware"] = "cuda: H, bf16"
+    text = write_report(results, tmp_path / "two", "t").read_text()
+    assert "**The runs trained at more than one precision (bf16: 3 runs, fp32: 12 runs):**" in text
+
+
 def test_status_lists_each_run_and_the_compute_left(tmp_path):
     """`--status`: finished, stopped after some rounds, not started, and a folder of another
     configuration, each named; the estimate is the rounds left × the finished runs' seconds per round."""

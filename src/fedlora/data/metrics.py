@@ -75,4 +75,8 @@ def compute_metrics(task_spec: TaskSpec | str, predictions, labels) -> dict[str,
             out[name] = float(accuracy_score(gold, pred))
         elif name == "f1":  # positive class = 1 (equivalent / duplicate)
             out[name] = float(f1_score(gold, pred, pos_label=1, average="binary", zero_division=0))
+        elif name == "f1_macro":  # a user's file task: every class counts the same, however rare
+            out[name] = float(f1_score(gold, pred, average="macro", zero_division=0))
+        else:
+            raise DataError(f"{spec.name}: no scorer for metric {name!r}")
     return out

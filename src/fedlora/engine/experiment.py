@@ -109,8 +109,9 @@ def holdout_split(full, holdout: int, max_train: int, seed: int, min_words: int 
     sweeps tune on, so the dev set stays unseen until the final runs.
 
     ``min_words`` > 0 holds out whole sentences: the held-out examples are drawn only among those
-    of at least that many words, and every training example whose words are a contiguous span of a
-    held-out sentence leaves the training pool. SST-2 is the case in point: its training set is
+    of at least that many words that are no contiguous span of a longer example (a phrase of a
+    sentence still in training would be half seen), and every training example whose words are a
+    contiguous span of a held-out sentence leaves the training pool. SST-2 is the case in point: its training set is
     mostly phrases cut from its sentences (each labelled), its dev set full sentences; a held-out
     set of phrases judges recipes on the wrong distribution, and a held-out sentence whose phrases
     are still trained on is half seen (an 8,000 → 12,000-example sweep scored 3 points above dev
@@ -121,8 +122,19 @@ def holdout_split(full, holdout: int, max_train: int, seed: int, min_words: int 
     else:
         counts = np.array([len(w) for w in words])
     eligible = np.flatnonzero(counts >= min_words)
+    whole = min_words and full.text_b is None
+    if whole:
+        # Whole sentences only: an example that is a contiguous span of a longer one is a phrase cut from
+        # it (SST-2 labels its sentences' phrases too), and holding it out would leave its sentence in training.
+        candidates = {" ".join(words[k]) for k in eligible}
+        inside = set()
+        for w in words:
+            if len(w) > min_words:
+                for size in range(min_words, len(w)):
+                    inside.update(c for c in (" ".join(w[i : i + size]) for i in range(len(w) - size + 1)) if c in candidates)
+        eligible = np.array([k for k in eligible if " ".join(words[k]) not in inside], dtype=np.int64)
     if holdout >= len(full) or holdout > len(eligible):
-        what = f"{len(eligible)} with ≥ {min_words} words" if min_words else f"{len(full)} examples"
+        what = f"{len(eligible)} {'whole sentences' if whole else 'examples'} with ≥ {min_words} words" if min_words else f"{len(full)} examples"
         raise ConfigError(f"data.holdout_examples={holdout} leaves nothing to train on: the training set has {what}")
     chosen = eligible[np.random.default_rng(20261127).permutation(len(eligible))[:holdout]]
     rest = np.setdiff1d(np.arange(len(full)), chosen)

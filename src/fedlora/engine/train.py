@@ -39,7 +39,10 @@ class TrainStats:
 
 
 def planned_steps(num_examples: int, cfg: TrainConfig) -> int:
-    """Optimiser steps for one round of local training on ``num_examples``."""
+    """Optimiser steps for one round of local training on ``num_examples`` (≥ 1: the partitions and
+    the personal split never leave a client empty, and the loop over no batches would never end)."""
+    if num_examples < 1:
+        raise ValueError("a client with no examples cannot train")
     if cfg.steps > 0:
         return cfg.steps
     per_epoch = math.ceil(num_examples / cfg.batch_size)

@@ -330,6 +330,14 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
         'are chance; "Which differences are real" adjusts for them).\n'
     )
     text = f"# {title}\n\n{note}"
+    precisions: dict[str, int] = {}
+    for r in results.values():
+        hw = r.get("hardware", "")
+        if ", " in hw:  # "cpu: <model>, fp32": the arithmetic the run trained in
+            precisions[hw.rsplit(", ", 1)[1]] = precisions.get(hw.rsplit(", ", 1)[1], 0) + 1
+    if len(precisions) > 1:
+        counts = ", ".join(f"{k}: {n} runs" for k, n in sorted(precisions.items()))
+        text += f"**The runs trained at more than one precision ({counts}):** the tables pool them, pairs included.\n"
     text += (
         "Three measures of each run: the mean over the second half of its evaluated rounds (first: under label skew a "
         "federated model swings from round to round, and this averages the swing away), the final round, and the best "
