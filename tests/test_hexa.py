@@ -71,6 +71,39 @@ def test_fold_start_is_exactly_the_global_model(rslora):
             assert ref.rel_err(P(a), g.scale * ref.d(g.B[:, :r]) @ ref.d(g.A[:r])) < 1e-6
 
 
+@pytest.mark.parametrize("rank", [4, R])
+def test_a_client_training_its_start_in_place_leaves_the_server_alone(rank):
+    """The start is the client's to train: A, the tail and the head are copies, not views of the
+    server's state (a client that edited them in place moved the global model)."""
+    agg = get_aggregator("hexa")
+    state = random_global(agg, dense={"head.weight": torch.ones(2, 3)})
+    before = {n: (g.B.clone(), g.A.clone()) for n, g in state.adapters.items()}
+    start = agg.client_start(state, rank)
+    for name, a in start.adapters.items():
+        a.A.add_(1.0)
+        a.B.add_(1.0)
+        if name in start.base_delta:
+            start.base_delta[name].R.add_(1.0)
+    start.dense["head.weight"].add_(1.0)
+    for name, g in state.adapters.items():
+        assert torch.equal(g.B, before[name][0]) and torch.equal(g.A, before[name][1])
+    assert torch.equal(state.dense["head.weight"], torch.ones(2, 3))
+
+
+def test_updates_that_cancel_leave_the_base_weights():
+    """Δ̄ = 0 (one client +E, one −E, one idle): there is no consensus to drift from, so every d_i = 0
+    and the weights are the base ones (they handed the idle client everything, or NaN when scaled)."""
+    agg = get_aggregator("hexa", weighting="uniform")
+    state = random_global(agg, shapes={"q": (8, 6)}, rank=4)
+    g = state.adapters["q"]
+    E = 0.5 * torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    for size in (1.0, 1e5):
+        updates = [ClientUpdate(f"c{i}", 10, {"q": Adapter(g.B + sign * size * E, g.A.clone(), g.scale)}) for i, sign in enumerate((1.0, -1.0, 0.0))]
+        new = agg.aggregate(state, updates)
+        assert new.info["drift"] == [0.0, 0.0, 0.0]
+        assert new.info["hexa_weights"] == pytest.approx([1 / 3] * 3)
+
+
 def test_truncate_start_drops_the_tail():
     agg = get_aggregator("hexa", mixed_ranks="truncate")
     state = random_global(agg)
@@ -337,6 +370,23 @@ def test_server_momentum_is_fedavgm_on_the_exact_aggregate(restart, mu):
     # a round without momentum is a different model: the test can tell them apart
     plain = momentum_rounds(get_aggregator("hexa", restart=restart))[1]
     assert ref.rel_err(plain[-1][0]["q"], want[-1][0]["q"]) > 1e-2
+
+
+def test_server_momentum_buffer_is_exact_when_the_round_moves_little():
+    """A round that moves the model by ≈ 3e-5 of the global product: the first buffer v_1 = Δ_1 =
+    Σ p_i·ΔW_i − G (dense float64) to 1e-5 relative (≈ 4e-7 measured). Built from the stacked products,
+    whose float32 round-off is of ‖G‖'s size, it was off by 7e-3 here; from the differences B̃_i − B₀
+    and Ā − A₀ it is not (equal ranks: a mixed-rank client's B_i·s_i/s is itself rounded to float32
+    at ‖G‖'s scale)."""
+    agg = get_aggregator("hexa", server_momentum=0.5)
+    state = random_global(agg)
+    _, ups = client_round(agg, state, [R] * 4, NS, seed=5, noise=1e-5)
+    new = agg.aggregate(state, ups)
+    p = new.info["hexa_weights"]
+    for n in MIXED_SHAPES:
+        step = ref.weighted_sum([hand_delta(state, u)[n] for u in ups], p) - P(state.adapters[n])
+        assert ref.frob(step) < 1e-4 * ref.frob(P(state.adapters[n]))  # the round moves little
+        assert ref.rel_err(fdense(new.extra["momentum"][n]), step) < 1e-5
 
 
 def test_server_momentum_survives_serialisation():

@@ -64,12 +64,13 @@ class Adapter:
         return Adapter(self.B * (self.scale / scale), self.A, scale)
 
     def head(self, rank: int, scale: float) -> Adapter:
-        """The first ``rank`` components, re-expressed at scaling ``scale``."""
-        return Adapter(self.B[:, :rank] * (self.scale / scale), self.A[:rank], scale)
+        """The first ``rank`` components, re-expressed at scaling ``scale`` (copies: a client may
+        train them in place)."""
+        return Adapter(self.B[:, :rank] * (self.scale / scale), self.A[:rank].clone(), scale)
 
     def tail(self, rank: int) -> Factored:
-        """s·B[:, rank:]·A[rank:], the part :meth:`head` leaves out."""
-        return Factored(self.scale * self.B[:, rank:], self.A[rank:])
+        """s·B[:, rank:]·A[rank:], the part :meth:`head` leaves out (copies)."""
+        return Factored(self.scale * self.B[:, rank:], self.A[rank:].clone())
 
     def clone(self) -> Adapter:
         return Adapter(self.B.clone(), self.A.clone(), self.scale)

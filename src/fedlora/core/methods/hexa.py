@@ -57,7 +57,7 @@ from torch import Tensor
 
 from ..adapter import Adapter, adapter_from_svd, module_generator
 from ..aggregator import Aggregator, RoundOutput
-from ..dense import class_aware_average, weighted_average
+from ..dense import class_aware_average, clone_dense, weighted_average
 from ..factored import Factored, block_inner, stacked_grams
 from ..registry import register
 from ..state import ClientStart, ClientUpdate, ServerState
@@ -101,7 +101,11 @@ def drift_distances(grams: dict[str, tuple[Tensor, Tensor]], q: Tensor) -> Tenso
         D += G[:K, :K] - G[:K, K:] - G[K:, :K] + G[K, K]
     spread = D.diagonal() - 2 * (D @ q) + q @ D @ q
     consensus = float(q @ D @ q)
-    return (spread.clamp_min(0) / max(consensus, 1e-300)).sqrt()
+    if consensus <= 1e-12 * float(D.diagonal().max()):
+        # Δ̄ = 0 (the updates cancel, or none moved): no consensus to drift from. Every d_i = 0, so the
+        # weights stay q; dividing by a tiny ‖Δ̄‖² instead handed one idle client everything, or NaN.
+        return torch.zeros(K, dtype=torch.float64)
+    return (spread.clamp_min(0) / consensus).sqrt()
 
 
 @register
@@ -151,7 +155,7 @@ class HEXA(Aggregator):
         scale = state.lora.scale(rank)
         adapters = {n: g.head(rank, scale) for n, g in state.adapters.items()}
         tails = {n: g.tail(rank) for n, g in state.adapters.items()} if (self.fold_tail and rank < state.rank) else {}
-        return ClientStart(adapters=adapters, base_delta=tails, dense=dict(state.dense))
+        return ClientStart(adapters=adapters, base_delta=tails, dense=clone_dense(state.dense))
 
     def _needs_label_counts(self) -> bool:
         return self.class_aware_head
@@ -191,8 +195,16 @@ class HEXA(Aggregator):
 
         def module(name: str) -> tuple[Factored, float, float]:
             """v_t of one module, the energy its truncation drops and the energy it keeps."""
-            # Δ_t = Σ_i w_i·s·B̃_i·Ã_i − s·B₀·A₀ as (K+1)·r columns
-            delta = Factored.stack([v.delta() for v in views[name]] + [state.adapters[name].delta()], w.tolist() + [-1.0])
+            # Δ_t = Σ_i w_i·s·B̃_i·Ã_i − s·B₀·A₀ = Σ_i w_i·s·(B̃_i − B₀)·Ã_i + s·B₀·(Ā − A₀) (Σ w_i = 1), as
+            # (K+1)·r columns built from the differences: the products themselves cancel to ‖Δ_t‖ ≪ ‖G‖,
+            # and an SVD of them would carry float32 round-off of ‖G‖'s size into a buffer of ‖Δ_t‖'s.
+            g = state.adapters[name]
+            A_step = torch.zeros(g.A.shape, dtype=torch.float64, device=g.A.device)  # Ā − A₀, summed in float64 and rounded once
+            for wi, v in zip(w.tolist(), views[name]):
+                A_step += wi * (v.A - g.A).double()
+            delta = Factored.stack(
+                [Factored(v.B - g.B, v.A) for v in views[name]] + [Factored(g.B, A_step.to(g.A.dtype))], [float(wi) * g.scale for wi in w] + [g.scale]
+            )
             if name in kept:
                 delta = Factored.stack([kept[name], delta])
             svd, tail = delta.truncated_svd(self.momentum_rank) if self.momentum_rank else (delta.svd(rtol=1e-7), 0.0)
