@@ -276,3 +276,24 @@ def test_the_qlora_loading_settings(monkeypatch):
     assert head.llm_int8_skip_modules == ["classifier", "score"]
     eight = quantized_loading("8bit", torch.device("cuda", 1), None)
     assert eight["quantization_config"].load_in_8bit and eight["device_map"] == {"": 1}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["classifier", "causal-lm"])
+def test_a_bf16_checkpoint_loads_in_float32(tmp_path, causal):
+    """transformers 5 loads a checkpoint saved in bf16 as bf16; the base W0 that exact methods fold
+    ΔW0 into would then round a 1e-4 delta by ~20%. fedlora loads unquantized bases in float32: the
+    same values (bf16 → float32 is exact), and a small delta folds exactly (float32 reference)."""
+    from fedlora.models.hub import load_causal_lm, load_pretrained, tiny_causal_lm, tiny_model
+
+    model, tok = tiny_causal_lm() if causal else tiny_model("bert")
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    loaded = load_causal_lm(str(tmp_path / "m"))[0] if causal else load_pretrained(str(tmp_path / "m"), 2)[0]
+    weights = dict(loaded.state_dict())
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+    name = next(k for k, v in saved.items() if v.dim() == 2 and "embed" not in k and k in weights)
+    assert torch.equal(weights[name], saved[name].float())
+    delta = 1e-4 * torch.randn(weights[name].shape, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(weights[name] + delta - weights[name], delta, rtol=1e-2, atol=0)

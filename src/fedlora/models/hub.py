@@ -131,6 +131,13 @@ def _quiet_gguf(active: bool):
         reader.tqdm = bar
 
 
+# Unquantized bases load in float32 whatever dtype the checkpoint was saved in (transformers 5 loads
+# a bf16 checkpoint as bf16 by default): exact methods fold each round's ΔW0 into W0, and a bf16 W0
+# rounds away what is below half its ulp (20% of a 1e-4 delta); training computes in the precision
+# ``train.precision`` picks, under autocast. A quantized base keeps bitsandbytes' loading instead.
+FLOAT32 = {"dtype": torch.float32}
+
+
 def quantized_loading(quantization: str, device, compute_dtype, *, classifier: bool = False) -> dict:
     """``from_pretrained`` keywords that load the base in 4-bit NF4 (QLoRA: double quantization,
     matrix products in ``compute_dtype``) or 8-bit through bitsandbytes, placed on ``device``
@@ -171,7 +178,7 @@ def load_pretrained(name: str, num_labels: int, regression: bool = False, loadin
         config.problem_type = None  # checked against num_labels on assignment
         config.num_labels = num_labels
         config.problem_type = problem
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True, **(loading or {}))
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True, **(loading or FLOAT32))
     _ensure_pad(model, tokenizer)
     return model, tokenizer
 
@@ -201,7 +208,7 @@ def load_causal_lm(name: str, loading: dict | None = None):
     kwargs = {"gguf_file": gguf} if gguf else {}
     with _quiet_transformers(f"cannot load causal LM {name!r} ({path}{' ' + gguf if gguf else ''})"), _quiet_gguf(bool(gguf)):
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **(loading or {}))
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **(loading or FLOAT32))
     _ensure_pad(model, tokenizer)
     return model, tokenizer
 
