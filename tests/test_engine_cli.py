@@ -319,6 +319,7 @@ def test_list_of_ints_override(text, expected):
         ("model.target_modules=[c_attn]", ["c_attn"]),
         ("model.target_modules=c_attn", ["c_attn"]),
         ("model.target_modules=[query, key, value]", ["query", "key", "value"]),
+        ("model.target_modules=query, value", ["query", "value"]),  # was [query, ' value']: peft silently adapted query alone
     ],
 )
 def test_list_of_strings_override(text, expected):

@@ -13,11 +13,12 @@ import math
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from engine_support import GLUE, overrides, tiny_models  # noqa: F401  (fixture)
 from flower_support import LocalGrid
-from flwr.app import Message
+from flwr.app import Array, ArrayRecord, Message
 
 from fedlora.config import ConfigError, RunConfig, load_config
 from fedlora.core import Adapter, ClientStart, ClientUpdate, Factored
@@ -91,6 +92,19 @@ def test_records_round_trip_as_float32_arrays():
     del content["fedlora.adapters"]
     with pytest.raises(MalformedRecord, match="fedlora.adapters"):
         decode_update(content, "client1")
+
+
+def test_empty_factors_travel_in_bfloat16():
+    """A rank-0 factor (an exactly zero residual compresses to one) sent in bf16: torch.frombuffer
+    refuses empty buffers, which failed every node of the round; and an odd byte count is refused."""
+    from fedlora.flower.records import _arrays, _tensor
+
+    record = _arrays({"m/L": torch.zeros(6, 0), "m/R": torch.zeros(0, 5)}, torch.bfloat16)
+    assert [tuple(_tensor(record[k]).shape) for k in ("m/L", "m/R")] == [(6, 0), (0, 5)]
+    odd = _arrays({"x": torch.ones(3)}, torch.bfloat16)["x"]
+    odd.data = odd.data[:-1]
+    with pytest.raises(MalformedRecord, match="not whole numbers"):
+        _tensor(odd)
 
 
 # ---------------------------------------------------------------- run config
@@ -269,6 +283,53 @@ def test_a_bad_update_is_dropped_with_the_reason(tiny_models, tmp_path, monkeypa
     with caplog.at_level(logging.WARNING, logger="fedlora"):
         server, state, _ = run_flower(over, tmp_path)
     assert "client0 dropped: node 1000 sent a bad update" in caplog.text and "B contains NaN" in caplog.text
+    assert server.rounds[0]["clients"] == 2 and sorted(state.info["clients"]) == ["client1", "client2"]
+
+
+def _set_scale_text(content):
+    scales = content.config_records["fedlora.scales"]
+    scales[next(iter(scales))] = "half"
+
+
+def _set_steps_nan(content):
+    content.metric_records["fedlora.metrics"]["steps"] = float("nan")
+
+
+def _drop_counts(content):
+    content["fedlora.label-counts"] = ArrayRecord({"other": Array(np.zeros(2, dtype=np.float32))})
+
+
+def _set_rate(content):
+    content.metric_records["fedlora.metrics"]["sample_rate"] = 3.0
+
+
+@pytest.mark.parametrize(
+    "poison,needle",
+    [
+        (_set_scale_text, "cannot be read (ValueError"),
+        (_set_steps_nan, "steps must be a whole number ≥ 1, got nan"),
+        (_drop_counts, "must hold one array 'counts'"),
+        (_set_rate, "sample_rate = 3.0 must be in (0, 1]"),
+    ],
+    ids=["scale-text", "steps-nan", "counts-missing", "rate-out-of-range"],
+)
+def test_a_reply_that_cannot_be_read_drops_that_client_not_the_run(tiny_models, tmp_path, monkeypatch, caplog, poison, needle):
+    """Replies are a remote party's bytes: a scale that is not a number, a count that is not an integer,
+    a label-count record without its array, a sampling rate no Poisson batch has. Each drops its client
+    with the reason (they escaped as a traceback that ended the ServerApp) and the round goes on."""
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="hexa", fed__rounds=1, fed__options="{class_aware_head: true}")
+    real = client_module.encode_update
+
+    def poisoned(update, stats, pid, *wire):
+        content = real(update, stats, pid, *wire)
+        if pid == 0:
+            poison(content)
+        return content
+
+    monkeypatch.setattr(client_module, "encode_update", poisoned)
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        server, state, _ = run_flower(over, tmp_path)
+    assert "client0 dropped: node 1000 sent" in caplog.text and needle in caplog.text, caplog.text[-2000:]
     assert server.rounds[0]["clients"] == 2 and sorted(state.info["clients"]) == ["client1", "client2"]
 
 

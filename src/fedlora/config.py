@@ -217,7 +217,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _build(tp, value, key + ".")
     if origin is list:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value] if not isinstance(value, str) else [v for v in value.split(",") if v]
+            value = [value] if not isinstance(value, str) else [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         (inner,) = typing.get_args(tp)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -88,6 +89,12 @@ def _arrays(tensors: Mapping[str, Tensor], wire: torch.dtype = torch.float32) ->
 
 def _tensor(arr: Array) -> Tensor:
     if arr.dtype == BF16:
+        if math.prod(arr.shape) == 0:  # a rank-0 factor (an exactly zero residual): frombuffer refuses empty buffers
+            if len(arr.data):
+                raise MalformedRecord(f"a bf16 array of shape {tuple(arr.shape)} holds {len(arr.data)} bytes")
+            return torch.zeros(tuple(arr.shape))
+        if len(arr.data) % 2:
+            raise MalformedRecord(f"a bf16 array of shape {tuple(arr.shape)} holds {len(arr.data)} bytes, not whole numbers")
         bits = torch.frombuffer(bytearray(arr.data), dtype=torch.int16)
         if bits.numel() != math.prod(arr.shape):
             raise MalformedRecord(f"a bf16 array of shape {tuple(arr.shape)} holds {bits.numel()} numbers")
@@ -221,7 +228,12 @@ def decode_update(content: RecordDict, client_id: str, start: ClientStart | None
     if METRICS not in content.metric_records:
         raise MalformedRecord(f"reply has no metric record {METRICS!r}")
     metrics = dict(content.metric_records[METRICS])
-    counts = _tensors(content, LABEL_COUNTS)["counts"].double() if LABEL_COUNTS in content.array_records else None
+    counts = None
+    if LABEL_COUNTS in content.array_records:
+        record = _tensors(content, LABEL_COUNTS)
+        if set(record) != {"counts"}:
+            raise MalformedRecord(f"{LABEL_COUNTS} must hold one array 'counts', got {sorted(record)}")
+        counts = record["counts"].double()
     n = metrics.get("num-examples")
     if not isinstance(n, int):
         raise MalformedRecord(f"num-examples must be an integer, got {n!r}")
@@ -239,7 +251,23 @@ def decode_update(content: RecordDict, client_id: str, start: ClientStart | None
     if "sample_rate" in metrics:  # local DP-SGD: the rate its batches were drawn at (the server accounts its ε)
         stats["sample_rate"] = metrics["sample_rate"]
     stats.update({k: v for k, v in metrics.items() if k.startswith("personal_")})  # its own model on its held-out examples
+    _check_stats(stats)
     return update, stats
+
+
+def _check_stats(stats: Mapping[str, Any]) -> None:
+    """What the server sums, averages and accounts ε from: counts are whole numbers ≥ 0 (steps ≥ 1;
+    they travel as floats in a MetricRecord), the rest real numbers, a sampling rate in (0, 1]. A
+    reply that breaks this is dropped, named."""
+    for key, value in stats.items():
+        whole = key in ("steps", "examples", "tokens", "personal_n")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MalformedRecord(f"{METRICS}: {key} must be a number, got {value!r}")
+        if whole and not (math.isfinite(value) and value == int(value) and value >= (1 if key in ("steps", "personal_n") else 0)):
+            raise MalformedRecord(f"{METRICS}: {key} must be a whole number ≥ {1 if key in ('steps', 'personal_n') else 0}, got {value!r}")
+    rate = stats.get("sample_rate")
+    if rate is not None and not 0 < rate <= 1:
+        raise MalformedRecord(f"{METRICS}: sample_rate = {rate} must be in (0, 1]")
 
 
 def _cores(cores: Mapping[str, Tensor], start: ClientStart | None) -> dict[str, Tensor]:

@@ -253,6 +253,8 @@ class FedLoraStrategy(Strategy):
             self.server.exp.aggregator.validate(self.state, [update])
         except (MalformedRecord, AggregationError) as e:
             return ClientResult(error=f"node {node} sent a bad update: {e}")
+        except Exception as e:  # anything else a reply can make decoding raise: drop the client, never the run
+            return ClientResult(error=f"node {node} sent an update that cannot be read ({type(e).__name__}: {e})")
         self.synced[node] = job.round - 1  # it folded every base delta before this round
         up = self._bytes_up.get(job.index, 0) + _array_bytes(reply.content)
         return ClientResult(update=update, stats=stats, wire={"wire_bytes_down": self._bytes_down[job.index], "wire_bytes_up": up})
