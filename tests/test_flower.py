@@ -73,6 +73,7 @@ def test_records_round_trip_as_float32_arrays():
         "train-core": False,
         "keep-local": "",
         "send-label-counts": True,
+        "since": 0,
     }
     a = back.adapters["l.q"]
     assert a.B.dtype == a.A.dtype == back.dense["head.w"].dtype == torch.float32  # bf16/fp16 cast, not refused
@@ -331,6 +332,63 @@ def test_a_reply_that_cannot_be_read_drops_that_client_not_the_run(tiny_models, 
         server, state, _ = run_flower(over, tmp_path)
     assert "client0 dropped: node 1000 sent" in caplog.text and needle in caplog.text, caplog.text[-2000:]
     assert server.rounds[0]["clients"] == 2 and sorted(state.info["clients"]) == ["client1", "client2"]
+
+
+def test_in_bf16_every_node_folds_the_very_delta_the_server_folded(tiny_models, tmp_path, monkeypatch):
+    """fedex with bf16 transport: round 1's base delta is bf16-exact on the server. Round 2 sent it as the
+    server's folded sum (its SVD, not bf16 values) rounded to bf16: each node held another ΔW0 (2.4e-3 off);
+    now the round's delta itself travels, and what a node holds equals it bit for bit."""
+    import fedlora.flower.strategy as strategy
+
+    seen = {}
+    real = strategy.FedLoraStrategy.aggregate_train
+
+    def spy(self, server_round, replies):
+        out = real(self, server_round, replies)
+        if server_round == 1:
+            seen.update({k: f.dense(torch.float64) for k, f in self.state.base_delta.items()})
+        return out
+
+    monkeypatch.setattr(strategy.FedLoraStrategy, "aggregate_train", spy)
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__rounds=2, fed__transport="bfloat16")
+    _, _, grid = run_flower(over, tmp_path)
+    assert seen
+    for node in grid.contexts:
+        held = grid.contexts[node].state["fedlora.base"].to_torch_state_dict()
+        for k, want in seen.items():
+            got = held[k + "/L"].double() @ held[k + "/R"].double()
+            assert float((got - want).norm()) <= 1e-6 * float(want.norm()), (node, k)
+
+
+def test_rounds_without_a_base_delta_need_no_resync(tiny_models, tmp_path, caplog):
+    """HEXA without the fold and with server momentum sends no base delta in round 1. A node held
+    itself as having folded through round 0 while the server held it through round 1, so in round 3
+    every node asked to be resynchronised (the round's download doubled); now the job says what the
+    server assumes, and a node that has folded it holds every earlier round."""
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="hexa", fed__rounds=3, fed__options="{fold_residual: false, server_momentum: 0.5}")
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        server, _, _ = run_flower(over, tmp_path)
+    assert [r["clients"] for r in server.rounds] == [3, 3, 3]
+    assert "has folded only through" not in caplog.text
+
+
+def test_a_node_that_asks_for_resync_again_is_dropped_not_resent_forever(tiny_models, tmp_path, monkeypatch, caplog):
+    """A node that answers "resync" to its resend too (it cannot fold what it is sent) is dropped
+    after one resend; before, every answer got a new message with a new timeout and the round never ended."""
+    real = client_module._sync_base
+
+    def stuck(content, context, job):
+        if int(job["partition-id"]) == 1:
+            raise client_module._Gap(0)
+        return real(content, context, job)
+
+    monkeypatch.setattr(client_module, "_sync_base", stuck)
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__rounds=2)
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        server, state, _ = run_flower(over, tmp_path)
+    assert [r["clients"] for r in server.rounds] == [2, 2]
+    assert caplog.text.count("(partition 1) has folded only through round 0") == 2  # one resend a round
+    assert "client1 dropped: node 1007 could not fold the base deltas it was sent" in caplog.text
 
 
 def test_node_roll_call_errors(tiny_models, tmp_path):

@@ -104,23 +104,31 @@ class _Gap(Exception):
         self.through = through
 
 
-def _sync_base(content: RecordDict, context: Context) -> dict[str, Factored]:
+def _sync_base(content: RecordDict, context: Context, job: dict) -> dict[str, Factored]:
     """Σ ΔW0 through the last finished round: the node's sum plus what the message brings.
-    Raises :class:`_Gap` (nothing stored) when the message skips rounds this node lacks."""
+    Raises :class:`_Gap` (nothing stored) when the message skips rounds this node lacks: a span
+    that does not follow what it holds, or (``since`` in the job) a server that holds it as
+    having folded more rounds than it has. Having folded them, it holds every round before
+    this one, those without a base delta included (as the server then holds it)."""
     through = int(context.state[SYNC]["through"]) if SYNC in context.state.config_records else 0
     flat = context.state[BASE].to_torch_state_dict() if BASE in context.state.array_records else {}
     total = {k[:-2]: Factored(flat[k], flat[k[:-2] + "/R"]) for k in flat if k.endswith("/L")}
+    held, snapshot = through, False
     for (first, last), deltas in decode_broadcast(content).items():
         if last <= through:
             continue  # sent again after a reply was lost; already in the sum
         if first == 1:
-            total = dict(deltas)  # a snapshot of every round so far (after a server resume)
+            total, snapshot = dict(deltas), True  # a snapshot of every round so far (after a server resume)
         elif first == through + 1:
             for m, delta in deltas.items():  # keep the sum at its numerical rank ≤ min(m, n)
                 total[m] = (delta + total[m]).compress() if m in total else delta
         else:
             raise _Gap(through)
         through = last
+    if "since" in job:  # a server that says what it sent from (older ones do not)
+        if held < int(job["since"]) and not snapshot:
+            raise _Gap(held)
+        through = max(through, int(job["round"]) - 1)
     context.state[SYNC] = ConfigRecord({"through": through})
     context.state[BASE] = ArrayRecord({f"{m}/{p}": t for m, f in total.items() for p, t in (("L", f.L), ("R", f.R))})
     return total
@@ -148,7 +156,7 @@ def train(msg: Message, context: Context) -> Message:
     if client.rank != int(job["rank"]):
         raise ValueError(f"server asks for rank {job['rank']}, the run's config gives client {pid} rank {client.rank}")
     try:
-        base = _sync_base(msg.content, context)
+        base = _sync_base(msg.content, context, job)
     except _Gap as gap:  # ask the server for every base delta after the last round this node holds
         return Message(content=encode_resync(gap.through), reply_to=msg)
     exp.fm.load_base_state(local.pristine)

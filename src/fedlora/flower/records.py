@@ -146,7 +146,15 @@ def _get_adapters(content: RecordDict) -> dict[str, Adapter]:
 
 # ------------------------------------------------------------------ server → client
 def encode_start(
-    start: ClientStart, *, round: int, partition_id: int, rank: int, seed: int, send_label_counts: bool, wire: torch.dtype = torch.float32
+    start: ClientStart,
+    *,
+    round: int,
+    partition_id: int,
+    rank: int,
+    seed: int,
+    send_label_counts: bool,
+    wire: torch.dtype = torch.float32,
+    since: int = 0,
 ) -> RecordDict:
     content = RecordDict()
     content[JOB] = ConfigRecord(
@@ -160,6 +168,7 @@ def encode_start(
             "train-core": bool(start.train_core),
             "keep-local": ",".join(start.keep_local),
             "send-label-counts": bool(send_label_counts),
+            "since": int(since),  # the server holds this node as having folded every base delta through round `since`
         }
     )
     _put_adapters(content, start.adapters, wire)

@@ -124,6 +124,7 @@ class FedLoraStrategy(Strategy):
         self._refresh_nodes(grid)
         self._jobs = self.server.plan(self.state)
         self._bytes_down, self._bytes_up = {}, {}
+        self._resent: set[int] = set()  # partitions sent their base deltas again this round (once at most)
         self._messages = [(self._message(job, self.synced.get(self.nodes[job.index], 0)), job) for job in self._jobs if job.index in self.nodes]
         self._t0 = time.perf_counter()
         return [m for m, _ in self._messages]
@@ -132,7 +133,7 @@ class FedLoraStrategy(Strategy):
         by_job = self._match(replies)
         # Resync answers still here came through Flower's own loop (send_and_receive); ``start``
         # resends them as they arrive instead (``_exchange``).
-        resync = {index: through for index, reply in by_job.items() if (through := _resync(reply)) is not None}
+        resync = {index: through for index, reply in by_job.items() if (through := _resync(reply)) is not None and index not in self._resent}
         if resync:
             by_job.update(self._resend(resync))
         train_s = time.perf_counter() - self._t0
@@ -150,12 +151,21 @@ class FedLoraStrategy(Strategy):
         """The job's train message with every base delta after round ``since``: one snapshot
         Σ_t ΔW0_t for a node that holds none (its size does not grow with the rounds)."""
         content = encode_start(
-            job.start, round=job.round, partition_id=job.index, rank=job.client.rank, seed=job.seed, send_label_counts=job.send_label_counts, wire=self.wire
+            job.start,
+            round=job.round,
+            partition_id=job.index,
+            rank=job.client.rank,
+            seed=job.seed,
+            send_label_counts=job.send_label_counts,
+            wire=self.wire,
+            since=since,
         )
         last = job.round - 1
-        if since == 0 and last >= 1 and self.server.folded:
-            # A sum of bf16-rounded deltas is not itself bf16: a snapshot of several rounds travels in float32, exactly.
-            encode_broadcast(content, {(1, last): dict(self.server.folded)}, self.wire if last == 1 else torch.float32)
+        if since == 0 and last >= 2 and self.server.folded:
+            # A sum of bf16-rounded deltas is not itself bf16: a snapshot of several rounds travels in float32,
+            # exactly. (One round is sent as that round's delta, below: the folded sum is its SVD, and in bf16
+            # those factors would round to another matrix than the one the server folded.)
+            encode_broadcast(content, {(1, last): dict(self.server.folded)}, torch.float32)
         else:
             encode_broadcast(content, {span: d for span, d in self.history.items() if span[1] > since}, self.wire)
         self._bytes_down[job.index] = self._bytes_down.get(job.index, 0) + _array_bytes(content)
@@ -176,9 +186,12 @@ class FedLoraStrategy(Strategy):
                 if job is None:
                     continue
                 through = _resync(reply)
-                if through is None:
+                if through is None or job.index in self._resent:
+                    # one resend a round: a node that asks again after it (it cannot fold what it got) is
+                    # dropped as such, so no node holds a round open with endless resends
                     replies.append(reply)
                     continue
+                self._resent.add(job.index)
                 self._bytes_up[job.index] = self._bytes_up.get(job.index, 0) + _array_bytes(reply.content)
                 message = self._resync_message(job, through)
                 grid.push_messages([message])
@@ -208,6 +221,7 @@ class FedLoraStrategy(Strategy):
 
     def _resend(self, through: dict[int, int]) -> dict[int, Message | None]:
         """Nodes that lost their base deltas get all of them since the round they name, in this round."""
+        self._resent.update(through)
         jobs = {job.index: job for job in self._jobs}
         messages = [(self._resync_message(jobs[index], last), jobs[index]) for index, last in through.items()]
         replies = self._grid.send_and_receive([m for m, _ in messages], timeout=self.timeout)
