@@ -5,6 +5,7 @@ changing the gradients. (No GPU here: CUDA paths are checked by the same code on
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -36,7 +37,7 @@ def test_resolution_on_this_machine():
         resolve_placement("cpu", "fp8")
 
 
-def test_auto_precision_on_a_cpu_follows_the_timed_probe(monkeypatch):
+def test_auto_precision_on_a_cpu_follows_the_timed_probe(monkeypatch, tmp_path):
     """bf16 flags alone do not pick bf16: the probe's speedup must reach 1.1; without the flags the probe
     never runs. The probe leaves the global random state where it was (seeded runs stay seeded)."""
     calls = []
@@ -54,9 +55,31 @@ def test_auto_precision_on_a_cpu_follows_the_timed_probe(monkeypatch):
     monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: False)
     assert resolve_placement("cpu", "auto").precision == "fp32" and len(calls) == 2
     cpu_bf16_speedup.cache_clear()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a one-repetition timing must not become this machine's
     before = torch.get_rng_state()
     assert cpu_bf16_speedup(1, reps=1) > 0
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_the_probe_is_measured_once_per_machine(monkeypatch, tmp_path):
+    """A timing taken beside other jobs can fall on either side of 1.1: a run killed in round 1 and
+    resumed in another process trained its rounds at two precisions (a flaky resume test showed it).
+    The first measurement is kept per machine, CPU model, torch version and threads; a later process
+    reads it; a damaged file is measured again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    timings = iter([1.3, 0.5, 0.7])
+    monkeypatch.setattr(device_module, "_time_bf16_speedup", lambda reps: next(timings))
+    cpu_bf16_speedup.cache_clear()
+    assert cpu_bf16_speedup(1) == 1.3
+    cpu_bf16_speedup.cache_clear()  # another process
+    assert cpu_bf16_speedup(1) == 1.3  # read back, not measured again (0.5)
+    assert cpu_bf16_speedup(2) == 0.5  # other threads: its own measurement
+    path = tmp_path / "fedlora" / "cpu_bf16_speedup.json"
+    assert sorted(json.loads(path.read_text()).values()) == [0.5, 1.3]
+    path.write_text("{not json")
+    cpu_bf16_speedup.cache_clear()
+    assert cpu_bf16_speedup(1) == 0.7
+    cpu_bf16_speedup.cache_clear()
 
 
 def _one_client_round(exp, server):

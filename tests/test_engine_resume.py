@@ -461,3 +461,37 @@ def test_a_run_with_an_export_rank_reports_the_reloaded_folders_metrics(tiny_mod
     summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
     assert summary["adapter_max_rank"] == 1 and 0 < summary["export_rel_error"] < 1
     assert set(summary["export_metrics"]) >= {"accuracy"} and 0 <= summary["export_metrics"]["accuracy"] <= 1
+
+
+def test_a_module_the_checkpoint_lacks_trains_and_travels_with_the_head(tmp_path):
+    """DeBERTa-v3's base checkpoint has no pooler: transformers draws one at random at every load.
+    Frozen, it differed between the run and every reload of its export. Now it trains with the head
+    and is exported with it: two independent reloads by plain peft give the engine's logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedlora.models import tiny_model
+
+    model_dir = tmp_path / "deberta-no-pooler"
+    model, tok = tiny_model("deberta")
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    weights = load_file(model_dir / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("pooler.")}, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+    over = overrides(model_dir, tmp_path / "runs", fed__method="fedex", fed__rounds=2, partition__num_clients=2, name="r")
+    assert cli.main(["run", *over]) == 0
+    cfg, run_dir = load_config(None, over), tmp_path / "runs" / "r"
+    exp = build_experiment(cfg)
+    state = Simulator(exp, run_dir).resume_or_init()
+    batch = AutoTokenizer.from_pretrained(model_dir)(_sentences(8), padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad(), exp.fm.global_view(exp.aggregator.global_delta(state), state.dense) as m:
+        m.eval()
+        engine = m(**batch).logits
+    for _ in range(2):  # each plain load draws another pooler; the export's replaces it
+        base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+        with torch.no_grad():
+            got = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()(**batch).logits
+        torch.testing.assert_close(got, engine, atol=1e-5, rtol=1e-4)
+    assert "pooler.dense.weight" in exp.fm.head  # trained with the head

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -99,14 +100,43 @@ def cpu_has_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
+def _probe_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedlora" / "cpu_bf16_speedup.json"
+
+
 @functools.cache
-def cpu_bf16_speedup(threads: int, reps: int = 5) -> float:
+def cpu_bf16_speedup(threads: int, reps: int = 9) -> float:
     """fp32 time ÷ bf16-autocast time of a LoRA-sized product (256×384 by 384×1536, forward and backward),
-    the best of ``reps`` each on ``threads`` threads (the argument keys the cache), once per process.
+    the best of ``reps`` each on ``threads`` threads (nine: the best of many is the timing least touched by other jobs).
 
     AVX512-BF16 alone does not make bf16 fast: it was 1.74× faster than fp32 on an AMD EPYC and 1.8×
-    slower on an Intel Xeon with the same flag (BENCHMARKS.md "Precision"). The probe takes about
-    0.3 s and draws from its own generator, so it never moves a seeded run's random numbers."""
+    slower on an Intel Xeon with the same flag (BENCHMARKS.md "Precision"). Measured once per machine
+    (CPU model, torch version and threads) and kept in ``$XDG_CACHE_HOME/fedlora`` (``~/.cache``): a
+    timing taken beside other jobs can land on either side of the threshold, and two runs of one grid
+    (or a run and its resume) must not train at two precisions. Delete the file to measure again. The
+    probe takes about 0.3 s and draws from its own generator, so it never moves a seeded run's random numbers."""
+    import json
+
+    from ..atomic import atomic_write_text
+
+    key = f"{cpu_model_name()} | torch {torch.__version__} | {threads} threads"
+    path = _probe_cache()
+    try:
+        known = json.loads(path.read_text())
+        if isinstance(known, dict) and isinstance(known.get(key), (int, float)):
+            return float(known[key])
+    except (OSError, ValueError):
+        known = {}
+    ratio = _time_bf16_speedup(reps)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({**(known if isinstance(known, dict) else {}), key: ratio}, indent=1))
+    except OSError:
+        pass  # a read-only home: this process keeps its own measurement
+    return ratio
+
+
+def _time_bf16_speedup(reps: int) -> float:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 384, generator=gen, requires_grad=True)
     w = torch.randn(1536, 384, generator=gen, requires_grad=True)

