@@ -191,22 +191,25 @@ def test_rerun_of_finished_run_trains_nothing(runs, monkeypatch):
     assert len(read_jsonl(dir_a / "metrics.jsonl")) == ROUNDS
 
 
-def test_resume_with_a_different_config_is_refused_and_leaves_the_folder_alone(runs, capsys):
-    cfg_a, dir_a, _, _ = runs["fedex"]
-    config_before = (dir_a / "config.yaml").read_text()
-    ckpt_before = (dir_a / "checkpoint.pt").read_bytes()
-    over = overrides(
-        Path(cfg_a.model.name),
-        Path(cfg_a.output_dir),
+def _fixture_overrides(cfg, **kw) -> list[str]:
+    """The fedex fixture run's overrides (its model and output folder), with ``kw`` on top."""
+    return overrides(
+        Path(cfg.model.name),
+        Path(cfg.output_dir),
         fed__method="fedex",
         fed__rounds=ROUNDS,
         partition__num_clients=CLIENTS,
         data__max_train_examples=TRAIN,
         data__max_eval_examples=EVAL,
-        train__lr=1e-3,
-        name=dir_a.name,
+        **kw,
     )
-    assert cli.main(["run", *over]) == 2
+
+
+def test_resume_with_a_different_config_is_refused_and_leaves_the_folder_alone(runs, capsys):
+    cfg_a, dir_a, _, _ = runs["fedex"]
+    config_before = (dir_a / "config.yaml").read_text()
+    ckpt_before = (dir_a / "checkpoint.pt").read_bytes()
+    assert cli.main(["run", *_fixture_overrides(cfg_a, train__lr=1e-3, name=dir_a.name)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedlora: error:") and "different configuration" in err and "Traceback" not in err
     assert (dir_a / "config.yaml").read_text() == config_before
@@ -224,17 +227,7 @@ def test_a_checkpoint_of_other_modules_is_refused_and_left_alone(runs, tmp_path,
     ckpt["state"]["adapters"]["bert.pooler.dense"] = ckpt["state"]["adapters"][first]
     torch.save(ckpt, copy / "checkpoint.pt")
     before = (copy / "checkpoint.pt").read_bytes()
-    over = overrides(
-        Path(cfg_a.model.name),
-        Path(cfg_a.output_dir),
-        fed__method="fedex",
-        fed__rounds=ROUNDS,
-        partition__num_clients=CLIENTS,
-        data__max_train_examples=TRAIN,
-        data__max_eval_examples=EVAL,
-        name="other-modules",
-    )
-    assert cli.main(["run", *over]) == 2
+    assert cli.main(["run", *_fixture_overrides(cfg_a, name="other-modules")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "other modules than this model has (bert.pooler.dense" in err[0], err
     assert (copy / "checkpoint.pt").read_bytes() == before
