@@ -410,6 +410,21 @@ def test_node_roll_call_errors(tiny_models, tmp_path):
         discover_nodes(grid, 3, timeout=1)
 
 
+def test_a_node_too_many_does_not_stop_a_run_whose_partitions_are_all_held(tiny_models, tmp_path, caplog):
+    """Four nodes for three partitions, the fourth claiming partition 0 again (a SuperNode restarted
+    under a new id while its stale one is still listed, say): the run starts with the first three and
+    says why the fourth is left out; it aborted."""
+    grid = LocalGrid(client_module.app, flower_run_config(overrides(tiny_models["bert"], tmp_path)), 4)
+    for ctx in grid.contexts.values():
+        ctx.node_config["num-partitions"] = 3
+    extra = sorted(grid.contexts)[-1]
+    grid.contexts[extra].node_config["partition-id"] = 0
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        claims = discover_nodes(grid, 3, timeout=1)
+    assert sorted(claims) == [0, 1, 2] and extra not in claims.values()
+    assert "partition 0 is held by two nodes" in caplog.text and "the run goes on without it" in caplog.text
+
+
 def test_client_refuses_a_job_for_another_partition(tiny_models, tmp_path):
     over = overrides(tiny_models["bert"], tmp_path)
     run_config = flower_run_config(over)
