@@ -188,7 +188,9 @@ def load_pretrained(name: str, num_labels: int, regression: bool = False, loadin
     # Modules outside the head that the checkpoint lacks start random (DeBERTa-v3's pooler: its base
     # checkpoint has none). Frozen, they would differ at every load and the export could not carry the
     # model that was trained: they train and travel with the head instead (models/lora.py).
-    setattr(model, FRESH, tuple(sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ()) if not set(k.split(".")) & set(HEAD_MODULES)})))
+    params = dict(model.named_parameters())  # parameters only: a buffer the checkpoint does not store is no trained weight
+    missing = [k for k in info.get("missing_keys", ()) if k in params and not set(k.split(".")) & set(HEAD_MODULES)]
+    setattr(model, FRESH, tuple(sorted({k.rsplit(".", 1)[0] for k in missing})))
     _ensure_pad(model, tokenizer)
     return model, tokenizer
 
