@@ -299,12 +299,16 @@ def test_sst2_as_prompts_run_reports_accuracy_from_label_words(tiny_llama, tmp_p
         "threads=1",
         f"output_dir={tmp_path}",
         "name=prompt",
+        "model.export_rank=512",  # above every module's rank: the export is exact, and evaluated as a user loads it
     ]
-    summary = run_experiment(load_config(None, over), export=False, plots=False)
+    summary = run_experiment(load_config(None, over), plots=False)
     row = read_jsonl(tmp_path / "prompt" / "metrics.jsonl")[-1]
     assert summary["primary_metric"] == "accuracy" and 0.0 <= row["eval_accuracy"] <= 1.0
     assert row["eval_accuracy"] * 20 == pytest.approx(round(row["eval_accuracy"] * 20))  # a count over 20 examples
     assert "eval_loss" in row and "eval_perplexity" in row
+    # the exported folder, reloaded, is scored as the rounds were: label-word accuracy included (it was absent)
+    exported = summary["export_metrics"]
+    assert exported["accuracy"] == row["eval_accuracy"] and exported["loss"] == pytest.approx(row["eval_loss"], rel=1e-4)
 
 
 def test_label_words_the_tokenizer_cannot_tell_apart_are_refused(tiny_llama, tmp_path, capsys, monkeypatch):

@@ -18,7 +18,6 @@ from ..core import ServerState
 from ..models.export import export_peft_adapter, quiet_peft
 from ..report.plots import plot_against_epsilon, plot_histogram, plot_metric
 from ..report.writer import RunWriter
-from .evaluate import evaluate
 from .experiment import Experiment, build_experiment
 from .simulator import Simulator
 
@@ -131,17 +130,19 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
 
 def evaluate_export(exp: Experiment, cfg: RunConfig, folder: Path) -> dict[str, float]:
     """The exported folder loaded as a user loads it (the pretrained base, then
-    ``PeftModel.from_pretrained``) and evaluated on the run's evaluation set."""
-    import numpy as np
+    ``PeftModel.from_pretrained``) and evaluated on the run's evaluation set as every round is
+    (:func:`~fedlora.engine.server.model_metrics`: a prompt-style run's label-word metrics too).
+    A QLoRA run's folder is scored on the full-precision base (what a user without bitsandbytes
+    loads): it reproduces the trained model only on the quantized one, so the two can differ."""
     from peft import PeftModel
 
     from ..models.hub import load_base
+    from .server import model_metrics
 
     base = load_base(cfg.model.name, exp.task.num_labels, exp.task.is_regression, exp.causal, cfg.model.pair_encoder)
     with quiet_peft():
         model = PeftModel.from_pretrained(base, str(folder)).to(exp.fm.placement.device).eval()
-    indices = np.arange(len(exp.eval.labels))
-    return evaluate(model, exp.eval, indices, exp.task, cfg.train.eval_batch_size, exp.pad_token_id, exp.fm.placement)
+    return model_metrics(exp, model, cfg.train.eval_batch_size)
 
 
 def run_experiment(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import ConfigError, RunConfig, config_to_dict
@@ -345,19 +346,13 @@ class Server:
         t0 = time.perf_counter()
         out: dict[str, float] = {}
         with exp.fm.global_view(exp.aggregator.global_delta(state), state.dense) as model:
-            all_dev = torch.arange(len(exp.eval.labels)).numpy()
-            for k, v in evaluate(model, exp.eval, all_dev, exp.task, self.cfg.train.eval_batch_size, exp.pad_token_id, exp.fm.placement).items():
-                out["eval_" + k] = v
+            out.update({"eval_" + k: v for k, v in model_metrics(exp, model, self.cfg.train.eval_batch_size).items()})
             if self.cfg.fed.eval_clients:
                 primary = exp.task.primary_metric
                 for c in exp.clients:
                     m = evaluate(model, exp.train, c.indices, exp.task, self.cfg.train.eval_batch_size, exp.pad_token_id, exp.fm.placement)
                     key = primary if primary in m else "loss"  # a causal LM's training data has answers, not classes
                     out[f"local_{key}_{c.client_id}"] = m[key]
-            if exp.prompt_eval is not None:  # a GLUE task as prompts: its official metric from the label words' likelihoods
-                pe = exp.prompt_eval
-                scores = label_word_scores(model, pe.prompts, pe.answers, self.cfg.train.eval_batch_size, exp.pad_token_id, exp.fm.placement)
-                out.update({"eval_" + k: v for k, v in prompt_metrics(exp.task, scores, pe.targets).items()})
             if exp.sample_prompts:
                 answers = generate_answers(model, exp.tokenizer, [ids for _, ids in exp.sample_prompts], self.cfg.data.sample_tokens, exp.fm.placement)
                 self.samples.extend({"round": state.round, "prompt": text, "answer": a} for (text, _), a in zip(exp.sample_prompts, answers))
@@ -402,3 +397,15 @@ def _plain(d: Any) -> Any:
     if isinstance(d, (list, tuple)):
         return [_plain(v) for v in d]
     return d
+
+
+def model_metrics(exp: Experiment, model, eval_batch_size: int) -> dict[str, float]:
+    """A model's metrics on the run's evaluation set: the task's own (or a causal LM's loss and
+    perplexity), and for a GLUE task as prompts its official metric from the label words'
+    likelihoods. What every round reports, and what the exported folder is checked against."""
+    out = evaluate(model, exp.eval, np.arange(len(exp.eval.labels)), exp.task, eval_batch_size, exp.pad_token_id, exp.fm.placement)
+    if exp.prompt_eval is not None:
+        pe = exp.prompt_eval
+        scores = label_word_scores(model, pe.prompts, pe.answers, eval_batch_size, exp.pad_token_id, exp.fm.placement)
+        out.update(prompt_metrics(exp.task, scores, pe.targets))
+    return out
