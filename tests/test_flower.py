@@ -360,6 +360,35 @@ def test_in_bf16_every_node_folds_the_very_delta_the_server_folded(tiny_models, 
             assert float((got - want).norm()) <= 1e-6 * float(want.norm()), (node, k)
 
 
+def test_the_server_keeps_only_the_base_deltas_a_node_still_lacks(tiny_models, tmp_path, monkeypatch):
+    """Every node replies every round: after round t each has folded rounds 1..t−1, so the history
+    holds round t alone (it kept every round's delta for the whole run). A node then restarted
+    without its sum is sent the snapshot of every round, and the run still equals the in-process one."""
+    import fedlora.flower.strategy as strategy
+
+    sizes = []
+    real = strategy.FedLoraStrategy.aggregate_train
+
+    def spy(self, server_round, replies):
+        out = real(self, server_round, replies)
+        sizes.append(sorted(self.history))
+        if server_round == 2:  # node 1007 loses what it folded, as a restart would
+            held = self._grid.contexts[1007].state
+            for key in ("fedlora.base", "fedlora.sync"):
+                if key in held:
+                    del held[key]
+        return out
+
+    monkeypatch.setattr(strategy.FedLoraStrategy, "aggregate_train", spy)
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__rounds=4)
+    _, want = run_in_process(over, tmp_path)
+    _, got, _ = run_flower(over, tmp_path)
+    assert sizes == [[(1, 1)], [(2, 2)], [(3, 3)], [(4, 4)]]
+    for name, a in want.adapters.items():
+        torch.testing.assert_close(got.adapters[name].B, a.B, atol=3e-5, rtol=1e-4)
+        torch.testing.assert_close(got.adapters[name].A, a.A, atol=3e-5, rtol=1e-4)
+
+
 def test_rounds_without_a_base_delta_need_no_resync(tiny_models, tmp_path, caplog):
     """HEXA without the fold and with server momentum sends no base delta in round 1. A node held
     itself as having folded through round 0 while the server held it through round 1, so in round 3

@@ -68,6 +68,7 @@ class FedLoraStrategy(Strategy):
         if state.round > 0 and folded:
             self.history[(1, state.round)] = dict(folded)
         self.synced: dict[int, int] = {}  # node → last round whose base delta it acknowledged
+        self.pruned = 0  # history no longer holds rounds 1..pruned: every node had folded them
         self.strangers: set[int] = set()  # online nodes never to use: replaced, or holding no partition of this run
         self.poll_s = 1.0  # how often a round asks the Grid for replies
         self._grid: Grid | None = None
@@ -141,6 +142,7 @@ class FedLoraStrategy(Strategy):
         self.state = self.server.finish(self.state, self._jobs, results, train_s)
         if self.state.base_delta:
             self.history[(self.state.round, self.state.round)] = dict(self.state.base_delta)
+        self._prune()
         row = self.server.rounds[-1]
         metrics = MetricRecord({k: v for k, v in row.items() if _number(v)})
         adapters = ArrayRecord({f"{m}/{p}": t.float() for m, a in self.state.adapters.items() for p, t in (("B", a.B), ("A", a.A))})
@@ -161,7 +163,7 @@ class FedLoraStrategy(Strategy):
             since=since,
         )
         last = job.round - 1
-        if since == 0 and last >= 2 and self.server.folded:
+        if (since == 0 or since < self.pruned) and last >= 2 and self.server.folded:
             # A sum of bf16-rounded deltas is not itself bf16: a snapshot of several rounds travels in float32,
             # exactly. (One round is sent as that round's delta, below: the folded sum is its SVD, and in bf16
             # those factors would round to another matrix than the one the server folded.)
@@ -170,6 +172,17 @@ class FedLoraStrategy(Strategy):
             encode_broadcast(content, {span: d for span, d in self.history.items() if span[1] > since}, self.wire)
         self._bytes_down[job.index] = self._bytes_down.get(job.index, 0) + _array_bytes(content)
         return Message(content=content, dst_node_id=self.nodes[job.index], message_type=MessageType.TRAIN)
+
+    def _prune(self) -> None:
+        """Drop the base deltas every node of the run has folded: the history would otherwise keep
+        every round's (full-rank for exact methods: gigabytes a round at LLM widths). A node that
+        later needs a dropped round (it lost its sum) is sent the snapshot of every round instead."""
+        if not self.nodes:
+            return
+        floor = min(self.synced.get(node, 0) for node in self.nodes.values())
+        if floor > self.pruned:
+            self.history = {span: d for span, d in self.history.items() if span[1] > floor}
+            self.pruned = floor
 
     def _exchange(self, grid: Grid) -> list[Message]:
         """Push this round's messages and pull replies as they come, each message with
