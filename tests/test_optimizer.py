@@ -75,3 +75,49 @@ def test_a_client_without_examples_is_an_error_not_an_endless_loop():
     with pytest.raises(ValueError, match="no examples"):
         planned_steps(0, TrainConfig())
     assert planned_steps(1, TrainConfig(batch_size=8, epochs=2)) == 2
+
+
+def test_the_last_accumulated_step_takes_what_is_left_of_the_epoch_and_no_more():
+    """4 examples, batch 1, grad_accum 3, one epoch: two SGD steps, the first the mean gradient of three
+    examples, the second the gradient of the fourth alone (factor 1/2 of the linear decay), each example
+    seen once. Before, the second step ran on into a second epoch (6 examples) and divided by 3 anyway."""
+    fm = _tiny_fm("bert")
+    batch = _batch("bert")
+    named = [(n, p) for n, p in fm.peft.named_parameters() if p.requires_grad]
+    head = {id(p) for p in fm.head.values()}
+    rate = {n: 0.2 if id(p) in head else 0.05 for n, p in named}
+    start = {n: p.detach().clone() for n, p in named}
+
+    class Data:
+        lengths = batch["attention_mask"].sum(1).numpy()
+
+    seen: list[int] = []
+
+    def collate(data, idx, pad):
+        seen.extend(int(i) for i in idx)
+        return {k: v[torch.as_tensor(idx)] for k, v in batch.items()}
+
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, head_lr=0.2, weight_decay=0.0, epochs=1, batch_size=1, grad_accum=3, warmup_ratio=0.0, max_grad_norm=0.0)
+    real, plain.collate = plain.collate, collate
+    try:
+        stats = plain.train_local(fm, Data(), np.arange(4), cfg, seed=0, pad_token_id=0)
+    finally:
+        plain.collate = real
+    assert stats.steps == 2 and stats.examples == 4
+    assert sorted(seen) == [0, 1, 2, 3], f"micro-batches past the epoch: {seen}"
+
+    trained = {n: p.detach().clone() for n, p in named}
+    theta = {n: t.double() for n, t in start.items()}
+    for group, factor in ((seen[:3], 1.0), (seen[3:], 0.5)):
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(theta[n].float())
+        total = None
+        for j in group:  # the mean of the group's single-example gradients
+            grads = torch.autograd.grad(fm.peft(**{k: v[j : j + 1] for k, v in batch.items()}).loss, [p for _, p in named])
+            total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
+        for (n, _), g in zip(named, total, strict=True):
+            theta[n] = theta[n] - rate[n] * factor * g.double() / len(group)
+    for n in trained:
+        assert not torch.equal(trained[n], start[n]), f"{n} did not move: the check would have no power"
+        torch.testing.assert_close(trained[n].double(), theta[n], atol=1e-6, rtol=1e-5, msg=n)

@@ -16,7 +16,7 @@ from ..data import collate, length_bucketed_batches
 from ..models import FedModel
 from .seeding import derive_seed, generator
 
-__all__ = ["TrainStats", "train_local", "planned_steps", "optimizer_groups", "make_optimizer"]
+__all__ = ["TrainStats", "train_local", "planned_steps", "planned_micro_batches", "optimizer_groups", "make_optimizer"]
 
 
 @dataclass
@@ -38,15 +38,21 @@ class TrainStats:
         return out
 
 
-def planned_steps(num_examples: int, cfg: TrainConfig) -> int:
-    """Optimiser steps for one round of local training on ``num_examples`` (≥ 1: the partitions and
-    the personal split never leave a client empty, and the loop over no batches would never end)."""
+def planned_micro_batches(num_examples: int, cfg: TrainConfig) -> int:
+    """Forward–backward passes for one round: ``train.steps`` × ``grad_accum`` when steps are given,
+    else ⌈epochs · ⌈n / batch_size⌉⌉ (≥ 1: the partitions and the personal split never leave a client
+    empty, and the loop over no batches would never end)."""
     if num_examples < 1:
         raise ValueError("a client with no examples cannot train")
     if cfg.steps > 0:
-        return cfg.steps
-    per_epoch = math.ceil(num_examples / cfg.batch_size)
-    return max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
+        return cfg.steps * cfg.grad_accum
+    return max(1, math.ceil(math.ceil(num_examples / cfg.batch_size) * cfg.epochs))
+
+
+def planned_steps(num_examples: int, cfg: TrainConfig) -> int:
+    """Optimiser steps for one round of local training on ``num_examples``: ⌈micro-batches / grad_accum⌉,
+    the last step accumulating what is left of the epochs (fewer than ``grad_accum`` micro-batches)."""
+    return math.ceil(planned_micro_batches(num_examples, cfg) / cfg.grad_accum)
 
 
 REGRESSION_HEAD_FACTOR = 10.0
@@ -98,6 +104,7 @@ def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed:
     params = fm.trainable_parameters()
     opt = make_optimizer(fm, params, cfg)
     total = planned_steps(len(indices), cfg)
+    micro_total = planned_micro_batches(len(indices), cfg)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     place = fm.placement
     scaler = torch.amp.GradScaler(place.device.type) if place.needs_scaler else None
@@ -112,14 +119,17 @@ def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed:
             batch = place.batch(collate(data, batch_idx, pad_token_id))
             with place.autocast():
                 loss = model(**batch).loss
-            scaled = loss.float() / cfg.grad_accum
+            # The step's gradient is the mean over its micro-batches; the last step of the round takes only
+            # what is left of the epochs (so a round never runs into the next epoch's batches).
+            group = min(cfg.grad_accum, micro_total - steps * cfg.grad_accum)
+            scaled = loss.float() / group
             (scaler.scale(scaled) if scaler else scaled).backward()
             loss_sum += loss.detach().to(acc) * len(batch_idx)
             loss_n += len(batch_idx)
             examples += len(batch_idx)
             tokens += batch["input_ids"].numel()
             micro += 1
-            if micro % cfg.grad_accum == 0:
+            if micro - steps * cfg.grad_accum == group:
                 if scaler:
                     scaler.unscale_(opt)  # clip the true gradients
                 if cfg.max_grad_norm > 0:
