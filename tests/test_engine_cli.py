@@ -81,6 +81,10 @@ BAD_OVERRIDES = {
     "quantization-unknown": ({"model__quantization": "3bit"}, ["model.quantization", "3bit"]),
     "fold-on-quantized": ({"model__quantization": "4bit", "model__base_delta": "fold"}, ["base_delta=fold", "quantized"]),
     "base-delta-unknown": ({"model__base_delta": "lazy"}, ["model.base_delta", "lazy"]),
+    "class-aware-head-keys-not-the-output-layer": (
+        {"fed__method": "hexa", "fed__options": "{class_aware_head: true, head_keys: [classifier.weights]}"},
+        ["fed.options.head_keys", "classifier.weights", "classifier.weight"],
+    ),
 }
 
 

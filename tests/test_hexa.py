@@ -439,3 +439,15 @@ def test_server_momentum_rank_keeps_the_top_of_the_buffer():
 def test_server_momentum_bad_options(bad):
     with pytest.raises(ValueError, match="server_momentum|momentum_rank"):
         get_aggregator("hexa", **bad)
+
+
+def test_class_aware_head_keys_that_are_not_dense_parameters_are_named():
+    dense = {"head.weight": torch.zeros(3, 4), "head.bias": torch.zeros(3)}
+    agg = get_aggregator("hexa", class_aware_head=True, head_keys=("head.weights", "head.bias"))
+    state = random_global(agg, shapes={"q": (8, 6)}, rank=2, dense=dense)
+    _, ups = client_round(agg, state, [None] * 2, [1, 2], seed=0)
+    updates = [ClientUpdate(c, n, u.adapters, dense=dense, label_counts=torch.tensor([1, 1, 0])) for c, n, u in zip("ab", (1, 2), ups, strict=True)]
+    snap = snapshot(state)
+    with pytest.raises(ValueError, match="'head.weights' is not among the clients' dense parameters"):
+        agg.aggregate(state, updates)
+    assert_unchanged(state, snap)

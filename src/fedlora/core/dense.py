@@ -49,6 +49,8 @@ def class_aware_average(
     totals = counts.sum(0)  # (C,)
     per_class = torch.where(totals > 0, counts / totals.clamp_min(1e-300), p[:, None].double())  # (K, C)
     for key in output_keys:
+        if any(key not in u.dense for u in updates):
+            raise ValueError(f"class-aware averaging: output-layer parameter {key!r} is not among the clients' dense parameters")
         ref = updates[0].dense[key]
         if ref.shape[0] != counts.shape[1]:
             raise ValueError(f"output-layer parameter {key!r} has {ref.shape[0]} rows but clients report {counts.shape[1]} classes")

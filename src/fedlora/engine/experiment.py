@@ -185,6 +185,14 @@ def make_aggregator(cfg: RunConfig, fm: FedModel) -> Aggregator:
         raise ConfigError("fed.options.class_aware_head needs a classification task (this one is regression)")
     if options.get("class_aware_head") and not options.get("head_keys"):
         options["head_keys"] = fm.output_keys()  # HEXA (e): the output layer's rows are the classes
+    elif options.get("class_aware_head"):
+        keys = [options["head_keys"]] if isinstance(options["head_keys"], str) else list(options["head_keys"])
+        rows = fm.base.config.num_labels
+        wrong = [k for k in keys if k not in fm.head or fm.head[k].shape[0] != rows]
+        if wrong:
+            fits = ", ".join(fm.output_keys())
+            raise ConfigError(f"fed.options.head_keys {wrong} are not the head's output layer ({rows} rows, one per class): leave head_keys out, or give {fits}")
+        options["head_keys"] = keys
     return get_aggregator(cfg.fed.method, weighting=cfg.fed.weighting, **options)
 
 
