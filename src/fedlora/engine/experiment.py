@@ -191,7 +191,9 @@ def make_aggregator(cfg: RunConfig, fm: FedModel) -> Aggregator:
         wrong = [k for k in keys if k not in fm.head or fm.head[k].shape[0] != rows]
         if wrong:
             fits = ", ".join(fm.output_keys())
-            raise ConfigError(f"fed.options.head_keys {wrong} are not the head's output layer ({rows} rows, one per class): leave head_keys out, or give {fits}")
+            raise ConfigError(
+                f"fed.options.head_keys {wrong} are not the head's output layer ({rows} rows, one per class): leave head_keys out, or give {fits}"
+            )
         options["head_keys"] = keys
     return get_aggregator(cfg.fed.method, weighting=cfg.fed.weighting, **options)
 
