@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -330,11 +331,8 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
         'are chance; "Which differences are real" adjusts for them).\n'
     )
     text = f"# {title}\n\n{note}"
-    precisions: dict[str, int] = {}
-    for r in results.values():
-        hw = r.get("hardware", "")
-        if ", " in hw:  # "cpu: <model>, fp32": the arithmetic the run trained in
-            precisions[hw.rsplit(", ", 1)[1]] = precisions.get(hw.rsplit(", ", 1)[1], 0) + 1
+    # "cpu: <model>, fp32": the arithmetic each run trained in
+    precisions = Counter(hw.rsplit(", ", 1)[1] for r in results.values() if ", " in (hw := r.get("hardware", "")))
     if len(precisions) > 1:
         counts = ", ".join(f"{k}: {n} runs" for k, n in sorted(precisions.items()))
         text += f"**The runs trained at more than one precision ({counts}):** the tables pool them, pairs included.\n"
