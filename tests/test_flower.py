@@ -389,6 +389,37 @@ def test_the_server_keeps_only_the_base_deltas_a_node_still_lacks(tiny_models, t
         torch.testing.assert_close(got.adapters[name].A, a.A, atol=3e-5, rtol=1e-4)
 
 
+def test_with_client_sampling_the_history_stays_within_the_snapshots_size(tiny_models, tmp_path, monkeypatch):
+    """Two of four clients a round: a node can go unsampled for rounds, and the history used to grow back to the
+    least recently synced node. Now once the kept rounds' bytes exceed the snapshot's (Σ_t ΔW0_t in
+    float32) the oldest go; a node behind them is sent the snapshot, and the run still equals the
+    in-process one."""
+    import fedlora.flower.strategy as strategy
+
+    seen = []
+    real = strategy.FedLoraStrategy.aggregate_train
+
+    def spy(self, server_round, replies):
+        out = real(self, server_round, replies)
+        held = 4 * sum(f.numel() for d in self.history.values() for f in d.values())
+        snapshot = 4 * sum(f.numel() for f in self.server.folded.values())
+        floor = min(self.synced.get(node, 0) for node in self.nodes.values())
+        seen.append((server_round, held, snapshot, self.pruned, floor))
+        return out
+
+    monkeypatch.setattr(strategy.FedLoraStrategy, "aggregate_train", spy)
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__rounds=6, fed__fraction=0.5, partition__num_clients=4, model__rank=8)
+    sim, want = run_in_process(over, tmp_path)
+    server, got, _ = run_flower(over, tmp_path)
+    assert [r["clients"] for r in sim.rounds] == [2] * 6
+    assert all(held <= snapshot for t, held, snapshot, _, _ in seen if t >= 2), seen
+    assert any(pruned > floor for *_, pruned, floor in seen), f"no round was pruned by size: the check has no power {seen}"
+    assert [r["eval_accuracy"] for r in server.rounds] == pytest.approx([r["eval_accuracy"] for r in sim.rounds], abs=1e-6)
+    for name, a in want.adapters.items():
+        torch.testing.assert_close(got.adapters[name].B, a.B, atol=3e-5, rtol=1e-4)
+        torch.testing.assert_close(got.adapters[name].A, a.A, atol=3e-5, rtol=1e-4)
+
+
 def test_rounds_without_a_base_delta_need_no_resync(tiny_models, tmp_path, caplog):
     """HEXA without the fold and with server momentum sends no base delta in round 1. A node held
     itself as having folded through round 0 while the server held it through round 1, so in round 3

@@ -176,13 +176,28 @@ class FedLoraStrategy(Strategy):
     def _prune(self) -> None:
         """Drop the base deltas every node of the run has folded: the history would otherwise keep
         every round's (full-rank for exact methods: gigabytes a round at LLM widths). A node that
-        later needs a dropped round (it lost its sum) is sent the snapshot of every round instead."""
+        later needs a dropped round (it lost its sum) is sent the snapshot of every round instead.
+
+        With client sampling a node can go unsampled for many rounds, and the history would grow back
+        to it; once the history's bytes exceed the snapshot's (Σ_t ΔW0_t, factored: at most min(m, n)
+        columns a module, in float32), the oldest rounds go too: a node that far behind is cheaper to
+        send the snapshot, so what the server holds stays within about twice the snapshot."""
         if not self.nodes:
             return
         floor = min(self.synced.get(node, 0) for node in self.nodes.values())
         if floor > self.pruned:
             self.history = {span: d for span, d in self.history.items() if span[1] > floor}
             self.pruned = floor
+        if self.state.round < 2 or not self.server.folded:
+            return  # one round travels as its own delta (_message), never as the snapshot
+        snapshot = 4 * sum(f.numel() for f in self.server.folded.values())
+        width = torch.empty((), dtype=self.wire).element_size()
+        held = {span: width * sum(f.numel() for f in d.values()) for span, d in self.history.items()}
+        for span in sorted(held):
+            if sum(held.values()) <= snapshot:
+                break
+            del self.history[span], held[span]
+            self.pruned = max(self.pruned, span[1])
 
     def _exchange(self, grid: Grid) -> list[Message]:
         """Push this round's messages and pull replies as they come, each message with
