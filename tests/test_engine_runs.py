@@ -229,6 +229,19 @@ def test_a_users_csv_with_string_labels_trains_through_the_cli(tiny_models, tmp_
 
 
 # ---------------------------------------------------------------------- Fed-SB on a real model
+def test_fedsb_over_a_bfloat16_wire_keeps_every_client(tiny_models, tmp_path):
+    """The server keeps the B it sends, rounded to bf16 (≈ 1.6e-3 of ‖B‖ off the frame U of round 1);
+    each client's B_i = B_t·C_i lies in span(B_t), so the span check must be against B_t: against U
+    it refused every client from round 2 and the run failed."""
+    from fedlora.engine import Simulator
+
+    cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, fed__method="fedsb", fed__transport="bfloat16", train__lr=5e-3))
+    (tmp_path / "run").mkdir()
+    sim = Simulator(build_experiment(cfg), tmp_path / "run")
+    sim.run()
+    assert [r["clients"] for r in sim.rounds] == [3, 3, 3] and all(r["dropped"] == 0 for r in sim.rounds)
+
+
 def test_fedsb_clients_train_only_the_core_inside_the_round_one_frames(tiny_models, tmp_path):
     """After round 1 each client's B = Q·R with only the r×r R trained (models/lora.py's
     parametrisation): B moves, stays in the column space round 1 fixed, A does not move, and

@@ -83,10 +83,14 @@ class FedSB(Aggregator):
         frame = state.extra["frame"]
 
         def module(name: str) -> Adapter:
-            U, g = frame[name], state.adapters[name]
+            g = state.adapters[name]
+            # The span of the B the clients were sent, B_t = U·R_t as the server holds it: a client's
+            # B_i = B_t·C_i lies in it exactly. (U itself is no reference once B_t is rounded for the
+            # wire: a bf16 B_t is ≈ 1e-3 of ‖B‖ off span(U).)
+            U = _column_basis(g.B)
             local = module_adapters(updates, name)
             for u, a in zip(updates, local):
-                off = float((a.B - U @ (U.T @ a.B)).norm())
+                off = float((a.B.double() - U @ (U.T @ a.B.double())).norm())
                 if off > self.span_rtol * float(a.B.norm()):
                     raise UpdateError(
                         u.client_id, name, f"B left Fed-SB's fixed column space (off by {off / float(a.B.norm()):.1e} of ‖B‖); only R in B = U·R trains"
@@ -110,3 +114,9 @@ class FedSB(Aggregator):
 
         adapters, residual, frame = unzip(per_module(module, state.adapters))
         return RoundOutput(adapters=adapters, base_delta=residual, extra={"frame": frame}, info={"fedsb": "initialised"})
+
+
+def _column_basis(B: Tensor) -> Tensor:
+    """Orthonormal float64 columns spanning B's numerical column space (σ > 1e-7·σ₁)."""
+    U, S, _ = torch.linalg.svd(B.double(), full_matrices=False)
+    return U[:, : int((S > 1e-7 * S[0]).sum())] if S.numel() and S[0] > 0 else U[:, :0]
