@@ -23,6 +23,7 @@ from helpers import (
 
 from fedlora.core import Adapter, AggregationError, ClientUpdate, UpdateError, available_methods, get_aggregator
 from fedlora.core.methods.hetlora import pruned_rank, tail_norm
+from fedlora.core.state import LoraSpec
 
 NS = [30, 10, 45, 15]
 
@@ -194,6 +195,24 @@ def test_fra_is_dense_svd_truncation(split, rslora, seed):
         assert rnd.new.info["phase"] == "fra"
         assert rnd.new.info["truncation_error"] == pytest.approx(math.sqrt(dropped / total), rel=1e-4)
         state = rnd.new
+
+
+@pytest.mark.parametrize("split", ["sqrt", "B"])
+def test_fra_fills_directions_of_no_weight_with_a_fresh_init(split):
+    """One client whose B has rank 2 < r = 4: the aggregate s·B·A has two directions. FRA kept the two
+    zero singular values, and under the sqrt split B = U·√(Σ/s), A = √(Σ/s)·Vᵀ made both factors' rows
+    zero there: no gradient reaches them again. Now those rows are a fresh peft init (A random, B = 0),
+    as in every other SVD method, and the product is still the aggregate."""
+    agg = get_aggregator("fra", split=split)
+    state = agg.init_state({"q": (24, 16)}, 4, LoraSpec(alpha=8.0), seed=1)
+    start = agg.client_start(state).adapters["q"]
+    g = torch.Generator().manual_seed(0)
+    B = torch.zeros(24, 4)
+    B[:, :2] = torch.randn(24, 2, generator=g)
+    A = start.A + 0.1 * torch.randn(4, 16, generator=g)
+    new = agg.aggregate(state, [ClientUpdate("c0", 10, {"q": Adapter(B, A, start.scale)})]).adapters["q"]
+    assert ref.rel_err(P(new), start.scale * ref.d(B) @ ref.d(A)) < 1e-5
+    assert float(new.A.norm(dim=1).min()) > 0.1, new.A.norm(dim=1)  # every row of A can still learn
 
 
 def test_fra_hybrid_switches_to_ffa():

@@ -40,3 +40,17 @@ def test_truncated_svd_zero_inner_dim_and_zero_matrix():
     assert top.rank == 0 and tail == 0.0
     top, tail = Factored(torch.zeros(5, 2), torch.zeros(2, 7)).truncated_svd(3)
     assert torch.equal(top.S, torch.zeros(2)) and tail == 0.0
+
+
+def test_truncated_svd_drops_values_below_rtol_into_the_tail():
+    """A rank-2 product of inner dimension 4: with rtol the round-off values past σ₂ are not kept, and
+    their (≈ 0) energy is the tail; without it all four come back."""
+    g = torch.Generator().manual_seed(3)
+    L = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    L[:, 2:] = L[:, :2] @ torch.randn(2, 2, generator=g, dtype=torch.float64)  # rank 2
+    f = Factored(L, torch.randn(4, 9, generator=g, dtype=torch.float64))
+    top, tail = f.truncated_svd(4, rtol=1e-7)
+    assert top.rank == 2 and tail < 1e-20 * float(top.S[0]) ** 2
+    assert f.truncated_svd(4)[0].rank == 4
+    assert ref.rel_err((ref.d(top.U) * ref.d(top.S)) @ ref.d(top.Vh), ref.mat(f.L, f.R)) < 1e-12
+    assert Factored(torch.zeros(6, 3), torch.zeros(3, 5)).truncated_svd(2, rtol=1e-7)[0].rank == 0

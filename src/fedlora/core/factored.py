@@ -279,8 +279,9 @@ class Factored:
         Vh = Vch[:keep].to(dtype) @ QR.T
         return SVD(U, S[:keep].to(dtype), Vh)
 
-    def truncated_svd(self, rank: int) -> tuple[SVD, float]:
-        """``svd(rank=rank)`` and the energy the truncation drops, ‖M − M_rank‖_F² = Σ_{j≥rank} σ_j².
+    def truncated_svd(self, rank: int, rtol: float | None = None) -> tuple[SVD, float]:
+        """``svd(rank=rank, rtol=rtol)`` and the energy the truncation drops, ‖M − M_k‖_F² = Σ_{j≥k} σ_j²
+        (k the values kept: at most ``rank``, and with ``rtol`` none at or below rtol·σ₁).
 
         The same QRs and core SVD as :meth:`svd`, but Q_L and Q_R stay as Householder
         reflectors (geqrf) applied to the top ``rank`` core vectors only (ormqr): Q is
@@ -294,7 +295,7 @@ class Factored:
         core = hL[: min(m, k)].triu().double() @ hR[: min(n, k)].triu().double().T
         Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
         S = S.to(dtype)
-        keep = min(rank, S.numel())
+        keep = _kept(S, rank, rtol)
         U = torch.ormqr(hL, tauL, _pad_rows(Uc[:, :keep].to(dtype), m))
         Vh = torch.ormqr(hR, tauR, _pad_rows(Vch[:keep].T.to(dtype), n)).T.contiguous()
         return SVD(U, S[:keep], Vh), float(S[keep:].double().square().sum())

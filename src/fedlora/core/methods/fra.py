@@ -60,7 +60,10 @@ class FRA(Aggregator):
 
         def module(name: str) -> tuple[Adapter, float, float]:
             full = weighted_sum_of_deltas(module_adapters(updates, name), p)
-            svd, tail = full.truncated_svd(state.rank)  # only the top-r vectors are needed
+            # only the top-r vectors are needed; directions of no weight (σ ≤ 1e-7·σ₁: a module that did not
+            # train, a rank-deficient aggregate) are dropped so that adapter_from_svd fills them with a fresh
+            # init: kept, they would give B = A = 0 rows under the sqrt split, which never get a gradient again
+            svd, tail = full.truncated_svd(state.rank, rtol=1e-7)
             gen = module_generator(state.seed, state.round + 1, name)
             return adapter_from_svd(svd, state.rank, state.adapters[name].scale, self.split, gen), tail, svd.tail_energy(0) + tail
 
