@@ -420,6 +420,33 @@ def test_with_client_sampling_the_history_stays_within_the_snapshots_size(tiny_m
         torch.testing.assert_close(got.adapters[name].A, a.A, atol=3e-5, rtol=1e-4)
 
 
+def test_hetlora_self_pruning_lowers_ranks_alike_in_both_engines(tiny_models, tmp_path):
+    """HetLoRA with rank self-pruning (γ = 0.5, a strong λ so that the tail shrinks within four rounds):
+    a client whose tail shrank sends a lower-rank adapter and trains at that rank from then on, never
+    higher; the Flower nodes (asked for a rank below their configured one) do the same as the
+    in-process engine: the same ranks round by round and the same global adapters."""
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="hetlora", fed__rounds=4, model__client_ranks="[4,4,2]")
+    over += ["fed.options={prune_gamma: 0.5, prune_strength: 20.0}"]
+    sim, want = run_in_process(over, tmp_path)
+    server, got, _ = run_flower(over, tmp_path)
+    ranks = {}
+    for r in sim.client_rows:
+        ranks.setdefault(r["client"], []).append(r["rank"])
+    assert all(a >= b for seq in ranks.values() for a, b in zip(seq, seq[1:])), ranks
+    assert any(seq[-1] < seq[0] for seq in ranks.values()), f"no client pruned: the check has no power {ranks}"
+    assert want.extra["ranks"] == got.extra["ranks"] and min(want.extra["ranks"].values()) < 2
+    assert [(r["client"], r["rank"]) for r in server.client_rows] == [(r["client"], r["rank"]) for r in sim.client_rows]
+    for name, a in want.adapters.items():
+        torch.testing.assert_close(got.adapters[name].B, a.B, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.adapters[name].A, a.A, atol=1e-5, rtol=1e-4)
+
+
+def test_hetlora_self_pruning_is_refused_under_dp(tiny_models, tmp_path):
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="hetlora", privacy__mode="local", privacy__noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match="prune_gamma > 0 reports each client's rank"):
+        build_experiment(load_config(None, [*over, "fed.options={prune_gamma: 0.5}"]))
+
+
 def test_rounds_without_a_base_delta_need_no_resync(tiny_models, tmp_path, caplog):
     """HEXA without the fold and with server momentum sends no base delta in round 1. A node held
     itself as having folded through round 0 while the server held it through round 1, so in round 3

@@ -425,6 +425,45 @@ def test_hetlora_pruned_rank(rank, now, before, gamma, min_rank, want):
     assert pruned_rank(rank, now, before, gamma, min_rank) == want
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_hetlora_self_prune_keeps_the_head_components_at_the_new_scaling(rslora):
+    """Rank 4, γ = 0.5 (t = 2): the tail sum over both modules shrank over the round, so each module's
+    first two components go on, B' = B[:, :2]·s_4/s_2 at s_2: s_2·B'·A' = s_4·B[:, :2]·A[:2] (by hand,
+    float64). Had the tail grown, the trained adapters go back as they were."""
+    from fedlora.core.methods.hetlora import self_prune
+    from fedlora.core.state import SelfPruning
+
+    lora = LoraSpec(alpha=8.0, rslora=rslora)
+    g = torch.Generator().manual_seed(4)
+    s4 = lora.scale(4)
+    start = {m: Adapter(torch.randn(6, 4, generator=g), torch.randn(4, 5, generator=g), s4) for m in ("q", "v")}
+    shrunk = {m: Adapter(torch.cat([a.B[:, :2] + 0.1, a.B[:, 2:] * 0.1], dim=1), a.A.clone(), s4) for m, a in start.items()}
+    pruning = SelfPruning(gamma=0.5, strength=1.0, min_rank=1, lora=lora)
+    out = self_prune(start, shrunk, pruning)
+    for m, a in shrunk.items():
+        b = out[m]
+        assert b.rank == 2 and b.scale == pytest.approx(lora.scale(2))
+        want = s4 * ref.d(a.B[:, :2]) @ ref.d(a.A[:2])
+        assert ref.rel_err(b.scale * ref.d(b.B) @ ref.d(b.A), want) < 1e-6
+    grown = {m: Adapter(torch.cat([a.B[:, :2], a.B[:, 2:] * 3], dim=1), a.A.clone(), s4) for m, a in start.items()}
+    assert self_prune(start, grown, pruning) is grown
+    # one module's tail shrinking is not enough when the sum over modules grew
+    mixed = {"q": shrunk["q"], "v": Adapter(torch.cat([start["v"].B[:, :2], start["v"].B[:, 2:] * 3], dim=1), start["v"].A, s4)}
+    assert self_prune(start, mixed, pruning) is mixed
+
+
+def test_hetlora_with_self_pruning_sends_each_client_the_rank_it_last_sent():
+    agg, state = make("hetlora", SHAPES, rank=4, prune_gamma=0.5)
+    assert agg.assigned_rank(state, "c0", 4) == 4
+    _, updates = client_round(agg, state, [4, 4], NS[:2], seed=1)
+    half = {n: Adapter(a.B[:, :2] * (a.scale / state.lora.scale(2)), a.A[:2], state.lora.scale(2)) for n, a in updates[0].adapters.items()}
+    new = agg.aggregate(state, [ClientUpdate(updates[0].client_id, updates[0].num_examples, half), updates[1]])
+    assert agg.assigned_rank(new, updates[0].client_id, 4) == 2 and agg.assigned_rank(new, updates[1].client_id, 4) == 4
+    assert agg.client_start(new, 2).prune is not None and agg.client_start(new, 2).adapters["q"].rank == 2
+    plain, _ = make("hetlora", SHAPES, rank=4)
+    assert plain.client_start(state).prune is None
+
+
 # -------------------------------------------------------------------- FedSVD
 def test_fedsvd_averages_B_keeps_the_product_and_orthonormalises_A():
     """Dense float64 reference: s·B'·A' = s·(Σ p_i·B_i)·A, A' has orthonormal rows, A is frozen."""

@@ -116,6 +116,10 @@ def plan_privacy(cfg: RunConfig, aggregator: Aggregator, client_sizes: list[int]
         raise ConfigError(
             f"fed.method={cfg.fed.method} with class_aware_head sends each client's exact label counts, which the DP guarantee does not cover: set it false"
         )
+    if getattr(aggregator, "self_pruning", False):
+        raise ConfigError(
+            f"fed.method={cfg.fed.method} with prune_gamma > 0 reports each client's rank, chosen from its data, which the DP guarantee does not cover: set prune_gamma to 0"
+        )
     if p.mode == "local":
         if not aggregator.local_dp:
             raise ConfigError(

@@ -91,6 +91,11 @@ class Aggregator(ABC):
         rank = self.client_rank(state, rank)
         return ClientStart(adapters={n: a.clone() for n, a in state.adapters.items()}, dense=clone_dense(state.dense))
 
+    def assigned_rank(self, state: ServerState, client_id: str, rank: int) -> int:
+        """The rank client ``client_id`` (configured at ``rank``) trains at next round: ``rank``, except
+        for methods whose clients change it (HetLoRA's self-pruning)."""
+        return rank
+
     def client_rank(self, state: ServerState, rank: int | None) -> int:
         """``rank`` checked against what this method accepts (None = the global rank)."""
         rank = state.rank if rank is None else rank

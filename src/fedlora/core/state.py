@@ -24,7 +24,7 @@ from torch import Tensor
 from .adapter import Adapter, LoraSpec
 from .factored import Factored
 
-__all__ = ["ClientUpdate", "ClientStart", "ServerState"]
+__all__ = ["ClientUpdate", "ClientStart", "SelfPruning", "ServerState"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,19 @@ class ClientUpdate:
 
 
 @dataclass(frozen=True)
+class SelfPruning:
+    """HetLoRA's rank self-pruning, done by the client (``core/methods/hetlora.py``): with t = ⌈γ·r⌉,
+    λ·Σ_modules ‖B[:, r−t:]·A[r−t:]‖_F is added to the local loss, and when that sum is smaller after
+    the round than at its start the client drops the last t components (not below ``min_rank``) and
+    sends a rank-(r − t) adapter with the same product, at the scaling ``lora`` gives that rank."""
+
+    gamma: float  # γ: the fraction of the rank in the regularised tail
+    strength: float  # λ
+    min_rank: int
+    lora: LoraSpec
+
+
+@dataclass(frozen=True)
 class ClientStart:
     """What one client downloads before a round: its starting point.
 
@@ -61,6 +74,7 @@ class ClientStart:
     train_B: bool = True  # RoLoRA's A-rounds freeze B
     train_core: bool = False  # Fed-SB: B = Q·R with Q an orthonormal basis of the B sent, only the r×r R trains
     keep_local: tuple[str, ...] = ()  # parts the client keeps as its own between rounds ("B", "dense"): FedSA-LoRA
+    prune: SelfPruning | None = None  # HetLoRA: regularise the tail and drop it when it shrinks
 
     def numel(self) -> int:
         return sum(a.numel() for a in self.adapters.values()) + sum(f.numel() for f in self.base_delta.values()) + sum(t.numel() for t in self.dense.values())

@@ -12,7 +12,10 @@ from ..config import TrainConfig
 from ..core import Adapter, ClientStart, ClientUpdate
 from ..core.adapter import in_frame, rebuilt_from_cores
 from ..core.bandwidth import transport_update
+from ..core.methods.hetlora import self_prune, tail_norm
+from ..core.state import SelfPruning
 from ..models import FedModel
+from ..models.lora import adapter_name
 from .dp_sgd import LocalDP, train_local_dp
 from .evaluate import evaluate
 from .train import TrainStats, train_local
@@ -60,13 +63,15 @@ def run_client(
             adapters = {m: Adapter(local["B"][m].clone(), a.A, a.scale) for m, a in adapters.items()}
         if "dense" in keep:
             dense = {k: t.clone() for k, t in local["dense"].items()}
+    fm.ensure_rank(client.rank)
     fm.activate(client.rank, train_A=start.train_A, train_B=start.train_B)
     fm.load_adapters(adapters)
     if dense:
         fm.load_dense(dense)
     with fm.folded(start.base_delta), fm.B_in_span(start.train_core):  # client-only frozen delta (HEXA); Fed-SB's r×r core
         if privacy is None:
-            stats = train_local(fm, data, client.indices, cfg, seed, pad_token_id=pad_token_id, progress=progress)
+            regulariser = _tail_penalty(fm, start.prune) if start.prune else None
+            stats = train_local(fm, data, client.indices, cfg, seed, pad_token_id=pad_token_id, progress=progress, regulariser=regulariser)
         else:  # local DP-SGD (privacy.mode=local)
             stats = train_local_dp(fm, data, client.indices, cfg, seed, privacy, pad_token_id=pad_token_id, progress=progress)
         if client.held_out is not None and len(client.held_out) and task is not None:
@@ -80,6 +85,8 @@ def run_client(
         if "dense" in keep:
             local["dense"] = trained_dense
             trained_dense = {k: t.clone() for k, t in start.dense.items()}
+    if start.prune:  # HetLoRA: drop the tail if the regulariser shrank it over the round
+        trained = self_prune(dict(start.adapters), trained, start.prune)
     cores = {m: in_frame(start.adapters[m].B, a.B) for m, a in trained.items()} if start.train_core else {}
     update = ClientUpdate(
         client_id=client.client_id,
@@ -93,3 +100,10 @@ def run_client(
     if cores:  # what the server holds: B rebuilt from the C that travelled, A as sent
         update = replace(update, adapters=rebuilt_from_cores(start.adapters, update.cores))
     return update, stats
+
+
+def _tail_penalty(fm: FedModel, pruning: SelfPruning):
+    """λ·Σ_modules ‖B[:, r−t:]·A[r−t:]‖_F on the active adapter's parameters (HetLoRA's regulariser)."""
+    name = adapter_name(fm.active_rank)
+    pairs = [(layer.lora_B[name].weight, layer.lora_A[name].weight) for layer in fm.layers.values()]
+    return lambda: pruning.strength * sum(tail_norm(B, A, pruning.gamma) for B, A in pairs)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,9 @@ class Server:
         jobs = []
         for i in self.sample(t):
             client = self.exp.clients[i]
+            rank = self.exp.aggregator.assigned_rank(state, client.client_id, client.rank)
+            if rank != client.rank:  # HetLoRA's self-pruning lowered it
+                client = replace(client, rank=rank)
             jobs.append(
                 ClientJob(
                     round=t + 1,

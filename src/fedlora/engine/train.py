@@ -6,10 +6,12 @@ autocast precision (``models/device.py``; fp16 with a gradient scaler)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..config import TrainConfig
 from ..data import collate, length_bucketed_batches
@@ -91,8 +93,12 @@ def make_optimizer(fm: FedModel, params: list, cfg: TrainConfig) -> torch.optim.
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed: int, *, pad_token_id: int, progress=None) -> TrainStats:
-    """Train the active adapter and the head of ``fm`` on ``data[indices]``.
+def train_local(
+    fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed: int, *, pad_token_id: int, progress=None, regulariser: Callable[[], Tensor] | None = None
+) -> TrainStats:
+    """Train the active adapter and the head of ``fm`` on ``data[indices]``, minimising the task loss
+    plus ``regulariser()`` when given (a function of the parameters: HetLoRA's tail norm). The loss
+    reported is the task's.
 
     A fresh optimiser per call (as FedEx-LoRA's code does per round), so no
     optimiser state is carried between rounds or swapped between clients.
@@ -122,7 +128,8 @@ def train_local(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, seed:
             # The step's gradient is the mean over its micro-batches; the last step of the round takes only
             # what is left of the epochs (so a round never runs into the next epoch's batches).
             group = min(cfg.grad_accum, micro_total - steps * cfg.grad_accum)
-            scaled = loss.float() / group
+            objective = loss.float() if regulariser is None else loss.float() + regulariser()
+            scaled = objective / group
             (scaler.scale(scaled) if scaler else scaled).backward()
             loss_sum += loss.detach().to(acc) * len(batch_idx)
             loss_n += len(batch_idx)

@@ -20,7 +20,7 @@ and tokenised once per process) never keeps one node's folds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -153,8 +153,11 @@ def train(msg: Message, context: Context) -> Message:
     if pid != int(job["partition-id"]):
         raise ValueError(f"job for partition {job['partition-id']} reached the node holding partition {pid}")
     client, data = _client_data(local, context, pid)
-    if client.rank != int(job["rank"]):
-        raise ValueError(f"server asks for rank {job['rank']}, the run's config gives client {pid} rank {client.rank}")
+    if int(job["rank"]) != client.rank:
+        # a method may lower a client's rank (HetLoRA's self-pruning), never raise it
+        if not 1 <= int(job["rank"]) < client.rank or start.prune is None:
+            raise ValueError(f"server asks for rank {job['rank']}, the run's config gives client {pid} rank {client.rank}")
+        client = replace(client, rank=int(job["rank"]))
     try:
         base = _sync_base(msg.content, context, job)
     except _Gap as gap:  # ask the server for every base delta after the last round this node holds

@@ -40,7 +40,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from ..core import Adapter, ClientStart, ClientUpdate, Factored
-from ..core.adapter import rebuilt_from_cores
+from ..core.adapter import LoraSpec, rebuilt_from_cores
+from ..core.state import SelfPruning
 
 __all__ = [
     "encode_start",
@@ -157,20 +158,24 @@ def encode_start(
     since: int = 0,
 ) -> RecordDict:
     content = RecordDict()
-    content[JOB] = ConfigRecord(
-        {
-            "round": round,
-            "partition-id": partition_id,
-            "rank": rank,
-            "seed": seed,
-            "train-a": bool(start.train_A),
-            "train-b": bool(start.train_B),
-            "train-core": bool(start.train_core),
-            "keep-local": ",".join(start.keep_local),
-            "send-label-counts": bool(send_label_counts),
-            "since": int(since),  # the server holds this node as having folded every base delta through round `since`
-        }
-    )
+    job: dict[str, Any] = {
+        "round": round,
+        "partition-id": partition_id,
+        "rank": rank,
+        "seed": seed,
+        "train-a": bool(start.train_A),
+        "train-b": bool(start.train_B),
+        "train-core": bool(start.train_core),
+        "keep-local": ",".join(start.keep_local),
+        "send-label-counts": bool(send_label_counts),
+        "since": int(since),  # the server holds this node as having folded every base delta through round `since`
+    }
+    if start.prune is not None:  # HetLoRA's self-pruning settings
+        p = start.prune
+        job.update(
+            {"prune-gamma": p.gamma, "prune-strength": p.strength, "prune-min-rank": p.min_rank, "lora-alpha": p.lora.alpha, "lora-rslora": p.lora.rslora}
+        )
+    content[JOB] = ConfigRecord(job)
     _put_adapters(content, start.adapters, wire)
     content[DENSE] = _arrays(start.dense, wire)
     content[CLIENT_DELTA] = _arrays(_factored(start.base_delta), wire)
@@ -192,8 +197,19 @@ def decode_start(content: RecordDict) -> tuple[ClientStart, dict]:
         train_B=bool(job.get("train-b", True)),
         train_core=bool(job.get("train-core", False)),
         keep_local=tuple(p for p in str(job.get("keep-local", "")).split(",") if p),
+        prune=_pruning(job),
     )
     return start, job
+
+
+def _pruning(job: dict) -> SelfPruning | None:
+    if "prune-gamma" not in job:
+        return None
+    try:
+        lora = LoraSpec(alpha=float(job["lora-alpha"]), rslora=bool(job["lora-rslora"]))
+        return SelfPruning(float(job["prune-gamma"]), float(job["prune-strength"]), int(job["prune-min-rank"]), lora)
+    except (KeyError, TypeError, ValueError) as e:
+        raise MalformedRecord(f"train message's self-pruning settings are incomplete or not numbers: {e}") from None
 
 
 def encode_broadcast(content: RecordDict, entries: Mapping[tuple[int, int], Mapping[str, Factored]], wire: torch.dtype = torch.float32) -> None:

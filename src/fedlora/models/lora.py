@@ -127,6 +127,19 @@ class FedModel:
         return [n for n in self.head if n.rsplit(".", 1)[0] == mods[-1]]
 
     # ---------------------------------------------------------------- adapters
+    def ensure_rank(self, rank: int) -> None:
+        """Add a rank-``rank`` adapter if the model has none (a client whose method lowered its rank:
+        HetLoRA's self-pruning). Frozen until :meth:`activate`; placed beside its base layer by peft."""
+        if rank in self.ranks:
+            return
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.peft.add_adapter(adapter_name(rank), self.settings.peft_config(rank))
+        self.ranks = sorted({*self.ranks, rank})
+        self.activate(self.active_rank)  # the new adapter's factors frozen; peft's add_adapter leaves the active one as it was
+
     def activate(self, rank: int, train_A: bool = True, train_B: bool = True) -> None:
         """Make the rank-``rank`` adapter the active, trainable one (and the head trainable)."""
         name = adapter_name(rank)
