@@ -17,6 +17,11 @@ rounded to bf16 (8 bits of mantissa: a relative error ≤ 2⁻⁹ per entry). Th
 own new state (adapters, heads, base delta) to what it sends, so the server and every client
 hold the same values, bit for bit, and exact methods stay exact with respect to what was
 transmitted; the cost is the rounding of each round's factors, never an accumulating mismatch.
+One exception: FedHL keeps the untruncated W_t beside the adapters and adds each client's change
+from the start *it computed* (unrounded), while the client started from the rounded download, so
+each round's rounding of the starts stays in W_t: a random walk, measured at 2.1e-3 of ‖W‖ after
+one round and 1.1e-2 after 200 rounds of clients that send back exactly what they received
+(MiniLM-sized module, rank 8, ranks 2/4/8/8). Use float32 transport for FedHL over long runs.
 """
 
 from __future__ import annotations
