@@ -159,6 +159,22 @@ def test_bad_dense_params_refused(name):
     refused(agg, state, [ups[0], ClientUpdate("c1", 4, ups[1].adapters, dense={"head": nan}), ups[2]], "c1", "head", words=["nan"])
     refused(agg, state, [ups[0], ClientUpdate("c1", 4, ups[1].adapters, dense={"head": torch.randn(4, 3)}), ups[2]], "c1", "head", words=["shape"])
     refused(agg, state, [ups[0], ClientUpdate("c1", 4, ups[1].adapters, dense={}), ups[2]], "c1", "head")
+    wide = torch.randn(3, 4, dtype=torch.float64)  # the norm check raised torch's RuntimeError on it, ending the round
+    refused(agg, state, [ups[0], ClientUpdate("c1", 4, ups[1].adapters, dense={"head": wide}), ups[2]], "c1", "head", words=["dtype", "float64"])
+
+
+@pytest.mark.parametrize("name", ["fedex", "fedit", "flexlora"])
+def test_updates_that_are_not_detached_dense_adapters_are_refused_by_name(name):
+    """A plug-in client's mistakes: raw AttributeError, NotImplementedError or an autograd error before."""
+    agg, state, ups = setup(name)
+    a = ups[1].adapters["q"]
+    as_dict = with_module(ups[1], "q", None)
+    as_dict = ClientUpdate("c1", 4, {**as_dict.adapters, "q": {"B": a.B, "A": a.A}}, dense=ups[1].dense)
+    refused(agg, state, [ups[0], as_dict, ups[2]], "c1", "q", words=["dict", "Adapter"])
+    sparse = with_module(ups[1], "q", Adapter(a.B.to_sparse(), a.A, a.scale))
+    refused(agg, state, [ups[0], sparse, ups[2]], "c1", "q", words=["sparse"])
+    grad = with_module(ups[1], "q", Adapter(a.B.clone().requires_grad_(), a.A, a.scale))
+    refused(agg, state, [ups[0], grad, ups[2]], "c1", "q", words=["requires grad"])
 
 
 def test_ffa_changed_A_refused():

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .adapter import Adapter
 from .errors import AggregationError, UpdateError
 from .state import ClientUpdate, ServerState
 
@@ -46,6 +47,10 @@ def _check_tensor(t: object, client: str, module: str, what: str) -> Tensor:
         raise UpdateError(client, module, f"{what} is {type(t).__name__}, not a tensor")
     if not t.is_floating_point():
         raise UpdateError(client, module, f"{what} has dtype {t.dtype}; a floating-point tensor is required")
+    if t.layout != torch.strided:
+        raise UpdateError(client, module, f"{what} is a {t.layout} tensor; a dense one is required")
+    if t.requires_grad:  # aggregation writes into buffers (out=) autograd refuses for tensors that require grad
+        raise UpdateError(client, module, f"{what} requires grad; send detached tensors (tensor.detach())")
     return t  # finiteness and magnitude: _check_magnitude, after the shape checks
 
 
@@ -82,6 +87,8 @@ def validate_updates(
             raise UpdateError(cid, unknown[0], "module is not adapted by the global model")
         for name, (m, n) in expected.items():
             a = u.adapters[name]
+            if not isinstance(a, Adapter):
+                raise UpdateError(cid, name, f"the module's update is {type(a).__name__}, not an Adapter(B, A, scale)")
             B = _check_tensor(a.B, cid, name, "B")
             A = _check_tensor(a.A, cid, name, "A")
             want_dtype = state.adapters[name].B.dtype
@@ -122,6 +129,8 @@ def validate_updates(
             raise UpdateError(cid, diff[0], "dense parameter set differs from the global model's")
         for name, t in u.dense.items():
             _check_tensor(t, cid, name, "dense parameter")
+            if t.dtype != state.dense[name].dtype:
+                raise UpdateError(cid, name, f"dense parameter dtype {t.dtype} differs from the server's {state.dense[name].dtype}")
             _check_magnitude(t, cid, name, "dense parameter")
             if tuple(t.shape) != tuple(state.dense[name].shape):
                 raise UpdateError(cid, name, f"dense parameter shape {tuple(t.shape)} != {tuple(state.dense[name].shape)}")
