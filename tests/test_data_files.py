@@ -102,3 +102,31 @@ def test_ragged_csv_and_other_errors(tmp_path):
         load_text_file(write(tmp_path / "d.parquet", "x"), "text", "label")
     with pytest.raises(DataError, match="one or two columns"):
         load_text_file(f, ["a", "b", "c"], "label")
+
+
+@pytest.mark.parametrize("label", ["99999999999999999999", "1e300", "2147483648"])
+def test_huge_integer_label_is_one_error_naming_the_line(tmp_path, label):
+    """JSON numbers past int64 (and ids no head has) are refused with the line, not an OverflowError."""
+    f = write(tmp_path / "d.jsonl", f'{{"text": "a", "label": 1}}\n{{"text": "b", "label": {label}}}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: label .* is too large for a class id"):
+        load_text_file(f, "text", "label")
+    if label.isdigit():  # a CSV's "1e300" is no integer string: an unknown label
+        f = write(tmp_path / "d.csv", f"text,label\na,1\nb,{label}\n")
+        with pytest.raises(DataError, match=r"d\.csv:3: label .* too large for a class id"):
+            load_text_file(f, "text", "label")
+    assert load_text_file(write(tmp_path / "ok.jsonl", '{"text": "a", "label": 2147483647}\n'), "text", "label").labels.tolist() == [2**31 - 1]
+
+
+@pytest.mark.parametrize("value, kind", [('["a", "b"]', "a list"), ('{"x": 1}', "an object"), ("5", "a number"), ("true", "a boolean"), ("null", "null")])
+def test_jsonl_text_that_is_no_string_is_refused(tmp_path, value, kind):
+    f = write(tmp_path / "d.jsonl", f'{{"text": "fine", "label": 0}}\n{{"text": {value}, "label": 1}}\n')
+    with pytest.raises(DataError, match=rf"d\.jsonl:2: column 'text' holds {kind}, not a text string"):
+        load_text_file(f, "text", "label")
+
+
+def test_csv_header_naming_a_column_twice_is_refused(tmp_path):
+    f = write(tmp_path / "d.csv", "text,text,label\na,b,1\n")
+    with pytest.raises(DataError, match=r"d\.csv:1: the header names column\(s\) \['text'\] more than once"):
+        load_text_file(f, "text", "label")
+    ds = load_text_file(write(tmp_path / "e.csv", "text,label,,\na,1,,\n"), "text", "label")  # unnamed columns are never read
+    assert ds.text_a == ["a"] and ds.labels.tolist() == [1]

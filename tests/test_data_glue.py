@@ -156,7 +156,7 @@ def test_missing_file_names_path(tmp_path):
 def test_malformed_row_names_file_and_line(tmp_path, task_dir, task, mutate, line, message):
     path, text = copy_task(tmp_path, task_dir)
     path.write_text(mutate(text), encoding="utf-8")
-    with pytest.raises(DataError, match=rf"train\.tsv:{line}: {message}"):
+    with pytest.raises(DataError, match=rf"train\.tsv:{line}: {message}.*; fix or delete that row \(from Python, load_glue\(\.\.\., strict=False\)"):
         load_glue(task, "train", data_dir=tmp_path)
     with pytest.warns(UserWarning, match="skipped 1 malformed row"):
         ds = load_glue(task, "train", data_dir=tmp_path, strict=False)

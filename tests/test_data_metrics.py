@@ -71,6 +71,22 @@ def test_nan_predictions_give_nan():
     assert math.isnan(m["pearson"]) and math.isnan(m["spearman"])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("task", ["sst2", "cola", "mrpc", "mnli"])
+def test_non_finite_logits_give_nan_for_every_metric(task, bad):
+    """A diverged classifier scores nan, not the accuracy of argmax over nan (always class 0 here,
+    which an all-negative dev set would score as perfect)."""
+    spec = get_task(task)
+    gold = np.zeros(4, dtype=np.int64)
+    scores = np.zeros((4, spec.num_labels), dtype=np.float32)
+    scores[1, 0] = bad
+    m = compute_metrics(task, scores, gold)
+    assert set(m) == set(spec.metrics) and all(math.isnan(v) for v in m.values())
+    assert all(math.isnan(v) for v in compute_metrics(task, torch.tensor(scores), gold).values())
+    with pytest.raises(DataError, match="logits have 9 columns"):  # still checked first
+        compute_metrics(task, np.full((4, 9), np.nan), gold)
+
+
 def test_shape_errors():
     with pytest.raises(DataError, match="logits have 3 columns, task has 2 labels"):
         compute_metrics("rte", np.zeros((8, 3)), GOLD)

@@ -155,3 +155,70 @@ def test_dirichlet_small_alpha_many_clients_few_classes_is_feasible_and_equal_si
     majority = hist.max(1) / hist.sum(1)
     assert np.median(majority) > 0.8  # most clients are dominated by one class
     assert sorted(np.concatenate(parts).tolist()) == list(range(1000))
+
+
+def _flwr_inner_dirichlet(targets, sizes, alpha, seed):
+    """flwr's own InnerDirichletPartitioner on ``targets``: per client, the sorted positions."""
+    import datasets
+    from flwr_datasets.partitioner import InnerDirichletPartitioner
+
+    part = InnerDirichletPartitioner(partition_sizes=sizes, partition_by="label", alpha=alpha, shuffle=True, seed=seed)
+    part.dataset = datasets.Dataset.from_dict({"label": targets, "idx": np.arange(len(targets))})
+    return [np.sort(np.asarray(part.load_partition(i)["idx"])) for i in range(len(sizes))]
+
+
+@pytest.mark.parametrize("classes, alpha", [(2, 0.1), (2, 1.0), (4, 0.5), (7, 0.3)])
+def test_dirichlet_fill_is_flwrs_where_flwr_succeeds(classes, alpha):
+    """The fill replaces flwr's (which fails on some draws) draw for draw: wherever flwr
+    succeeds, both give the same clients, so existing partitions stay what they were."""
+    from fedlora.data.partition import _inner_dirichlet
+
+    targets = np.random.default_rng(classes).integers(0, classes, 600)
+    sizes = [75] * 8
+    for seed in range(4):
+        expected = _flwr_inner_dirichlet(targets, sizes, alpha, seed)
+        got = [np.sort(p) for p in _inner_dirichlet(targets, sizes, alpha, seed)]
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
+def test_dirichlet_class_ids_with_gaps_partition_like_dense_ids():
+    """Labels {0, 2} (and scores with empty bins) are the same two classes as {0, 1}: the same
+    split, every example used; flwr's partitioner never draws id 2 and fails."""
+    dense = np.random.default_rng(0).integers(0, 2, 1000)
+    gapped = dense * 2
+    expected = partition(dense, 4, "dirichlet", alpha=0.5, seed=0)
+    got = partition(gapped, 4, "dirichlet", alpha=0.5, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+    assert sorted(np.concatenate(got).tolist()) == list(range(1000)) and {len(p) for p in got} == {250}
+    # Scores at both ends of [0, 5]: bins 0 and 4 hold them, bins 1..3 are empty.
+    scores = np.where(dense == 1, 4.5, 0.5).astype(np.float32)
+    scores[:2] = [0.0, 5.0]  # the range is [0, 5]: five bins of width 1
+    assert np.unique(regression_bins(scores)[0]).tolist() == [0, 4]
+    by_score = partition(scores, 4, "dirichlet", alpha=0.5, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(by_score, partition((scores > 2.5).astype(int), 4, "dirichlet", alpha=0.5, seed=0)))
+
+
+def test_dirichlet_tiny_alpha_where_a_mix_runs_out_is_still_filled():
+    """α = 0.001 draws mixes with exact zeros: a client whose only class runs out has no weight
+    left anywhere (flwr divides by zero and fails); it takes what is left instead."""
+    labels = np.random.default_rng(1).integers(0, 2, 1000)
+    for seed in range(3):
+        parts = partition(labels, 100, "dirichlet", alpha=0.001, seed=seed)
+        assert {len(p) for p in parts} == {10}
+        assert sorted(np.concatenate(parts).tolist()) == list(range(1000))
+        hist = label_histogram(labels, parts, num_classes=2)
+        assert (hist.max(1) == 10).mean() > 0.6  # most clients hold one class only (those filled as a class ran out mix)
+    # the case the fill handles: flwr itself divides 0 by 0 on it and fails
+    with pytest.raises(ValueError, match="NaN"), pytest.warns(RuntimeWarning, match="invalid value encountered in divide"):
+        _flwr_inner_dirichlet(labels, [10] * 100, 0.001, 0)
+
+
+@pytest.mark.parametrize("scheme, kw", [("dirichlet", {"alpha": 0.5}), ("dirichlet_class", {"alpha": 0.5}), ("pathological", {"labels_per_client": 1})])
+def test_label_skew_of_one_class_is_refused(scheme, kw):
+    """One class (instruction data without data.category_field): a label skew would be an IID split."""
+    one = np.zeros(100, dtype=np.int64)
+    with pytest.raises(DataError, match=rf"scheme '{scheme}' skews clients by label, but all 100 examples have one label.*data\.category_field"):
+        partition(one, 4, scheme, seed=0, **kw)
+    with pytest.raises(DataError, match="one score bin"):
+        partition(np.full(100, 2.5, dtype=np.float32), 4, scheme, seed=0, **kw)
+    assert len(partition(one, 4, "iid", seed=0)) == len(partition(one, 4, "quantity", alpha=1.0, seed=0)) == 4

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fedlora.data import DataError, TextDataset, collate, length_bucketed_batches, tokenize
+from fedlora.data.tokenize import pair_separator
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "park", "big", "red", ".", "##s"]
 
@@ -134,3 +135,45 @@ def test_eval_batches_sorted_and_unshuffled():
     assert length_bucketed_batches(lengths, [], 4, generator=None) == []
     with pytest.raises(DataError, match="batch_size"):
         length_bucketed_batches(lengths, idx, 0, generator=None)
+
+
+def _word_level(**special):
+    """A tokenizer with no pair template (like GPT-2's): one id per word, specials as given."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", "the", "cat", "sat", "a", "dog", "ran", "<sep>"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **special)
+
+
+def test_pair_without_template_gets_eos_between_sentences():
+    """GPT-2-style tokenizers add nothing between a pair's sentences: "the cat sat" + "a dog ran"
+    would read as one sentence. The eos token (id 1) goes between them; truncation keeps it."""
+    gpt2_like = _word_level(eos_token="<eos>", pad_token="<eos>")
+    assert gpt2_like.num_special_tokens_to_add(pair=True) == 0
+    pairs = TextDataset(["the cat sat", "the cat sat the cat sat"], ["a dog ran", "a dog"], np.array([0, 1]))
+    tok = tokenize(pairs, gpt2_like, max_length=7)
+    assert tok.input_ids(0).tolist() == [3, 4, 5, 1, 6, 7, 8]
+    assert tok.input_ids(1).tolist() == [3, 4, 5, 3, 1, 6, 7]  # longest first: the first sentence is cut, the eos kept
+    sep_first = tokenize(pairs, _word_level(eos_token="<eos>", sep_token="<sep>"), max_length=16)
+    assert sep_first.input_ids(0).tolist() == [3, 4, 5, 9, 6, 7, 8]  # a sep token is preferred to eos
+    single = tokenize(TextDataset(["the cat sat"], None, np.array([0])), gpt2_like, max_length=7)
+    assert single.input_ids(0).tolist() == [3, 4, 5]  # single sentences are untouched
+
+
+def test_pair_without_template_or_specials_gets_a_newline(bert):
+    """A byte-level tokenizer with no eos or sep: a newline separates the pair, the same ids as the
+    joined text; a tokenizer with a pair template (BERT's [SEP]) gets nothing added."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    bpe = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    tok = tokenize(TextDataset(["the cat"], ["a dog"], np.array([0])), byte_level, max_length=32)
+    assert tok.input_ids(0).tolist() == byte_level("the cat\na dog")["input_ids"]
+    assert len(tok.input_ids(0)) == len("the cat\na dog")
+    assert pair_separator(byte_level) == "\n" and pair_separator(bert) is None

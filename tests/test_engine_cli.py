@@ -96,6 +96,44 @@ def test_bad_override_is_one_error_line(tiny_models, small_glue, tmp_path, capsy
     _assert_refused(capsys, out, argv, *needles)
 
 
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory) -> Path:
+    """CSV/JSONL and instruction files, good and bad, for the BAD_FILES cases."""
+    root = tmp_path_factory.mktemp("user-files")
+    texts = [f"a good movie {i}" for i in range(12)]
+    (root / "train.csv").write_text("text,label\n" + "".join(f"{t},{i % 2}\n" for i, t in enumerate(texts)))
+    (root / "eval-id-2.csv").write_text("text,label\nfine,0\nfun,2\n")
+    (root / "big.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 99999999999999999999}\n')
+    (root / "list-text.jsonl").write_text('{"text": ["a", "b"], "label": 1}\n')
+    (root / "dup-header.csv").write_text("text,text,label\na,b,1\n")
+    chat = "".join(json.dumps({"instruction": f"say {i}", "output": f"ok {i}"}) + "\n" for i in range(12))
+    (root / "chat.jsonl").write_text(chat)
+    (root / "chat-null.jsonl").write_text(chat + json.dumps({"instruction": None, "output": "x"}) + "\n")
+    return root
+
+
+FILE = {"data__task": "file", "data__train_file": "train.csv", "data__eval_file": "train.csv"}
+CHAT = {"data__task": "instruct", "data__train_file": "chat.jsonl", "data__eval_file": "chat.jsonl"}
+BAD_FILES = {
+    # id: (overrides, file names among them resolved in user_files, words the message must contain)
+    "eval-id-beyond-training-ids": ({**FILE, "data__eval_file": "eval-id-2.csv"}, ["eval-id-2.csv:3", "label 2 is no class of the training data", "0..1"]),
+    "label-past-int64": ({**FILE, "data__train_file": "big.jsonl"}, ["big.jsonl:2", "too large for a class id"]),
+    "text-not-a-string": ({**FILE, "data__train_file": "list-text.jsonl"}, ["list-text.jsonl:1", "column 'text' holds a list"]),
+    "csv-header-twice": ({**FILE, "data__train_file": "dup-header.csv"}, ["dup-header.csv:1", "['text'] more than once"]),
+    "instruct-holdout": ({**CHAT, "data__eval_split": "holdout"}, ["data.eval_split=holdout", "data.task=instruct"]),
+    "instruct-null-field": ({**CHAT, "data__train_file": "chat-null.jsonl"}, ["chat-null.jsonl:13", "'instruction' is null"]),
+    "label-skew-of-one-category": ({**CHAT, "partition__scheme": "dirichlet"}, ["scheme 'dirichlet'", "one label", "data.category_field"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_user_file_is_one_error_line(tiny_models, user_files, tmp_path, capsys, case):
+    kw, needles = BAD_FILES[case]
+    kw = {k: user_files / v if k.endswith("_file") else v for k, v in kw.items()}
+    out = tmp_path / "runs"
+    _assert_refused(capsys, out, ["run", *overrides(tiny_models["bert"], out, **{"data__max_train_examples": 0, **kw})], *needles)
+
+
 def test_missing_data_dir(tiny_models, tmp_path, capsys):
     """source local (auto would try the hub: tests/test_cli_paths.py, offline, empty cache)."""
     out = tmp_path / "runs"

@@ -186,7 +186,9 @@ def _read_tsv(path: Path, spec: TaskSpec, *, strict: bool) -> TextDataset:
             except ValueError as e:
                 msg = f"{path}:{lineno}: {e}"
                 if strict:
-                    raise DataError(msg + " (strict=False skips malformed rows)") from None
+                    # No config key reaches `strict` (a run reads every row): what a user of the
+                    # command line can do is repair the file; Python callers may skip such rows.
+                    raise DataError(msg + "; fix or delete that row (from Python, load_glue(..., strict=False) skips malformed rows)") from None
                 skipped.append(msg)
                 continue
             for bucket, text in zip(texts, row[:-1]):

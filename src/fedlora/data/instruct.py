@@ -56,23 +56,46 @@ class InstructDataset:
         return False
 
 
+def _text(value, what: str, where: str, *, optional: bool = False) -> str:
+    """A field's text; DataError naming ``where`` and ``what`` for null, a non-string or blank text
+    (a JSON null would otherwise train on the word "None"). ``optional``: null and "" give ""."""
+    if optional and (value is None or value == ""):
+        return ""
+    if value is None:
+        raise DataError(f"{where}: {what} is null")
+    if not isinstance(value, str):  # only JSON gives other types; their repr is no text
+        raise DataError(f"{where}: {what} must be a string, got {type(value).__name__} {value!r:.40}")
+    if not value.strip():
+        raise DataError(f"{where}: {what} is empty")
+    return value
+
+
 def _example(row: dict, where: str) -> tuple[list[dict[str, str]], str]:
-    """(prompt messages, answer) from one record; DataError naming ``where`` if it has no answer."""
+    """(prompt messages, answer) from one record; DataError naming ``where`` if it has no answer,
+    no prompt before it, or a field that is null, blank or not a string (``input`` may be absent,
+    null or empty)."""
     if "messages" in row:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
             raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        if msgs[-1]["role"] != "assistant" or not str(msgs[-1]["content"]).strip():
+        if msgs[-1]["role"] != "assistant" or msgs[-1]["content"] is None or not str(msgs[-1]["content"]).strip():
             raise DataError(f"{where}: the last message must be the assistant's answer, and not empty (a conversation with no response)")
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs[:-1]], str(msgs[-1]["content"])
+        if len(msgs) < 2:
+            raise DataError(f"{where}: 'messages' holds only the assistant's answer; it needs at least one message (the prompt) before it")
+        out = [
+            {"role": _text(m["role"], f"the role of message {i}", where), "content": _text(m["content"], f"the content of message {i} ({m['role']!r})", where)}
+            for i, m in enumerate(msgs, start=1)
+        ]
+        return out[:-1], out[-1]["content"]
     if "instruction" not in row or "output" not in row:
         raise DataError(f"{where}: needs 'instruction' and 'output' fields (or a 'messages' list); found {sorted(row)}")
-    answer = str(row["output"] or "")
-    if not answer.strip():
+    if row["output"] is None or (isinstance(row["output"], str) and not row["output"].strip()):
         raise DataError(f"{where}: 'output' is empty (an instruction with no response)")
-    user = str(row["instruction"])
-    if row.get("input"):
-        user += "\n\n" + str(row["input"])
+    answer = _text(row["output"], "'output'", where)
+    user = _text(row["instruction"], "'instruction'", where)
+    extra = _text(row.get("input"), "'input'", where, optional=True)
+    if extra:
+        user += "\n\n" + extra
     return [{"role": "user", "content": user}], answer
 
 
@@ -97,7 +120,10 @@ def load_instruct_file(path: str | Path, *, category_field: str = "", category_n
         if category_field:
             if category_field not in row:
                 raise DataError(f"{where}: no category field {category_field!r} (data.category_field)")
-            cats.append(str(row[category_field]))
+            cat = row[category_field]
+            if isinstance(cat, int) and not isinstance(cat, bool):  # JSON 3 and CSV "3" are one category
+                cat = str(cat)
+            cats.append(_text(cat, f"the category field {category_field!r} (data.category_field)", where))
     names = list(category_names) if category_names is not None else sorted(set(cats)) if cats else ["all"]
     index = {c: i for i, c in enumerate(names)}
     unknown = sorted(set(cats) - set(index))

@@ -6,7 +6,9 @@ Pearson/Spearman undefined, and we report 0.0 — "no correlation" — so that a
 or collapsed regressor gets a finite, worst-ish score a training curve can plot and a
 federated average can use. MCC of constant predictions is 0.0 (scikit-learn's
 convention) and F1 with no predicted positives is 0.0 (``zero_division=0``).
-Non-finite predictions (a diverged model) give nan correlations, not an error.
+Non-finite predictions (a diverged model) give nan for every metric, not an error: nan
+correlations, and nan accuracy/F1/MCC for logits with a nan or inf anywhere (their argmax
+would be a class picked by the position of the nan, scored as if it were a prediction).
 """
 
 from __future__ import annotations
@@ -60,12 +62,15 @@ def compute_metrics(task_spec: TaskSpec | str, predictions, labels) -> dict[str,
         pred, gold = pred.astype(np.float64), gold.astype(np.float64)
         return {"pearson": _correlation(pearsonr, pred, gold), "spearman": _correlation(spearmanr, pred, gold)}
 
+    finite = pred.dtype.kind != "f" or bool(np.isfinite(pred).all())
     if pred.ndim == 2:
         if pred.shape[1] != spec.num_labels:
             raise DataError(f"{spec.name}: logits have {pred.shape[1]} columns, task has {spec.num_labels} labels")
         pred = pred.argmax(axis=1)
     if pred.shape != gold.shape:
         raise DataError(f"{spec.name}: predictions {pred.shape} vs labels {gold.shape}")
+    if not finite:  # a diverged model: nothing to score (as the correlations above)
+        return {name: float("nan") for name in spec.metrics}
     pred, gold = pred.astype(np.int64), gold.astype(np.int64)
     out: dict[str, float] = {}
     for name in spec.metrics:

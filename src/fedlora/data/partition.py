@@ -6,8 +6,11 @@ Schemes (all reproducible from ``seed``; every example lands on exactly one clie
 * ``dirichlet``    — label skew with equal client sizes: each client draws its label mix
                      from Dirichlet(α·1_C) and is filled example by example, a class that
                      runs out being dropped from every mix (flwr
-                     `InnerDirichletPartitioner`; Hsu et al. 2019). Small α → clients
-                     dominated by one class. Feasible for any α, K ≤ N.
+                     `InnerDirichletPartitioner`'s algorithm and draws; Hsu et al. 2019).
+                     Small α → clients dominated by one class. A client whose mix has no
+                     weight left on any class that still has examples (small α draws exact
+                     zeros) takes its remaining examples in proportion to what each class
+                     has left. Feasible for any α, K ≤ N.
 * ``dirichlet_class`` — label skew by class: each class is split among the clients in
                      proportions drawn from Dirichlet(α·1_K) (flwr `DirichletPartitioner`,
                      no self-balancing; FederatedScope's ``lda``). Small α → few classes per
@@ -22,6 +25,9 @@ Schemes (all reproducible from ``seed``; every example lands on exactly one clie
 
 Regression scores (float labels, STS-B) are binned into ``num_bins`` equal-width bins
 between the smallest and largest score for the label-skew schemes and the histograms.
+Class ids need not be contiguous (labels {0, 2}, an empty bin). The label-skew schemes
+(``dirichlet``, ``dirichlet_class``, ``pathological``) refuse labels of a single class: they
+would silently be an IID or quantity split.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ __all__ = ["SCHEMES", "partition", "regression_bins", "bin_names", "label_histog
 
 SCHEMES = ("iid", "dirichlet", "dirichlet_class", "pathological", "quantity")
 _MAX_DRAWS = 10  # quantity skew: redraws before giving up (as flwr's Dirichlet does)
+_LABEL_SKEW = ("dirichlet", "dirichlet_class", "pathological")
 
 
 def regression_bins(scores, num_bins: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -104,6 +111,12 @@ def partition(
             raise DataError(f"scheme {scheme!r}: alpha must be > 0, got {alpha}")
     classes = _classes(labels, num_bins)
     num_present = len(np.unique(classes))
+    if scheme in _LABEL_SKEW and num_present < 2:
+        raise DataError(
+            f"scheme {scheme!r} skews clients by label, but all {n} examples have one label "
+            f"({'one score bin' if labels.dtype.kind == 'f' else f'class {int(classes[0])}'}), so it would be an IID split; "
+            "use scheme iid or quantity, or give the examples classes (instruction data: data.category_field)"
+        )
     if scheme == "pathological":
         if labels_per_client is None or not 1 <= labels_per_client <= num_present:
             raise DataError(f"scheme 'pathological': labels_per_client must be in 1..{num_present} (classes present), got {labels_per_client}")
@@ -116,7 +129,12 @@ def partition(
         parts = _run_flwr("quantity", classes, perm, num_clients, sizes=sizes)
     elif scheme == "dirichlet":
         sizes = [n // num_clients + (1 if i < n % num_clients else 0) for i in range(num_clients)]
-        parts = _run_flwr("dirichlet", classes, perm, num_clients, alpha=alpha, sizes=sizes, seed=sub_seed)
+        # Not flwr's InnerDirichletPartitioner itself: it fails (0/0) whenever a small α leaves a
+        # client's mix on exhausted classes only; `_inner_dirichlet` is its fill with that case
+        # handled. Dense ids 0..C-1: the fill draws among the ids 0..C-1 (C = classes present),
+        # so a gap (labels {0, 2}, an empty score bin) would leave a class never drawn.
+        dense = np.unique(classes, return_inverse=True)[1].reshape(-1)
+        parts = [perm[p] for p in _inner_dirichlet(dense[perm], sizes, alpha, sub_seed)]
     else:
         parts = _run_flwr(scheme, classes, perm, num_clients, alpha=alpha, min_size=min_size, labels_per_client=labels_per_client, seed=sub_seed)
     parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
@@ -143,14 +161,12 @@ def _quantity_sizes(n, k, alpha, min_size, rng) -> list[int]:
 def _run_flwr(scheme, classes, perm, k, *, alpha=None, labels_per_client=None, min_size=1, seed=0, sizes=None) -> list[list[int]]:
     """Run the flwr-datasets partitioner on an in-memory Dataset; return original indices."""
     import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, InnerDirichletPartitioner, PathologicalPartitioner, SizePartitioner
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner, SizePartitioner
 
     # arrow format: flwr's column reads become array views, not per-row Python iteration
     ds = datasets.Dataset.from_dict({"label": classes[perm], "idx": perm}).with_format("arrow")
     if scheme == "iid":
         part = IidPartitioner(num_partitions=k)
-    elif scheme == "dirichlet":
-        part = InnerDirichletPartitioner(partition_sizes=sizes, partition_by="label", alpha=float(alpha), shuffle=True, seed=seed)
     elif scheme == "dirichlet_class":
         part = DirichletPartitioner(
             num_partitions=k, partition_by="label", alpha=float(alpha), min_partition_size=min_size, self_balancing=False, shuffle=True, seed=seed
@@ -178,13 +194,56 @@ def _run_flwr(scheme, classes, perm, k, *, alpha=None, labels_per_client=None, m
                 return [perm[np.asarray(rows[i], dtype=np.int64)] for i in range(k)]
             return [np.asarray(part.load_partition(i)["idx"]) for i in range(k)]
     except ValueError as e:
-        if scheme.startswith("dirichlet"):
+        if scheme == "dirichlet_class":  # flwr gives up after 10 draws that each left a client too small
             raise DataError(
                 f"scheme {scheme!r} (alpha={alpha}, {k} clients, {len(perm)} examples) "
                 f"left a client with fewer than min_size={min_size} examples in every "
                 f"draw (flwr: {e}); use a larger alpha or fewer clients"
             ) from e
         raise DataError(f"scheme {scheme!r} with {k} clients failed: {e}") from e
+
+
+def _inner_dirichlet(targets: np.ndarray, sizes: Sequence[int], alpha: float, seed: int) -> list[np.ndarray]:
+    """Positions in ``targets`` (class ids 0..C-1) per client, client i getting ``sizes[i]``.
+
+    flwr's `InnerDirichletPartitioner` fill, draw for draw (the same partitions wherever flwr
+    succeeds): every client draws a class mix from Dirichlet(α·1_C); then, one example at a
+    time, a random client that is not yet full draws a class from its mix; a class that has
+    run out is dropped from every mix, which is renormalised. flwr divides by zero where a mix
+    has no weight left on any class that still has examples (small α draws exact zeros, e.g.
+    (1, 0) for two classes) and fails; such a client here draws from what is left, in
+    proportion to each class's remaining examples. flwr's final shuffle within each client is
+    left out: the caller sorts the indices, and nothing is drawn after it.
+    """
+    rng = np.random.default_rng(seed)
+    k, num_classes = len(sizes), int(targets.max()) + 1
+    priors = rng.dirichlet(np.full(num_classes, float(alpha)), size=k)
+    pools = [np.flatnonzero(targets == c) for c in range(num_classes)]
+    left_in_class = [len(p) for p in pools]
+    chosen = [np.zeros(s, dtype=np.int64) for s in sizes]
+    left = list(sizes)
+    not_full = list(range(k))
+    while sum(left):
+        cid = int(rng.choice(not_full))
+        if left[cid] == 0:
+            not_full.remove(cid)
+            continue
+        left[cid] -= 1
+        while True:
+            mix = priors[cid]
+            if not mix.any():  # no weight on any class with examples left (flwr: NaN)
+                mix = np.asarray(left_in_class, dtype=np.float64) / sum(left_in_class)
+            c = int(rng.choice(num_classes, p=mix))
+            if left_in_class[c] == 0:
+                priors[:, c] = 0
+                sums = priors.sum(axis=1, keepdims=True)
+                # a row with nothing left stays zero (flwr's 0/0 is NaN); the others divide as flwr's do
+                priors = np.divide(priors, sums, out=np.zeros_like(priors), where=sums > 0)
+                continue
+            left_in_class[c] -= 1
+            chosen[cid][left[cid]] = pools[c][left_in_class[c]]
+            break
+    return chosen
 
 
 def _check(parts, n, scheme, alpha, min_size, classes) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor
 from .errors import DataError
 from .text import TextDataset
 
-__all__ = ["TokenizedDataset", "tokenize", "length_bucketed_batches", "collate"]
+__all__ = ["TokenizedDataset", "tokenize", "pair_separator", "length_bucketed_batches", "collate"]
 
 
 @dataclass
@@ -55,11 +55,28 @@ class TokenizedDataset:
         return self.ids[self.offsets[i] : self.offsets[i + 1]]
 
 
+def pair_separator(tokenizer) -> str | None:
+    """What `tokenize` puts before a pair's second sentence: None when the tokenizer's own pair
+    template adds tokens between the two (BERT's [SEP], RoBERTa's </s></s>, Llama's <s>); else
+    (GPT-2, Qwen: a pair is the two token lists end to end) the tokenizer's sep token, or its
+    eos token, and a space; a newline where it has neither."""
+    if tokenizer.num_special_tokens_to_add(pair=True) != tokenizer.num_special_tokens_to_add(pair=False):
+        return None
+    token = getattr(tokenizer, "sep_token", None) or getattr(tokenizer, "eos_token", None)
+    return f"{token} " if token else "\n"
+
+
 def tokenize(dataset: TextDataset, tokenizer, max_length: int, *, chunk_size: int = 4096) -> TokenizedDataset:
     """Tokenize every example once: truncation to ``max_length`` (longest-first for pairs),
-    special tokens added, no padding. Works with any Hugging Face tokenizer."""
+    special tokens added, no padding. Works with any Hugging Face tokenizer.
+
+    A sentence pair is read through the tokenizer's pair template; a tokenizer without one
+    (GPT-2-style) gets `pair_separator` prefixed to the second sentence, so the two never run
+    together (the prefix is part of the second sentence for longest-first truncation, which
+    cuts from its end)."""
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
+    sep = None if dataset.text_b is None else pair_separator(tokenizer)
     ids: list[np.ndarray] = []  # one flat int64 array per chunk
     types: list[np.ndarray] = []
     lengths: list[int] = []
@@ -67,6 +84,8 @@ def tokenize(dataset: TextDataset, tokenizer, max_length: int, *, chunk_size: in
     for start in range(0, len(dataset), chunk_size):
         a = dataset.text_a[start : start + chunk_size]
         b = None if dataset.text_b is None else dataset.text_b[start : start + chunk_size]
+        if sep is not None:
+            b = [sep + t for t in b]
         enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=False, return_attention_mask=False)
         has_types = "token_type_ids" in enc if has_types is None else has_types
         lengths.extend(len(seq) for seq in enc["input_ids"])

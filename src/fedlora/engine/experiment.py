@@ -11,7 +11,7 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from ..core import Aggregator, get_aggregator
-from ..data import TaskSpec, bin_names, get_task, label_histogram, load_glue, load_text_file, partition, regression_bins, tokenize
+from ..data import DataError, TaskSpec, bin_names, get_task, label_histogram, load_glue, load_text_file, partition, regression_bins, tokenize
 from ..data.glue import take_random
 from ..data.instruct import answer_ids, load_instruct_file, render_prompt, tokenize_instruct
 from ..data.prompts import PROMPTS, glue_as_instructions
@@ -63,10 +63,27 @@ class Experiment:
 
 
 def file_task(cfg: RunConfig, label_names: list[str] | None) -> TaskSpec:
-    """A TaskSpec for a user's CSV/JSONL files: accuracy/F1 or Pearson/Spearman."""
+    """A TaskSpec for a user's CSV/JSONL files: accuracy/F1 or Pearson/Spearman. ``label_names``:
+    the classes (from data.label_names, or `id_names` of the training labels)."""
     if cfg.data.regression:
         return TaskSpec("file", "", tuple(cfg.data.text_columns), None, ("pearson", "spearman"), "pearson", "")
-    return TaskSpec("file", "", tuple(cfg.data.text_columns), tuple(label_names or ()), ("accuracy", "f1_macro"), "accuracy", "")
+    if not label_names:
+        raise ConfigError("data.task=file (classification) needs its classes: data.label_names, or integer labels in data.train_file")
+    return TaskSpec("file", "", tuple(cfg.data.text_columns), tuple(label_names), ("accuracy", "f1_macro"), "accuracy", "")
+
+
+def id_names(labels: np.ndarray, path: str) -> list[str]:
+    """Class names "0".."max id" for integer labels read without data.label_names: the head gets
+    one output per id up to the largest in the training file (an id that never occurs is still
+    a class). Refused when that is more classes than the file has examples (ids that are no
+    class numbering, e.g. 10**9)."""
+    top = int(labels.max())
+    if top + 1 > len(labels):
+        raise DataError(
+            f"{path}: the largest label id is {top}, which makes {top + 1} classes for {len(labels)} examples; "
+            "number the classes 0..C-1, or name them in data.label_names"
+        )
+    return [str(i) for i in range(top + 1)]
 
 
 def instruct_task(label_names: list[str]) -> TaskSpec:
@@ -75,10 +92,15 @@ def instruct_task(label_names: list[str]) -> TaskSpec:
 
 
 def load_datasets(cfg: RunConfig):
+    """(task, train, evaluation) texts: the configured GLUE task, user files or instruction data,
+    subsampled to data.max_train_examples (per seed) and data.max_eval_examples (one subset for
+    every seed), or with data.eval_split=holdout the evaluation set held out of the training set."""
     d = cfg.data
     if d.task == "instruct":
         if not d.train_file or not d.eval_file:
             raise ConfigError("data.task=instruct needs data.train_file and data.eval_file (JSONL or CSV)")
+        if d.eval_split == "holdout":  # holdout_split's sentence rules are for texts with labels, not conversations
+            raise ConfigError("data.eval_split=holdout does not apply to data.task=instruct, which evaluates on data.eval_file; set data.eval_split=dev")
         train = load_instruct_file(d.train_file, category_field=d.category_field)
         dev = load_instruct_file(d.eval_file, category_field=d.category_field, category_names=train.label_names)
         # One evaluation subset for every seed, as for GLUE.
@@ -88,18 +110,24 @@ def load_datasets(cfg: RunConfig):
         if not d.train_file or not d.eval_file:
             raise ConfigError("data.task=file needs data.train_file and data.eval_file")
         train = load_text_file(d.train_file, d.text_columns, d.label_column, label_names=d.label_names or None, regression=d.regression)
-        dev = load_text_file(d.eval_file, d.text_columns, d.label_column, label_names=train.label_names, regression=d.regression)
+        if not d.regression and not d.label_names:  # integer ids: the classes are those of the training file
+            train.label_names = id_names(train.labels, d.train_file)
+            dev = load_text_file(d.eval_file, d.text_columns, d.label_column, regression=False, max_id=len(train.label_names) - 1)
+            dev.label_names = train.label_names
+        else:
+            dev = load_text_file(d.eval_file, d.text_columns, d.label_column, label_names=train.label_names, regression=d.regression)
         task = file_task(cfg, train.label_names)
-    else:
-        task = get_task(d.task)
-        kw = dict(source=d.source, data_dir=d.data_dir)
         if d.eval_split == "holdout":
-            return task, *holdout_split(load_glue(task, "train", **kw), d.holdout_examples, d.max_train_examples, cfg.seed, d.holdout_min_words)
-        train = load_glue(task, "train", max_examples=d.max_train_examples or None, seed=cfg.seed, **kw)
-        # One evaluation subset for every seed, so seeds differ only in what they train on.
-        dev = load_glue(task, "dev", max_examples=d.max_eval_examples or None, seed=0, **kw)
+            return task, *holdout_split(train, d.holdout_examples, d.max_train_examples, cfg.seed, d.holdout_min_words)
+        # As for GLUE: a training subset per seed, one evaluation subset for every seed.
+        return task, take_random(train, d.max_train_examples or None, cfg.seed), take_random(dev, d.max_eval_examples or None, 0)
+    task = get_task(d.task)
+    kw = dict(source=d.source, data_dir=d.data_dir)
     if d.eval_split == "holdout":
-        return task, *holdout_split(train, d.holdout_examples, d.max_train_examples, cfg.seed, d.holdout_min_words)
+        return task, *holdout_split(load_glue(task, "train", **kw), d.holdout_examples, d.max_train_examples, cfg.seed, d.holdout_min_words)
+    train = load_glue(task, "train", max_examples=d.max_train_examples or None, seed=cfg.seed, **kw)
+    # One evaluation subset for every seed, so seeds differ only in what they train on.
+    dev = load_glue(task, "dev", max_examples=d.max_eval_examples or None, seed=0, **kw)
     return task, train, dev
 
 
@@ -115,7 +143,11 @@ def holdout_split(full, holdout: int, max_train: int, seed: int, min_words: int 
     mostly phrases cut from its sentences (each labelled), its dev set full sentences; a held-out
     set of phrases judges recipes on the wrong distribution, and a held-out sentence whose phrases
     are still trained on is half seen (an 8,000 → 12,000-example sweep scored 3 points above dev
-    that way). Single-sentence tasks only: pairs are held out as they are."""
+    that way). Single-sentence tasks only: pairs are held out as they are.
+
+    Whatever ``min_words``, a training example whose text (or pair), whitespace aside, is that of
+    a held-out example leaves the training pool: a duplicate (SST-2 has hundreds, RTE two pairs)
+    would be trained on and then scored as unseen."""
     words = [a.split() for a in full.text_a]
     if full.text_b is not None:
         counts = np.array([len(w) + len(b.split()) for w, b in zip(words, full.text_b)])
@@ -141,6 +173,12 @@ def holdout_split(full, holdout: int, max_train: int, seed: int, min_words: int 
     if min_words and full.text_b is None:
         spans = {" ".join(w[i:j]) for w in (words[k] for k in chosen) for i in range(len(w)) for j in range(i + 1, len(w) + 1)}
         rest = np.array([k for k in rest if " ".join(words[k]) not in spans], dtype=np.int64)
+
+    def key(k):
+        return " ".join(words[k]) if full.text_b is None else (" ".join(words[k]), " ".join(full.text_b[k].split()))
+
+    held = {key(k) for k in chosen}
+    rest = np.array([k for k in rest if key(k) not in held], dtype=np.int64)
     evaluation = full.subset(np.sort(chosen))
     train = take_random(full.subset(rest), max_train or None, seed)
     return train, evaluation
@@ -292,8 +330,11 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     encode = tokenize_instruct if causal else tokenize
     train = encode(train_text, tokenizer, cfg.model.max_length)
     dev = encode(dev_text, tokenizer, cfg.model.max_length)
-    hist = label_histogram(train_text.labels, parts)
-    names = list(train_text.label_names or []) or bin_names(regression_bins(train_text.labels)[1])
+    # One column per class, those no client holds included (a subset may lack the last classes).
+    if train_text.is_regression:
+        hist, names = label_histogram(train_text.labels, parts), bin_names(regression_bins(train_text.labels)[1])
+    else:
+        hist, names = label_histogram(train_text.labels, parts, num_classes=len(train_text.label_names)), list(train_text.label_names)
     samples = []
     if causal:
         for messages in dev_text.prompts[: cfg.data.sample_prompts]:
