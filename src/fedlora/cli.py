@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
-    from .core.errors import AggregationError
+    from .core.errors import AggregationError, RoundFailed
     from .data.errors import DataError
     from .models.hub import ModelError
 
@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError, AggregationError, FileNotFoundError, ValueError) as e:
         print(f"fedlora: error: {e}", file=sys.stderr)
         return 2
+    except RoundFailed as e:  # every client of a round failed (diverged, refused): the checkpoint keeps the rounds before
+        print(f"fedlora: error: {e}; the run stopped there (its folder keeps the rounds before)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fedlora: interrupted; `fedlora run` with the same config resumes from the last completed round", file=sys.stderr)
         return 130

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +145,17 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> RunConfig:
+        for key, value in _float_settings(self):  # inf or NaN passes every comparison below that it should fail
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
         checks = [
+            (
+                self.name == "" or (self.name not in (".", "..") and not any(c in self.name for c in "/\\\0")),
+                f"name must be one folder name inside output_dir (no '/', not '.' or '..'), got {self.name!r}",
+            ),
+            (self.seed >= 0, f"seed must be ≥ 0, got {self.seed}"),
+            (self.train.eval_batch_size >= 1, f"train.eval_batch_size must be ≥ 1, got {self.train.eval_batch_size}"),
+            (self.train.weight_decay >= 0, f"train.weight_decay must be ≥ 0, got {self.train.weight_decay}"),
             (self.model.rank >= 1, "model.rank must be ≥ 1"),
             (self.model.export_rank >= 0, "model.export_rank must be ≥ 0 (0: the exact export)"),
             (self.model.alpha > 0, "model.alpha must be > 0"),
@@ -206,6 +218,16 @@ class RunConfig:
         if too_big:
             raise ConfigError(f"model.client_ranks {too_big} exceed the global rank model.rank={self.model.rank}")
         return self
+
+
+def _float_settings(cfg: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted key, value) of every float setting (fed.options, free-form, aside)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_settings(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{f.name}", value
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

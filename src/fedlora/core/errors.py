@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AggregationError", "UpdateError"]
+__all__ = ["AggregationError", "UpdateError", "RoundFailed"]
 
 
 class AggregationError(ValueError):
@@ -17,3 +17,7 @@ class UpdateError(AggregationError):
         self.module = module
         where = f"client {client!r}" + (f", module {module!r}" if module is not None else "")
         super().__init__(f"{where}: {problem}")
+
+
+class RoundFailed(RuntimeError):
+    """No sampled client finished a round: there is nothing to aggregate (raised by the engines)."""

@@ -37,9 +37,14 @@ def _head_rows(adapter: Path) -> int:
     return min(rows)
 
 
+try:
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # pragma: no cover - an older safetensors
+    _SafetensorError = OSError  # type: ignore[misc,assignment]
+
+
 def merge_run(run_dir: str | Path, out: str | Path) -> Path:
     """Write ``run_dir``'s global model, merged, to the folder ``out`` (which must not exist yet)."""
-    from peft import PeftModel
 
     run_dir, out = Path(run_dir), Path(out)
     cfg = finished_run_config(run_dir)
@@ -50,6 +55,19 @@ def merge_run(run_dir: str | Path, out: str | Path) -> Path:
             f"{run_dir} trained on a {cfg.model.quantization} base: merging into it would round the update; merge into the full-precision base by hand"
         )
     adapter = run_dir / "adapter"
+    try:
+        return _merge(cfg, adapter, out)
+    except (OSError, ValueError, _SafetensorError) as e:  # a truncated or missing adapter file, unreadable JSON
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(
+            f"{adapter} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); run `fedlora run` on the finished run again to re-export it"
+        ) from None
+
+
+def _merge(cfg, adapter: Path, out: Path) -> Path:
+    from peft import PeftModel
+
     pooler = None
     if cfg.data.task == "instruct" or cfg.data.as_prompt:
         base, tokenizer = load_causal_lm(cfg.model.name)

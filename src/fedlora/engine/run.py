@@ -145,6 +145,18 @@ def evaluate_export(exp: Experiment, cfg: RunConfig, folder: Path) -> dict[str, 
     return model_metrics(exp, model, cfg.train.eval_batch_size)
 
 
+def _swap_in(new: Path, target: Path) -> None:
+    """Replace the folder ``target`` by ``new`` (renames: the old one is removed only once the new one is in place)."""
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def run_experiment(
     cfg: RunConfig, *, overwrite: bool = False, export: bool = True, plots: bool = True, engine: Callable[[Simulator, ServerState], ServerState] | None = None
 ) -> dict[str, Any]:
@@ -157,8 +169,8 @@ def run_experiment(
     """
     exp = build_experiment(cfg)  # every input error surfaces here, before any file is written
     run_dir = Path(cfg.output_dir) / run_name(cfg)
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+    if run_dir.resolve().parent != Path(cfg.output_dir).resolve():  # validate() refuses such names; --overwrite deletes this folder
+        raise ConfigError(f"the run folder {run_dir} is not directly inside output_dir={cfg.output_dir}")
 
     def on_round(sim: Simulator) -> None:
         writer.write_rows("metrics", sim.rounds)
@@ -169,8 +181,14 @@ def run_experiment(
     sim = Simulator(exp, run_dir, on_round=on_round)
     writer = RunWriter(run_dir)
     with run_folder_lock(run_dir):
-        # A checkpoint of another configuration is refused here, before config.yaml is rewritten.
+        if overwrite:  # under the lock: a run still writing here keeps it, and this one is refused
+            for item in run_dir.iterdir():
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+        # A checkpoint (or config.yaml) of another configuration is refused here, before config.yaml is rewritten.
         state = sim.resume_or_init()
+        # Until this run writes its own, a summary here is stale: a run stopped before its end must not
+        # look finished (the grid takes a summary as a finished cell).
+        (run_dir / "summary.json").unlink(missing_ok=True)
         writer.write_config(config_to_dict(cfg))
         writer.write_histogram(exp.histogram, exp.label_names)
         if plots:
@@ -180,6 +198,10 @@ def run_experiment(
         on_round(sim)
         summary = summarise(exp, sim.rounds)
         if export:
+            # Written beside the old folder and swapped in: a re-export stopped halfway leaves the old adapter whole.
+            staging = run_dir / "adapter.partial"
+            if staging.exists():
+                shutil.rmtree(staging)
             report = export_peft_adapter(
                 exp.fm,
                 sim.total_delta(state),
@@ -187,10 +209,11 @@ def run_experiment(
                 cfg.model.name,
                 exp.task.num_labels,
                 exp.task.is_regression,
-                run_dir / "adapter",
+                staging,
                 causal=exp.causal,
                 rank_limit=cfg.model.export_rank,
             )
+            _swap_in(staging, run_dir / "adapter")
             summary.update(report.as_dict())
             if cfg.model.export_rank > 0:  # what the truncation costs: the exported folder evaluated as a user loads it
                 summary["export_metrics"] = evaluate_export(exp, cfg, run_dir / "adapter")

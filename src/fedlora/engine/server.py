@@ -27,10 +27,11 @@ import torch
 from ..config import ConfigError, RunConfig, config_to_dict
 from ..core import ClientStart, ClientUpdate, Factored, ServerState
 from ..core.bandwidth import TRANSPORTS, transport_start, transport_state, truncate_base_delta
-from ..core.errors import UpdateError
+from ..core.errors import RoundFailed, UpdateError
 from ..core.privacy import effective_update_norm, private_aggregate
 from ..core.serialize import state_from_dict, state_to_dict
 from ..data.prompts import prompt_metrics
+from ..models.device import resolve_placement
 from .checkpoint import load_checkpoint, save_checkpoint
 from .client import ClientData
 from .dp_sgd import sample_rate
@@ -54,10 +55,6 @@ def privacy_generator(cfg, t: int) -> torch.Generator:
 
 
 BYTES_PER_NUMBER = 4  # adapters and deltas travel as float32 (2 bytes with fed.transport: bfloat16)
-
-
-class RoundFailed(RuntimeError):
-    """No sampled client finished a round: there is nothing to aggregate."""
 
 
 @dataclass(frozen=True)
@@ -115,11 +112,22 @@ class Server:
         return self.transport.itemsize
 
     def resume_or_init(self) -> ServerState:
+        """The checkpoint's state, or round 0's. Refused: a checkpoint, or without one a run's
+        config.yaml, of another configuration (the folder would mix two runs' files)."""
         if not self.ckpt_path.exists():
+            stored = self.run_dir / "config.yaml"
+            if stored.is_file():  # a kept or stopped run without its checkpoint: its summary and metrics are another run's
+                import yaml
+
+                try:
+                    config = yaml.safe_load(stored.read_text())
+                except yaml.YAMLError as e:
+                    raise ConfigError(f"{stored} cannot be read ({e}); move the run folder away, or --overwrite") from None
+                self._refuse_other(config if isinstance(config, dict) else {}, stored)
             return self.initial_state()
         ckpt = load_checkpoint(self.ckpt_path)
-        if not same_results(ckpt["config"], self.cfg):
-            raise ConfigError(f"{self.run_dir} holds a run with a different configuration; choose another run name or output_dir")
+        self._refuse_other(ckpt["config"], self.ckpt_path)
+        self._keep_precision(ckpt.get("precision"), len(ckpt["rounds"]))
         state = state_from_dict(ckpt["state"])
         saved, here = set(state.adapters), set(self.exp.fm.layers)
         if saved != here:  # e.g. written by a fedlora that adapted other modules of this model
@@ -135,11 +143,34 @@ class Server:
         self.folded = {k: Factored(v["L"], v["R"]) for k, v in ckpt["folded"].items()}
         return state
 
+    def _refuse_other(self, stored: dict, source: Path) -> None:
+        key = first_difference(stored, self.cfg)
+        if key is not None:
+            raise ConfigError(
+                f"{self.run_dir} holds a run with a different configuration ({key}: {source.name} has {key_value(stored, key)!r}, this run "
+                f"{key_value(_plain(config_to_dict(self.cfg)), key)!r}); choose another run name or output_dir, or --overwrite"
+            )
+
+    def _keep_precision(self, stored: str | None, rounds: int) -> None:
+        """A run resumes in the arithmetic it started in: ``train.precision: auto`` resolves per machine
+        (and per CPU timing probe), and a resume elsewhere would otherwise train its last rounds in another."""
+        place = self.exp.fm.placement
+        if stored is None or stored == place.precision:
+            return
+        if self.cfg.train.precision != "auto":
+            raise ConfigError(f"{self.run_dir} trained its {rounds} rounds so far in {stored}; train.precision={self.cfg.train.precision} would change that")
+        try:
+            self.exp.fm.placement = resolve_placement(self.cfg.train.device, stored)
+        except ConfigError as e:
+            raise ConfigError(f"{self.run_dir} trained its {rounds} rounds so far in {stored}, which this machine cannot resume in: {e}") from None
+        log.warning("resuming in %s, the precision this run started in (train.precision=auto would pick %s here)", stored, place.precision)
+
     def checkpoint(self, state: ServerState) -> None:
         save_checkpoint(
             self.ckpt_path,
             {
                 "config": _plain(config_to_dict(self.cfg)),
+                "precision": self.exp.fm.placement.precision,  # what `auto` resolved to: a resume keeps it
                 "state": state_to_dict(state),
                 "base": self.exp.fm.base_state(),
                 "rounds": self.rounds,
@@ -363,15 +394,41 @@ class Server:
         return out
 
 
-# Settings that cannot change a run's results: a resume may differ in them.
-_NOT_RESULTS = {("progress",), ("threads",), ("output_dir",), ("name",), ("train", "eval_batch_size"), ("fed", "client_timeout")}
+# Settings that cannot change a run's results: a resume may differ in them. `threads` changes the order
+# of floating-point sums (a resume at another thread count equals the uninterrupted run up to round-off,
+# not bit for bit); `data.data_dir` is where the data lies, which differs between clones of one repository.
+_NOT_RESULTS = {("progress",), ("threads",), ("output_dir",), ("name",), ("train", "eval_batch_size"), ("fed", "client_timeout"), ("data", "data_dir")}
 
 
 def same_results(stored: dict, cfg: RunConfig) -> bool:
     """Whether a run folder's stored configuration gives the results ``cfg`` would (its
     bookkeeping keys aside). A key the stored one lacks was added to fedlora after that run:
     it ran with the key's default (new settings default to the old behaviour)."""
-    return _result_keys(_merged(_plain(config_to_dict(RunConfig())), _plain(stored))) == _result_keys(_plain(config_to_dict(cfg)))
+    return first_difference(stored, cfg) is None
+
+
+def first_difference(stored: dict, cfg: RunConfig) -> str | None:
+    """The first dotted key (in config order) whose stored value gives other results than ``cfg``'s, or None."""
+    a = _result_keys(_merged(_plain(config_to_dict(RunConfig())), _plain(stored)))
+    b = _result_keys(_plain(config_to_dict(cfg)))
+
+    def walk(x: Any, y: Any, prefix: str) -> str | None:
+        if isinstance(x, dict) and isinstance(y, dict) and not prefix.endswith("options"):
+            for k in [*y, *(k for k in x if k not in y)]:
+                found = walk(x.get(k), y.get(k), f"{prefix}.{k}" if prefix else k)
+                if found is not None:
+                    return found
+            return None
+        return None if x == y else prefix
+
+    return walk(a, b, "")
+
+
+def key_value(config: dict, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _merged(defaults: dict, stored: dict) -> dict:
