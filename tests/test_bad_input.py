@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -270,3 +271,30 @@ def test_a_failure_inside_a_method_names_the_client_it_comes_from(monkeypatch, f
     assert ("converge" if failure == "raises" else "not finite") in str(e)
     new = agg.aggregate(state, [ups[0], ups[1]])  # the others aggregate
     assert new.info["clients"] == ["c0", "c1"]
+
+
+@pytest.mark.parametrize(
+    "damage,words",
+    [
+        (lambda d: d.pop("extra"), "lacks ['extra']"),
+        (lambda d: d["adapters"]["q"].__setitem__("A", d["adapters"]["q"]["A"][:3]), "do not chain"),
+        (lambda d: d["adapters"]["q"]["B"].__setitem__((0, 0), float("nan")), "NaN or Inf"),
+        (lambda d: d["adapters"]["q"].__setitem__("scale", 123.0), "is not the spec's"),
+        (lambda d: d["adapters"]["q"].pop("__adapter__"), "not an adapter"),
+    ],
+    ids=["missing-key", "factors-do-not-chain", "nan", "scaling", "marker-lost"],
+)
+def test_a_damaged_state_dict_is_refused_by_what_is_wrong(damage, words):
+    """A checkpoint's state that does not read back as a server state: a named ValueError (the engine's resume
+    makes it a one-line ConfigError), where before a KeyError, an AttributeError or a silent acceptance."""
+    import copy
+
+    from fedlora.core.serialize import state_from_dict, state_to_dict
+
+    agg, state, ups = setup("fedex")
+    good = state_to_dict(agg.aggregate(state, ups))
+    assert state_from_dict(copy.deepcopy(good)).round == 2
+    bad = copy.deepcopy(good)
+    damage(bad)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        state_from_dict(bad)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .adapter import Adapter, LoraSpec
@@ -68,6 +69,28 @@ def state_to_dict(state: ServerState) -> dict:
 
 
 def state_from_dict(d: dict) -> ServerState:
+    """The state ``state_to_dict`` wrote; a ValueError naming what is wrong where the dict is not one
+    (a missing key, factors that do not chain, non-finite values, a scaling other than the spec's)."""
+    missing = sorted({"round", "rank", "lora", "seed", "adapters", "dense", "base_delta", "extra", "info"} - set(d))
+    if missing:
+        raise ValueError(f"server state lacks {missing}")
+    state = _state(d)
+    for name, a in state.adapters.items():
+        if not isinstance(a, Adapter):
+            raise ValueError(f"adapter {name!r} is {type(a).__name__}, not an adapter")
+        if a.B.dim() != 2 or a.A.dim() != 2 or a.B.shape[1] != a.A.shape[0]:
+            raise ValueError(f"adapter {name!r}: B {tuple(a.B.shape)} and A {tuple(a.A.shape)} do not chain")
+        if not (bool(torch.isfinite(a.B).all()) and bool(torch.isfinite(a.A).all())):
+            raise ValueError(f"adapter {name!r} holds NaN or Inf")
+        if abs(a.scale - state.lora.scale(a.rank)) > 1e-6 * state.lora.scale(a.rank):
+            raise ValueError(f"adapter {name!r}: scaling {a.scale} is not the spec's {state.lora.scale(a.rank)} at rank {a.rank}")
+    for name, f in state.base_delta.items():
+        if not isinstance(f, Factored) or f.L.shape[1] != f.R.shape[0]:
+            raise ValueError(f"base delta {name!r} is not a factored matrix whose factors chain")
+    return state
+
+
+def _state(d: dict) -> ServerState:
     return ServerState(
         round=int(d["round"]),
         rank=int(d["rank"]),

@@ -128,7 +128,18 @@ class Server:
         ckpt = load_checkpoint(self.ckpt_path)
         self._refuse_other(ckpt["config"], self.ckpt_path)
         self._keep_precision(ckpt.get("precision"), len(ckpt["rounds"]))
-        state = state_from_dict(ckpt["state"])
+        try:
+            state = state_from_dict(ckpt["state"])
+        except (KeyError, AttributeError, TypeError, ValueError) as e:
+            raise ConfigError(
+                f"checkpoint {str(self.ckpt_path)!r} holds a damaged server state ({type(e).__name__}: {e}); restore it, or move the run folder away"
+            ) from None
+        odd_shape = [n for n, shape in state.shapes.items() if n in self.exp.fm.shapes and tuple(shape) != tuple(self.exp.fm.shapes[n])]
+        if odd_shape:
+            n = odd_shape[0]
+            raise ConfigError(
+                f"{self.ckpt_path}: module {n!r} is {tuple(state.shapes[n])} there and {tuple(self.exp.fm.shapes[n])} in this model; it cannot resume"
+            )
         saved, here = set(state.adapters), set(self.exp.fm.layers)
         if saved != here:  # e.g. written by a fedlora that adapted other modules of this model
             odd = sorted(saved - here)[:3] or sorted(here - saved)[:3]
