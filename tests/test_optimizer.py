@@ -11,17 +11,22 @@ import fedlora.engine.train as plain
 from fedlora.config import ConfigError, TrainConfig, load_config
 
 
+def _sgd_setup():
+    """A tiny BERT, its four-example batch, the trainable (name, parameter)s, each one's SGD rate (adapters
+    0.05, head 0.2) and their starting values."""
+    fm = _tiny_fm("bert")
+    named = [(n, p) for n, p in fm.peft.named_parameters() if p.requires_grad]
+    head = {id(p) for p in fm.head.values()}
+    rate = {n: 0.2 if id(p) in head else 0.05 for n, p in named}
+    return fm, _batch("bert"), named, rate, {n: p.detach().clone() for n, p in named}
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_sgd_takes_the_hand_computed_heavy_ball_steps(momentum):
     """Three full-batch steps (4 examples, batch 4), adapters at η = 0.05 and the head at 0.2, linear decay
     over 3 steps (factors 1, 2/3, 1/3): v ← μ·v + ∇L(θ), θ ← θ − η·f_t·v, the gradients by autograd
     at each θ_t and the update in float64 by hand, never through torch.optim."""
-    fm = _tiny_fm("bert")
-    batch = _batch("bert")
-    named = [(n, p) for n, p in fm.peft.named_parameters() if p.requires_grad]
-    head = {id(p) for p in fm.head.values()}
-    rate = {n: 0.2 if id(p) in head else 0.05 for n, p in named}
-    start = {n: p.detach().clone() for n, p in named}
+    fm, batch, named, rate, start = _sgd_setup()
 
     theta = {n: p.double() for n, p in start.items()}
     velocity = {n: torch.zeros_like(t) for n, t in theta.items()}
@@ -81,12 +86,7 @@ def test_the_last_accumulated_step_takes_what_is_left_of_the_epoch_and_no_more()
     """4 examples, batch 1, grad_accum 3, one epoch: two SGD steps, the first the mean gradient of three
     examples, the second the gradient of the fourth alone (factor 1/2 of the linear decay), each example
     seen once. Before, the second step ran on into a second epoch (6 examples) and divided by 3 anyway."""
-    fm = _tiny_fm("bert")
-    batch = _batch("bert")
-    named = [(n, p) for n, p in fm.peft.named_parameters() if p.requires_grad]
-    head = {id(p) for p in fm.head.values()}
-    rate = {n: 0.2 if id(p) in head else 0.05 for n, p in named}
-    start = {n: p.detach().clone() for n, p in named}
+    fm, batch, named, rate, start = _sgd_setup()
 
     class Data:
         lengths = batch["attention_mask"].sum(1).numpy()
