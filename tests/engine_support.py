@@ -23,13 +23,13 @@ _MODELS: dict[str, Path] = {}
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """{"bert": folder, "gpt2": folder}: saved once per session (a module-level cache, so
+    """{"bert": folder, "gpt2": folder, "roberta": folder}: saved once per session (a module-level cache, so
     every test module that imports this fixture shares the same folders)."""
     if not _MODELS:
         from fedlora.models import tiny_model
 
         root = tmp_path_factory.mktemp("tiny-models")
-        for arch in ("bert", "gpt2"):
+        for arch in ("bert", "gpt2", "roberta"):
             model, tok = tiny_model(arch)
             model.save_pretrained(root / arch)
             tok.save_pretrained(root / arch)

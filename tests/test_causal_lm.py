@@ -331,3 +331,26 @@ def test_label_words_the_tokenizer_cannot_tell_apart_are_refused(tiny_llama, tmp
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("fedlora: error:") and "cannot tell the classes apart" in err and "zzzz" in err
     assert not out.exists()
+
+
+def test_a_long_sample_prompt_is_cut_to_leave_room_for_its_answer(tmp_path):
+    """GPT-2 has absolute positions (tiny: 128). A sample prompt was sent to generate() uncut: one longer than the
+    positions crashed the first evaluation, before round 1's checkpoint (so no resume got past it). Now each is
+    its last min(model.max_length, positions − data.sample_tokens) tokens, as training cuts its prompts."""
+    from fedlora.engine import build_experiment
+
+    root = tmp_path / "gpt2"
+    model, tok = tiny_causal_lm("gpt2")
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    words = " ".join(["good"] * 150)
+    train, long_eval = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps({"instruction": f"say {w}", "output": w, "category": w}) + "\n" for w in ("good", "bad") * 10))
+    rows = [{"instruction": words, "output": "good", "category": "good"}, {"instruction": "say bad", "output": "bad", "category": "bad"}]
+    long_eval.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    over = causal_overrides(root, (train, long_eval), tmp_path / "runs", partition__scheme="iid", fed__rounds=1)
+    cfg = load_config(None, [*over, "model.max_length=100", "data.sample_tokens=40", "name=r"])
+    exp = build_experiment(cfg)
+    assert len(exp.sample_prompts[0][1]) == 128 - 40  # positions − sample_tokens < max_length
+    summary = run_experiment(cfg, plots=False, export=False)
+    assert summary["rounds"] == 1

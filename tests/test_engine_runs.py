@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from engine_support import overrides, read_jsonl, tiny_models, without_timings  # noqa: F401
@@ -275,3 +276,57 @@ def test_fedsb_clients_train_only_the_core_inside_the_round_one_frames(tiny_mode
                 assert float((B - g.B.double()).norm() / g.B.double().norm()) > 1e-4  # R trained
     for layer in exp.fm.layers.values():  # the parametrisation is gone after each round: B is a plain parameter again
         assert not hasattr(layer.lora_B[f"r{cfg.model.rank}"], "parametrizations")
+
+
+def test_a_target_name_the_head_shares_adapts_the_encoder_only(tiny_models, tmp_path):
+    """RoBERTa's head is classifier.dense + classifier.out_proj: `model.target_modules=[query,value,dense]` put LoRA
+    on classifier.dense too, whose factors then travelled and were averaged as head weights (overwriting the
+    method's adapters and the fold of that module, with a peft init drawn from no seed) and the export raised a
+    KeyError after the last round. Now no LoRA layer sits in the head; the export reloads with plain peft to
+    the engine's global model."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedlora.engine import Simulator
+
+    model_dir = tiny_models["roberta"]
+    cfg = load_config(None, overrides(model_dir, tmp_path / "runs", fed__method="fedex", fed__rounds=2, model__target_modules="[query,value,dense]", name="r"))
+    exp = build_experiment(cfg)
+    assert not [m for m in exp.fm.layers if m.startswith("classifier")] and any(m.endswith("output.dense") for m in exp.fm.layers)
+    assert not [k for k in exp.fm.head if "lora_" in k]
+    run_experiment(cfg, plots=False)
+    run_dir = tmp_path / "runs" / "r"
+    sim = Simulator(build_experiment(cfg), run_dir)
+    state = sim.resume_or_init()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    batch = tok(["a good film", "dull and long"], padding=True, return_tensors="pt")
+    with torch.no_grad(), sim.exp.fm.global_view(sim.total_delta(state), state.dense) as model:
+        model.eval()
+        want = model(**batch).logits
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()(**batch).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_decoder_classifier_pools_the_last_token_whatever_pads_its_batch(tmp_path):
+    """A checkpoint whose config names another pad id than its tokenizer (collate pads with the tokenizer's):
+    GPT-2's last-token pooling looked for the config's id and read a pad position, so a sentence's logits
+    depended on the longer sentences beside it. The loader gives the config the tokenizer's pad id."""
+    from fedlora.data.text import TextDataset
+    from fedlora.data.tokenize import collate, tokenize
+    from fedlora.models import tiny_model
+    from fedlora.models.hub import load_pretrained
+
+    model, tok = tiny_model("gpt2")
+    model.config.pad_token_id = tok.pad_token_id + 1  # another id than the one batches are padded with
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    model, tok = load_pretrained(str(tmp_path / "m"), 2)
+    assert model.config.pad_token_id == tok.pad_token_id
+    data = tokenize(TextDataset(["a good film", "a good film and the rest of a long sentence"], None, np.zeros(2, dtype=np.int64)), tok, 64)
+    model.eval()
+    with torch.no_grad():
+        alone = model(**{k: v for k, v in collate(data, [0], tok.pad_token_id).items() if k != "labels"}).logits[0]
+        beside = model(**{k: v for k, v in collate(data, [0, 1], tok.pad_token_id).items() if k != "labels"}).logits[0]
+    torch.testing.assert_close(beside, alone, atol=1e-5, rtol=1e-4)

@@ -336,9 +336,14 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     else:
         hist, names = label_histogram(train_text.labels, parts, num_classes=len(train_text.label_names)), list(train_text.label_names)
     samples = []
-    if causal:
+    if causal and cfg.data.sample_prompts:
+        # A sample prompt is cut as training cuts its prompts (its last model.max_length tokens), and short enough
+        # for the answer's data.sample_tokens to fit the model's positions (past them GPT-2 fails, rotary models drift).
+        keep = cfg.model.max_length if limit is None else min(cfg.model.max_length, limit - cfg.data.sample_tokens)
+        if keep < 1:
+            raise ConfigError(f"data.sample_tokens={cfg.data.sample_tokens} leaves no room for a prompt in the {limit} positions of model {cfg.model.name!r}")
         for messages in dev_text.prompts[: cfg.data.sample_prompts]:
-            samples.append((messages[-1]["content"], render_prompt(tokenizer, messages)))
+            samples.append((messages[-1]["content"], render_prompt(tokenizer, messages)[-keep:]))
     prompt_eval = None if dev_targets is None else label_word_prompts(dev_text, PROMPTS[task.name].words, dev_targets, tokenizer, cfg.model.max_length)
     return Experiment(cfg, task, model_path, fm, tokenizer, aggregator, train, dev, clients, hist, names, samples, causal, prompt_eval, privacy)
 

@@ -117,8 +117,9 @@ def export_peft_adapter(
         task_type="CAUSAL_LM" if causal else "SEQ_CLS",
         r=top,
         lora_alpha=top,
-        # with merged modules, the others by full name (a merged module must not also be a LoRA target)
-        target_modules=sorted(factors) if merged else list(fm.settings.target_modules),
+        # by full name: a merged module must not also be a LoRA target, nor may a head module (a target name
+        # such as `dense` also names RoBERTa's classifier.dense, which travels whole in modules_to_save)
+        target_modules=sorted(factors),
         rank_pattern={re.escape(n): r for n, r in ranks.items()},
         alpha_pattern={re.escape(n): r for n, r in ranks.items()},
         modules_to_save=(heads + sorted(merged)) or None,

@@ -251,9 +251,13 @@ def max_input_length(model, tokenizer) -> int | None:
 
 
 def _ensure_pad(model, tokenizer) -> None:
+    """A pad token for the tokenizer (EOS or UNK where it has none), and the model's config told the same id.
+    A decoder classifier (a ``score`` head: GPT-2, Llama, Qwen…) pools the last token that is not
+    ``config.pad_token_id``, while batches are padded with the tokenizer's pad id: two different ids made a
+    sentence's logits depend on what else was in its batch, so there the config takes the tokenizer's."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if model.config.pad_token_id is None:
+    if model.config.pad_token_id is None or getattr(model, "score", None) is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 

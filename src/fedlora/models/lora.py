@@ -10,6 +10,7 @@ and the head; so K clients cost one base model plus K small adapter copies.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -76,17 +77,23 @@ class FedModel:
 
         self.settings = settings
         self.ranks = sorted(set(ranks) | {settings.rank})
+        # Classifiers train their head in full; a causal LM's output layer stays frozen (head=False).
+        # the head: the output layer, and any module the checkpoint lacked (hub.load_pretrained: random at load)
+        self.head_modules = (*HEAD_MODULES, *getattr(model, FRESH, ())) if head else ()
+        # No LoRA inside the head, which trains in full: a target name such as `dense` would otherwise also match
+        # RoBERTa's classifier.dense, whose factors would then travel (and be averaged) as head weights.
+        self._exclude = {"exclude_modules": "(?:" + "|".join(re.escape(m) for m in self.head_modules) + r")(?:\..*)?"} if self.head_modules else {}
         with warnings.catch_warnings():  # peft warns when it switches Conv1D to fan_in_fan_out
             warnings.simplefilter("ignore")
             first, *rest = self.ranks
             try:
-                self.peft = get_peft_model(model, settings.peft_config(first), adapter_name=adapter_name(first))
+                self.peft = get_peft_model(model, settings.peft_config(first, **self._exclude), adapter_name=adapter_name(first))
             except ValueError as e:  # peft: "Target modules {...} not found in the base model"
                 if "not found" not in str(e):
                     raise
                 raise ModelError(f"no module matches LoRA target_modules {list(settings.target_modules)} in this {model.config.model_type} model") from None
             for r in rest:
-                self.peft.add_adapter(adapter_name(r), settings.peft_config(r))
+                self.peft.add_adapter(adapter_name(r), settings.peft_config(r, **self._exclude))
         self.base = self.peft.get_base_model()
         prefix = "base_model.model."
         self.layers: dict[str, LoraLayer] = {
@@ -94,9 +101,6 @@ class FedModel:
         }
         if not self.layers:
             raise ModelError(f"no module matches LoRA target_modules {list(settings.target_modules)}")
-        # Classifiers train their head in full; a causal LM's output layer stays frozen (head=False).
-        # the head: the output layer, and any module the checkpoint lacked (hub.load_pretrained: random at load)
-        self.head_modules = (*HEAD_MODULES, *getattr(model, FRESH, ())) if head else ()
         self.head = {name: p for name, p in self.base.named_parameters() if _in_modules(name, self.head_modules)}
         if head and not self.head:
             raise ModelError("the model has no classification head named 'classifier' or 'score'")
@@ -136,7 +140,7 @@ class FedModel:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.peft.add_adapter(adapter_name(rank), self.settings.peft_config(rank))
+            self.peft.add_adapter(adapter_name(rank), self.settings.peft_config(rank, **self._exclude))
         self.ranks = sorted({*self.ranks, rank})
         self.activate(self.active_rank)  # the new adapter's factors frozen; peft's add_adapter leaves the active one as it was
 
