@@ -164,6 +164,15 @@ class FedLoraStrategy(Strategy):
         )
         last = job.round - 1
         if (since == 0 or since < self.pruned) and last >= 2 and self.server.folded:
+            if since > 0:  # a node the history no longer reaches back to (sampled rarely, or it lost what it folded)
+                log.info(
+                    "round %d: node %d (partition %d) is sent the snapshot of rounds 1..%d (it holds %d)",
+                    job.round,
+                    self.nodes[job.index],
+                    job.index,
+                    last,
+                    since,
+                )
             # A sum of bf16-rounded deltas is not itself bf16: a snapshot of several rounds travels in float32,
             # exactly. (One round is sent as that round's delta, below: the folded sum is its SVD, and in bf16
             # those factors would round to another matrix than the one the server folded.)
