@@ -169,7 +169,8 @@ def run_experiment(
     """
     exp = build_experiment(cfg)  # every input error surfaces here, before any file is written
     run_dir = Path(cfg.output_dir) / run_name(cfg)
-    if run_dir.resolve().parent != Path(cfg.output_dir).resolve():  # validate() refuses such names; --overwrite deletes this folder
+    # validate() refuses such names; --overwrite deletes this folder (absolute, not resolved: a symlinked run folder is the user's)
+    if Path(os.path.abspath(run_dir)).parent != Path(os.path.abspath(cfg.output_dir)):
         raise ConfigError(f"the run folder {run_dir} is not directly inside output_dir={cfg.output_dir}")
 
     def on_round(sim: Simulator) -> None:
