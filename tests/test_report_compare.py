@@ -47,6 +47,7 @@ def test_partial_collect_and_table_mean_std(tmp_path):
 
 def test_specs():
     assert parse_method("hexa[restart=svd_sqrt,drift_beta=2]") == ("hexa", {"restart": "svd_sqrt", "drift_beta": 2})
+    assert parse_method("hexa[drift_beta=1e-3,server_momentum=.5]") == ("hexa", {"drift_beta": 1e-3, "server_momentum": 0.5})  # YAML 1.1 reads 1e-3 as text
     assert parse_partition("dirichlet:0.1") == ["partition.scheme=dirichlet", "partition.alpha=0.1"]
     with pytest.raises(ConfigError):
         parse_partition("zipf:2")

@@ -42,8 +42,16 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"bad option {item!r} in method spec {spec!r}; use key=value")
         k, v = item.split("=", 1)
-        opts[k.strip()] = yaml.safe_load(v)
+        value = yaml.safe_load(v)
+        # YAML 1.1 reads 1e-3 (no dot) as text: a method option gets the number (a config override, key.with.dots,
+        # keeps its text, which the config's own parser reads and the run folder's name is made of)
+        if "." not in k and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)
+        opts[k.strip()] = value
     return m.group(1), opts
+
+
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 def parse_partition(spec: str) -> list[str]:
