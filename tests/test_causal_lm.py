@@ -354,3 +354,25 @@ def test_a_long_sample_prompt_is_cut_to_leave_room_for_its_answer(tmp_path):
     assert len(exp.sample_prompts[0][1]) == 128 - 40  # positions − sample_tokens < max_length
     summary = run_experiment(cfg, plots=False, export=False)
     assert summary["rounds"] == 1
+
+
+def test_generation_stops_at_the_tokenizers_eos_that_training_appends():
+    """Training ends every answer with the tokenizer's EOS; a generation config naming another id
+    (as hub models' may) must not make greedy answers run on to max_new_tokens past it."""
+    from fedlora.engine.evaluate import generate_answers
+
+    model, tok = tiny_causal_lm("llama")
+    eos = tok.eos_token_id
+    other = next(i for i in range(len(tok)) if i not in (eos, tok.pad_token_id))
+    model.generation_config.eos_token_id = other
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():  # every step's greedy choice is the tokenizer's EOS
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[eos] = 10.0
+    model.lm_head = head
+    lengths = []
+    generate = model.generate
+    model.generate = lambda **kw: (y := generate(**kw), lengths.append(y.shape[1] - kw["input_ids"].shape[1]))[0]
+    assert generate_answers(model, tok, [[2, 7, 8]], max_new_tokens=6) == [""]
+    assert lengths == [1]

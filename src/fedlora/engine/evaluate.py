@@ -11,7 +11,7 @@ import torch
 from ..data import collate, compute_metrics, length_bucketed_batches
 from ..models.device import Placement
 
-__all__ = ["predict", "evaluate", "language_model_loss", "generate_answers", "label_word_scores"]
+__all__ = ["predict", "evaluate", "language_model_loss", "generate_answers", "label_word_scores", "stop_token_ids"]
 
 CPU = Placement(torch.device("cpu"))
 
@@ -78,16 +78,33 @@ def label_word_scores(
     return scores
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end an answer: the model's generation config's EOS ids and the tokenizer's EOS
+    (training appends the tokenizer's, ``data/instruct.py``; a hub model's generation config may
+    name others, e.g. Llama 3's end-of-turn beside its end-of-text), in that order, once each."""
+    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = config if isinstance(config, list | tuple) else [] if config is None else [config]
+    if tokenizer.eos_token_id is not None:
+        ids = [*ids, tokenizer.eos_token_id]
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, place: Placement = CPU) -> list[str]:
     """Greedy answers to prompts given as token ids, one at a time (no padding to get wrong)."""
     model.eval()
+    stop = stop_token_ids(model, tokenizer) or None
     out = []
     for ids in prompts:
         x = torch.tensor([ids], device=place.device)
         with place.autocast():
             y = model.generate(
-                input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stop,
             )
         out.append(tokenizer.decode(y[0, len(ids) :], skip_special_tokens=True).strip())
     return out
