@@ -32,6 +32,9 @@ class ConfigError(ValueError):
     """A config file, key or value is wrong."""
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
 @dataclass
 class ModelConfig:
     name: str = "minilm"  # short name, local folder or hub id
@@ -131,6 +134,14 @@ class PrivacyConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Experiment trackers fed each round's metrics (report/tracking.py); they change no result."""
+
+    to: list[str] = field(default_factory=list)  # tensorboard | wandb | mlflow (empty: the run folder only)
+    project: str = "fedlora"  # the W&B project / MLflow experiment the run goes into
+
+
+@dataclass
 class RunConfig:
     name: str = ""
     output_dir: str = "runs"
@@ -143,6 +154,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     def validate(self) -> RunConfig:
         for key, value in _float_settings(self):  # inf or NaN passes every comparison below that it should fail
@@ -210,6 +222,12 @@ class RunConfig:
             (self.privacy.target_epsilon >= 0, f"privacy.target_epsilon must be ≥ 0, got {self.privacy.target_epsilon}"),
             (0 < self.privacy.delta < 1, f"privacy.delta must be in (0, 1), got {self.privacy.delta}"),
             (self.privacy.accountant in ("rdp", "prv"), f"privacy.accountant must be rdp or prv, got {self.privacy.accountant!r}"),
+            (
+                all(t in TRACKERS for t in self.track.to),
+                f"track.to names {', '.join(repr(t) for t in self.track.to if t not in TRACKERS)}: the trackers are {', '.join(TRACKERS)}",
+            ),
+            (len(set(self.track.to)) == len(self.track.to), f"track.to names a tracker twice: {self.track.to}"),
+            (self.track.project.strip() != "", "track.project must not be empty"),
         ]
         for ok, message in checks:
             if not ok:

@@ -17,6 +17,7 @@ from ..config import ConfigError, RunConfig, config_to_dict
 from ..core import ServerState
 from ..models.export import export_peft_adapter, quiet_peft
 from ..report.plots import plot_against_epsilon, plot_histogram, plot_metric
+from ..report.tracking import Trackers, check_trackers, open_trackers
 from ..report.writer import RunWriter
 from .experiment import Experiment, build_experiment
 from .simulator import Simulator
@@ -168,16 +169,20 @@ def run_experiment(
     The run folder, checkpoints, metrics, plots and export are the same either way.
     """
     exp = build_experiment(cfg)  # every input error surfaces here, before any file is written
+    check_trackers(cfg.track.to)
     run_dir = Path(cfg.output_dir) / run_name(cfg)
     # validate() refuses such names; --overwrite deletes this folder (absolute, not resolved: a symlinked run folder is the user's)
     if Path(os.path.abspath(run_dir)).parent != Path(os.path.abspath(cfg.output_dir)):
         raise ConfigError(f"the run folder {run_dir} is not directly inside output_dir={cfg.output_dir}")
+
+    trackers = Trackers([], run_dir / "track.json", {})
 
     def on_round(sim: Simulator) -> None:
         writer.write_rows("metrics", sim.rounds)
         writer.write_rows("clients", sim.client_rows)
         if sim.samples:
             writer.write_rows("samples", sim.samples)
+        trackers.log(sim.rounds)
 
     sim = Simulator(exp, run_dir, on_round=on_round)
     writer = RunWriter(run_dir)
@@ -194,36 +199,49 @@ def run_experiment(
         writer.write_histogram(exp.histogram, exp.label_names)
         if plots:
             plot_histogram(exp.histogram, exp.label_names, run_dir / "label_histogram.png")
-
-        state = sim.run(state) if engine is None else engine(sim, state)
-        on_round(sim)
-        summary = summarise(exp, sim.rounds)
-        if export:
-            # Written beside the old folder and swapped in: a re-export stopped halfway leaves the old adapter whole.
-            staging = run_dir / "adapter.partial"
-            if staging.exists():
-                shutil.rmtree(staging)
-            report = export_peft_adapter(
-                exp.fm,
-                sim.total_delta(state),
-                state.dense,
-                cfg.model.name,
-                exp.task.num_labels,
-                exp.task.is_regression,
-                staging,
-                causal=exp.causal,
-                rank_limit=cfg.model.export_rank,
-            )
-            _swap_in(staging, run_dir / "adapter")
-            summary.update(report.as_dict())
-            if cfg.model.export_rank > 0:  # what the truncation costs: the exported folder evaluated as a user loads it
-                summary["export_metrics"] = evaluate_export(exp, cfg, run_dir / "adapter")
-        if plots:
-            metric = "eval_" + exp.task.primary_metric
-            plot_metric(sim.rounds, metric, f"{summary['method']} on {exp.task.name} ({cfg.partition.scheme})", run_dir / "metrics.png")
-            if exp.privacy is not None:  # the metric against the ε spent so far, round by round
-                pts = [(r["epsilon"], r[metric]) for r in sim.rounds if metric in r and "epsilon" in r]
-                curve = {summary["method"]: ([e for e, _ in pts], [v for _, v in pts])}
-                plot_against_epsilon(curve, metric, f"{summary['method']}: {metric} against ε (δ = {exp.privacy.delta:g})", run_dir / "privacy.png")
-        writer.write_json("summary.json", summary)
+        if cfg.track.to:
+            trackers = open_trackers(cfg.track.to, cfg.track.project, run_dir, config_to_dict(cfg))
+        try:
+            summary = _train_and_export(cfg, exp, sim, state, run_dir, engine, export, plots, on_round)
+        except BaseException:
+            trackers.finish(None)
+            raise
+        trackers.finish(summary)
         return summary
+
+
+def _train_and_export(cfg, exp, sim, state, run_dir, engine, export, plots, on_round) -> dict[str, Any]:
+    """The rounds, then the summary, the exported adapter and the plots (run_experiment's body, under its lock)."""
+    writer = RunWriter(run_dir)
+    state = sim.run(state) if engine is None else engine(sim, state)
+    on_round(sim)
+    summary = summarise(exp, sim.rounds)
+    if export:
+        # Written beside the old folder and swapped in: a re-export stopped halfway leaves the old adapter whole.
+        staging = run_dir / "adapter.partial"
+        if staging.exists():
+            shutil.rmtree(staging)
+        report = export_peft_adapter(
+            exp.fm,
+            sim.total_delta(state),
+            state.dense,
+            cfg.model.name,
+            exp.task.num_labels,
+            exp.task.is_regression,
+            staging,
+            causal=exp.causal,
+            rank_limit=cfg.model.export_rank,
+        )
+        _swap_in(staging, run_dir / "adapter")
+        summary.update(report.as_dict())
+        if cfg.model.export_rank > 0:  # what the truncation costs: the exported folder evaluated as a user loads it
+            summary["export_metrics"] = evaluate_export(exp, cfg, run_dir / "adapter")
+    if plots:
+        metric = "eval_" + exp.task.primary_metric
+        plot_metric(sim.rounds, metric, f"{summary['method']} on {exp.task.name} ({cfg.partition.scheme})", run_dir / "metrics.png")
+        if exp.privacy is not None:  # the metric against the ε spent so far, round by round
+            pts = [(r["epsilon"], r[metric]) for r in sim.rounds if metric in r and "epsilon" in r]
+            curve = {summary["method"]: ([e for e, _ in pts], [v for _, v in pts])}
+            plot_against_epsilon(curve, metric, f"{summary['method']}: {metric} against ε (δ = {exp.privacy.delta:g})", run_dir / "privacy.png")
+    writer.write_json("summary.json", summary)
+    return summary

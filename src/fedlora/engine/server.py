@@ -407,8 +407,18 @@ class Server:
 
 # Settings that cannot change a run's results: a resume may differ in them. `threads` changes the order
 # of floating-point sums (a resume at another thread count equals the uninterrupted run up to round-off,
-# not bit for bit); `data.data_dir` is where the data lies, which differs between clones of one repository.
-_NOT_RESULTS = {("progress",), ("threads",), ("output_dir",), ("name",), ("train", "eval_batch_size"), ("fed", "client_timeout"), ("data", "data_dir")}
+# not bit for bit); `data.data_dir` is where the data lies, which differs between clones of one repository;
+# `track` is where metrics are copied to.
+_NOT_RESULTS = {
+    ("progress",),
+    ("threads",),
+    ("output_dir",),
+    ("name",),
+    ("train", "eval_batch_size"),
+    ("fed", "client_timeout"),
+    ("data", "data_dir"),
+    ("track",),
+}
 
 
 def same_results(stored: dict, cfg: RunConfig) -> bool:
