@@ -66,8 +66,13 @@ def item_key(item) -> str:
 
 
 def wandb_history(run_dir: Path) -> dict[int, dict[str, float]]:
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return wandb_history_of(path)
+
+
+def wandb_history_of(path: Path) -> dict[int, dict[str, float]]:
     rows = {}
-    for r in wandb_records(run_dir):
+    for r in wandb_log(path):
         if r.WhichOneof("record_type") == "history":
             row = {item_key(i): json.loads(i.value_json) for i in r.history.item}
             rows.setdefault(int(row["_step"]), {}).update({k: v for k, v in row.items() if not k.startswith("_")})
@@ -152,13 +157,67 @@ def test_a_resumed_run_sends_each_round_once_to_the_same_runs(tiny_models, tmp_p
     board = tensorboard_scalars(run_dir / "tensorboard")
     assert board["eval_accuracy"] == [(r["round"], pytest.approx(r["eval_accuracy"], rel=1e-6)) for r in rows]
     assert mlflow_history(tmp_path, first["mlflow"]["run_id"], "train_loss") == [(r["round"], pytest.approx(r["train_loss"], rel=1e-12)) for r in rows]
-    # W&B keeps one offline folder per process start of the same run id; together they hold each round once
-    steps = []
-    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
-        steps += [
-            int(json.loads(i.value_json)) for r in wandb_log(path) if r.WhichOneof("record_type") == "history" for i in r.history.item if item_key(i) == "_step"
-        ]
-    assert sorted(steps) == [1, 2, 3]
+    # Offline W&B cannot resume (each start writes a new offline-run folder, and syncing a later one
+    # replaces the earlier): the newest folder holds every round, and the same run id.
+    first_log, newest = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+    assert sorted(wandb_history_of(first_log)) == [1] and sorted(wandb_history_of(newest)) == [1, 2, 3]
+    assert {s: row["eval_accuracy"] for s, row in wandb_history_of(newest).items()} == {r["round"]: r["eval_accuracy"] for r in rows}
+    assert newest.name == f"run-{first['wandb']['id']}.wandb"
+
+
+def test_a_finished_run_started_again_leaves_its_trackers_alone(tiny_models, tmp_path, offline):  # noqa: F811
+    cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, track__to="tensorboard,wandb,mlflow", name="again"))
+    run_experiment(cfg, plots=False)
+    run_dir = tmp_path / "again"
+    track = json.loads((run_dir / "track.json").read_text())
+    assert all(track[name]["finished"] for name in ("tensorboard", "wandb", "mlflow"))
+    before = (sorted(run_dir.rglob("*")), mlflow_history(tmp_path, track["mlflow"]["run_id"], "summary.final.accuracy"))
+    run_experiment(cfg, plots=False)
+    assert (sorted(run_dir.rglob("*")), mlflow_history(tmp_path, track["mlflow"]["run_id"], "summary.final.accuracy")) == before
+    assert len(before[1]) == 1
+
+
+def test_a_tracker_that_cannot_start_leaves_a_finished_run_whole(tiny_models, tmp_path, offline, monkeypatch, capsys):  # noqa: F811
+    """A finished run started again with a tracker whose store is unreachable: one-line error, exit 2,
+    and its summary.json (what `fedlora compare` takes as a finished cell) still there."""
+    args = ["run", *overrides(tiny_models["bert"], tmp_path, name="kept")]
+    assert cli.main(args) == 0
+    run_dir = tmp_path / "kept"
+    assert not (run_dir / "track.json").exists()  # no track.to, no tracker file
+    summary = (run_dir / "summary.json").read_text()
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'not-a-folder' / 'mlflow.db'}")
+    capsys.readouterr()
+    code = cli.main([*args, "track.to=mlflow"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("fedlora: error: track.to: mlflow could not start:") and len(err.splitlines()) == 1
+    assert (run_dir / "summary.json").read_text() == summary
+
+
+def _start_mlflow_tracker(run_dir: str) -> str:
+    from fedlora.report.tracking import MlflowTracker
+
+    tracker = MlflowTracker(Path(run_dir), {"fed": {"method": "fedit"}}, "fedlora", {})
+    tracker.finish({"rounds": 1.0})
+    return tracker.run_id
+
+
+def test_parallel_workers_share_one_new_mlflow_store(tmp_path, monkeypatch):
+    """`fedlora compare --jobs N` starts N runs at once on one new <output_dir>/mlflow.db: every one
+    gets its own MLflow run in the one experiment (their starts race to create the tables)."""
+    import multiprocessing
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cells = [str(tmp_path / f"cell{i}") for i in range(4)]
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        ids = pool.map(_start_mlflow_tracker, cells)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fedlora").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(ids) and len(set(ids)) == 4
+    assert sorted(r.info.run_name for r in runs) == ["cell0", "cell1", "cell2", "cell3"]
+    assert all(r.info.status == "FINISHED" for r in runs)
 
 
 @pytest.mark.parametrize(
@@ -205,4 +264,7 @@ def test_a_tracker_that_fails_mid_run_is_dropped_and_the_run_finishes(tiny_model
     assert "track.to: mlflow failed (ConnectionError: server went away); the run goes on without it" in caplog.text
     track = json.loads((tmp_path / "flaky" / "track.json").read_text())
     assert track["tensorboard"]["round"] == 3 and track["mlflow"]["round"] == 1
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(track["mlflow"]["run_id"]).info.status == "FAILED"  # closed when dropped
     assert [s for s, _ in tensorboard_scalars(tmp_path / "flaky" / "tensorboard")["eval_accuracy"]] == [1, 2, 3]

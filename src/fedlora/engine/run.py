@@ -192,16 +192,16 @@ def run_experiment(
                 shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
         # A checkpoint (or config.yaml) of another configuration is refused here, before config.yaml is rewritten.
         state = sim.resume_or_init()
-        # Until this run writes its own, a summary here is stale: a run stopped before its end must not
-        # look finished (the grid takes a summary as a finished cell).
-        (run_dir / "summary.json").unlink(missing_ok=True)
-        writer.write_config(config_to_dict(cfg))
-        writer.write_histogram(exp.histogram, exp.label_names)
-        if plots:
-            plot_histogram(exp.histogram, exp.label_names, run_dir / "label_histogram.png")
-        if cfg.track.to:
+        if cfg.track.to:  # before the run's own files change: a tracker that cannot start leaves them (summary.json too) as they were
             trackers = open_trackers(cfg.track.to, cfg.track.project, run_dir, config_to_dict(cfg))
         try:
+            # Until this run writes its own, a summary here is stale: a run stopped before its end must not
+            # look finished (the grid takes a summary as a finished cell).
+            (run_dir / "summary.json").unlink(missing_ok=True)
+            writer.write_config(config_to_dict(cfg))
+            writer.write_histogram(exp.histogram, exp.label_names)
+            if plots:
+                plot_histogram(exp.histogram, exp.label_names, run_dir / "label_histogram.png")
             summary = _train_and_export(cfg, exp, sim, state, run_dir, engine, export, plots, on_round)
         except BaseException:
             trackers.finish(None)

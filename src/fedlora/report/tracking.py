@@ -13,9 +13,16 @@ mlflow        an MLflow run in experiment ``track.project``, at ``$MLFLOW_TRACKI
 ============  ==========================================================================================
 
 A resumed run goes on in the same W&B and MLflow runs and sends only the rounds they have not had:
-``<run>/track.json`` keeps their ids and the last round each tracker got. A tracker that cannot start
-stops the run before it trains (a one-line error); one that fails later is dropped with a warning,
-since the run, its folder and checkpoints do not depend on it.
+``<run>/track.json`` keeps their ids, the last round each tracker got and whether it was finished (a
+finished run started again, which trains nothing, leaves its trackers alone). Two exceptions resend
+every round: an offline W&B run (W&B cannot resume offline: each start writes a new offline-run
+folder, and syncing a later folder replaces the earlier one, so the newest must hold everything) and
+an MLflow run no longer in the store (``runs/`` moved, another ``MLFLOW_TRACKING_URI``: a new run).
+A tracker that cannot start stops the run before it trains (a one-line error; what had started is
+recorded, so the next start continues it); one that fails later is closed and dropped with a
+warning, since the run, its folder and checkpoints do not depend on it. Parallel ``fedlora compare``
+workers share ``<output_dir>/mlflow.db``: SQLite serialises them, and a start that collides with
+another's (creating the tables or the experiment) is retried.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import os
 import time
 import uuid
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +93,7 @@ class Tracker(ABC):
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
+        self.resend = False  # True: this destination needs every round again (a fresh run behind a saved id)
 
     @abstractmethod
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
@@ -111,6 +120,8 @@ class TensorBoardTracker(Tracker):
         self.writer.flush()
 
     def finish(self, summary: dict[str, float] | None) -> None:
+        if summary is not None:
+            self.log(int(summary.get("rounds", 0)), {f"summary/{k}": v for k, v in summary.items()})
         self.writer.close()
 
 
@@ -123,7 +134,18 @@ class WandbTracker(Tracker):
 
         # The id ties a resumed run to the W&B run it started: the same dashboard line, not a new one.
         self.state = {"id": saved.get("id") or uuid.uuid4().hex[:12]}
-        self.run = wandb.init(project=project, name=run_dir.name, id=self.state["id"], resume="allow", dir=str(run_dir), config=config, reinit="create_new")
+        # silent, console off: fedlora's own output (progress, one-line errors) stays as it is
+        self.run = wandb.init(
+            project=project,
+            name=run_dir.name,
+            id=self.state["id"],
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+            reinit="create_new",
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+        self.resend = bool(self.run.offline)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
@@ -139,34 +161,81 @@ class MlflowTracker(Tracker):
 
     def __init__(self, run_dir: Path, config: dict[str, Any], project: str, saved: dict[str, Any]):
         super().__init__()
-        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         # The client, not mlflow's module-level active run: several runs may share one process (fedlora compare).
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or saved.get("uri") or f"sqlite:///{os.path.abspath(run_dir.parent / 'mlflow.db')}"
-        self.client = MlflowClient(tracking_uri=uri)
-        if saved.get("run_id"):
-            self.run_id = saved["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
-            found = self.client.get_experiment_by_name(project)
-            experiment = found.experiment_id if found is not None else self.client.create_experiment(project)
-            self.run_id = self.client.create_run(experiment, run_name=run_dir.name).info.run_id
-            params = [Param(k, v[:6000]) for k, v in flat_config(config).items()]
-            for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters a batch
-                self.client.log_batch(self.run_id, params=params[i : i + 100])
-        self.state = {"run_id": self.run_id, "uri": uri}
+        # The default store is recomputed, not saved: a runs/ folder moved elsewhere finds its mlflow.db there.
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(run_dir.parent / 'mlflow.db')}"
+        with _quiet("mlflow", "alembic"):
+            self.client = _retry(lambda: MlflowClient(tracking_uri=uri))
+            run_id = saved.get("run_id")
+            if run_id is not None and not _retry(lambda: self._exists(run_id)):
+                log.warning("track.to: MLflow run %s is not in %s; a new MLflow run gets every round", run_id, uri)
+                run_id = None
+            if run_id is not None:
+                _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+            else:
+                run_id = _retry(lambda: self._create(project, run_dir.name, config))
+                self.resend = bool(saved)
+        self.run_id: str = run_id
+        self.state = {"run_id": run_id}
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            return False
+
+    def _create(self, project: str, name: str, config: dict[str, Any]) -> str:
+        from mlflow.entities import Param
+
+        found = self.client.get_experiment_by_name(project)
+        experiment = found.experiment_id if found is not None else self.client.create_experiment(project)
+        run_id = self.client.create_run(experiment, run_name=name).info.run_id
+        params = [Param(k, v[:6000]) for k, v in flat_config(config).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters a batch
+            self.client.log_batch(run_id, params=params[i : i + 100])
+        return run_id
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        _retry(lambda: self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()]))
 
     def finish(self, summary: dict[str, float] | None) -> None:
         if summary is not None:
             self.log(int(summary.get("rounds", 0)), {f"summary.{k}": v for k, v in summary.items()})
-        self.client.set_terminated(self.run_id, status="FINISHED" if summary is not None else "FAILED")
+        _retry(lambda: self.client.set_terminated(self.run_id, status="FINISHED" if summary is not None else "FAILED"))
+
+
+def _retry(call, tries: int = 6):
+    """``call()``, tried again after a short random pause when it fails: parallel workers starting
+    on one new MLflow store race to create its tables and experiment, and SQLite may be locked."""
+    import random
+
+    for attempt in range(tries):
+        try:
+            return call()
+        except Exception:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2 * 2**attempt * (0.5 + random.random()))
+
+
+@contextmanager
+def _quiet(*loggers: str):
+    """Silence INFO chatter (MLflow creating its tables) while a tracker starts."""
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
 
 
 class Trackers:
@@ -174,6 +243,7 @@ class Trackers:
 
     def __init__(self, trackers: list[Tracker], path: Path, sent: dict[str, int]):
         self.trackers, self.path, self.sent = trackers, path, sent
+        self.finished: set[str] = set()
 
     def log(self, rounds: list[dict[str, Any]]) -> None:
         for t in list(self.trackers):
@@ -184,6 +254,7 @@ class Trackers:
             except Exception as e:  # a dashboard failing must not stop the training it reports
                 log.warning("track.to: %s failed (%s: %s); the run goes on without it", t.name, type(e).__name__, e)
                 self.trackers.remove(t)
+                _close(t, None)
                 continue
             if new:
                 self.sent[t.name] = int(new[-1]["round"])
@@ -192,39 +263,57 @@ class Trackers:
     def finish(self, summary: dict[str, Any] | None) -> None:
         values = None if summary is None else {**summary_scalars(summary), "rounds": float(summary.get("rounds", 0))}
         for t in self.trackers:
-            try:
-                t.finish(values)
-            except Exception as e:
-                log.warning("track.to: %s failed to close (%s: %s)", t.name, type(e).__name__, e)
+            if _close(t, values) and summary is not None:
+                self.finished.add(t.name)
+        self._save()
         self.trackers = []
 
     def _save(self) -> None:
-        data = {t.name: {**t.state, "round": self.sent.get(t.name, 0)} for t in self.trackers}
+        if not self.trackers:  # nothing to record (no track.to, or every tracker dropped: their entries stay as last saved)
+            return
+        data = {t.name: {**t.state, "round": self.sent.get(t.name, 0), "finished": t.name in self.finished} for t in self.trackers}
         old = json.loads(self.path.read_text()) if self.path.is_file() else {}
         atomic_write_text(self.path, json.dumps({**old, **data}, indent=2) + "\n")
 
 
+def _close(t: Tracker, summary: dict[str, float] | None) -> bool:
+    try:
+        t.finish(summary)
+        return True
+    except Exception as e:
+        log.warning("track.to: %s failed to close (%s: %s)", t.name, type(e).__name__, e)
+        return False
+
+
 def open_trackers(names: list[str], project: str, run_dir: Path, config: dict[str, Any]) -> Trackers:
-    """Start (or, from ``<run>/track.json``, resume) each named tracker; a ConfigError if one cannot start."""
+    """Start (or, from ``<run>/track.json``, resume) each named tracker; a ConfigError if one cannot
+    start. A tracker that finished this run before is left alone: it has every round and the summary."""
     path = run_dir / "track.json"
     try:
         saved = json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError:
         raise ConfigError(f"{path} is damaged (not JSON): delete it to start the trackers afresh") from None
-    trackers: list[Tracker] = []
+    out = Trackers([], path, {})
+    name = ""
     try:
         for name in names:
             mine = saved.get(name, {})
+            if mine.get("finished"):
+                continue
             if name == "tensorboard":
-                trackers.append(TensorBoardTracker(run_dir, config, first=not mine))
+                t: Tracker = TensorBoardTracker(run_dir, config, first=not mine)
             elif name == "wandb":
-                trackers.append(WandbTracker(run_dir, config, project, mine))
+                t = WandbTracker(run_dir, config, project, mine)
             else:
-                trackers.append(MlflowTracker(run_dir, config, project, mine))
-    except Exception as e:
-        Trackers(trackers, path, {}).finish(None)
+                t = MlflowTracker(run_dir, config, project, mine)
+            out.trackers.append(t)
+            out.sent[name] = 0 if t.resend else int(mine.get("round", 0))
+    except BaseException as e:
+        out._save()  # what started is recorded: the next start continues those runs instead of opening new ones
+        out.finish(None)
+        if not isinstance(e, Exception):
+            raise
         hint = " (WANDB_MODE=offline keeps it on this machine)" if name == "wandb" else ""
         raise ConfigError(f"track.to: {name} could not start: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}") from None
-    out = Trackers(trackers, path, {name: int(saved.get(name, {}).get("round", 0)) for name in names})
     out._save()
     return out
