@@ -11,8 +11,12 @@ task=$1; shift
 out=results/recipes/$task${TAG:+-$TAG}
 for lr in ${LRS:-3e-4 1e-3 3e-3}; do
   for hl in ${HEAD_LRS:-1e-2}; do
+    name="$task-lr$lr-head$hl"
+    # a finished run (its summary.json; git keeps no checkpoint) is read back, not retrained: give
+    # other overrides another TAG
+    [[ -f $out/$name/summary.json ]] && { echo "$name: finished, read back" >&2; continue; }
     fedlora run "benchmarks/recipes/$task.yaml" fed.mode=centralized data.eval_split=holdout \
-      train.lr="$lr" train.head_lr="$hl" threads="${THREADS:-2}" output_dir="$out" name="$task-lr$lr-head$hl" "$@"
+      train.lr="$lr" train.head_lr="$hl" threads="${THREADS:-2}" output_dir="$out" name="$name" "$@"
   done
 done
 python - "$out" <<'PY'

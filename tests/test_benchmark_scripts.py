@@ -147,3 +147,41 @@ def test_partial_writes_tables_from_finished_cells_and_runs_nothing(tmp_path, sc
     assert done.returncode == 0, done.stderr
     args = (tmp_path / "args").read_text().split("\n")
     assert args[0] == "compare" and "--partial" in args and "--status" not in args
+
+
+def test_recipe_sweep_reads_finished_runs_back_instead_of_training_them_again(tmp_path):
+    """git keeps a finished run's summary and metrics but not its checkpoint, and `fedlora run` without
+    a checkpoint would train it again: the sweep runs only the candidates without a summary.json."""
+    import json
+    import os
+    import shutil
+    import sys
+    import uuid
+
+    tag = f"pytest-{uuid.uuid4().hex[:8]}"
+    out = ROOT / "results" / "recipes" / f"sst2-{tag}"
+    done_run = out / "sst2-lr1e-3-head1e-2"
+    fake = tmp_path / "fedlora"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" >> {tmp_path}/calls\n')
+    fake.chmod(0o755)
+    env = {
+        **os.environ,
+        "LRS": "1e-3 3e-3",
+        "HEAD_LRS": "1e-2",
+        "TAG": tag,
+        "PATH": f"{tmp_path}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    try:
+        done_run.mkdir(parents=True)
+        (done_run / "summary.json").write_text(
+            json.dumps({"primary_metric": "accuracy", "best": {"accuracy": 0.8}, "best_round": 2, "final": {"accuracy": 0.79}, "train_s": 5.0})
+        )
+        (done_run / "metrics.jsonl").write_text('{"round": 1, "eval_accuracy": 0.7}\n{"round": 2, "eval_accuracy": 0.8}\n')
+        done = subprocess.run(["bash", str(ROOT / "benchmarks/recipe_sweep.sh"), "sst2"], capture_output=True, text=True, env=env, timeout=60)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls").read_text().split("\n")
+    assert calls.count("run") == 1 and "name=sst2-lr3e-3-head1e-2" in calls and "name=sst2-lr1e-3-head1e-2" not in calls
+    assert "sst2-lr1e-3-head1e-2: finished, read back" in done.stderr
+    assert "| sst2-lr1e-3-head1e-2 | 0.8000 | 2 | 0.7900 | 0.700 0.800 | 5 |" in done.stdout
