@@ -268,3 +268,22 @@ def test_a_tracker_that_fails_mid_run_is_dropped_and_the_run_finishes(tiny_model
 
     assert MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(track["mlflow"]["run_id"]).info.status == "FAILED"  # closed when dropped
     assert [s for s, _ in tensorboard_scalars(tmp_path / "flaky" / "tensorboard")["eval_accuracy"]] == [1, 2, 3]
+
+
+def test_on_flower_the_server_app_tracks_from_the_run_config(tiny_models, tmp_path):  # noqa: F811
+    """`flwr run . --run-config "track.to='tensorboard'"`: the ServerApp's run folder gets the event
+    files, one point per round as in its metrics.jsonl (the run config carries the list as a string)."""
+    from flower_support import LocalGrid
+    from flwr.app import Context, RecordDict
+
+    from fedlora.flower import client_app as client_module
+    from fedlora.flower.run_config import run_config_entries
+    from fedlora.flower.server_app import main
+
+    run_config = {**run_config_entries(load_config(None, overrides(tiny_models["bert"], tmp_path, name="flower"))), "track.to": "tensorboard"}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    main(LocalGrid(client_module.app, run_config, 3), context)
+    rows = read_jsonl(tmp_path / "flower" / "metrics.jsonl")
+    board = tensorboard_scalars(tmp_path / "flower" / "tensorboard")
+    assert board["eval_accuracy"] == [(r["round"], pytest.approx(r["eval_accuracy"], rel=1e-6)) for r in rows] and len(rows) == 3
+    assert json.loads((tmp_path / "flower" / "track.json").read_text())["tensorboard"] == {"round": 3, "finished": True}
