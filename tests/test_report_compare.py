@@ -118,10 +118,11 @@ def test_paired_differences_of_a_loss_lower_is_better(tmp_path):
     assert "Cells: perplexity, mean" in text and "| fedit | 71.20 ±" in text and "7120" not in text
 
 
-def test_a_diverged_run_drops_out_of_its_pairs_and_cancels_no_one_elses_call(tmp_path):
-    """A method whose seed 0 diverged (NaN) listed first: its pairs run on its four finite seeds, fra − hexa (−20
-    at every seed: no spread) has no test, and hexa − fedit stays real (before, the NaN p sorted anywhere and
-    pushed every Holm p after it to 1)."""
+def test_a_diverged_run_leaves_its_pairs_without_a_verdict_and_cancels_no_one_elses_call(tmp_path):
+    """A method whose seed 0 diverged (NaN) listed first: its pairs are shown on its four finite seeds with the
+    divergence noted, but get no test and no verdict (judged on its good seeds only, a method that diverges
+    would look better than it is); hexa − fedit stays real (the NaN p once sorted anywhere and pushed every
+    Holm p after it to 1)."""
     from scipy.stats import ttest_rel
 
     from fedlora.report.compare import pairwise_verdicts
@@ -139,8 +140,12 @@ def test_a_diverged_run_drops_out_of_its_pairs_and_cancels_no_one_elses_call(tmp
     p = ttest_rel(HEXA, FEDIT).pvalue
     (row,) = [line for line in text.splitlines() if "| hexa − fedit |" in line]
     assert row.startswith(f"| iid | hexa − fedit | 1.20 ± {2.776445 * math.sqrt(0.075) / math.sqrt(5):.2f} (5) | {p:.2g} |") and row.endswith("| yes |")
-    assert "(5 in iid:" in text  # the six pairs but fra − hexa
-    assert "| iid | fedit − fra | 18.75 ± 0.46 (4) |" in text  # seed 0 left out: d = 20 − (HEXA − FEDIT) at seeds 1–4
+    assert "spread: 3 in iid;" in text and "fra" not in text  # the three pairs without fra
+    from fedlora.report.compare import markdown_table, paired_table
+
+    # seed 0 left out and counted: d = (HEXA − FEDIT) − 20 at seeds 1–4, its interval shown, no verdict
+    assert "| fra | -18.75 ± 0.46 (4; 1 diverged) |" in paired_table(results, "fedit", "best")
+    assert "| fra | " + f"{(sum(HEXA[1:]) / 4 - 20):.2f} ± " in markdown_table(results, "best") and "(4; 1 diverged) |" in markdown_table(results, "best")
 
 
 def test_method_specs_with_config_overrides():
@@ -199,7 +204,7 @@ def test_runs_summarised_before_last_half_get_it_from_their_metrics(tmp_path):
     results = collect(cells, None, [f"output_dir={tmp_path}", "data.task=sst2"], run=False)
     assert [results[Cell("hexa", "iid", s)]["last_half"]["accuracy"] for s in (0, 1)] == pytest.approx([0.85, 0.70])
     table = paired_table(results, "fedit", "last_half")
-    assert "| hexa | 10.00 ± 0.00 (2) |" in table  # d = [85 − 75, 70 − 60]: no spread, no test, no call (stats.py)
+    assert "| hexa | 10.00 ± 0.00 (2; no spread) |" in table  # d = [85 − 75, 70 − 60]: no spread, no test, no call (stats.py)
     text = write_report(results, tmp_path / "report", "t").read_text()
     assert text.index("## Mean over the second half of the rounds") < text.index("## Final round") < text.index("## Best over rounds")
     assert "### Paired difference from fedit (last_half)" in text
@@ -334,7 +339,7 @@ def test_privacy_tables_read_a_dp_grid_by_epsilon(tmp_path):
     assert "| method | ε = 1 (spent 0.998) | ε = ∞ (no DP) |" in privacy_tables(only_fedit, "fedit")
     assert f"| fedit | 71.00 ± {half:.2f} (3) | 81.00 ± {half:.2f} (3) |" in text
     assert f"| fedit | -10.00 ± {half:.2f} (3) **behind** | – |" in text
-    assert f"| ffa | 2.00 ± {half:.2f} (3) | -2.00 ± 0.00 (3) |" in text  # the same −2 at every seed: no spread, no call
+    assert f"| ffa | 2.00 ± {half:.2f} (3) | -2.00 ± 0.00 (3; no spread) |" in text  # the same −2 at every seed: no spread, no call
     assert f"| hexa[drift_beta=0] | 4.33 ± {4.302653 * math.sqrt(1 / 3) / math.sqrt(3):.2f} (3) **ahead** | – |" in text
     assert "| hexa[drift_beta=0] | 75.33 ±" in text and "| hexa[drift_beta=0] | – | – |" in text  # no DP-free hexa run: no cost, no pair
     report = write_report(results, tmp_path / "report", "dp", baseline="fedit").read_text()
@@ -382,10 +387,12 @@ def test_paired_p_value_is_scipys_paired_t_test_and_holm_is_step_down():
     # a NaN (a diverged run's pair) is in nobody's family: m = 3, 0.001·3, 0.002·2, 0.003·1 → running max
     adjusted = holm([math.nan, 0.001, 0.002, 0.003])
     assert math.isnan(adjusted[0]) and adjusted[1:] == pytest.approx([0.003, 0.004, 0.004])
-    # and its seed leaves the pairs: the test runs on the finite differences (scipy on seeds 1, 2, 3)
+    # a diverged seed: the interval on the finite differences (seeds 1, 2, 3) with the divergence counted, no test
     x, y = {0: math.nan, 1: 80.0, 2: 82.0, 3: 85.0}, {0: 70.0, 1: 78.0, 2: 79.0, 3: 81.0}
-    assert paired_p_value(x, y) == pytest.approx(ttest_rel([80.0, 82.0, 85.0], [78.0, 79.0, 81.0]).pvalue, rel=1e-12)
-    assert paired_interval(x, y).n == 3
+    iv = paired_interval(x, y)
+    assert (iv.n, iv.diverged, iv.mean) == (3, 1, pytest.approx(3.0)) and not iv.excludes_zero()
+    assert math.isnan(paired_p_value(x, y))
+    assert ttest_rel([80.0, 82.0, 85.0], [78.0, 79.0, 81.0]).pvalue < 0.05  # what the finite seeds alone would call
 
 
 def test_which_differences_are_real_lists_confident_pairs_better_first(tmp_path):
@@ -400,8 +407,53 @@ def test_which_differences_are_real_lists_confident_pairs_better_first(tmp_path)
     half = 2.776445 * math.sqrt(0.075) / math.sqrt(5)
     p = ttest_rel(HEXA, FEDIT).pvalue
     assert f"| iid | hexa − fedit | 1.20 ± {half:.2f} (5) | {p:.2g} | {min(1, 3 * p):.2g} | yes |" in text
-    assert "fedex −" not in text and "− fedex" not in text and "fedit − hexa" not in text and "(3 in iid:" in text
+    assert "fedex −" not in text and "− fedex" not in text and "fedit − hexa" not in text and "spread: 3 in iid;" in text
     report = write_report(results, tmp_path / "report", "t", baseline="fedit").read_text()
     assert "## Which differences are real" in report
     lonely = {Cell("hexa", "iid", 0): results[Cell("hexa", "iid", 0)], Cell("fedit", "iid", 0): results[Cell("fedit", "iid", 0)]}
     assert "no comparison" in pairwise_verdicts(lonely, "best")
+
+
+def test_pairs_on_fewer_seeds_than_the_means_say_so(tmp_path):
+    """hexa has seeds 0–2, fedit 0–4: the means table shows 3 and 5 seeds, the paired cell 3 pairs, and
+    says they are pairs of 3 and 5 seeds, so the eye does not read the gap between the two means."""
+    for seed in range(5):
+        write_summary(tmp_path, f"compare-sst2-fedit-iid-s{seed}", FEDIT[seed] / 100)
+    for seed in range(3):
+        write_summary(tmp_path, f"compare-sst2-hexa-iid-s{seed}", HEXA[seed] / 100)
+    cells = [Cell("fedit", "iid", s) for s in range(5)] + [Cell("hexa", "iid", s) for s in range(3)]
+    results = collect(cells, None, [f"output_dir={tmp_path}", "data.task=sst2"], run=False)
+    d = [h - f for h, f in zip(HEXA[:3], FEDIT[:3])]
+    assert f"| hexa | {sum(d) / 3:.2f} ± " in paired_table(results, "fedit", "best")
+    assert "(3; pairs of 3 and 5 seeds)" in paired_table(results, "fedit", "best")
+
+
+def test_the_plot_shows_every_interval_and_no_bar_for_one_seed(tmp_path):
+    """The y-axis holds every 95% interval (a correlation's may reach below zero), not only the runs' values."""
+    from fedlora.report.compare import plot_grid
+
+    pearson = [0.30, -0.20, 0.45]  # a wide interval: 18.33 ± 80.7 (×100), below zero
+    for seed, v in enumerate(pearson):
+        write_summary(tmp_path, f"compare-stsb-fedit-iid-s{seed}", v, task="stsb", metric="pearson")
+    write_summary(tmp_path, "compare-stsb-hexa-iid-s0", 0.5, task="stsb", metric="pearson")
+    cells = [Cell("fedit", "iid", s) for s in range(3)] + [Cell("hexa", "iid", 0)]
+    results = collect(cells, None, [f"output_dir={tmp_path}", "data.task=stsb"], run=False)
+    from scipy.stats import t
+
+    xs = [100 * v for v in pearson]
+    mean, sd = sum(xs) / 3, math.sqrt(sum((x - sum(xs) / 3) ** 2 for x in xs) / 2)
+    lo, hi = mean - t.ppf(0.975, 2) * sd / math.sqrt(3), mean + t.ppf(0.975, 2) * sd / math.sqrt(3)
+    low, high = plot_grid(results, "best", tmp_path / "p.png")
+    assert low <= lo < 0 and high >= min(100.0, hi)
+
+
+def test_lower_is_better_comes_from_the_summary(tmp_path):
+    """A task that minimises a metric not named loss/perplexity (summary.json's lower_is_better) is judged lower-first."""
+    for seed in range(5):
+        for method, xs in (("fedit", FEDIT), ("hexa", HEXA)):
+            write_summary(tmp_path, f"compare-sst2-{method}-iid-s{seed}", xs[seed] / 100, metric="error")
+    cells = [Cell(m, "iid", s) for m in ("fedit", "hexa") for s in range(5)]
+    results = collect(cells, None, [f"output_dir={tmp_path}", "data.task=sst2"], run=False)
+    for r in results.values():
+        r["lower_is_better"] = True
+    assert "**behind**" in paired_table(results, "fedit", "best").split("| hexa |")[1].split("\n")[0]  # hexa's error is higher

@@ -73,6 +73,7 @@ def summarise(exp: Experiment, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "alpha": cfg.partition.alpha,
         "seed": cfg.seed,
         "primary_metric": exp.task.primary_metric,
+        "lower_is_better": exp.task.lower_is_better,
         "rounds": len(rows),
         "final": eval_metrics(final),
         "best": eval_metrics(best),

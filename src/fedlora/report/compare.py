@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 from ..atomic import atomic_write_text
 from ..config import ConfigError
-from .stats import Interval, holm, mean_interval, paired_interval, paired_p_value
+from .stats import Interval, finite_interval, holm, mean_interval, paired_interval, paired_p_value
 
 if TYPE_CHECKING:
     from ..engine.grid import Cell
 
-WHICH = {"last_half": "second-half mean of", "final": "final-round", "best": "best-round"}
+WHICH = {"last_half": "second-half mean", "final": "final-round value", "best": "best-round value"}  # of the primary metric
 
 __all__ = [
     "markdown_table",
@@ -40,7 +40,9 @@ def _values(results: dict[Cell, dict], which: str, method: str, partition: str, 
 
 
 def _lower_is_better(results: dict[Cell, dict]) -> bool:
-    return next(iter(results.values()))["primary_metric"] in ("loss", "perplexity")
+    """From the runs' summaries (the task's own flag); summaries written before it existed: by the metric's name."""
+    first = next(iter(results.values()))
+    return bool(first.get("lower_is_better", first["primary_metric"] in ("loss", "perplexity")))
 
 
 def metric_scale(results: dict[Cell, dict]) -> float:
@@ -52,18 +54,27 @@ def _scaled(scale: float) -> str:
     return f" (×{scale:g})" if scale != 1 else ""
 
 
-def _fmt(iv: Interval) -> str:
+def _fmt(iv: Interval, seeds: tuple[int, int] | None = None) -> str:
+    """mean ± half-width (n), noting what n leaves out: diverged seeds, no spread, and for a paired
+    difference (``seeds``: how many each side has) the seeds only one side has."""
+    notes = [f"{iv.diverged} diverged"] if iv.diverged else []
+    if iv.n > 1 and iv.half == 0:
+        notes.append("no spread")
+    if seeds is not None and iv.n + iv.diverged < max(seeds):
+        notes.append(f"pairs of {seeds[0]} and {seeds[1]} seeds")
+    if iv.n == 0:
+        return "– (" + "; ".join(notes) + ")"
     half = "n/a" if math.isnan(iv.half) else f"{iv.half:.2f}"
-    return f"{iv.mean:.2f} ± {half} ({iv.n})"
+    return f"{iv.mean:.2f} ± {half} ({'; '.join([str(iv.n), *notes])})"
 
 
-def _paired_cell(iv: Interval | None, lower: bool) -> str:
+def _paired_cell(iv: Interval | None, lower: bool, seeds: tuple[int, int] | None = None) -> str:
     """A paired difference's cell: mean ± half-width (n pairs), marked ahead / behind only where the
-    95% interval excludes zero (``lower``: a lower metric is better, as for a loss)."""
+    95% interval excludes zero and no shared seed diverged (``lower``: a lower metric is better, as for a loss)."""
     if iv is None:
         return "–"
     verdict = (" **ahead**" if (iv.mean < 0) == lower else " **behind**") if iv.excludes_zero() else ""
-    return _fmt(iv) + verdict
+    return _fmt(iv, seeds) + verdict
 
 
 def markdown_table(results: dict[Cell, dict], which: str = "best", scale: float = 100.0) -> str:
@@ -75,7 +86,7 @@ def markdown_table(results: dict[Cell, dict], which: str = "best", scale: float 
         cells = []
         for p in parts:
             xs = _values(results, which, m, p, scale)
-            cells.append(_fmt(mean_interval(list(xs.values()))) if xs else "–")
+            cells.append(_fmt(finite_interval(list(xs.values()))) if xs else "–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -88,7 +99,10 @@ def paired_table(results: dict[Cell, dict], baseline: str, which: str = "best", 
     lower = _lower_is_better(results)
     lines = ["| method − " + baseline + " | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
     for m in methods:
-        cells = [_paired_cell(paired_interval(_values(results, which, m, p, scale), _values(results, which, baseline, p, scale)), lower) for p in parts]
+        cells = []
+        for p in parts:
+            x, b = _values(results, which, m, p, scale), _values(results, which, baseline, p, scale)
+            cells.append(_paired_cell(paired_interval(x, b), lower, (len(x), len(b))))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -116,13 +130,14 @@ def pairwise_verdicts(results: dict[Cell, dict], which: str = "last_half", scale
             if (iv.mean < 0) != lower:  # b is the better one: report it first (a positive difference, or negative for a loss)
                 a, b, iv = b, a, Interval(-iv.mean, iv.half, iv.n)
             verdict = "yes" if adj < 0.05 else "no"
-            rows.append(f"| {p} | {a} − {b} | {_fmt(iv)} | {pv:.2g} | {adj:.2g} | {verdict} |")
+            rows.append(f"| {p} | {a} − {b} | {_fmt(iv, (len(vals[a]), len(vals[b])))} | {pv:.2g} | {adj:.2g} | {verdict} |")
     if not family:
-        return "No pair of methods shares two seeds yet: no comparison.\n"
+        return "No pair of methods has a test yet (two or more shared seeds, none diverged, some spread): no comparison.\n"
     sizes = ", ".join(f"{m} in {p}" for p, m in family.items())
     head = (
-        f"Every pair of methods within each partition ({sizes}: Holm's family is each partition's pairs), "
-        f"{WHICH.get(which, which)} the metric, paired by seed; better method first. Listed: the pairs whose 95% interval "
+        f"Every pair of methods within each partition with a test (two or more shared seeds, none diverged, some spread: "
+        f"{sizes}; Holm's family is those pairs of each partition), the {WHICH.get(which, which)} of the metric, paired by seed; "
+        "better method first. Listed: the pairs whose 95% interval "
         "excludes zero; the last column says whether the call survives Holm's adjustment over the partition's pairs "
         "(p < 0.05 after it). Every other pair: no difference shown at this number of seeds.\n\n"
     )
@@ -202,12 +217,12 @@ def privacy_tables(results: dict[Cell, dict], baseline: str, which: str = "final
 
     def mean_cell(b: str, p: str, e: str) -> str:
         xs = values.get((b, p, e))
-        return _fmt(mean_interval(list(xs.values()))) if xs else "–"
+        return _fmt(finite_interval(list(xs.values()))) if xs else "–"
 
     def paired_cell(x: dict[int, float] | None, y: dict[int, float] | None) -> str:
-        return _paired_cell(paired_interval(x, y) if x and y else None, lower)
+        return _paired_cell(paired_interval(x, y) if x and y else None, lower, (len(x), len(y)) if x and y else None)
 
-    text = f"{WHICH.get(which, which).capitalize()} {metric}{_scaled(scale)} by ε:\n\n" + table("method", mean_cell)
+    text = f"{metric.capitalize()}{_scaled(scale)} by ε, {WHICH.get(which, which)}:\n\n" + table("method", mean_cell)
     text += "\nThe cost of privacy: each ε minus the same method without DP, paired by seed:\n\n"
     text += table("method", lambda b, p, e: "–" if e == NO_DP else paired_cell(values.get((b, p, e)), values.get((b, p, NO_DP))))
     text += f"\nEach method minus {ref} at the same ε, paired by seed:\n\n"
@@ -236,7 +251,8 @@ def compute_table(results: dict[Cell, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_grid(results: dict[Cell, dict], which: str, path: Path) -> None:
+def plot_grid(results: dict[Cell, dict], which: str, path: Path) -> tuple[float, float]:
+    """results.png: a bar per method and partition with its 95% interval (none for one seed); returns the y-axis limits."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,25 +265,29 @@ def plot_grid(results: dict[Cell, dict], which: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(methods) * len(parts) / 2 + 3), 4.0))
     width = 0.8 / len(parts)
     scale = metric_scale(results)
+    ends: list[float] = []
     for j, p in enumerate(parts):
         mus, halves = [], []
         for m in methods:
             xs = list(_values(results, which, m, p, scale).values())
-            iv = mean_interval(xs) if xs else Interval(float("nan"), 0.0, 0)
+            iv = finite_interval(xs) if xs else Interval(math.nan, math.nan, 0)
             mus.append(iv.mean)
-            halves.append(0.0 if math.isnan(iv.half) else iv.half)
+            halves.append(iv.half)  # NaN (one seed: no interval) draws no bar rather than a cap at the mean
+            ends += [v for v in (iv.low, iv.high) if math.isfinite(v)] or ([iv.mean] if math.isfinite(iv.mean) else [])
         ax.bar(np.arange(len(methods)) + j * width, mus, width, yerr=halves, capsize=2, label=p)
     ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2)
     ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(f"{WHICH.get(which, which)} {metric}{_scaled(scale)}, 95% interval", fontsize=8)
-    finite = [r[which][metric] * scale for r in results.values() if metric in r[which] and math.isfinite(r[which][metric])]
-    if finite and scale == 100:  # points of a fraction: the axis from just below the lowest bar, at most to 100
-        ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 3))
+    if ends and scale == 100:  # points of a fraction (a correlation may be negative): every interval in view, at most to 100
+        low = min(ends) - 5
+        ax.set_ylim(max(0.0, low) if min(ends) >= 0 else max(-100.0, low), min(100.0, max(ends) + 3))
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    limits = ax.get_ylim()
     plt.close(fig)
+    return float(limits[0]), float(limits[1])
 
 
 def round_bands(results: dict[Cell, dict], partition: str, scale: float = 100.0) -> dict[str, tuple[list[int], list[Interval]]]:
