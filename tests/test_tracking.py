@@ -226,6 +226,7 @@ def test_parallel_workers_share_one_new_mlflow_store(tmp_path, monkeypatch):
         ("track.to=tensorboard,neptune", "track.to names 'neptune': the trackers are tensorboard, wandb, mlflow"),
         ("track.to=wandb,wandb", "track.to names a tracker twice"),
         ("track.project='  '", "track.project must not be empty"),
+        ("track.project=team/sst2", "track.project='team/sst2': a W&B project name cannot hold / \\ # ? % or :"),
     ],
 )
 def test_bad_tracker_settings_are_refused_before_any_file(tiny_models, tmp_path, capsys, setting, message):  # noqa: F811
