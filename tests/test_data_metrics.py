@@ -25,7 +25,7 @@ def test_cola_mcc_by_formula():
     mcc = (TP * TN - FP * FN) / math.sqrt((TP + FP) * (TP + FN) * (TN + FP) * (TN + FN))
     assert mcc == pytest.approx(4 / math.sqrt(240))
     m = compute_metrics("cola", logits(PRED), GOLD)
-    assert m.keys() == {"mcc"} and m["mcc"] == pytest.approx(mcc)
+    assert m.keys() == {"mcc", "roc_auc"} and m["mcc"] == pytest.approx(mcc)
 
 
 @pytest.mark.parametrize("task", ["mrpc", "qqp"])
@@ -41,7 +41,31 @@ def test_accuracy_three_classes_and_class_ids():
     assert compute_metrics("mnli", logits(pred, 3), gold) == {"accuracy": pytest.approx(4 / 6)}
     assert compute_metrics("rte", PRED, GOLD) == {"accuracy": pytest.approx(5 / 8)}  # ids, not logits
     t = compute_metrics("sst2", torch.tensor(logits(PRED)), torch.tensor(GOLD))
-    assert t == {"accuracy": pytest.approx(5 / 8)}
+    assert t == {"accuracy": pytest.approx(5 / 8), "roc_auc": pytest.approx(AUC)}
+
+
+# ROC AUC of z1 − z0 by counting: 5 positives × 3 negatives = 15 pairs; a pair scores 1 when the
+# positive's margin is above the negative's, ½ on a tie. logits(PRED) gives margin +3 where PRED = 1,
+# −3 where 0: positives at +3 (the 3 TP) beat the 2 TN (6 pairs) and tie the FP (3 × ½); positives at
+# −3 (the 2 FN) tie the 2 TN (4 × ½) and lose to the FP.
+AUC = (6 + 1.5 + 2) / 15
+
+
+def test_roc_auc_of_two_class_logits_by_counting_pairs():
+    assert compute_metrics("sst2", logits(PRED), GOLD)["roc_auc"] == pytest.approx(AUC)
+    # it does not move with the threshold: every margin shifted by +10 predicts all positive, same ranking
+    shifted = logits(PRED) + np.array([0.0, 10.0])
+    m = compute_metrics("sst2", shifted, GOLD)
+    assert (shifted.argmax(1) == 1).all() and m["accuracy"] == pytest.approx(5 / 8)  # all called positive: the 5 positives of 8
+    assert m["roc_auc"] == pytest.approx(AUC)
+    # class ids (no margin), more than two classes, one class in the labels: no AUC
+    assert "roc_auc" not in compute_metrics("sst2", PRED, GOLD)
+    assert "roc_auc" not in compute_metrics("mnli", logits(np.array([0, 1, 2]), 3), np.array([0, 1, 2]))
+    assert "roc_auc" not in compute_metrics("sst2", logits(PRED), np.ones(8, dtype=int))
+    # a diverged model: NaN like every other metric
+    bad = logits(PRED)
+    bad[0, 0] = np.nan
+    assert math.isnan(compute_metrics("sst2", bad, GOLD)["roc_auc"])
 
 
 def test_stsb_pearson_and_spearman_by_formula():

@@ -9,6 +9,12 @@ convention) and F1 with no predicted positives is 0.0 (``zero_division=0``).
 Non-finite predictions (a diverged model) give nan for every metric, not an error: nan
 correlations, and nan accuracy/F1/MCC for logits with a nan or inf anywhere (their argmax
 would be a class picked by the position of the nan, scored as if it were a prediction).
+
+Two-class logits also get ``roc_auc``, the ROC AUC of z₁ − z₀ (the probability that a random
+positive scores above a random negative): it does not depend on the decision threshold, so a
+model whose threshold drifted (label skew, DP clipping) but still ranks the classes shows it
+(BENCHMARKS "The fall is a shifted decision threshold"). Not a GLUE metric, never primary; left
+out when the labels hold one class only (undefined).
 """
 
 from __future__ import annotations
@@ -63,14 +69,16 @@ def compute_metrics(task_spec: TaskSpec | str, predictions, labels) -> dict[str,
         return {"pearson": _correlation(pearsonr, pred, gold), "spearman": _correlation(spearmanr, pred, gold)}
 
     finite = pred.dtype.kind != "f" or bool(np.isfinite(pred).all())
+    margin = pred[:, 1] - pred[:, 0] if pred.ndim == 2 and pred.shape[1] == 2 == spec.num_labels else None
     if pred.ndim == 2:
         if pred.shape[1] != spec.num_labels:
             raise DataError(f"{spec.name}: logits have {pred.shape[1]} columns, task has {spec.num_labels} labels")
         pred = pred.argmax(axis=1)
     if pred.shape != gold.shape:
         raise DataError(f"{spec.name}: predictions {pred.shape} vs labels {gold.shape}")
+    both = margin is not None and len(np.unique(gold)) == 2
     if not finite:  # a diverged model: nothing to score (as the correlations above)
-        return {name: float("nan") for name in spec.metrics}
+        return {name: float("nan") for name in [*spec.metrics, *(["roc_auc"] if both else [])]}
     pred, gold = pred.astype(np.int64), gold.astype(np.int64)
     out: dict[str, float] = {}
     for name in spec.metrics:
@@ -84,4 +92,8 @@ def compute_metrics(task_spec: TaskSpec | str, predictions, labels) -> dict[str,
             out[name] = float(f1_score(gold, pred, average="macro", zero_division=0))
         else:
             raise DataError(f"{spec.name}: no scorer for metric {name!r}")
+    if both:  # after the task's own metrics, which keep their columns' order
+        from sklearn.metrics import roc_auc_score
+
+        out["roc_auc"] = float(roc_auc_score(gold, margin.astype(np.float64)))
     return out
