@@ -21,8 +21,8 @@ an MLflow run no longer in the store (``runs/`` moved, another ``MLFLOW_TRACKING
 A tracker that cannot start stops the run before it trains (a one-line error; what had started is
 recorded, so the next start continues it); one that fails later is closed and dropped with a
 warning, since the run, its folder and checkpoints do not depend on it. Parallel ``fedlora compare``
-workers share ``<output_dir>/mlflow.db``: SQLite serialises them, and a start that collides with
-another's (creating the tables or the experiment) is retried.
+workers share ``<output_dir>/mlflow.db``: their starts (which create the tables and the experiment)
+take turns through a lock file beside it, and a write that finds the database locked is retried.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ class MlflowTracker(Tracker):
         # The client, not mlflow's module-level active run: several runs may share one process (fedlora compare).
         # The default store is recomputed, not saved: a runs/ folder moved elsewhere finds its mlflow.db there.
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(run_dir.parent / 'mlflow.db')}"
-        with _quiet("mlflow", "alembic"):
+        with _quiet("mlflow", "alembic"), _sqlite_lock(uri):
             self.client = _retry(lambda: MlflowClient(tracking_uri=uri))
             run_id = saved.get("run_id")
             if run_id is not None and not _retry(lambda: self._exists(run_id)):
@@ -209,6 +209,25 @@ class MlflowTracker(Tracker):
         if summary is not None:
             self.log(int(summary.get("rounds", 0)), {f"summary.{k}": v for k, v in summary.items()})
         _retry(lambda: self.client.set_terminated(self.run_id, status="FINISHED" if summary is not None else "FAILED"))
+
+
+@contextmanager
+def _sqlite_lock(uri: str):
+    """One process at a time sets up an SQLite store: MLflow creates and migrates its tables on first
+    use, and two processes doing that at once leave a half-migrated file that no retry repairs
+    (``table _alembic_tmp_params already exists``). A lock file beside the database serialises the
+    starts of ``fedlora compare``'s workers; other stores (a tracking server) need none."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _retry(call, tries: int = 6):
