@@ -12,11 +12,29 @@ out=results/recipes/$task${TAG:+-$TAG}
 for lr in ${LRS:-3e-4 1e-3 3e-3}; do
   for hl in ${HEAD_LRS:-1e-2}; do
     name="$task-lr$lr-head$hl"
-    # a finished run (its summary.json; git keeps no checkpoint) is read back, not retrained: give
-    # other overrides another TAG
-    [[ -f $out/$name/summary.json ]] && { echo "$name: finished, read back" >&2; continue; }
-    fedlora run "benchmarks/recipes/$task.yaml" fed.mode=centralized data.eval_split=holdout \
-      train.lr="$lr" train.head_lr="$hl" threads="${THREADS:-2}" output_dir="$out" name="$name" "$@"
+    args=("benchmarks/recipes/$task.yaml" fed.mode=centralized data.eval_split=holdout
+      train.lr="$lr" train.head_lr="$hl" threads="${THREADS:-2}" output_dir="$out" name="$name" "$@")
+    # A finished run (its summary.json; git keeps no checkpoint, so `fedlora run` would train it
+    # again) is read back, if it ran with these settings; with others, stop: give them another TAG.
+    if [[ -f $out/$name/summary.json ]]; then
+      python - "$out/$name" "${args[@]}" <<'PY'
+import sys
+from pathlib import Path
+
+import yaml
+
+from fedlora.config import load_config
+from fedlora.engine.server import first_difference
+
+run = Path(sys.argv[1])
+key = first_difference(yaml.safe_load((run / "config.yaml").read_text()), load_config(sys.argv[2], sys.argv[3:]))
+if key is not None:
+    sys.exit(f"{run} finished with another {key}: give these overrides another TAG")
+PY
+      echo "$name: finished, read back" >&2
+      continue
+    fi
+    fedlora run "${args[@]}"
   done
 done
 python - "$out" <<'PY'

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -173,11 +174,24 @@ def test_recipe_sweep_reads_finished_runs_back_instead_of_training_them_again(tm
     }
     try:
         done_run.mkdir(parents=True)
+        from fedlora.config import config_to_dict, load_config
+
+        args = ["fed.mode=centralized", "data.eval_split=holdout", "train.lr=1e-3", "train.head_lr=1e-2", "threads=2"]
+        cfg = load_config(ROOT / "benchmarks/recipes/sst2.yaml", [*args, f"output_dir={out}", "name=sst2-lr1e-3-head1e-2"])
+        (done_run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         (done_run / "summary.json").write_text(
             json.dumps({"primary_metric": "accuracy", "best": {"accuracy": 0.8}, "best_round": 2, "final": {"accuracy": 0.79}, "train_s": 5.0})
         )
         (done_run / "metrics.jsonl").write_text('{"round": 1, "eval_accuracy": 0.7}\n{"round": 2, "eval_accuracy": 0.8}\n')
-        done = subprocess.run(["bash", str(ROOT / "benchmarks/recipe_sweep.sh"), "sst2"], capture_output=True, text=True, env=env, timeout=60)
+        done = subprocess.run(["bash", str(ROOT / "benchmarks/recipe_sweep.sh"), "sst2"], capture_output=True, text=True, env=env, timeout=120)
+        # the same folder asked for with other settings: refused, naming the setting, nothing run
+        other = subprocess.run(
+            ["bash", str(ROOT / "benchmarks/recipe_sweep.sh"), "sst2", "train.epochs=2"],
+            capture_output=True,
+            text=True,
+            env={**env, "LRS": "1e-3"},
+            timeout=120,
+        )
     finally:
         shutil.rmtree(out, ignore_errors=True)
     assert done.returncode == 0, done.stderr
@@ -185,3 +199,5 @@ def test_recipe_sweep_reads_finished_runs_back_instead_of_training_them_again(tm
     assert calls.count("run") == 1 and "name=sst2-lr3e-3-head1e-2" in calls and "name=sst2-lr1e-3-head1e-2" not in calls
     assert "sst2-lr1e-3-head1e-2: finished, read back" in done.stderr
     assert "| sst2-lr1e-3-head1e-2 | 0.8000 | 2 | 0.7900 | 0.700 0.800 | 5 |" in done.stdout
+    assert other.returncode != 0 and "finished with another train.epochs: give these overrides another TAG" in other.stderr
+    assert (tmp_path / "calls").read_text().split("\n").count("run") == 1

@@ -53,6 +53,10 @@ def test_fedsa_clients_keep_their_own_B_and_report_their_own_models(tiny_models,
         assert all(c["personal_n"] == held[c["client"]] for c in mine)
         want = sum(c["personal_accuracy"] * c["personal_n"] for c in mine) / sum(c["personal_n"] for c in mine)
         assert row["personal_accuracy"] == pytest.approx(want)
+        having = [c for c in mine if "personal_roc_auc" in c]  # a held-out set of one class has none: not counted as 0
+        if having:
+            want = sum(c["personal_roc_auc"] * c["personal_n"] for c in having) / sum(c["personal_n"] for c in having)
+            assert row["personal_roc_auc"] == pytest.approx(want)
         assert [c["examples"] for c in mine] == [len(cl.indices) for cl in exp.clients]
     summary = json.loads((run / "summary.json").read_text())  # what fedlora compare's personalised table reads
     assert summary["personal_final"]["accuracy"] == pytest.approx(rows[-1]["personal_accuracy"])

@@ -428,7 +428,7 @@ def test_pairs_on_fewer_seeds_than_the_means_say_so(tmp_path):
     assert "(3; pairs of 3 and 5 seeds)" in paired_table(results, "fedit", "best")
 
 
-def test_the_plot_shows_every_interval_and_no_bar_for_one_seed(tmp_path):
+def test_the_plot_axis_holds_every_interval(tmp_path):
     """The y-axis holds every 95% interval (a correlation's may reach below zero), not only the runs' values."""
     from fedlora.report.compare import plot_grid
 

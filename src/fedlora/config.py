@@ -229,7 +229,7 @@ class RunConfig:
             (len(set(self.track.to)) == len(self.track.to), f"track.to names a tracker twice: {self.track.to}"),
             (self.track.project.strip() != "", "track.project must not be empty"),
             (
-                not any(c in self.track.project for c in "/\\#?%:"),
+                "wandb" not in self.track.to or not any(c in self.track.project for c in "/\\#?%:"),
                 f"track.project={self.track.project!r}: a W&B project name cannot hold / \\ # ? % or :",
             ),
         ]

@@ -193,7 +193,9 @@ def run_experiment(
                 shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
         # A checkpoint (or config.yaml) of another configuration is refused here, before config.yaml is rewritten.
         state = sim.resume_or_init()
-        if cfg.track.to:  # before the run's own files change: a tracker that cannot start leaves them (summary.json too) as they were
+        # Before the run's own files change: a tracker that cannot start leaves them (summary.json too) as they
+        # were (--overwrite above has emptied the folder already).
+        if cfg.track.to:
             trackers = open_trackers(cfg.track.to, cfg.track.project, run_dir, config_to_dict(cfg))
         try:
             # Until this run writes its own, a summary here is stale: a run stopped before its end must not
@@ -203,7 +205,7 @@ def run_experiment(
             writer.write_histogram(exp.histogram, exp.label_names)
             if plots:
                 plot_histogram(exp.histogram, exp.label_names, run_dir / "label_histogram.png")
-            summary = _train_and_export(cfg, exp, sim, state, run_dir, engine, export, plots, on_round)
+            summary = _train_and_export(cfg, exp, sim, state, writer, engine, export=export, plots=plots, on_round=on_round)
         except BaseException:
             trackers.finish(None)
             raise
@@ -211,9 +213,20 @@ def run_experiment(
         return summary
 
 
-def _train_and_export(cfg, exp, sim, state, run_dir, engine, export, plots, on_round) -> dict[str, Any]:
+def _train_and_export(
+    cfg: RunConfig,
+    exp: Experiment,
+    sim: Simulator,
+    state: ServerState,
+    writer: RunWriter,
+    engine: Callable[[Simulator, ServerState], ServerState] | None,
+    *,
+    export: bool,
+    plots: bool,
+    on_round: Callable[[Simulator], None],
+) -> dict[str, Any]:
     """The rounds, then the summary, the exported adapter and the plots (run_experiment's body, under its lock)."""
-    writer = RunWriter(run_dir)
+    run_dir = writer.dir
     state = sim.run(state) if engine is None else engine(sim, state)
     on_round(sim)
     summary = summarise(exp, sim.rounds)

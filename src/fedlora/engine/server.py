@@ -314,9 +314,10 @@ class Server:
                         r[key] = values[position[r["client"]]]
         personal = [r for r in done if r.get("personal_n")]
         if personal:  # each client's own model on its held-out examples, weighted by their number
-            total = sum(r["personal_n"] for r in personal)
             for key in {k for r in personal for k in r if k.startswith("personal_") and k != "personal_n"}:
-                row[key] = sum(r[key] * r["personal_n"] for r in personal if key in r) / total
+                # over the clients that have it: a held-out set of one class has no ROC AUC
+                having = [r for r in personal if key in r]
+                row[key] = sum(r[key] * r["personal_n"] for r in having) / sum(r["personal_n"] for r in having)
         if plan is not None and plan.client is not None:
             row["epsilon"] = plan.epsilon_after(t + 1)
         if plan is not None and plan.local is not None:  # each client's own ε; the run's is the largest so far

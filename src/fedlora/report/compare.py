@@ -277,7 +277,7 @@ def plot_grid(results: dict[Cell, dict], which: str, path: Path) -> tuple[float,
         ax.bar(np.arange(len(methods)) + j * width, mus, width, yerr=halves, capsize=2, label=p)
     ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2)
     ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(f"{WHICH.get(which, which)} {metric}{_scaled(scale)}, 95% interval", fontsize=8)
+    ax.set_ylabel(f"{metric}{_scaled(scale)}, {WHICH.get(which, which)}, 95% interval", fontsize=8)
     if ends and scale == 100:  # points of a fraction (a correlation may be negative): every interval in view, at most to 100
         low = min(ends) - 5
         ax.set_ylim(max(0.0, low) if min(ends) >= 0 else max(-100.0, low), min(100.0, max(ends) + 3))

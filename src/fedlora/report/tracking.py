@@ -175,7 +175,7 @@ class MlflowTracker(Tracker):
             if run_id is not None:
                 _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
             else:
-                run_id = _retry(lambda: self._create(project, run_dir.name, config))
+                run_id = self._create(project, run_dir.name, config)
                 self.resend = bool(saved)
         self.run_id: str = run_id
         self.state = {"run_id": run_id}
@@ -185,18 +185,24 @@ class MlflowTracker(Tracker):
 
         try:
             return self.client.get_run(run_id).info.lifecycle_stage == "active"
-        except MlflowException:
-            return False
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise  # a locked database is not a missing run: _retry tries again
 
     def _create(self, project: str, name: str, config: dict[str, Any]) -> str:
+        """A new run in experiment ``project``, the configuration as its parameters; each step retried
+        on its own (a retried whole would leave the runs of failed attempts behind)."""
         from mlflow.entities import Param
 
-        found = self.client.get_experiment_by_name(project)
-        experiment = found.experiment_id if found is not None else self.client.create_experiment(project)
-        run_id = self.client.create_run(experiment, run_name=name).info.run_id
+        def experiment() -> str:
+            found = self.client.get_experiment_by_name(project)
+            return found.experiment_id if found is not None else self.client.create_experiment(project)
+
+        run_id = _retry(lambda: self.client.create_run(_retry(experiment), run_name=name).info.run_id)
         params = [Param(k, v[:6000]) for k, v in flat_config(config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters a batch
-            self.client.log_batch(run_id, params=params[i : i + 100])
+            _retry(lambda i=i: self.client.log_batch(run_id, params=params[i : i + 100]))
         return run_id
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
