@@ -76,13 +76,15 @@ def test_the_grids_travel_in_two_calls_and_come_back(tmp_path):
     slow = _bash(
         "benchmarks/device_grid.sh",
         device / "repo",
-        {**run_env, "OUT": str(tmp_path / "out3"), "DEVICE_GRIDS": "sleep 300 & wait", "DEADLINE": "25"},
+        {**run_env, "OUT": str(tmp_path / "out3"), "DEVICE_GRIDS": "sleep 299.5731 & wait", "DEADLINE": "25"},
         "grid",
         timeout=120,
     )
     assert slow.returncode == 0 and "deadline: stopped" in (tmp_path / "out3" / "grid.log").read_text()
     assert "0 cells finished here" in slow.stdout
-    assert subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True).returncode == 1  # nothing left running
+    assert (
+        subprocess.run(["pgrep", "-f", "sleep 299.5731"], capture_output=True).returncode == 1
+    )  # nothing left running (a duration no other process on the machine sleeps)
 
     # A call the tool cuts short (SIGTERM before DEADLINE) still returns the cells that finished before it.
     (tmp_path / "out4").mkdir()
