@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Privacy–utility grids (BENCHMARKS.md "Differential privacy"). JOBS worker processes of one
 # thread each; finished cells are read back, so a part can run in pieces.
-# Usage: [SEEDS=0,1,2] [JOBS=2] [STATUS=1] [PARTIAL=1] bash benchmarks/dp_grid.sh local|local-recipe|local-head|local-small|client   (STATUS=1: list the runs and
-# the compute left, run nothing; PARTIAL=1: run nothing, write the tables from the finished cells, n per cell)
+# Usage: [SEEDS=0,1,2] [JOBS=2] [STATUS=1] [PARTIAL=1] [SHARD=K/N] bash benchmarks/dp_grid.sh local|local-recipe|local-head|local-small|client   (STATUS=1: list the runs and
+# the compute left, run nothing; PARTIAL=1: run nothing, write the tables from the finished cells, n per cell;
+# SHARD=K/N: run only share K of N machines' runs, no tables; copy the run folders together, then PARTIAL=1)
 #   local   FFA-LoRA's protocol on MiniLM SST-2: 3 clients over all 67k training examples,
 #           Dirichlet(0.5), local DP-SGD at ε ∈ {1, 3, 6} and without DP, δ = 1e-5, for fedit,
 #           ffa, fra, fedex and hexa; logical batch 2048 (32 × 64 accumulated), C = 0.1, lr 1e-2
@@ -40,6 +41,7 @@ heldout=(data.eval_split=holdout data.holdout_examples=1000 data.holdout_min_wor
 options=(--jobs "${JOBS:-2}" --seeds "$seeds")
 [[ ${STATUS:-0} != 0 ]] && options+=(--status)  # STATUS=0 and PARTIAL=0 mean off
 [[ ${PARTIAL:-0} != 0 ]] && options+=(--partial)
+[[ -n ${SHARD:-} ]] && options+=(--shard "$SHARD")
 case $part in
   local)
     fedlora compare "${common[@]}" "${full[@]}" data.max_eval_examples=872 \

@@ -5,11 +5,13 @@
 # from fedit paired by seed. Finished cells are read back and interrupted ones resume, so each
 # part can run in pieces. JOBS worker processes of one thread each (2 cores → JOBS=2).
 #
-# Usage: [SEEDS=0,1,2,3,4] [PARTITIONS=iid,dirichlet:1.0,dirichlet:0.1] [ONLY=hexa,fedex,…] [JOBS=2] [SST2_RECIPE=sst2] [STATUS=1] [PARTIAL=1] bash benchmarks/evidence_grid.sh PART
+# Usage: [SEEDS=0,1,2,3,4] [PARTITIONS=iid,dirichlet:1.0,dirichlet:0.1] [ONLY=hexa,fedex,…] [JOBS=2] [SST2_RECIPE=sst2] [STATUS=1] [PARTIAL=1] [SHARD=K/N] bash benchmarks/evidence_grid.sh PART
 # ONLY runs the part's cells of these methods alone (e.g. the Dirichlet(0.1) cells HEXA's question needs first); a
 # later call without it runs the rest and writes the whole table.
 # STATUS=1 runs nothing: it lists the part's runs (finished, stopped after k rounds, not started) and the compute left.
 # PARTIAL=1 runs nothing either: it writes the part's tables from the cells finished so far (n seeds per cell).
+# SHARD=K/N splits a part over N machines: each runs (or, with STATUS=1, lists) only share K's runs and writes no
+# tables; copy every machine's results/runs/* into one checkout, then PARTIAL=1 (or a plain call) writes them.
 # SST2_RECIPE picks the SST-2 parts' recipe under benchmarks/recipes/ (sst2-8k: the first, 8,000-example
 # budget, whose grids are in results/evidence/sst2-8k); another recipe's tables go to results/evidence/<recipe>.
 # (SEEDS=0 then SEEDS=1 … fills whole seeds first when a part runs in pieces; a last call with
@@ -75,6 +77,7 @@ grid() {  # grid TASK [overrides…] [--options…]: overrides must come before 
   done
   [[ ${STATUS:-0} != 0 ]] && modes+=(--status)
   [[ ${PARTIAL:-0} != 0 ]] && modes+=(--partial)
+  [[ -n ${SHARD:-} ]] && modes+=(--shard "$SHARD")
   fedlora compare "benchmarks/recipes/$task.yaml" threads=1 "${over[@]}" --jobs "${JOBS:-2}" "${opts[@]}" "${modes[@]}"
 }
 case $part in

@@ -134,6 +134,23 @@ def test_keep_runs_stages_finished_runs_only(tmp_path):
     assert sorted(s for s in staged if s) == sorted(f"{rel}/{f}" for f in ["config.yaml", "metrics.jsonl", "summary.json"])
 
 
+@pytest.mark.parametrize("script,part,runs", [("dp_grid", "local", 5 * 4 * 3), ("evidence_grid", "sst2", EVIDENCE["sst2"])])
+def test_shards_of_a_grid_list_every_run_once(script, part, runs):
+    """SHARD=K/N (with STATUS=1: listed, nothing run): three machines' shares hold every run of the part once."""
+    import os
+    import sys
+
+    listed: list[str] = []
+    for k in (1, 2, 3):
+        env = {**os.environ, "STATUS": "1", "SHARD": f"{k}/3", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        done = subprocess.run(["bash", str(ROOT / f"benchmarks/{script}.sh"), part], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        share = [line.split(" | ")[0].strip("| ") for line in done.stdout.splitlines() if line.startswith("| compare-")]
+        assert f"({len(share)} runs)" in done.stdout and len(share) >= runs // 5  # no machine left (nearly) idle
+        listed += share
+    assert len(listed) == len(set(listed)) == runs
+
+
 @pytest.mark.parametrize("script,part", [("dp_grid", "local"), ("evidence_grid", "sst2")])
 def test_partial_writes_tables_from_finished_cells_and_runs_nothing(tmp_path, script, part):
     """PARTIAL=1 hands `fedlora compare` --partial (collect the finished cells, run none); seen through a stand-in

@@ -3,6 +3,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -457,3 +458,69 @@ def test_lower_is_better_comes_from_the_summary(tmp_path):
     for r in results.values():
         r["lower_is_better"] = True
     assert "**behind**" in paired_table(results, "fedit", "best").split("| hexa |")[1].split("\n")[0]  # hexa's error is higher
+
+
+def test_shards_split_a_grid_over_machines_each_run_once(tmp_path, monkeypatch, capsys):
+    """`--shard K/N`: N machines, each with its own disk, run their shares; together they run
+    every run folder exactly once (the centralized run, serving both partitions, too), a share
+    writes no table, and the run folders copied into one place give the whole grid's table."""
+    import shutil
+
+    from fedlora import cli
+    from fedlora.engine.grid import shard_of
+
+    ran: dict[str, list[str]] = {}  # machine → the runs it trained
+
+    def fake_run(cfg, overwrite=False):  # a finished run: its folder, config and summary, no training
+        d = Path(cfg.output_dir) / cfg.name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        acc = 0.6 + 0.05 * cfg.seed
+        summary = {"task": "sst2", "primary_metric": "accuracy", "best": {"accuracy": acc}, "final": {"accuracy": acc}, "train_s": 1.0}
+        (d / "summary.json").write_text(json.dumps(summary))
+        ran.setdefault(Path(cfg.output_dir).name, []).append(cfg.name)
+        return summary
+
+    monkeypatch.setattr("fedlora.engine.grid.run_experiment", fake_run)
+    grid = ["--methods", "hexa,fedit,centralized", "--partitions", "iid,dirichlet:0.1", "--seeds", "0,1,2,3", "--out", str(tmp_path / "tables")]
+
+    def argv(machine: str) -> list[str]:
+        return ["compare", f"output_dir={tmp_path / machine}", "data.task=sst2", *grid]
+
+    for k in (1, 2, 3):
+        assert cli.main([*argv(f"m{k}"), "--shard", f"{k}/3"]) == 0
+        assert "copy each machine's run folders" in capsys.readouterr().out
+    assert not (tmp_path / "tables").exists()  # a share makes no table
+    everything = {f"compare-sst2-{m}-{p}-s{s}" for m in ("hexa", "fedit") for p in ("iid", "dirichlet_0.1") for s in range(4)}
+    everything |= {f"compare-sst2-centralized-s{s}" for s in range(4)}
+    names = [n for runs in ran.values() for n in runs]
+    assert sorted(names) == sorted(everything)  # each run once, on one machine
+    assert len(ran) == 3 and min(map(len, ran.values())) >= 4  # 20 runs: no machine idles
+    # a cell's seeds go round the machines: 3 seeds over 3 shards touch every shard
+    for stem in ("compare-sst2-hexa-iid", "compare-sst2-centralized"):
+        assert {shard_of(f"{stem}-s{s}", 3) for s in range(3)} == {1, 2, 3}
+    # a second pass of a share finds its runs finished and runs nothing
+    before = {m: list(r) for m, r in ran.items()}
+    assert cli.main([*argv("m2"), "--shard", "2/3"]) == 0 and ran == before
+    # --status lists one share's runs
+    assert cli.main([*argv("m2"), "--shard", "2/3", "--status"]) == 0
+    listed = {line.split(" | ")[0].strip("| ") for line in capsys.readouterr().out.splitlines() if "| finished |" in line}
+    assert listed == set(ran["m2"])
+    # the machines' run folders copied into one: the whole grid's table, nothing run again
+    for k in (1, 2, 3):
+        shutil.copytree(tmp_path / f"m{k}", tmp_path / "merged", dirs_exist_ok=True)
+    assert cli.main([*argv("merged"), "--collect-only"]) == 0 and ran == before
+    assert re.search(r"\| hexa \| 67\.50 ± [\d.]+ \(4\) \| 67\.50 ± [\d.]+ \(4\) \|", (tmp_path / "tables" / "results.md").read_text())
+
+
+@pytest.mark.parametrize("shard", ["0/3", "4/3", "1/0", "a/b", "2"])
+def test_bad_shards_and_a_shard_of_tables_are_refused(tmp_path, capsys, shard):
+    from fedlora import cli
+
+    argv = ["compare", f"output_dir={tmp_path}", "--seeds", "0", "--out", str(tmp_path / "t")]
+    assert cli.main([*argv, "--shard", shard]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--shard must be K/N" in err and repr(shard) in err
+    assert cli.main([*argv, "--shard", "1/2", "--collect-only"]) == 2
+    assert "writes no tables" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -78,14 +78,37 @@ def _compare(args: argparse.Namespace) -> int:
     cells = [Cell(m, p, s) for p in _split_specs(args.partitions) for m in _split_specs(args.methods) for s in seeds]
     if not cells:
         raise ConfigError("--methods, --partitions and --seeds must each name at least one entry")
+    shard = None
+    if args.shard is not None:
+        from .engine.grid import parse_shard
+
+        shard = parse_shard(args.shard)
+        if args.collect_only or args.partial:
+            raise ConfigError(
+                "--shard runs one machine's share and writes no tables; collect every machine's run folders into one output_dir, then run --collect-only or --partial without --shard"
+            )
     if args.status:
         from .engine.grid import grid_status, status_table
 
-        print(status_table(grid_status(cells, args.config, args.overrides)), end="")
+        print(status_table(grid_status(cells, args.config, args.overrides, shard)), end="")
         return 0
     results = collect(
-        cells, args.config, args.overrides, run=not (args.collect_only or args.partial), overwrite=args.overwrite, skip_missing=args.partial, jobs=args.jobs
+        cells,
+        args.config,
+        args.overrides,
+        run=not (args.collect_only or args.partial),
+        overwrite=args.overwrite,
+        skip_missing=args.partial,
+        jobs=args.jobs,
+        shard=shard,
     )
+    if shard is not None:
+        # One share's cells make no table: a table of some methods' seeds would read as the grid's.
+        print(
+            f"shard {shard[0]}/{shard[1]}: {len(results)} of the grid's {len(cells)} cells finished here. When every shard is done, "
+            "copy each machine's run folders into one output_dir and run the same command without --shard, with --collect-only, for the tables."
+        )
+        return 0
     path = write_report(results, Path(args.out), args.title, baseline=args.baseline)
     print(path.read_text())
     print(f"written: {path}, {path.with_suffix('.png')}, {path.with_suffix('.json')}")
@@ -137,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--overwrite", action="store_true", help="re-run cells that already finished")
     cmp_.add_argument("--status", action="store_true", help="list each run's state (finished, rounds done, not started) and the compute left; run nothing")
     cmp_.add_argument("--jobs", type=_positive_int, default=1, help="run missing cells in this many processes (set threads=cores/jobs)")
+    cmp_.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="split the grid over N machines: run (or list, with --status) only share K's runs, chosen by a hash of each run's name; write no tables",
+    )
     cmp_.set_defaults(func=_compare)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")

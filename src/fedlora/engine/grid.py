@@ -11,6 +11,7 @@ method's cells only (``ffa[train.lr=3e-3]``, ``centralized[train.epochs=2]``). P
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from ..config import ConfigError, load_config
 from .run import last_half, run_experiment, run_name
 from .server import same_results
 
-__all__ = ["Cell", "parse_method", "parse_partition", "grid_overrides", "collect", "grid_status", "status_table"]
+__all__ = ["Cell", "parse_method", "parse_partition", "grid_overrides", "shard_of", "parse_shard", "collect", "grid_status", "status_table"]
 
 
 @dataclass(frozen=True)
@@ -90,23 +91,57 @@ def grid_overrides(cell: Cell, base_overrides: list[str], task: str) -> list[str
     return over + [f"name=compare-{task}-{_slug(cell.method)}{where}-s{cell.seed}"]
 
 
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``K/N`` → (K, N), 1 ≤ K ≤ N: this machine's share of a grid split over N machines."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise ConfigError(f"--shard must be K/N with 1 ≤ K ≤ N (this machine's share of N), got {spec!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_of(run_name: str, shards: int) -> int:
+    """The shard (1 … ``shards``) that runs the run folder ``run_name`` (``…-s<seed>``): a hash of
+    the name without its seed, plus the seed, modulo ``shards``. A cell's seeds go round the
+    machines, so each machine gets an even share of every method (runs of one method cost alike);
+    and a run's shard depends on its name alone, not on its place in the grid, so it keeps its
+    shard when the grid grows (more seeds, methods or partitions) and machines that started on a
+    smaller grid never train one run twice. A centralized run serves every partition: one folder,
+    one shard."""
+    stem, seed = run_name, 0
+    if m := re.fullmatch(r"(.*)-s(\d+)", run_name):
+        stem, seed = m.group(1), int(m.group(2))
+    return (int.from_bytes(hashlib.sha256(stem.encode()).digest()[:8], "big") + seed) % shards + 1
+
+
 def _run_cell(cfg, overwrite: bool) -> dict:
     return run_experiment(cfg, overwrite=overwrite)
 
 
 def collect(
-    cells: list[Cell], config: str | None, base_overrides: list[str], run: bool, overwrite: bool = False, skip_missing: bool = False, jobs: int = 1
+    cells: list[Cell],
+    config: str | None,
+    base_overrides: list[str],
+    run: bool,
+    overwrite: bool = False,
+    skip_missing: bool = False,
+    jobs: int = 1,
+    shard: tuple[int, int] | None = None,
 ) -> dict[Cell, dict]:
     """Each cell's summary: read from its run folder, or run it first when ``run``
     (in ``jobs`` worker processes; give each ``threads`` = cores / jobs).
-    ``skip_missing`` leaves unfinished cells out (the table shows how many seeds each has)."""
+    ``skip_missing`` leaves unfinished cells out (the table shows how many seeds each has).
+    ``shard`` = (K, N) reads and runs only the cells whose run folder is in shard K of N
+    (``shard_of``); the others are left out, and an empty share is no error."""
     out: dict[Cell, dict] = {}
     todo: dict[Path, tuple[Any, list[Cell]]] = {}  # run folder → (config, cells it serves)
     folders: dict[Cell, Path] = {}
     task = load_config(config, list(base_overrides)).data.task  # once per grid, not per cell
     for cell in cells:
         cfg = load_config(config, grid_overrides(cell, base_overrides, task))
-        run_dir = folders[cell] = Path(cfg.output_dir) / run_name(cfg)
+        run_dir = Path(cfg.output_dir) / run_name(cfg)
+        if shard is not None and shard_of(run_dir.name, shard[1]) != shard[0]:
+            continue
+        folders[cell] = run_dir
         summary_path = run_dir / "summary.json"
         if summary_path.exists() and not overwrite:
             summary = json.loads(summary_path.read_text())
@@ -139,7 +174,7 @@ def collect(
     else:
         for cfg, served in todo.values():
             out.update(dict.fromkeys(served, _run_cell(cfg, overwrite)))
-    if not out:
+    if not out and shard is None:
         raise ConfigError("no finished run for any cell of the grid")
     return {cell: _with_curve(out[cell], folders[cell]) for cell in cells if cell in out}
 
@@ -161,9 +196,10 @@ def _metric_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def grid_status(cells: list[Cell], config: str | None, base_overrides: list[str]) -> list[dict[str, Any]]:
+def grid_status(cells: list[Cell], config: str | None, base_overrides: list[str], shard: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     """Where each run of a grid stands, without running or loading anything: one row per run
-    folder (a centralized run serves every partition), in grid order, with its ``state``:
+    folder (a centralized run serves every partition; with ``shard`` = (K, N), only shard K's),
+    in grid order, with its ``state``:
     ``finished``, ``running or stopped`` (rounds in metrics.jsonl, resumable), ``not started``, or
     ``other configuration`` (a finished folder under the cell's name that the grid would refuse)."""
     rows: dict[Path, dict[str, Any]] = {}
@@ -171,7 +207,7 @@ def grid_status(cells: list[Cell], config: str | None, base_overrides: list[str]
     for cell in cells:
         cfg = load_config(config, grid_overrides(cell, base_overrides, task))
         run_dir = Path(cfg.output_dir) / run_name(cfg)
-        if run_dir in rows:
+        if run_dir in rows or (shard is not None and shard_of(run_dir.name, shard[1]) != shard[0]):
             continue
         done = _metric_rows(run_dir)
         row: dict[str, Any] = {
