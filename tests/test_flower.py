@@ -688,6 +688,101 @@ def test_a_node_trains_on_its_own_examples(tiny_models, tmp_path):
     assert state.info["weights"] == pytest.approx([k / sum(n) for k in n])
 
 
+def _hospitals(tmp_path: Path, sizes: list[int]) -> list[Path]:
+    """Folders in the GLUE layout, each with its own rows of SST-2's training file."""
+    rows = (GLUE / "SST-2" / "train.tsv").read_text().splitlines()
+    out, start = [], 1
+    for i, n in enumerate(sizes):
+        (tmp_path / f"hospital{i}" / "SST-2").mkdir(parents=True)
+        (tmp_path / f"hospital{i}" / "SST-2" / "train.tsv").write_text("\n".join(rows[:1] + rows[start : start + n]) + "\n")
+        out.append(tmp_path / f"hospital{i}")
+        start += n
+    return out
+
+
+def test_nodes_with_their_own_data_need_not_have_the_runs(tiny_models, tmp_path, monkeypatch):
+    """Hospitals whose machines hold their own rows and not the run's data set (data.data_dir is
+    not there): they train on their rows, as nodes that also hold the run's data set do
+    (the same updates, so the same global model, to round-off), and never read the run's files."""
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedex", fed__rounds=2)
+    run_config = flower_run_config(over)
+    cfg = config_from_run_config(run_config)
+    homes = _hospitals(tmp_path, [13, 21, 17])
+
+    def run(where: str, node_data_dir: str):
+        (tmp_path / where).mkdir()
+        server = Server(build_experiment(cfg), tmp_path / where)
+        grid = LocalGrid(client_module.app, run_config, 3)
+        for ctx, home in zip(grid.contexts.values(), homes):
+            ctx.node_config["data"] = str(home)
+            ctx.run_config["data.data_dir"] = node_data_dir
+        client_module._CACHE.clear()
+        return server, flower_engine(grid)(server, server.initial_state())
+
+    server, state = run("without", str(tmp_path / "not-on-this-machine"))
+    assert {r["client"]: r["examples"] for r in server.client_rows if r["round"] == 1} == {"client0": 13, "client1": 21, "client2": 17}
+    assert [r["clients"] for r in server.rounds] == [3, 3] and not any(r.get("dropped") for r in server.rounds)
+    # the reference: nodes that hold the run's data set too and build the whole experiment with it, as every node did before
+    real = client_module.build_experiment
+    monkeypatch.setattr(client_module, "build_experiment", lambda c, with_data=True: real(c, with_data=True))
+    _, ref = run("with", str(GLUE))
+    for m, a in ref.adapters.items():
+        torch.testing.assert_close(state.adapters[m].B, a.B, rtol=0, atol=1e-6)
+        torch.testing.assert_close(state.adapters[m].A, a.A, rtol=0, atol=1e-6)
+
+
+def test_local_dp_nodes_with_their_own_data_train_at_the_servers_noise(tiny_models, tmp_path, monkeypatch):
+    """Local DP-SGD at a target ε, nodes with their own rows and not the run's data set: each
+    trains at the z the server planned on its partitions (not the smaller z its own, larger
+    set would allow), so the ε the server reports for it is the accountant's for that z, its
+    own q and steps, and stays within the target."""
+    from fedlora.engine.train import planned_steps
+    from fedlora.privacy import epsilon
+
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedit", fed__rounds=1, privacy__mode="local", privacy__target_epsilon=8, privacy__delta=1e-3)
+    run_config = flower_run_config(over)
+    cfg = config_from_run_config(run_config)
+    homes = _hospitals(tmp_path, [40, 50, 60])  # more rows than any of the server's partitions (80 over 3)
+    (tmp_path / "flower").mkdir()
+    server = Server(build_experiment(cfg), tmp_path / "flower")
+    z = server.exp.privacy.noise_multiplier
+    grid = LocalGrid(client_module.app, run_config, 3)
+    for ctx, home in zip(grid.contexts.values(), homes):
+        ctx.node_config["data"] = str(home)
+        ctx.run_config["data.data_dir"] = str(tmp_path / "not-on-this-machine")
+    trained_at = []
+    real = client_module.run_client
+
+    def spy(*a, privacy=None, **k):
+        trained_at.append(privacy.noise_multiplier)
+        return real(*a, privacy=privacy, **k)
+
+    monkeypatch.setattr(client_module, "run_client", spy)
+    client_module._CACHE.clear()
+    flower_engine(grid)(server, server.initial_state())
+    assert trained_at == [z] * 3
+    for n, row in zip([40, 50, 60], sorted(server.client_rows, key=lambda r: r["client"])):
+        spent = epsilon("rdp", z, cfg.train.batch_size / n, planned_steps(n, cfg.train), 1e-3)
+        assert row["examples"] == n and row["epsilon"] == pytest.approx(spent, rel=1e-9) and spent <= 8
+
+
+def test_a_file_task_node_needs_the_classes_not_the_runs_files(tiny_models, tmp_path):
+    """data.task=file: a node with its own CSV and none of the run's files trains when the run
+    config names the classes (data.label_names); without them it is refused in one line that
+    says what to give."""
+    from fedlora.engine.experiment import node_task
+
+    def cfg(*extra):
+        return load_config(None, ["data.task=file", f"data.train_file={tmp_path / 'server-only.csv'}", f"data.eval_file={tmp_path / 'dev.csv'}", *extra])
+
+    task = node_task(cfg("data.label_names=[negative,positive]"))
+    assert task.label_names == ("negative", "positive") and task.primary_metric == "accuracy"
+    with pytest.raises(ConfigError, match="needs the run's classes, from data.label_names"):
+        node_task(cfg())
+    (tmp_path / "server-only.csv").write_text("text,label\na,0\nb,2\nc,1\n")  # where the machine has the run's file: its ids
+    assert node_task(cfg()).label_names == ("0", "1", "2")
+
+
 @pytest.mark.parametrize("transport,size", [("float32", 4), ("bfloat16", 2)])
 def test_wire_bytes_are_the_arrays_sent(tiny_models, tmp_path, transport, size):
     """Flower rows add the bytes actually moved: ≥ 4 (bf16: 2) bytes per number of the

@@ -4,6 +4,7 @@ any file is written: data (tokenised once), partitions, model, aggregator."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from ..privacy import PrivacyPlan, plan_privacy
 from .client import ClientData
 from .seeding import derive_seed
 
-__all__ = ["Experiment", "build_experiment", "client_ranks", "personal_split"]
+__all__ = ["Experiment", "build_experiment", "client_ranks", "node_task", "personal_split"]
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Experiment:
     fm: FedModel
     tokenizer: Any
     aggregator: Aggregator
-    train: Any  # TokenizedDataset
+    train: Any  # TokenizedDataset; None in an experiment built without data (a node with its own)
     eval: Any
     clients: list[ClientData]
     histogram: np.ndarray
@@ -184,6 +185,27 @@ def holdout_split(full, holdout: int, max_train: int, seed: int, min_words: int 
     return train, evaluation
 
 
+def node_task(cfg: RunConfig) -> TaskSpec:
+    """The run's task without its data set: what a Flower node that trains on its own examples
+    needs (their columns, classes and metrics), which never reads the run's training or
+    evaluation files. A user's file task takes its classes from data.label_names, else from the
+    run's data.train_file where this machine has it (integer ids: "0" … the largest, as the server reads them)."""
+    d = cfg.data
+    if d.task == "instruct":  # a node's categories only group the server's evaluation: none needed here
+        return instruct_task([])
+    if d.task == "file":
+        if d.regression or d.label_names:
+            return file_task(cfg, list(d.label_names) or None)
+        if not d.train_file or not Path(d.train_file).is_file():
+            raise ConfigError(
+                f"data.task=file: a node training on its own examples needs the run's classes, from data.label_names in the run config "
+                f"or the run's data.train_file, which this machine lacks ({d.train_file!r})"
+            )
+        train = load_text_file(d.train_file, d.text_columns, d.label_column, regression=False)
+        return file_task(cfg, id_names(train.labels, d.train_file))
+    return get_task(d.task)
+
+
 def load_node_examples(cfg: RunConfig, task: TaskSpec, path: str, label_names: list[str] | None):
     """A node's own training examples: a CSV/JSONL file (``data.task=file`` or ``instruct``,
     the run's columns) or a folder in the GLUE layout (``<path>/<TASK>/train.tsv``)."""
@@ -236,12 +258,12 @@ def make_aggregator(cfg: RunConfig, fm: FedModel) -> Aggregator:
     return get_aggregator(cfg.fed.method, weighting=cfg.fed.weighting, **options)
 
 
-def read_pairs_apart(cfg: RunConfig, model, tokenizer, causal: bool, train_text):
+def read_pairs_apart(cfg: RunConfig, model, tokenizer, causal: bool, pairs: bool):
     """``model.pair_encoder=siamese``: the classifier read as a bi-encoder (models/siamese.py),
     or a one-line refusal where that cannot work."""
     if causal:
         raise ConfigError("model.pair_encoder=siamese reads sentence pairs with an encoder; it does not apply to a causal LM")
-    if train_text.text_b is None:
+    if not pairs:
         raise ConfigError(
             f"model.pair_encoder=siamese needs sentence pairs (RTE, STS-B, …, or two data.text_columns); data.task={cfg.data.task!r} has one sentence"
         )
@@ -254,33 +276,40 @@ def read_pairs_apart(cfg: RunConfig, model, tokenizer, causal: bool, train_text)
     return as_siamese(model, tokenizer)
 
 
-def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experiment:
-    """Load and check everything. ``model``/``tokenizer`` may be passed in (tests)."""
+def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None, with_data: bool = True) -> Experiment:
+    """Load and check everything. ``model``/``tokenizer`` may be passed in (tests).
+
+    ``with_data=False``: the model side alone, for a Flower node that trains on its own examples
+    (``node_task``): no data set is read, ``train`` and ``eval`` are None, every client holds no
+    indices (the node builds its own), and privacy is planned by the node on its examples."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     placement = resolve_placement(cfg.train.device, cfg.train.precision)  # a missing device fails before any loading
     causal = cfg.data.task == "instruct" or cfg.data.as_prompt  # a causal LM: instruction data, or a GLUE task as prompts
     loading = quantized_loading(cfg.model.quantization, placement.device, placement.dtype, classifier=not causal)  # and so does quantization without CUDA
-    task, train_text, dev_text = load_datasets(cfg)
+    task, train_text, dev_text = load_datasets(cfg) if with_data else (node_task(cfg), None, None)
+    if cfg.data.as_prompt and task.name in ("file", "instruct"):
+        raise ConfigError(f"data.as_prompt turns a GLUE task into label-word prompts; data.task={task.name!r} is not one")
     dev_targets = None
-    if cfg.data.as_prompt:
-        if task.name in ("file", "instruct"):
-            raise ConfigError(f"data.as_prompt turns a GLUE task into label-word prompts; data.task={task.name!r} is not one")
+    if cfg.data.as_prompt and train_text is not None:
         dev_targets = dev_text.labels
         train_text, dev_text = glue_as_instructions(task, train_text), glue_as_instructions(task, dev_text)
 
     centralized = cfg.fed.mode == "centralized"
     num_clients = 1 if centralized else cfg.partition.num_clients
-    if not centralized and num_clients > len(train_text):
-        raise ConfigError(f"partition.num_clients={num_clients} exceeds the {len(train_text)} training examples")
-    parts = partition(
-        train_text.labels,
-        num_clients,
-        "iid" if centralized else cfg.partition.scheme,
-        seed=cfg.seed,
-        alpha=cfg.partition.alpha,
-        labels_per_client=cfg.partition.labels_per_client,
-    )
+    if train_text is None:
+        parts: list = [np.empty(0, np.int64)] * num_clients
+    else:
+        if not centralized and num_clients > len(train_text):
+            raise ConfigError(f"partition.num_clients={num_clients} exceeds the {len(train_text)} training examples")
+        parts = partition(
+            train_text.labels,
+            num_clients,
+            "iid" if centralized else cfg.partition.scheme,
+            seed=cfg.seed,
+            alpha=cfg.partition.alpha,
+            labels_per_client=cfg.partition.labels_per_client,
+        )
     ranks = [cfg.model.rank] if centralized else client_ranks(cfg, num_clients)
 
     model_path = cfg.model.name
@@ -294,7 +323,8 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
             else:
                 model, tokenizer = load_pretrained(cfg.model.name, task.num_labels, regression=task.is_regression, loading=loading)
     if cfg.model.pair_encoder == "siamese":
-        model = read_pairs_apart(cfg, model, tokenizer, causal, train_text)
+        pairs = len(task.text_columns) == 2 if train_text is None else train_text.text_b is not None
+        model = read_pairs_apart(cfg, model, tokenizer, causal, pairs)
     limit = max_input_length(model, tokenizer)
     if limit is not None and cfg.model.max_length > limit:
         raise ConfigError(f"model.max_length={cfg.model.max_length} exceeds the {limit} positions of model {cfg.model.name!r}")
@@ -323,9 +353,11 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None) -> Experimen
     for i, (idx, r) in enumerate(zip(parts, ranks)):
         idx, held = personal_split(np.asarray(idx), cfg.fed.personal_eval, derive_seed(cfg.seed, "personal", i))
         counts = None
-        if not task.is_regression:
+        if not task.is_regression and train_text is not None:
             counts = torch.bincount(torch.as_tensor(train_text.labels[idx]), minlength=task.num_labels).double()
         clients.append(ClientData(client_id=f"client{i}", indices=idx, rank=r, label_counts=counts, held_out=held))
+    if train_text is None:  # the node plans on its own examples
+        return Experiment(cfg, task, model_path, fm, tokenizer, aggregator, None, None, clients, np.zeros((num_clients, 0)), [], causal=causal)
     privacy = plan_privacy(cfg, aggregator, [len(c.indices) for c in clients])  # the examples each client trains on
     encode = tokenize_instruct if causal else tokenize
     train = encode(train_text, tokenizer, cfg.model.max_length)

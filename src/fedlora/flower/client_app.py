@@ -7,7 +7,11 @@ Data. By default a node trains on partition ``partition-id`` of the run's
 training set (as client i of the in-process engine does). A node with its own
 private examples names them in its node config, ``data=<path>`` (a CSV/JSONL
 file when ``data.task=file``, else a folder in the GLUE layout); it then trains
-on all of them, tokenised once, and reports their count as n_i.
+on all of them, tokenised once, and reports their count as n_i. Such a node
+never reads the run's data set (its machine need not have it): it builds the
+model side alone (``build_experiment(with_data=False)``) and plans local DP on
+its own examples, at the noise multiplier the server sends with each job (the
+z the server's accountant reports every client's ε at).
 
 The frozen base. The server folds each round's ``base_delta`` ΔW0_t into its
 base weights; a node must train on the same W0 + Σ_t ΔW0_t. The server sends
@@ -34,8 +38,10 @@ from ..core.bandwidth import TRANSPORTS
 from ..data import tokenize
 from ..data.instruct import tokenize_instruct
 from ..engine.client import ClientData, run_client
+from ..engine.dp_sgd import LocalDP
 from ..engine.experiment import Experiment, build_experiment, load_node_examples, personal_split
 from ..engine.seeding import derive_seed
+from ..privacy import PrivacyPlan, plan_privacy
 from .records import decode_broadcast, decode_start, encode_resync, encode_update
 from .run_config import config_from_run_config
 
@@ -50,18 +56,22 @@ SYNC, BASE, LOCAL = "fedlora.sync", "fedlora.base", "fedlora.local"
 class _Local:
     exp: Experiment
     pristine: dict[str, Tensor]  # W0 of the adapted modules, before any fold
-    node_data: dict[tuple[str, int], tuple[ClientData, object]] = field(default_factory=dict)  # (path, pid) → data
+    # (path, pid) → the node's own (ClientData, tokenised examples, privacy plan on them)
+    node_data: dict[tuple[str, int], tuple[ClientData, object, PrivacyPlan | None]] = field(default_factory=dict)
 
 
 _CACHE: dict[str, _Local] = {}
 
 
 def _local(context: Context) -> _Local:
-    """The process's experiment for this run: model loaded and data tokenised once."""
+    """The process's experiment for this run: model loaded and data tokenised once. Built
+    without the run's data set while every node it serves has its own (``data=`` in its node
+    config), with it (once more) when a node that trains on a partition of the run's comes."""
     key = repr(sorted(context.run_config.items()))
-    if key not in _CACHE:
+    with_data = not context.node_config.get("data")
+    if key not in _CACHE or (with_data and _CACHE[key].exp.train is None):
         _CACHE.clear()  # one run at a time per process
-        exp = build_experiment(config_from_run_config(context.run_config))
+        exp = build_experiment(config_from_run_config(context.run_config), with_data=with_data)
         _CACHE[key] = _Local(exp, exp.fm.base_state())
     return _CACHE[key]
 
@@ -76,12 +86,13 @@ def _partition_id(context: Context, num_clients: int) -> int:
     return pid
 
 
-def _client_data(local: _Local, context: Context, pid: int) -> tuple[ClientData, object]:
-    """(ClientData, tokenised dataset) this node trains on: its own examples or partition ``pid``."""
+def _client_data(local: _Local, context: Context, pid: int) -> tuple[ClientData, object, PrivacyPlan | None]:
+    """(ClientData, tokenised dataset, privacy plan) this node trains on: its own examples
+    (the plan made on them) or partition ``pid`` of the run's (the server's plan)."""
     exp = local.exp
     path = context.node_config.get("data")
     if not path:
-        return exp.clients[pid], exp.train
+        return exp.clients[pid], exp.train, exp.privacy
     key = (str(path), pid)
     if key not in local.node_data:
         text = load_node_examples(exp.cfg, exp.task, str(path), list(exp.task.label_names or ()) or None)
@@ -91,10 +102,23 @@ def _client_data(local: _Local, context: Context, pid: int) -> tuple[ClientData,
         if held is not None and counts is not None:
             counts = torch.bincount(torch.as_tensor(text.labels[idx]), minlength=exp.task.num_labels).double()
         client = ClientData(client_id=exp.clients[pid].client_id, indices=idx, rank=exp.clients[pid].rank, label_counts=counts, held_out=held)
-        if exp.privacy is not None:  # the server planned the noise on its own partitions, not on these examples
-            exp.privacy.check_local_client(len(idx), exp.cfg)
-        local.node_data[key] = (client, data)
+        # The checks of the run's privacy settings on these examples (δ < 1/n, …); the noise itself is the server's (_local_dp).
+        plan = plan_privacy(exp.cfg, exp.aggregator, [len(idx)] * len(exp.clients))
+        local.node_data[key] = (client, data, plan)
     return local.node_data[key]
+
+
+def _local_dp(plan: PrivacyPlan | None, job: dict, n: int, cfg) -> LocalDP | None:
+    """The DP-SGD settings this node trains with: the noise multiplier the server sends (its
+    accountant reports every client's ε at that z), which, on these ``n`` examples over the
+    planned rounds, must not spend more than the target ε (else a one-line refusal)."""
+    if plan is None or plan.local is None:
+        return None
+    if "noise-multiplier" in job and float(job["noise-multiplier"]) != plan.noise_multiplier:
+        z = float(job["noise-multiplier"])
+        plan = replace(plan, noise_multiplier=z, local=replace(plan.local, noise_multiplier=z))
+    plan.check_local_client(n, cfg)
+    return plan.local
 
 
 class _Gap(Exception):
@@ -152,7 +176,7 @@ def train(msg: Message, context: Context) -> Message:
     pid = _partition_id(context, len(exp.clients))
     if pid != int(job["partition-id"]):
         raise ValueError(f"job for partition {job['partition-id']} reached the node holding partition {pid}")
-    client, data = _client_data(local, context, pid)
+    client, data, plan = _client_data(local, context, pid)
     if int(job["rank"]) != client.rank:
         # a method may lower a client's rank (HetLoRA's self-pruning), never raise it
         if not 1 <= int(job["rank"]) < client.rank or start.prune is None:
@@ -174,7 +198,7 @@ def train(msg: Message, context: Context) -> Message:
         int(job["seed"]),
         pad_token_id=exp.pad_token_id,
         send_label_counts=bool(job["send-label-counts"]),
-        privacy=exp.local_dp,
+        privacy=_local_dp(plan, job, len(client.indices), exp.cfg),
         local=own,
         task=exp.task,
         eval_batch_size=exp.cfg.train.eval_batch_size,

@@ -10,7 +10,8 @@ covers, ``<first>-<last>/<module>/<L|R>``.
 
 Server → client (``MessageType.TRAIN``)::
 
-    "fedlora.job"          ConfigRecord  round, partition-id, rank, seed, train-a, train-b, train-core, keep-local, send-label-counts
+    "fedlora.job"          ConfigRecord  round, partition-id, rank, seed, train-a, train-b, train-core, keep-local, send-label-counts,
+                                         since, noise-multiplier (local DP), HetLoRA's prune-* settings
     "fedlora.scales"       ConfigRecord  s_i per module
     "fedlora.adapters"     ArrayRecord   B, A of rank r_i per module (the client's start)
     "fedlora.dense"        ArrayRecord   fully trained parameters (heads)
@@ -156,6 +157,7 @@ def encode_start(
     send_label_counts: bool,
     wire: torch.dtype = torch.float32,
     since: int = 0,
+    noise_multiplier: float = 0.0,
 ) -> RecordDict:
     content = RecordDict()
     job: dict[str, Any] = {
@@ -170,6 +172,8 @@ def encode_start(
         "send-label-counts": bool(send_label_counts),
         "since": int(since),  # the server holds this node as having folded every base delta through round `since`
     }
+    if noise_multiplier > 0:  # local DP-SGD: the z the server's accountant reports every client's ε at
+        job["noise-multiplier"] = float(noise_multiplier)
     if start.prune is not None:  # HetLoRA's self-pruning settings
         p = start.prune
         job.update(

@@ -161,6 +161,7 @@ class FedLoraStrategy(Strategy):
             send_label_counts=job.send_label_counts,
             wire=self.wire,
             since=since,
+            noise_multiplier=dp.noise_multiplier if (dp := self.server.exp.local_dp) is not None else 0.0,
         )
         last = job.round - 1
         if (since == 0 or since < self.pruned) and last >= 2 and self.server.folded:
