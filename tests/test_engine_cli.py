@@ -81,6 +81,11 @@ BAD_OVERRIDES = {
     "quantization-unknown": ({"model__quantization": "3bit"}, ["model.quantization", "3bit"]),
     "fold-on-quantized": ({"model__quantization": "4bit", "model__base_delta": "fold"}, ["base_delta=fold", "quantized"]),
     "base-delta-unknown": ({"model__base_delta": "lazy"}, ["model.base_delta", "lazy"]),
+    # the nodes' own rows are Flower's: in-process there are none, and what needs the server's training set is refused
+    "node-data-in-process": ({"data__node_data": "true"}, ["data.node_data=true", "run on Flower"]),
+    "node-data-holdout": ({"data__node_data": "true", "data__eval_split": "holdout"}, ["data.node_data=true", "data.eval_split=dev"]),
+    "node-data-eval-clients": ({"data__node_data": "true", "fed__eval_clients": "true"}, ["data.node_data=true", "fed.eval_clients"]),
+    "node-data-centralized": ({"data__node_data": "true", "fed__mode": "centralized"}, ["data.node_data=true", "fed.mode=centralized"]),
     "class-aware-head-keys-not-the-output-layer": (
         {"fed__method": "hexa", "fed__options": "{class_aware_head: true, head_keys: [classifier.weights]}"},
         ["fed.options.head_keys", "classifier.weights", "classifier.weight"],

@@ -732,7 +732,7 @@ def test_nodes_with_their_own_data_need_not_have_the_runs(tiny_models, tmp_path,
 
 
 def test_local_dp_nodes_with_their_own_data_train_at_the_servers_noise(tiny_models, tmp_path, monkeypatch):
-    """Local DP-SGD at a target ε, nodes with their own rows and not the run's data set: each
+    """Local DP-SGD at a target ε, nodes with their own rows beside one on a partition: each
     trains at the z the server planned on its partitions (not the smaller z its own, larger
     set would allow), so the ε the server reports for it is the accountant's for that z, its
     own q and steps, and stays within the target."""
@@ -747,9 +747,20 @@ def test_local_dp_nodes_with_their_own_data_train_at_the_servers_noise(tiny_mode
     server = Server(build_experiment(cfg), tmp_path / "flower")
     z = server.exp.privacy.noise_multiplier
     grid = LocalGrid(client_module.app, run_config, 3)
-    for ctx, home in zip(grid.contexts.values(), homes):
-        ctx.node_config["data"] = str(home)
-        ctx.run_config["data.data_dir"] = str(tmp_path / "not-on-this-machine")
+    # partitions 0 and 2 on hospitals' own rows, partition 1 on a partition of the run's data set, in one process:
+    # the experiment built without data for node 0 is built again with it for node 1, and serves node 2
+    sizes = [40, len(server.exp.clients[1].indices), 60]
+    for i, (ctx, home) in enumerate(zip(grid.contexts.values(), homes)):
+        if i != 1:
+            ctx.node_config["data"] = str(home)
+    builds = []
+    real_build = client_module.build_experiment
+
+    def build(c, with_data=True):
+        builds.append(with_data)
+        return real_build(c, with_data=with_data)
+
+    monkeypatch.setattr(client_module, "build_experiment", build)
     trained_at = []
     real = client_module.run_client
 
@@ -760,10 +771,161 @@ def test_local_dp_nodes_with_their_own_data_train_at_the_servers_noise(tiny_mode
     monkeypatch.setattr(client_module, "run_client", spy)
     client_module._CACHE.clear()
     flower_engine(grid)(server, server.initial_state())
-    assert trained_at == [z] * 3
-    for n, row in zip([40, 50, 60], sorted(server.client_rows, key=lambda r: r["client"])):
+    assert trained_at == [z] * 3 and builds == [False, True]
+    for n, row in zip(sizes, sorted(server.client_rows, key=lambda r: r["client"])):
         spent = epsilon("rdp", z, cfg.train.batch_size / n, planned_steps(n, cfg.train), 1e-3)
         assert row["examples"] == n and row["epsilon"] == pytest.approx(spent, rel=1e-9) and spent <= 8
+
+
+def _csv_rows(split: str, start: int, n: int) -> str:
+    """``n`` SST-2 rows from ``start`` as a user's CSV: text, and the label by name."""
+    rows = (GLUE / "SST-2" / f"{split}.tsv").read_text().splitlines()[1 + start : 1 + start + n]
+    names = ("negative", "positive")
+    return "text,label\n" + "".join(f'"{r.split(chr(9))[0].replace(chr(34), "")}",{names[int(r.split(chr(9))[1])]}\n' for r in rows)
+
+
+def test_a_server_without_a_training_set_runs_on_the_nodes_rows(tiny_models, tmp_path):
+    """data.node_data=true: hospitals with their own CSV files, a server with the evaluation file
+    only (data.train_file is on no machine), local DP at a given noise multiplier. The run gives
+    what the same nodes give under a server that also holds a training set of its own (which the
+    nodes never train on): the same global model and evaluation every round; each node's ε is the
+    accountant's for its own q and steps; and no label histogram is written (the server never
+    sees the nodes' labels)."""
+    from engine_support import read_jsonl
+
+    from fedlora.core.serialize import state_from_dict
+    from fedlora.engine.run import run_experiment
+    from fedlora.engine.train import planned_steps
+    from fedlora.privacy import epsilon
+
+    sizes = [30, 40, 50]
+    homes = []
+    for i, n in enumerate(sizes):
+        homes.append(tmp_path / f"hospital{i}.csv")
+        homes[-1].write_text(_csv_rows("train", 100 * i, n))
+    (tmp_path / "eval.csv").write_text(_csv_rows("dev", 0, 40))
+    (tmp_path / "server-train.csv").write_text(_csv_rows("train", 1000, 60))
+
+    def run(name: str, *extra: str):
+        over = overrides(tiny_models["bert"], tmp_path / name, fed__method="fedex", fed__rounds=2, data__task="file", **LOCAL_DP)
+        over += [f"data.eval_file={tmp_path / 'eval.csv'}", "data.label_names=[negative,positive]", *extra]
+        run_config = flower_run_config(over)
+        grid = LocalGrid(client_module.app, run_config, 3)
+        for ctx, home in zip(grid.contexts.values(), homes):
+            ctx.node_config["data"] = str(home)
+        client_module._CACHE.clear()
+        run_experiment(config_from_run_config(run_config), engine=flower_engine(grid), plots=False)
+        (folder,) = (tmp_path / name).iterdir()
+        return folder
+
+    mine = run("node-data", f"data.train_file={tmp_path / 'on-no-machine.csv'}", "data.node_data=true")
+    ref = run("server-data", f"data.train_file={tmp_path / 'server-train.csv'}")
+    assert not (mine / "label_histogram.csv").exists() and (ref / "label_histogram.csv").exists()
+    rows, ref_rows = read_jsonl(mine / "metrics.jsonl"), read_jsonl(ref / "metrics.jsonl")
+    assert [r["eval_accuracy"] for r in rows] == pytest.approx([r["eval_accuracy"] for r in ref_rows], abs=1e-12)
+    assert [r["epsilon"] for r in rows] == pytest.approx([r["epsilon"] for r in ref_rows], rel=1e-12)
+    got, want = (state_from_dict(torch.load(f / "checkpoint.pt", weights_only=False)["state"]) for f in (mine, ref))
+    assert got.adapters.keys() == want.adapters.keys()
+    for m, a in want.adapters.items():
+        torch.testing.assert_close(got.adapters[m].B, a.B, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got.adapters[m].A, a.A, rtol=0, atol=1e-6)
+    cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, **LOCAL_DP))
+    for row in read_jsonl(mine / "clients.jsonl"):
+        n = sizes[int(row["client"].removeprefix("client"))]
+        spent = epsilon("rdp", 1.0, cfg.train.batch_size / n, planned_steps(n, cfg.train) * row["round"], 1e-3)
+        assert row["examples"] == n and row["epsilon"] == pytest.approx(spent, rel=1e-9)
+
+
+def test_a_failed_node_with_its_own_rows_spends_its_own_steps(tiny_models, tmp_path, monkeypatch):
+    """Local DP: a node with its own rows (50, where the server's partition has ≈ 27) fails in
+    round 2. It may have trained, so its ε counts round 2's steps as well: those of its own
+    rows, which it reported in round 1, not those of the partition the server would give it."""
+    from engine_support import read_jsonl
+
+    from fedlora.engine.run import run_experiment
+    from fedlora.engine.train import planned_steps
+    from fedlora.privacy import epsilon
+
+    homes = _hospitals(tmp_path, [40, 50, 60])
+    over = overrides(tiny_models["bert"], tmp_path / "runs", fed__method="fedit", fed__rounds=2, **LOCAL_DP)
+    run_config = flower_run_config(over)
+    grid = LocalGrid(client_module.app, run_config, 3)
+    for ctx, home in zip(grid.contexts.values(), homes):
+        ctx.node_config["data"] = str(home)
+    calls: dict[str, int] = {}
+    real = client_module.run_client
+
+    def fail_client1_in_round_2(fm, start, client, *a, **k):
+        calls[client.client_id] = calls.get(client.client_id, 0) + 1
+        if client.client_id == "client1" and calls["client1"] == 2:
+            raise RuntimeError("the hospital's machine went down")
+        return real(fm, start, client, *a, **k)
+
+    monkeypatch.setattr(client_module, "run_client", fail_client1_in_round_2)
+    client_module._CACHE.clear()
+    cfg = config_from_run_config(run_config)
+    run_experiment(cfg, engine=flower_engine(grid), plots=False)
+    (folder,) = (tmp_path / "runs").iterdir()
+    rows = {(r["client"], r["round"]): r for r in read_jsonl(folder / "clients.jsonl")}
+    assert "dropped" in rows[("client1", 2)]
+    steps = planned_steps(50, cfg.train)
+    assert rows[("client1", 1)]["steps"] == steps and rows[("client1", 2)]["steps"] == steps
+    assert read_jsonl(folder / "metrics.jsonl")[1]["epsilon"] >= epsilon("rdp", 1.0, cfg.train.batch_size / 50, 2 * steps, 1e-3)
+
+
+LOCAL_DP = {"privacy__mode": "local", "privacy__noise_multiplier": 1.0, "privacy__clip": 1.0, "privacy__delta": 1e-3}
+
+
+def test_a_server_without_a_training_set_refuses_what_needs_one(tiny_models, tmp_path):
+    """data.node_data=true: a node without its own rows is refused at the roll-call (naming it),
+    and a target ε, which the server cannot plan without the nodes' sizes, before anything runs."""
+    over = overrides(tiny_models["bert"], tmp_path, data__node_data="true")
+    grid = LocalGrid(client_module.app, flower_run_config(over), 3)
+    for ctx in list(grid.contexts.values())[:2]:
+        ctx.node_config["data"] = str(GLUE)
+    with pytest.raises(ConfigError, match="node 1014 has no data=<path> in its node config; the run's data.node_data=true"):
+        discover_nodes(grid, 3, timeout=5, node_data=True)
+    target = load_config(None, [*over, "privacy.mode=local", "privacy.target_epsilon=3", "privacy.delta=1e-3"])
+    with pytest.raises(ConfigError, match="privacy.target_epsilon with data.node_data=true"):
+        build_experiment(target)
+
+
+def test_local_dp_settings_come_with_the_job_and_own_rows_are_checked_against_the_target():
+    """A node's DP-SGD: the clip from the run, z from the job (a job without one, from an older
+    server, is refused); a node's own rows too few for the target ε at that z are refused, rows
+    of a partition the server planned on are not checked again."""
+    from types import SimpleNamespace
+
+    from fedlora.engine.train import planned_steps
+    from fedlora.privacy import epsilon
+
+    cfg = load_config(None, ["privacy.mode=local", "privacy.target_epsilon=3", "privacy.delta=1e-4", "fed.rounds=4", "train.batch_size=16", "privacy.clip=0.5"])
+    local = SimpleNamespace(exp=SimpleNamespace(cfg=cfg), dp_checked=set())
+    z = 1.0
+    assert epsilon("rdp", z, 16 / 400, planned_steps(400, cfg.train) * 4, 1e-4) <= 3 < epsilon("rdp", z, 16 / 100, planned_steps(100, cfg.train) * 4, 1e-4)
+    dp = client_module._local_dp(local, {"noise-multiplier": z}, 400, own_rows=True)
+    assert (dp.clip, dp.noise_multiplier) == (0.5, z)
+    with pytest.raises(ConfigError, match="this node's 100 examples would spend"):
+        client_module._local_dp(local, {"noise-multiplier": z}, 100, own_rows=True)
+    assert client_module._local_dp(local, {"noise-multiplier": z}, 100, own_rows=False).noise_multiplier == z
+    with pytest.raises(ValueError, match="the job carries no noise multiplier"):
+        client_module._local_dp(local, {}, 400, own_rows=True)
+    assert client_module._local_dp(SimpleNamespace(exp=SimpleNamespace(cfg=load_config(None, [])), dp_checked=set()), {}, 400, own_rows=True) is None
+
+
+def test_a_file_task_node_without_the_classes_is_refused_at_the_roll_call(tiny_models, tmp_path):
+    """data.task=file without data.label_names, on nodes that have their own CSV but not the run's
+    training file: the roll-call stops the run, before its folder exists, saying what to give."""
+    (tmp_path / "mine.csv").write_text(_csv_rows("train", 0, 20))
+    over = overrides(tiny_models["bert"], tmp_path, data__task="file") + [
+        f"data.train_file={tmp_path / 'server.csv'}",
+        f"data.eval_file={tmp_path / 'server.csv'}",
+    ]
+    grid = LocalGrid(client_module.app, flower_run_config(over), 3)
+    for ctx in grid.contexts.values():
+        ctx.node_config["data"] = str(tmp_path / "mine.csv")
+    with pytest.raises(ConfigError, match="needs the run's classes, from data.label_names"):
+        discover_nodes(grid, 3, timeout=5)
 
 
 def test_a_file_task_node_needs_the_classes_not_the_runs_files(tiny_models, tmp_path):

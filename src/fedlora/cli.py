@@ -83,7 +83,7 @@ def _compare(args: argparse.Namespace) -> int:
         from .engine.grid import parse_shard
 
         shard = parse_shard(args.shard)
-        if args.collect_only or args.partial:
+        if (args.collect_only or args.partial) and not args.status:
             raise ConfigError(
                 "--shard runs one machine's share and writes no tables; collect every machine's run folders into one output_dir, then run --collect-only or --partial without --shard"
             )

@@ -71,6 +71,9 @@ class DataConfig:
     category_field: str = ""  # instruct: the field partitions skew by (empty: none, every example in one category)
     sample_prompts: int = 3  # instruct: answers generated for the first N eval prompts after every evaluation
     sample_tokens: int = 48  # instruct: new tokens per generated answer (greedy)
+    # Flower only: every node trains on its own rows (data=<path> in its node config) and the server reads no
+    # training set, only the evaluation set (the task's dev set, or eval_file)
+    node_data: bool = False
 
 
 @dataclass
@@ -194,6 +197,18 @@ class RunConfig:
             (self.data.eval_split in ("dev", "holdout"), f"data.eval_split must be 'dev' or 'holdout', got {self.data.eval_split!r}"),
             (self.data.holdout_examples >= 1, "data.holdout_examples must be ≥ 1"),
             (self.data.holdout_min_words >= 0, "data.holdout_min_words must be ≥ 0"),
+            (
+                not (self.data.node_data and self.data.eval_split == "holdout"),
+                "data.node_data=true: the server reads no training set to hold examples out of; use data.eval_split=dev",
+            ),
+            (
+                not (self.data.node_data and self.fed.eval_clients),
+                "data.node_data=true: fed.eval_clients scores the global model on each client's training rows, which the server does not have",
+            ),
+            (
+                not (self.data.node_data and self.fed.mode == "centralized"),
+                "data.node_data=true: the training rows are the Flower nodes' own; fed.mode=centralized has none",
+            ),
             (self.train.epochs > 0 or self.train.steps > 0, "train.epochs or train.steps must be > 0"),
             (self.train.batch_size >= 1 and self.train.grad_accum >= 1, "train.batch_size and train.grad_accum must be ≥ 1"),
             (0 <= self.train.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),

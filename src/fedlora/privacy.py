@@ -98,9 +98,11 @@ class PrivacyPlan:
                 )
 
 
-def plan_privacy(cfg: RunConfig, aggregator: Aggregator, client_sizes: list[int]) -> PrivacyPlan | None:
+def plan_privacy(cfg: RunConfig, aggregator: Aggregator, client_sizes: list[int] | None) -> PrivacyPlan | None:
     """``privacy.*`` checked against the rest of the run and resolved into a plan, or a
-    ConfigError naming what would break the guarantee. None when privacy.mode is none."""
+    ConfigError naming what would break the guarantee. None when privacy.mode is none.
+    ``client_sizes`` None: a server that does not know them (``data.node_data``); local DP then
+    takes a given noise multiplier, not a target ε, and each node checks δ < 1/n itself."""
     p = cfg.privacy
     if p.mode == "none":
         return None
@@ -126,7 +128,7 @@ def plan_privacy(cfg: RunConfig, aggregator: Aggregator, client_sizes: list[int]
                 f"fed.method={cfg.fed.method} cannot train under privacy.mode=local: its clients train through a parametrisation Opacus's per-example gradients do not cover"
             )
         return _plan_local(cfg, client_sizes)
-    num_clients = len(client_sizes)
+    num_clients = cfg.partition.num_clients if client_sizes is None else len(client_sizes)
     if cfg.fed.mode != "federated":
         raise ConfigError("privacy.mode=client protects clients of a federation; fed.mode=centralized has none (privacy.mode=local is DP-SGD)")
     if aggregator.dp_space(aggregator_state_stub()) is None:
@@ -154,7 +156,7 @@ def plan_privacy(cfg: RunConfig, aggregator: Aggregator, client_sizes: list[int]
     return PrivacyPlan("client", p.accountant, p.delta, z, q, client=ClientDP(clip=p.clip, noise_multiplier=z, denominator=q * num_clients))
 
 
-def _plan_local(cfg: RunConfig, client_sizes: list[int]) -> PrivacyPlan:
+def _plan_local(cfg: RunConfig, client_sizes: list[int] | None) -> PrivacyPlan:
     """Local DP-SGD: per-example clipping on every client. A target ε sets z for the client that
     spends the most (the smallest one: largest q) if it trains in every round."""
     p, t = cfg.privacy, cfg.train
@@ -162,20 +164,28 @@ def _plan_local(cfg: RunConfig, client_sizes: list[int]) -> PrivacyPlan:
         raise ConfigError("privacy.mode=local does not support train.precision=fp16 (its gradient scaler would scale the noise); use bf16 or fp32")
     if t.gradient_checkpointing:
         raise ConfigError("privacy.mode=local needs per-example activations: train.gradient_checkpointing must be false")
-    smallest = min(client_sizes)
-    if p.delta >= 1 / smallest:
-        raise ConfigError(f"privacy.delta={p.delta} must be below 1/n = {1 / smallest:.3g} for the smallest client's n = {smallest} examples")
     z = p.noise_multiplier
-    if p.target_epsilon > 0:
-        from .engine.dp_sgd import sample_rate
-        from .engine.train import planned_steps
-
-        try:
-            z = max(
-                noise_for_epsilon(p.accountant, p.target_epsilon, p.delta, sample_rate(n, t), planned_steps(n, t) * cfg.fed.rounds) for n in set(client_sizes)
+    if client_sizes is None:  # each node checks δ < 1/n on its own examples (client_app)
+        if p.target_epsilon > 0:
+            raise ConfigError(
+                "privacy.target_epsilon with data.node_data=true: the server does not know the nodes' sizes to plan the noise on; "
+                "give privacy.noise_multiplier (the server reports the ε each node spends)"
             )
-        except ValueError as e:
-            raise ConfigError(f"privacy.target_epsilon={p.target_epsilon} cannot be met by local DP-SGD over {cfg.fed.rounds} rounds: {e}") from None
+    else:
+        smallest = min(client_sizes)
+        if p.delta >= 1 / smallest:
+            raise ConfigError(f"privacy.delta={p.delta} must be below 1/n = {1 / smallest:.3g} for the smallest client's n = {smallest} examples")
+        if p.target_epsilon > 0:
+            from .engine.dp_sgd import sample_rate
+            from .engine.train import planned_steps
+
+            try:
+                z = max(
+                    noise_for_epsilon(p.accountant, p.target_epsilon, p.delta, sample_rate(n, t), planned_steps(n, t) * cfg.fed.rounds)
+                    for n in set(client_sizes)
+                )
+            except ValueError as e:
+                raise ConfigError(f"privacy.target_epsilon={p.target_epsilon} cannot be met by local DP-SGD over {cfg.fed.rounds} rounds: {e}") from None
     from .engine.dp_sgd import LocalDP
 
     return PrivacyPlan("local", p.accountant, p.delta, z, 0.0, local=LocalDP(clip=p.clip, noise_multiplier=z, secure_noise=p.secure_noise))

@@ -206,6 +206,26 @@ def node_task(cfg: RunConfig) -> TaskSpec:
     return get_task(d.task)
 
 
+def load_eval_only(cfg: RunConfig, task: TaskSpec):
+    """(task, evaluation texts) of a server that reads no training set (``data.node_data``): the
+    task's dev set, or data.eval_file with the classes ``node_task`` found; an instruction task's
+    categories are then those of the evaluation file."""
+    d = cfg.data
+    if d.task in ("instruct", "file") and not d.eval_file:
+        raise ConfigError(f"data.task={d.task} needs data.eval_file (data.node_data=true: the server reads no data.train_file)")
+    if d.task == "instruct":
+        dev = load_instruct_file(d.eval_file, category_field=d.category_field)
+        return instruct_task(dev.label_names), take_random(dev, d.max_eval_examples or None, 0)
+    if d.task == "file":
+        if d.regression or d.label_names:
+            dev = load_text_file(d.eval_file, d.text_columns, d.label_column, label_names=task.label_names, regression=d.regression)
+        else:  # integer ids, the classes those of the run's training file (node_task read it)
+            dev = load_text_file(d.eval_file, d.text_columns, d.label_column, regression=False, max_id=len(task.label_names or ()) - 1)
+            dev.label_names = list(task.label_names or ())
+        return task, take_random(dev, d.max_eval_examples or None, 0)
+    return task, load_glue(task, "dev", max_examples=d.max_eval_examples or None, seed=0, source=d.source, data_dir=d.data_dir)
+
+
 def load_node_examples(cfg: RunConfig, task: TaskSpec, path: str, label_names: list[str] | None):
     """A node's own training examples: a CSV/JSONL file (``data.task=file`` or ``instruct``,
     the run's columns) or a folder in the GLUE layout (``<path>/<TASK>/train.tsv``)."""
@@ -281,19 +301,28 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None, with_data: b
 
     ``with_data=False``: the model side alone, for a Flower node that trains on its own examples
     (``node_task``): no data set is read, ``train`` and ``eval`` are None, every client holds no
-    indices (the node builds its own), and privacy is planned by the node on its examples."""
+    indices (the node builds its own), and privacy is planned by the node on its examples.
+    ``data.node_data`` (a Flower server whose nodes all bring their own rows): the evaluation set
+    alone is read; ``train`` is None, the clients hold no indices, and privacy is planned
+    without the clients' sizes (``plan_privacy``)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     placement = resolve_placement(cfg.train.device, cfg.train.precision)  # a missing device fails before any loading
     causal = cfg.data.task == "instruct" or cfg.data.as_prompt  # a causal LM: instruction data, or a GLUE task as prompts
     loading = quantized_loading(cfg.model.quantization, placement.device, placement.dtype, classifier=not causal)  # and so does quantization without CUDA
-    task, train_text, dev_text = load_datasets(cfg) if with_data else (node_task(cfg), None, None)
+    if not with_data:
+        task, train_text, dev_text = node_task(cfg), None, None
+    elif cfg.data.node_data:
+        (task, dev_text), train_text = load_eval_only(cfg, node_task(cfg)), None
+    else:
+        task, train_text, dev_text = load_datasets(cfg)
     if cfg.data.as_prompt and task.name in ("file", "instruct"):
         raise ConfigError(f"data.as_prompt turns a GLUE task into label-word prompts; data.task={task.name!r} is not one")
     dev_targets = None
-    if cfg.data.as_prompt and train_text is not None:
+    if cfg.data.as_prompt and dev_text is not None:
         dev_targets = dev_text.labels
-        train_text, dev_text = glue_as_instructions(task, train_text), glue_as_instructions(task, dev_text)
+        dev_text = glue_as_instructions(task, dev_text)
+        train_text = None if train_text is None else glue_as_instructions(task, train_text)
 
     centralized = cfg.fed.mode == "centralized"
     num_clients = 1 if centralized else cfg.partition.num_clients
@@ -323,7 +352,8 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None, with_data: b
             else:
                 model, tokenizer = load_pretrained(cfg.model.name, task.num_labels, regression=task.is_regression, loading=loading)
     if cfg.model.pair_encoder == "siamese":
-        pairs = len(task.text_columns) == 2 if train_text is None else train_text.text_b is not None
+        known = train_text if train_text is not None else dev_text
+        pairs = len(task.text_columns) == 2 if known is None else known.text_b is not None
         model = read_pairs_apart(cfg, model, tokenizer, causal, pairs)
     limit = max_input_length(model, tokenizer)
     if limit is not None and cfg.model.max_length > limit:
@@ -356,14 +386,17 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None, with_data: b
         if not task.is_regression and train_text is not None:
             counts = torch.bincount(torch.as_tensor(train_text.labels[idx]), minlength=task.num_labels).double()
         clients.append(ClientData(client_id=f"client{i}", indices=idx, rank=r, label_counts=counts, held_out=held))
-    if train_text is None:  # the node plans on its own examples
+    if dev_text is None:  # the node plans on its own examples
         return Experiment(cfg, task, model_path, fm, tokenizer, aggregator, None, None, clients, np.zeros((num_clients, 0)), [], causal=causal)
-    privacy = plan_privacy(cfg, aggregator, [len(c.indices) for c in clients])  # the examples each client trains on
+    # the examples each client trains on (data.node_data: the server does not know them)
+    privacy = plan_privacy(cfg, aggregator, None if train_text is None else [len(c.indices) for c in clients])
     encode = tokenize_instruct if causal else tokenize
-    train = encode(train_text, tokenizer, cfg.model.max_length)
+    train = None if train_text is None else encode(train_text, tokenizer, cfg.model.max_length)
     dev = encode(dev_text, tokenizer, cfg.model.max_length)
     # One column per class, those no client holds included (a subset may lack the last classes).
-    if train_text.is_regression:
+    if train_text is None:
+        hist, names = np.zeros((num_clients, 0)), []
+    elif train_text.is_regression:
         hist, names = label_histogram(train_text.labels, parts), bin_names(regression_bins(train_text.labels)[1])
     else:
         hist, names = label_histogram(train_text.labels, parts, num_classes=len(train_text.label_names)), list(train_text.label_names)

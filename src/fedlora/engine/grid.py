@@ -101,8 +101,9 @@ def parse_shard(spec: str) -> tuple[int, int]:
 
 def shard_of(run_name: str, shards: int) -> int:
     """The shard (1 … ``shards``) that runs the run folder ``run_name`` (``…-s<seed>``): a hash of
-    the name without its seed, plus the seed, modulo ``shards``. A cell's seeds go round the
-    machines, so each machine gets an even share of every method (runs of one method cost alike);
+    the name without its seed, plus the seed, modulo ``shards``. A cell's consecutive seeds go
+    round the machines, so each machine gets a near-even share of every method (runs of one
+    method cost alike; seeds 0, 3, 6 over 3 machines would all land on one);
     and a run's shard depends on its name alone, not on its place in the grid, so it keeps its
     shard when the grid grows (more seeds, methods or partitions) and machines that started on a
     smaller grid never train one run twice. A centralized run serves every partition: one folder,

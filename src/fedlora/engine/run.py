@@ -169,6 +169,8 @@ def run_experiment(
     in this process (``Simulator.run``), Flower's ServerApp passes its strategy.
     The run folder, checkpoints, metrics, plots and export are the same either way.
     """
+    if engine is None and cfg.data.node_data:
+        raise ConfigError("data.node_data=true: the training rows are the Flower nodes' own (data= in each node config); `fedlora run` has none: run on Flower")
     exp = build_experiment(cfg)  # every input error surfaces here, before any file is written
     check_trackers(cfg.track.to)
     run_dir = Path(cfg.output_dir) / run_name(cfg)
@@ -202,9 +204,10 @@ def run_experiment(
             # look finished (the grid takes a summary as a finished cell).
             (run_dir / "summary.json").unlink(missing_ok=True)
             writer.write_config(config_to_dict(cfg))
-            writer.write_histogram(exp.histogram, exp.label_names)
-            if plots:
-                plot_histogram(exp.histogram, exp.label_names, run_dir / "label_histogram.png")
+            if exp.histogram.size:  # data.node_data: the server never sees the clients' labels
+                writer.write_histogram(exp.histogram, exp.label_names)
+                if plots:
+                    plot_histogram(exp.histogram, exp.label_names, run_dir / "label_histogram.png")
             summary = _train_and_export(cfg, exp, sim, state, writer, engine, export=export, plots=plots, on_round=on_round)
         except BaseException:
             trackers.finish(None)

@@ -360,11 +360,20 @@ class Server:
 
     def _planned_dp(self, job: ClientJob) -> dict:
         """Local DP: a sampled client that failed may have trained (and its reply may have reached
-        the server late), so its ε counts the DP-SGD steps it was given."""
+        the server late), so its ε counts the DP-SGD steps it was given: those it reported in its
+        last reply (a Flower node with its own rows: the server never saw their number), else
+        those of its partition's size."""
         plan = self.exp.privacy
         if plan is None or plan.local is None:
             return {}
+        cid = job.client.client_id
+        last = next((r for r in reversed(self.client_rows) if r["client"] == cid and r.get("sample_rate") and "dropped" not in r), None)
+        if last is not None:
+            return {"steps": int(last["steps"]), "sample_rate": float(last["sample_rate"])}
         n = len(job.client.indices)
+        if n == 0:  # data.node_data and never heard from: nothing known to count (it may not have trained)
+            log.warning("round %d: %s failed before it ever reported its DP-SGD steps; its ε cannot be accounted", job.round, cid)
+            return {}
         return {"steps": planned_steps(n, self.cfg.train), "sample_rate": sample_rate(n, self.cfg.train)}
 
     def _drop(self, rows: list[dict], client: str, reason: str, t: int) -> None:

@@ -9,9 +9,10 @@ private examples names them in its node config, ``data=<path>`` (a CSV/JSONL
 file when ``data.task=file``, else a folder in the GLUE layout); it then trains
 on all of them, tokenised once, and reports their count as n_i. Such a node
 never reads the run's data set (its machine need not have it): it builds the
-model side alone (``build_experiment(with_data=False)``) and plans local DP on
-its own examples, at the noise multiplier the server sends with each job (the
-z the server's accountant reports every client's ε at).
+model side alone (``build_experiment(with_data=False)``). Under local DP every
+node trains at the noise multiplier the server sends with each job (the z the
+server's accountant reports every client's ε at); a node with its own rows
+checks that z against the target ε on their number.
 
 The frozen base. The server folds each round's ``base_delta`` ΔW0_t into its
 base weights; a node must train on the same W0 + Σ_t ΔW0_t. The server sends
@@ -33,15 +34,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor
 
+from ..config import ConfigError
 from ..core import Factored
 from ..core.bandwidth import TRANSPORTS
-from ..data import tokenize
+from ..data import DataError, tokenize
 from ..data.instruct import tokenize_instruct
 from ..engine.client import ClientData, run_client
 from ..engine.dp_sgd import LocalDP
-from ..engine.experiment import Experiment, build_experiment, load_node_examples, personal_split
+from ..engine.experiment import Experiment, build_experiment, load_node_examples, node_task, personal_split
 from ..engine.seeding import derive_seed
-from ..privacy import PrivacyPlan, plan_privacy
+from ..privacy import PrivacyPlan
 from .records import decode_broadcast, decode_start, encode_resync, encode_update
 from .run_config import config_from_run_config
 
@@ -56,8 +58,8 @@ SYNC, BASE, LOCAL = "fedlora.sync", "fedlora.base", "fedlora.local"
 class _Local:
     exp: Experiment
     pristine: dict[str, Tensor]  # W0 of the adapted modules, before any fold
-    # (path, pid) → the node's own (ClientData, tokenised examples, privacy plan on them)
-    node_data: dict[tuple[str, int], tuple[ClientData, object, PrivacyPlan | None]] = field(default_factory=dict)
+    node_data: dict[tuple[str, int], tuple[ClientData, object]] = field(default_factory=dict)  # (path, pid) → its own rows
+    dp_checked: set[tuple[int, float]] = field(default_factory=set)  # (n, z) a node's own rows passed the ε check at
 
 
 _CACHE: dict[str, _Local] = {}
@@ -68,10 +70,12 @@ def _local(context: Context) -> _Local:
     without the run's data set while every node it serves has its own (``data=`` in its node
     config), with it (once more) when a node that trains on a partition of the run's comes."""
     key = repr(sorted(context.run_config.items()))
-    with_data = not context.node_config.get("data")
+    # data.node_data: the run has no training set to partition (a node without its own rows is refused in _client_data)
+    with_data = not context.node_config.get("data") and not context.run_config.get("data.node_data", False)
     if key not in _CACHE or (with_data and _CACHE[key].exp.train is None):
-        _CACHE.clear()  # one run at a time per process
+        # built before the cache lets go of the last one: a build that fails leaves the working experiment in place
         exp = build_experiment(config_from_run_config(context.run_config), with_data=with_data)
+        _CACHE.clear()  # one run at a time per process
         _CACHE[key] = _Local(exp, exp.fm.base_state())
     return _CACHE[key]
 
@@ -86,38 +90,45 @@ def _partition_id(context: Context, num_clients: int) -> int:
     return pid
 
 
-def _client_data(local: _Local, context: Context, pid: int) -> tuple[ClientData, object, PrivacyPlan | None]:
-    """(ClientData, tokenised dataset, privacy plan) this node trains on: its own examples
-    (the plan made on them) or partition ``pid`` of the run's (the server's plan)."""
+def _client_data(local: _Local, context: Context, pid: int) -> tuple[ClientData, object]:
+    """(ClientData, tokenised dataset) this node trains on: its own examples or partition ``pid`` of the run's."""
     exp = local.exp
     path = context.node_config.get("data")
     if not path:
-        return exp.clients[pid], exp.train, exp.privacy
+        if exp.cfg.data.node_data:
+            raise ValueError("this node has no data=<path> in its node config, and the run (data.node_data=true) has no training set to give it a partition of")
+        return exp.clients[pid], exp.train
     key = (str(path), pid)
     if key not in local.node_data:
-        text = load_node_examples(exp.cfg, exp.task, str(path), list(exp.task.label_names or ()) or None)
+        # An instruction task's categories only group the server's evaluation: a node's own may be any.
+        names = None if exp.cfg.data.task == "instruct" else list(exp.task.label_names or ()) or None
+        text = load_node_examples(exp.cfg, exp.task, str(path), names)
         data = (tokenize_instruct if exp.causal else tokenize)(text, exp.tokenizer, exp.cfg.model.max_length)
         counts = None if exp.task.is_regression else torch.bincount(torch.as_tensor(text.labels), minlength=exp.task.num_labels).double()
         idx, held = personal_split(np.arange(len(text)), exp.cfg.fed.personal_eval, derive_seed(exp.cfg.seed, "personal", pid))
         if held is not None and counts is not None:
             counts = torch.bincount(torch.as_tensor(text.labels[idx]), minlength=exp.task.num_labels).double()
         client = ClientData(client_id=exp.clients[pid].client_id, indices=idx, rank=exp.clients[pid].rank, label_counts=counts, held_out=held)
-        # The checks of the run's privacy settings on these examples (δ < 1/n, …); the noise itself is the server's (_local_dp).
-        plan = plan_privacy(exp.cfg, exp.aggregator, [len(idx)] * len(exp.clients))
-        local.node_data[key] = (client, data, plan)
+        local.node_data[key] = (client, data)
     return local.node_data[key]
 
 
-def _local_dp(plan: PrivacyPlan | None, job: dict, n: int, cfg) -> LocalDP | None:
-    """The DP-SGD settings this node trains with: the noise multiplier the server sends (its
-    accountant reports every client's ε at that z), which, on these ``n`` examples over the
-    planned rounds, must not spend more than the target ε (else a one-line refusal)."""
-    if plan is None or plan.local is None:
+def _local_dp(local: _Local, job: dict, n: int, own_rows: bool) -> LocalDP | None:
+    """Local DP-SGD's settings: the run's clip C and the noise multiplier z the server sends with
+    the job (its accountant reports every client's ε at that z). A node with its own ``n`` rows,
+    which the server planned z without, is refused (one line) if δ ≥ 1/n or if, over the planned
+    rounds, z would spend more than the target ε on them."""
+    cfg = local.exp.cfg
+    if cfg.privacy.mode != "local":
         return None
-    if "noise-multiplier" in job and float(job["noise-multiplier"]) != plan.noise_multiplier:
-        z = float(job["noise-multiplier"])
-        plan = replace(plan, noise_multiplier=z, local=replace(plan.local, noise_multiplier=z))
-    plan.check_local_client(n, cfg)
+    if "noise-multiplier" not in job:
+        raise ValueError("privacy.mode=local, but the job carries no noise multiplier: the server runs an older fedlora than this node")
+    z = float(job["noise-multiplier"])
+    p = cfg.privacy
+    plan = PrivacyPlan("local", p.accountant, p.delta, z, 0.0, local=LocalDP(clip=p.clip, noise_multiplier=z, secure_noise=p.secure_noise))
+    if own_rows and (n, z) not in local.dp_checked:
+        plan.check_local_client(n, cfg)
+        local.dp_checked.add((n, z))
     return plan.local
 
 
@@ -165,6 +176,12 @@ def query(msg: Message, context: Context) -> Message:
     data = context.node_config.get("data")
     if data and not Path(str(data)).exists():
         info["error"] = f"its node config names data={data!r}, which does not exist on that machine"
+    elif data:
+        info["own-data"] = 1
+        try:  # what the node needs of the run's task to read its rows (a file task's classes), asked before the run starts
+            node_task(config_from_run_config(context.run_config))
+        except (ConfigError, DataError) as e:
+            info["error"] = str(e)
     return Message(content=RecordDict({"fedlora.node": ConfigRecord(info)}), reply_to=msg)
 
 
@@ -176,7 +193,7 @@ def train(msg: Message, context: Context) -> Message:
     pid = _partition_id(context, len(exp.clients))
     if pid != int(job["partition-id"]):
         raise ValueError(f"job for partition {job['partition-id']} reached the node holding partition {pid}")
-    client, data, plan = _client_data(local, context, pid)
+    client, data = _client_data(local, context, pid)
     if int(job["rank"]) != client.rank:
         # a method may lower a client's rank (HetLoRA's self-pruning), never raise it
         if not 1 <= int(job["rank"]) < client.rank or start.prune is None:
@@ -198,7 +215,7 @@ def train(msg: Message, context: Context) -> Message:
         int(job["seed"]),
         pad_token_id=exp.pad_token_id,
         send_label_counts=bool(job["send-label-counts"]),
-        privacy=_local_dp(plan, job, len(client.indices), exp.cfg),
+        privacy=_local_dp(local, job, len(client.indices), own_rows=bool(context.node_config.get("data"))),
         local=own,
         task=exp.task,
         eval_batch_size=exp.cfg.train.eval_batch_size,

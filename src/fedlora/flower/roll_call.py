@@ -25,13 +25,16 @@ log = logging.getLogger("fedlora")
 NODE_INFO = "fedlora.node"
 
 
-def ask_partitions(grid: Grid, node_ids: Iterable[int], num_clients: int, *, timeout: float) -> tuple[dict[int, int], dict[int, str], dict[int, str]]:
+def ask_partitions(
+    grid: Grid, node_ids: Iterable[int], num_clients: int, *, timeout: float, node_data: bool = False
+) -> tuple[dict[int, int], dict[int, str], dict[int, str]]:
     """Ask ``node_ids`` which partition they hold.
 
     Returns ``(claims, refused, silent)``: partition → node for the nodes that hold
     one of this run's ``num_clients`` partitions (the first claim wins); node → why
     for the nodes that cannot take part (no partition-id, another partition count,
-    a partition already claimed, a ``data`` path the node does not have); and
+    a partition already claimed, a ``data`` path the node does not have, or with
+    ``node_data`` (``data.node_data``: the server has no training set) no ``data`` at all); and
     node → why for the nodes that did not answer in time (they may later).
     """
     queries = {n: Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids}
@@ -58,7 +61,9 @@ def ask_partitions(grid: Grid, node_ids: Iterable[int], num_clients: int, *, tim
             refused[node] = f'node {node} has no partition-id in its node config (flower-supernode --node-config "partition-id=0 num-partitions={num_clients}")'
             continue
         pid, total = int(info["partition-id"]), int(info.get("num-partitions", num_clients))
-        if total != num_clients or not 0 <= pid < num_clients:
+        if node_data and not info.get("own-data"):
+            refused[node] = f"node {node} has no data=<path> in its node config; the run's data.node_data=true means every node trains on its own rows"
+        elif total != num_clients or not 0 <= pid < num_clients:
             refused[node] = f"node {node} holds partition {pid} of {total}; the run has partition.num_clients={num_clients}"
         elif pid in claims:
             refused[node] = f"partition {pid} is held by two nodes ({claims[pid]} and {node})"
@@ -67,7 +72,7 @@ def ask_partitions(grid: Grid, node_ids: Iterable[int], num_clients: int, *, tim
     return claims, refused, silent
 
 
-def discover_nodes(grid: Grid, num_clients: int, *, timeout: float, poll_s: float = 1.0, report_s: float = 10.0) -> dict[int, int]:
+def discover_nodes(grid: Grid, num_clients: int, *, timeout: float, poll_s: float = 1.0, report_s: float = 10.0, node_data: bool = False) -> dict[int, int]:
     """Partition id → node id for all ``num_clients`` partitions.
 
     Waits up to ``timeout`` seconds for ``num_clients`` nodes (saying every
@@ -90,7 +95,7 @@ def discover_nodes(grid: Grid, num_clients: int, *, timeout: float, poll_s: floa
         time.sleep(poll_s)
     # Nodes that connected just now may still be starting their ClientApp: at least 30 s to answer.
     answer_s = max(deadline - time.monotonic(), min(timeout, 30.0))
-    claims, refused, silent = ask_partitions(grid, node_ids, num_clients, timeout=answer_s)
+    claims, refused, silent = ask_partitions(grid, node_ids, num_clients, timeout=answer_s, node_data=node_data)
     missing = sorted(set(range(num_clients)) - set(claims))
     if missing:
         raise ConfigError(min({**silent, **refused}.values()) if refused or silent else f"no node answered for partitions {missing}")

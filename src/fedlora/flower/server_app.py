@@ -66,7 +66,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg = config_from_run_config(context.run_config)
         if cfg.fed.mode != "federated":
             raise ConfigError(f"fed.mode={cfg.fed.mode!r} trains in one process: use `fedlora run`, not Flower")
-        nodes = discover_nodes(grid, cfg.partition.num_clients, timeout=cfg.fed.client_timeout)  # before any file is written
+        nodes = discover_nodes(grid, cfg.partition.num_clients, timeout=cfg.fed.client_timeout, node_data=cfg.data.node_data)  # before any file is written
         summary = run_experiment(cfg, engine=flower_engine(grid, nodes))
     except EXPECTED as e:
         message = f"fedlora: error: {e}"
@@ -82,7 +82,7 @@ def flower_engine(grid: Grid, nodes: dict[int, int] | None = None):
 
     def drive(server: Server, state: ServerState) -> ServerState:
         cfg = server.cfg
-        held = nodes if nodes is not None else discover_nodes(grid, len(server.exp.clients), timeout=cfg.fed.client_timeout)
+        held = nodes if nodes is not None else discover_nodes(grid, len(server.exp.clients), timeout=cfg.fed.client_timeout, node_data=cfg.data.node_data)
         strategy = FedLoraStrategy(server, state, held, folded=server.folded)
         strategy.start(grid)
         return strategy.state

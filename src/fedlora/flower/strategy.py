@@ -272,7 +272,9 @@ class FedLoraStrategy(Strategy):
         if not newcomers:
             return
         num_clients = len(self.server.exp.clients)
-        claims, refused, silent = ask_partitions(grid, sorted(newcomers), num_clients, timeout=min(self.timeout, 60.0))
+        claims, refused, silent = ask_partitions(
+            grid, sorted(newcomers), num_clients, timeout=min(self.timeout, 60.0), node_data=self.server.cfg.data.node_data
+        )
         for node, reason in refused.items():
             log.warning("node %d is not used: %s", node, reason)
             self.strangers.add(node)
