@@ -587,3 +587,24 @@ def test_a_dp_grid_in_compare_plots_utility_against_epsilon(tiny_models, tmp_pat
     text = (tmp_path / "report" / "results.md").read_text()
     assert "| fedit[privacy.mode=client,privacy.target_epsilon=8] |" in text
     assert (tmp_path / "report" / "results_epsilon.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_clip_skew_probe_on_a_hand_computed_client():
+    """benchmarks/dp_clip_skew.py's statistics on three gradients worked by hand (C = 0.1; the
+    last two coordinates are the head's bias): g1 = (0, .3, −.4) and g2 = (.2, 0, 0) of the
+    majority class 1, g3 = (0, 0, .05) of class 0."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("dp_clip_skew", Path(__file__).resolve().parents[1] / "benchmarks" / "dp_clip_skew.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    g = torch.tensor([[0.0, 0.3, -0.4], [0.2, 0.0, 0.0], [0.0, 0.0, 0.05]], dtype=torch.float64)
+    out = probe.client_stats(g, torch.tensor([1, 1, 0]).numpy(), 1, 0.1, slice(1, 3))
+    assert out["clipped"] == pytest.approx(2 / 3) and out["share_majority"] == pytest.approx(2 / 3)
+    assert out["norm_majority"] == pytest.approx(0.35) and out["norm_minority"] == pytest.approx(0.05)
+    assert out["mass_majority"] == pytest.approx(0.7 / 0.75) and out["mass_majority_clipped"] == pytest.approx(0.2 / 0.25)
+    # unclipped step −Σ g_i = (−.2, −.3, .35): bias difference .35 − (−.3) = .65, over √2 · ‖step‖ = √2 · √.2525
+    assert out["bias_push"] == pytest.approx(0.65 / (2**0.5 * 0.2525**0.5))
+    # clipped step −(.1·(0, .6, −.8) + .1·(1, 0, 0) + .05·(0, 0, 1)) = (−.1, −.06, .03): .09 over √2 · √.0145
+    assert out["bias_push_clipped"] == pytest.approx(0.09 / (2**0.5 * 0.0145**0.5))
