@@ -314,8 +314,10 @@ def test_tls_authenticated_nodes_with_their_own_data_as_in_readme_a_killed_super
         assert "has folded only through round" in log or "is sent the snapshot of rounds 1.." in log
     assert procs.alive_groups() == []
     clients = check_rejoined(out, rounds)
-    # Node-local data: each hospital trained on its own 500 rows, weighted by them.
+    # Node-local data: each hospital trained on its own 500 rows, weighted by them; the server (data.node_data=true)
+    # read no training set, so it has no label histogram of the clients to write.
     assert {c["examples"] for c in clients if "dropped" not in c} == {500}
+    assert not (out / "label_histogram.csv").exists() and (out / "metrics.jsonl").is_file()
     # The unregistered key was refused at activation and never joined.
     assert "Failed to activate SuperNode" in (tmp_path / "intruder.log").read_text(errors="replace")
     assert "No SuperNode found with the given public key" in (tmp_path / "superlink.log").read_text(errors="replace")
