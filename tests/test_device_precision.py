@@ -146,6 +146,17 @@ def test_bench_commands_run_and_report_their_ratios(tiny_models, tmp_path, capsy
     assert "one seed: no interval" in out and "a difference" not in out  # one pair: no interval, no verdict
 
 
+@pytest.mark.parametrize("bench", ["loop", "precision", "overhead"])
+def test_bench_commands_refuse_a_run_whose_rows_are_the_flower_nodes(tiny_models, tmp_path, capsys, bench):
+    """data.node_data=true: the training rows are the Flower nodes' own, which no benchmark has."""
+    from fedlora import cli
+
+    over = overrides(tiny_models["bert"], tmp_path, fed__rounds=1, data__node_data="true")
+    assert cli.main(["bench", bench, *over]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "data.node_data=true" in err[0], err
+
+
 @pytest.mark.parametrize("device,says", [("foo", "is not a torch device"), ("cuda:0", "no CUDA GPU")])
 def test_bench_aggregation_refuses_a_fold_device_it_cannot_use(capsys, device, says):
     from fedlora import cli

@@ -86,6 +86,7 @@ BAD_OVERRIDES = {
     "node-data-holdout": ({"data__node_data": "true", "data__eval_split": "holdout"}, ["data.node_data=true", "data.eval_split=dev"]),
     "node-data-eval-clients": ({"data__node_data": "true", "fed__eval_clients": "true"}, ["data.node_data=true", "fed.eval_clients"]),
     "node-data-centralized": ({"data__node_data": "true", "fed__mode": "centralized"}, ["data.node_data=true", "fed.mode=centralized"]),
+    "node-data-file-without-classes": ({"data__node_data": "true", "data__task": "file"}, ["data.node_data=true", "data.label_names"]),
     "class-aware-head-keys-not-the-output-layer": (
         {"fed__method": "hexa", "fed__options": "{class_aware_head: true, head_keys: [classifier.weights]}"},
         ["fed.options.head_keys", "classifier.weights", "classifier.weight"],

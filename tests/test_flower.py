@@ -928,6 +928,35 @@ def test_a_file_task_node_without_the_classes_is_refused_at_the_roll_call(tiny_m
         discover_nodes(grid, 3, timeout=5)
 
 
+def test_a_failed_build_leaves_the_cached_experiment_and_run_config_text_reads_as_the_config_does(tiny_models, tmp_path, monkeypatch):
+    """The ClientApp's cache: a node with its own rows builds the experiment without data; a node
+    on a partition then needs it with data, and if that build fails the working experiment stays.
+    A run config that gives data.node_data as text ('false', as `--run-config` may) reads as the
+    config reads it: false, so a partition node builds with data."""
+    from flwr.app import Context, RecordDict
+
+    run_config = flower_run_config(overrides(tiny_models["bert"], tmp_path))
+    client_module._CACHE.clear()
+    own = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3, "data": str(GLUE)}, state=RecordDict(), run_config=run_config)
+    kept = client_module._local(own)
+    assert kept.exp.train is None
+
+    def broken(cfg, with_data=True):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(client_module, "build_experiment", broken)
+    partition = Context(run_id=1, node_id=2, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(OSError, match="disk gone"):
+        client_module._local(partition)
+    assert list(client_module._CACHE.values()) == [kept]
+    monkeypatch.undo()
+    text = Context(
+        run_id=1, node_id=3, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(), run_config={**run_config, "data.node_data": "false"}
+    )
+    assert client_module._local(text).exp.train is not None
+    client_module._CACHE.clear()
+
+
 def test_a_file_task_node_needs_the_classes_not_the_runs_files(tiny_models, tmp_path):
     """data.task=file: a node with its own CSV and none of the run's files trains when the run
     config names the classes (data.label_names); without them it is refused in one line that

@@ -608,3 +608,44 @@ def test_the_clip_skew_probe_on_a_hand_computed_client():
     assert out["bias_push"] == pytest.approx(0.65 / (2**0.5 * 0.2525**0.5))
     # clipped step −(.1·(0, .6, −.8) + .1·(1, 0, 0) + .05·(0, 0, 1)) = (−.1, −.06, .03): .09 over √2 · √.0145
     assert out["bias_push_clipped"] == pytest.approx(0.09 / (2**0.5 * 0.0145**0.5))
+
+
+def test_a_failed_clients_steps_are_those_of_its_last_report_even_a_refused_one():
+    """Local DP, a client that fails: charged the steps and q of its last report, a report whose
+    update the server refused included (the client took those steps); one never heard from and
+    holding no partition the server knows (data.node_data) is charged nothing, and that is logged."""
+    from types import SimpleNamespace
+
+    from fedlora.engine.server import Server
+
+    cfg = load_config(None, ["privacy.mode=local", "privacy.noise_multiplier=1"])
+    plan = SimpleNamespace(local=object())
+    job = SimpleNamespace(round=3, client=SimpleNamespace(client_id="client1", indices=[]))
+    refused = {"round": 1, "client": "client1", "rank": 8, "dropped": "update norm 9 exceeds fed.max_update_norm=1", "steps": 7, "sample_rate": 0.16}
+    server = SimpleNamespace(
+        exp=SimpleNamespace(privacy=plan), cfg=cfg, client_rows=[{"round": 1, "client": "client0", "steps": 3, "sample_rate": 0.5}, refused]
+    )
+    assert Server._planned_dp(server, job) == {"steps": 7, "sample_rate": 0.16}
+    server.client_rows = [{"round": 1, "client": "client0", "steps": 3, "sample_rate": 0.5}]
+    assert Server._planned_dp(server, job) == {}
+
+
+def test_steps_at_two_sampling_rates_compose_as_two_mechanisms():
+    """A node that restarts with other rows trains at another q: its ε is Opacus' for the two
+    mechanisms composed, not all its steps at its last q (which understates it here)."""
+    from opacus.accountants import RDPAccountant
+
+    from fedlora.privacy import PrivacyPlan
+
+    plan = PrivacyPlan("local", "rdp", 1e-5, 1.2, 0.0)
+    rows = [
+        {"client": "c", "steps": 40, "sample_rate": 0.2},
+        {"client": "c", "steps": 40, "sample_rate": 0.02},
+        {"client": "d", "steps": 5, "sample_rate": 0.1},
+    ]
+    acc = RDPAccountant()
+    acc.history = [(1.2, 0.2, 40), (1.2, 0.02, 40)]
+    got = plan.local_epsilon(rows, {"c", "d"})
+    assert got["c"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+    assert got["c"] > epsilon("rdp", 1.2, 0.02, 80, 1e-5)
+    assert got["d"] == pytest.approx(epsilon("rdp", 1.2, 0.1, 5, 1e-5), rel=1e-12)

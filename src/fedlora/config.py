@@ -198,6 +198,10 @@ class RunConfig:
             (self.data.holdout_examples >= 1, "data.holdout_examples must be ≥ 1"),
             (self.data.holdout_min_words >= 0, "data.holdout_min_words must be ≥ 0"),
             (
+                not (self.data.node_data and self.data.task == "file" and not self.data.regression and not self.data.label_names),
+                "data.node_data=true with data.task=file needs data.label_names: the server reads no training file to find the classes in",
+            ),
+            (
                 not (self.data.node_data and self.data.eval_split == "holdout"),
                 "data.node_data=true: the server reads no training set to hold examples out of; use data.eval_split=dev",
             ),

@@ -19,7 +19,7 @@ from .core.privacy import DP_METHODS, ClientDP
 if TYPE_CHECKING:
     from .engine.dp_sgd import LocalDP
 
-__all__ = ["PrivacyPlan", "epsilon", "noise_for_epsilon", "plan_privacy"]
+__all__ = ["PrivacyPlan", "composed_epsilon", "epsilon", "noise_for_epsilon", "plan_privacy"]
 
 
 def _accountant(name: str):
@@ -30,10 +30,16 @@ def _accountant(name: str):
 
 def epsilon(accountant: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """ε spent by ``steps`` Gaussian mechanisms (z, q), at δ, by Opacus' accountant."""
-    if steps == 0:
+    return composed_epsilon(accountant, [(noise_multiplier, sample_rate, steps)], delta)
+
+
+def composed_epsilon(accountant: str, history: list[tuple[float, float, int]], delta: float) -> float:
+    """ε spent by the composition of every (z, q, steps) in ``history``, at δ, by Opacus' accountant."""
+    history = [h for h in history if h[2] > 0]
+    if not history:
         return 0.0
     acc = _accountant(accountant)
-    acc.history = [(noise_multiplier, sample_rate, steps)]
+    acc.history = list(history)
     with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha": still a valid bound
         warnings.simplefilter("ignore")
         return float(acc.get_epsilon(delta))
@@ -69,14 +75,14 @@ class PrivacyPlan:
     def local_epsilon(self, client_rows: list[dict], clients: set[str]) -> dict[str, float]:
         """Local mode: the ε of each of ``clients`` over every DP-SGD step it has taken (rows of
         clients.jsonl), those of rounds whose update was dropped included: it trained, and what it
-        sent may have reached the server."""
-        steps: dict[str, int] = {}
-        rate: dict[str, float] = {}
+        sent may have reached the server. Steps at different q (a Flower node restarted with other
+        rows) compose as mechanisms of their own."""
+        steps: dict[str, dict[float, int]] = {}  # client → q → steps taken at it
         for r in client_rows:
             if r.get("sample_rate") and r["client"] in clients:
-                steps[r["client"]] = steps.get(r["client"], 0) + int(r["steps"])
-                rate[r["client"]] = float(r["sample_rate"])
-        return {c: epsilon(self.accountant, self.noise_multiplier, rate[c], steps[c], self.delta) for c in steps}
+                at = steps.setdefault(r["client"], {})
+                at[float(r["sample_rate"])] = at.get(float(r["sample_rate"]), 0) + int(r["steps"])
+        return {c: composed_epsilon(self.accountant, [(self.noise_multiplier, q, k) for q, k in at.items()], self.delta) for c, at in steps.items()}
 
     def check_local_client(self, n: int, cfg: RunConfig) -> None:
         """Local mode, a client whose examples the plan did not see (a Flower node's own data):

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from ..config import load_config
+from ..config import ConfigError, load_config
 from ..data import collate, length_bucketed_batches
 from ..engine.experiment import build_experiment
 from ..engine.seeding import generator
@@ -61,6 +61,8 @@ def _time_train_local(exp, indices, cfg, seed: int, tokens: int) -> float:
 
 def measure(config: str | None, overrides: list[str], repeats: int = 3, steps: int = 20) -> list[dict]:
     cfg = load_config(config, [*overrides, "progress=false", f"train.steps={steps}", "train.grad_accum=1"])
+    if cfg.data.node_data:
+        raise ConfigError("data.node_data=true: the training rows are the Flower nodes' own; the loop benchmark trains on the run's: set it false")
     exp = build_experiment(cfg)
     fm, place = exp.fm, exp.fm.placement
     indices = np.arange(len(exp.train))

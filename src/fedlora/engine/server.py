@@ -367,7 +367,8 @@ class Server:
         if plan is None or plan.local is None:
             return {}
         cid = job.client.client_id
-        last = next((r for r in reversed(self.client_rows) if r["client"] == cid and r.get("sample_rate") and "dropped" not in r), None)
+        # any row with a q: a reply the server refused still reported the steps the client took
+        last = next((r for r in reversed(self.client_rows) if r["client"] == cid and r.get("sample_rate")), None)
         if last is not None:
             return {"steps": int(last["steps"]), "sample_rate": float(last["sample_rate"])}
         n = len(job.client.indices)

@@ -70,11 +70,12 @@ def _local(context: Context) -> _Local:
     without the run's data set while every node it serves has its own (``data=`` in its node
     config), with it (once more) when a node that trains on a partition of the run's comes."""
     key = repr(sorted(context.run_config.items()))
+    cfg = _CACHE[key].exp.cfg if key in _CACHE else config_from_run_config(context.run_config)
     # data.node_data: the run has no training set to partition (a node without its own rows is refused in _client_data)
-    with_data = not context.node_config.get("data") and not context.run_config.get("data.node_data", False)
+    with_data = not context.node_config.get("data") and not cfg.data.node_data
     if key not in _CACHE or (with_data and _CACHE[key].exp.train is None):
         # built before the cache lets go of the last one: a build that fails leaves the working experiment in place
-        exp = build_experiment(config_from_run_config(context.run_config), with_data=with_data)
+        exp = build_experiment(cfg, with_data=with_data)
         _CACHE.clear()  # one run at a time per process
         _CACHE[key] = _Local(exp, exp.fm.base_state())
     return _CACHE[key]
