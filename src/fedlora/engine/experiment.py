@@ -208,7 +208,7 @@ def node_task(cfg: RunConfig) -> TaskSpec:
 
 def load_eval_only(cfg: RunConfig, task: TaskSpec):
     """(task, evaluation texts) of a server that reads no training set (``data.node_data``): the
-    task's dev set, or data.eval_file with the classes ``node_task`` found; an instruction task's
+    task's dev set, or data.eval_file with the run's data.label_names; an instruction task's
     categories are then those of the evaluation file."""
     d = cfg.data
     if d.task in ("instruct", "file") and not d.eval_file:
@@ -216,12 +216,8 @@ def load_eval_only(cfg: RunConfig, task: TaskSpec):
     if d.task == "instruct":
         dev = load_instruct_file(d.eval_file, category_field=d.category_field)
         return instruct_task(dev.label_names), take_random(dev, d.max_eval_examples or None, 0)
-    if d.task == "file":
-        if d.regression or d.label_names:
-            dev = load_text_file(d.eval_file, d.text_columns, d.label_column, label_names=task.label_names, regression=d.regression)
-        else:  # integer ids, the classes those of the run's training file (node_task read it)
-            dev = load_text_file(d.eval_file, d.text_columns, d.label_column, regression=False, max_id=len(task.label_names or ()) - 1)
-            dev.label_names = list(task.label_names or ())
+    if d.task == "file":  # a classification's classes are data.label_names (RunConfig.validate asks for them here)
+        dev = load_text_file(d.eval_file, d.text_columns, d.label_column, label_names=task.label_names, regression=d.regression)
         return task, take_random(dev, d.max_eval_examples or None, 0)
     return task, load_glue(task, "dev", max_examples=d.max_eval_examples or None, seed=0, source=d.source, data_dir=d.data_dir)
 
@@ -301,7 +297,7 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None, with_data: b
 
     ``with_data=False``: the model side alone, for a Flower node that trains on its own examples
     (``node_task``): no data set is read, ``train`` and ``eval`` are None, every client holds no
-    indices (the node builds its own), and privacy is planned by the node on its examples.
+    indices (the node builds its own), and there is no privacy plan (local DP's z comes with each job).
     ``data.node_data`` (a Flower server whose nodes all bring their own rows): the evaluation set
     alone is read; ``train`` is None, the clients hold no indices, and privacy is planned
     without the clients' sizes (``plan_privacy``)."""
@@ -386,7 +382,7 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None, with_data: b
         if not task.is_regression and train_text is not None:
             counts = torch.bincount(torch.as_tensor(train_text.labels[idx]), minlength=task.num_labels).double()
         clients.append(ClientData(client_id=f"client{i}", indices=idx, rank=r, label_counts=counts, held_out=held))
-    if dev_text is None:  # the node plans on its own examples
+    if dev_text is None:  # a node with its own rows: no data of the run, no privacy plan (z comes with each job)
         return Experiment(cfg, task, model_path, fm, tokenizer, aggregator, None, None, clients, np.zeros((num_clients, 0)), [], causal=causal)
     # the examples each client trains on (data.node_data: the server does not know them)
     privacy = plan_privacy(cfg, aggregator, None if train_text is None else [len(c.indices) for c in clients])
