@@ -163,6 +163,7 @@ def test_run_config_round_trips_lists_and_options():
         ("fedsb", []),  # round 1 fixes the frames, then nodes train only R inside them (a refused update would drop)
         ("fedsb", ["fed.fraction=0.67", "privacy.mode=client", "fed.weighting=uniform", "privacy.noise_multiplier=0.3", "privacy.delta=1e-3"]),
         ("fedsa", ["fed.personal_eval=0.25"]),  # B and head kept on the node (context.state), personal metrics
+        ("fedex", ["fed.fraction=0.67", "fed.personal_eval=0.25", "fed.received_eval=true"]),  # nodes score what they receive
     ],
     ids=[
         "fedex",
@@ -178,6 +179,7 @@ def test_run_config_round_trips_lists_and_options():
         "fedsb",
         "fedsb-client-dp",
         "fedsa-personal",
+        "fedex-received-eval",
     ],
 )
 def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
@@ -195,6 +197,12 @@ def test_flower_equals_in_process(tiny_models, tmp_path, method, extra):
     rtol = 2**-7 if "fed.transport=bfloat16" in extra else 1e-4
     if method == "fedsa":  # each node's own model, scored on its own held-out examples, reached the server
         assert [r["personal_accuracy"] for r in server.rounds] == pytest.approx([r["personal_accuracy"] for r in sim.rounds], abs=1e-6)
+    if "fed.received_eval=true" in extra:  # before training, each round; after the last, in evaluate messages
+        keys = [k for k in sim.rounds[-1] if k.startswith("received_")]
+        assert keys and all([r[k] for r in server.rounds] == pytest.approx([r[k] for r in sim.rounds], abs=1e-6) for k in keys)
+        assert server.received_final == pytest.approx(sim.received_final, abs=1e-6) and sim.received_final_clients == 2
+        evaluated = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+        assert len(evaluated) == sim.received_final_clients
     if any("server_momentum" in e for e in extra):  # the momentum buffer was kept and applied on both sides
         assert all(r["momentum_norm"] > 0 for r in sim.rounds + server.rounds)
     if "privacy.mode=local" in extra:  # every client's ε reached the server through Flower's metric records

@@ -266,6 +266,8 @@ def test_a_client_dp_run_reports_the_accountants_epsilon_every_round(tiny_models
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["epsilon"] for r in rows] == pytest.approx([epsilon("rdp", 0.5, 0.5, t, 1e-3) for t in (1, 2, 3)], rel=1e-9)
     assert all(r["dp_noise_multiplier"] == 0.5 and 0 <= r["dp_clipped_fraction"] <= 1 for r in rows)
+    # the noise the aggregation added (its std over the fixed denominator): z·C/(q·K), K = 6 clients, q = 0.5
+    assert [r["dp_noise_std_of_mean"] for r in rows] == pytest.approx([0.5 * cfg.privacy.clip / (0.5 * 6)] * 3, rel=1e-12)
     assert len({r["clients"] for r in rows}) > 1 or cfg.seed != 0, "Poisson sampling: the number of clients varies"
     import json
 
@@ -323,7 +325,11 @@ def _single_example_grads(fm, batch, arch) -> dict[str, torch.Tensor]:
         length = int(batch["attention_mask"][j].sum())
         ids, mask = batch["input_ids"][j : j + 1, :length], batch["attention_mask"][j : j + 1, :length]
         label = batch["labels"][j : j + 1, :length] if arch == "llama" else batch["labels"][j : j + 1]
-        loss = _loss(fm, fm.peft(input_ids=ids, attention_mask=mask).logits, label, arch)
+        logits = fm.peft(input_ids=ids, attention_mask=mask).logits
+        if arch == "llama":  # the mean over its answer tokens, written out here (not fedlora's per-example loss)
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), label[0, 1:], ignore_index=-100)
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, label)
         rows.append(torch.autograd.grad(loss, [p for _, p in params]))
     return {n: torch.stack([r[i] for r in rows]) for i, (n, _) in enumerate(params)}
 
@@ -337,7 +343,7 @@ def _loss(fm, out_logits, labels, arch):
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_opacus_per_example_gradients_of_peft_lora_equal_vmap(arch):
+def test_opacus_per_example_gradients_of_peft_lora_equal_single_example_autograd(arch):
     """Opacus issue #820: with peft LoRA layers it can silently compute wrong per-sample
     gradients. Reference: each example alone (cut to its own length, no padding) through the
     model and torch.autograd.grad, no Opacus involved."""
@@ -362,7 +368,7 @@ def test_opacus_per_example_gradients_of_peft_lora_equal_vmap(arch):
 
 def test_dp_sgd_step_is_the_clipped_noiseless_mean_and_trains_the_weights_it_sends():
     """z = 0, q = 1 (batch ≥ n): the gradient AdamW receives is Σ_j clip(g_j)/n with the
-    g_j from vmap (independent); after training, the adapters read for upload are the trained ones."""
+    g_j from single-example autograd (independent); after training, the adapters read for upload are the trained ones."""
     from fedlora.config import TrainConfig
     from fedlora.engine.dp_sgd import LocalDP, train_local_dp
 
@@ -649,3 +655,151 @@ def test_steps_at_two_sampling_rates_compose_as_two_mechanisms():
     assert got["c"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
     assert got["c"] > epsilon("rdp", 1.2, 0.02, 80, 1e-5)
     assert got["d"] == pytest.approx(epsilon("rdp", 1.2, 0.1, 5, 1e-5), rel=1e-12)
+
+
+def test_dp_sgd_under_bf16_autocast_clips_in_float32(monkeypatch):
+    """Under bf16 autocast Opacus' hooks give bf16 per-example gradients, and it would take their norms
+    and clip them in bf16: a clipped gradient could come out above C (the accountant's sensitivity).
+    What Opacus clips must be float32 (then min(1, C/‖g_j‖)·g_j ≤ C to float32 round-off)."""
+    import numpy as np
+    from opacus.optimizers import DPOptimizer
+
+    import fedlora.engine.dp_sgd as dp_sgd
+    from fedlora.config import TrainConfig
+    from fedlora.engine.dp_sgd import LocalDP, train_local_dp
+    from fedlora.models.device import Placement
+
+    fm = _tiny_fm("bert")
+    fm.placement = Placement(torch.device("cpu"), torch.bfloat16)
+    batch = _batch("bert")
+    C = 0.05
+    seen = []
+    real_clip = DPOptimizer.clip_and_accumulate
+
+    def spy(self):
+        samples = [p.grad_sample for p in self.params if p.requires_grad]
+        norms = torch.stack([g.reshape(len(g), -1).double().norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+        seen.append(([g.dtype for g in samples], norms))
+        return real_clip(self)
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy)
+
+    class Data:
+        lengths = batch["attention_mask"].sum(1).numpy()
+
+    monkeypatch.setattr(dp_sgd, "collate", lambda data, idx, pad: {k: v[torch.as_tensor(idx)] for k, v in batch.items()})
+    train_local_dp(
+        fm,
+        Data(),
+        np.arange(4),
+        TrainConfig(lr=1e-2, steps=2, batch_size=8, warmup_ratio=0.0),
+        seed=0,
+        dp=LocalDP(clip=C, noise_multiplier=0.0),
+        pad_token_id=0,
+    )
+    assert seen and all(d == torch.float32 for dtypes, _ in seen for d in dtypes), "Opacus clipped half-precision gradients"
+    assert all(float(norms.min()) > C for _, norms in seen), "the check has power: every example is clipped"
+
+
+def _flower_local_dp(tiny_models, tmp_path, monkeypatch, change):
+    """A two-round local-DP run on Flower (fedit), client1's round-2 reply changed by ``change(update, stats)``."""
+    from test_flower import run_flower
+
+    import fedlora.flower.client_app as client_module
+
+    real, calls = client_module.run_client, {}
+
+    def run_client(fm, start, client, *a, **kw):
+        update, stats = real(fm, start, client, *a, **kw)
+        calls[client.client_id] = calls.get(client.client_id, 0) + 1
+        if client.client_id == "client1" and calls["client1"] == 2:
+            update, stats = change(update, stats)
+        return update, stats
+
+    monkeypatch.setattr(client_module, "run_client", run_client)
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedit", fed__rounds=2, **LOCAL)
+    server, _, _ = run_flower(over, tmp_path)
+    (dropped,) = [r for r in server.client_rows if "dropped" in r]
+    assert dropped["client"] == "client1" and dropped["round"] == 2
+    cfg = server.cfg
+    n = len(server.exp.clients[1].indices)
+    q, planned = min(1.0, cfg.train.batch_size / n), planned_steps_of(n, cfg)
+    return server, dropped, q, planned
+
+
+def planned_steps_of(n, cfg):
+    from fedlora.engine.train import planned_steps
+
+    return planned_steps(n, cfg.train)
+
+
+def test_on_flower_a_refused_reply_is_charged_the_steps_it_reports(tiny_models, tmp_path, monkeypatch):
+    """Local DP on Flower: client1's round-2 update diverged (refused by the server's check) and
+    reports three times the planned steps. The node trained them: its ε is the accountant's for
+    round 1's steps and those three (before, a refused reply's stats were thrown away and the
+    server charged the planned steps)."""
+
+    def diverged(update, stats):
+        stats.steps *= 3
+        return ClientUpdate(
+            update.client_id, update.num_examples, {m: Adapter(a.B * 1e25, a.A, a.scale) for m, a in update.adapters.items()}, update.dense
+        ), stats
+
+    server, dropped, q, planned = _flower_local_dp(tiny_models, tmp_path, monkeypatch, diverged)
+    assert "bad update" in dropped["dropped"] and dropped["steps"] == 3 * planned
+    assert dropped["epsilon"] == pytest.approx(epsilon("rdp", 1.0, q, 4 * planned, 1e-3), rel=1e-9)
+    assert server.rounds[-1]["epsilon"] >= dropped["epsilon"]
+
+
+def test_under_local_dp_a_reply_without_a_sampling_rate_is_refused(tiny_models, tmp_path, monkeypatch):
+    """A node that trained without DP-SGD (its reply has no sampling rate) is dropped, not
+    aggregated, and charged the steps of its last report."""
+
+    def not_private(update, stats):
+        stats.sample_rate = 0.0  # what a node training without DP-SGD reports (as_dict leaves the rate out)
+        return update, stats
+
+    server, dropped, q, planned = _flower_local_dp(tiny_models, tmp_path, monkeypatch, not_private)
+    assert "no DP-SGD sampling rate" in dropped["dropped"] and server.rounds[-1]["clients"] == 2
+    assert dropped["epsilon"] == pytest.approx(epsilon("rdp", 1.0, q, 2 * planned, 1e-3), rel=1e-9)
+
+
+def test_a_failed_round_under_local_dp_is_charged_when_it_is_replayed(tiny_models, tmp_path, monkeypatch):
+    """Every round-2 update refused, so the round fails and the run stops; resumed, round 2 runs
+    again. The clients trained twice in round 2 (and the failed attempt's updates reached the
+    server): each client's ε is the accountant's for three rounds of its steps (before, the failed
+    attempt's steps were never recorded, and the resumed run reported two rounds' ε)."""
+    import fedlora.engine.simulator as simulator
+    from fedlora.engine import run_experiment
+    from fedlora.engine.server import RoundFailed
+
+    real = simulator.Simulator.train
+
+    def train(self, job, progress=None):
+        res = real(self, job, progress)
+        if job.round == 2:
+            u = res.update
+            res = ClientResult(
+                ClientUpdate(u.client_id, u.num_examples, {m: Adapter(a.B * 1e25, a.A, a.scale) for m, a in u.adapters.items()}, u.dense), res.stats
+            )
+        return res
+
+    from fedlora.engine.server import ClientResult
+
+    over = overrides(tiny_models["bert"], tmp_path, fed__method="fedit", fed__rounds=2, **LOCAL)
+    cfg = load_config(None, over)
+    monkeypatch.setattr(simulator.Simulator, "train", train)
+    with pytest.raises(RoundFailed):
+        run_experiment(cfg, plots=False)
+    monkeypatch.setattr(simulator.Simulator, "train", real)
+    summary = run_experiment(cfg, plots=False)
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    clients = read_jsonl(run / "clients.jsonl")
+    assert sum(1 for c in clients if c["round"] == 2 and "dropped" in c) == 3 and sum(1 for c in clients if c["round"] == 2) == 6
+    exp = build_experiment(cfg)
+    for i, client in enumerate(exp.clients):
+        n = len(client.indices)
+        want = epsilon("rdp", 1.0, min(1.0, cfg.train.batch_size / n), 3 * planned_steps_of(n, cfg), 1e-3)
+        (last,) = [c for c in clients if c["client"] == client.client_id and c["round"] == 2 and "dropped" not in c]
+        assert last["epsilon"] == pytest.approx(want, rel=1e-9), i
+    assert summary["epsilon"] == pytest.approx(max(c["epsilon"] for c in clients if "epsilon" in c), rel=1e-12)

@@ -116,6 +116,7 @@ class FedConfig:
     eval_every: int = 1
     eval_clients: bool = False  # also evaluate the global model on each client's data
     personal_eval: float = 0.0  # hold out this fraction of each client's examples; each client reports its own model's metrics on them
+    received_eval: bool = False  # federated evaluation: each client also scores the model it receives, before training, on those examples
     client_timeout: float = 300.0  # Flower: seconds a round (and the roll-call) waits for replies; later ones are dropped
     residual_tol: float = 0.0  # exact methods: send the base delta at the smallest rank within this relative error (0: exact)
     transport: str = "float32"  # float32 | bfloat16: the dtype adapters, heads and deltas travel in (bf16: half the bytes, rounded)
@@ -130,7 +131,7 @@ class PrivacyConfig:
     mode: str = "none"  # none | client (DP-FedAvg: clip each client's whole update, noise the sum) | local (DP-SGD on each client)
     clip: float = 1.0  # C: client mode, the L2 bound of a client's update; local mode, of a per-example gradient
     noise_multiplier: float = 0.0  # z: the noise's standard deviation is z·C (0 with target_epsilon > 0: from the accountant)
-    target_epsilon: float = 0.0  # > 0: choose z so that the planned rounds spend exactly this ε
+    target_epsilon: float = 0.0  # > 0: choose z so that the planned rounds spend this ε (to 0.01, never above)
     delta: float = 1e-5
     accountant: str = "rdp"  # rdp | prv (Opacus' accountants)
     secure_noise: bool = False  # seed the noise from the OS's entropy (not reproducible) instead of the run's seed
@@ -227,6 +228,14 @@ class RunConfig:
             (0 < self.fed.fraction <= 1, f"fed.fraction must be in (0, 1], got {self.fed.fraction}"),
             (self.fed.eval_every >= 1, "fed.eval_every must be ≥ 1"),
             (0 <= self.fed.personal_eval < 1, f"fed.personal_eval must be in [0, 1) (0: off), got {self.fed.personal_eval}"),
+            (
+                not self.fed.received_eval or self.fed.personal_eval > 0,
+                "fed.received_eval=true scores the global model on each client's held-out examples: set fed.personal_eval > 0 (the fraction to hold out)",
+            ),
+            (
+                not (self.fed.received_eval and self.fed.method == "fedsa"),
+                "fed.received_eval=true: fedsa has no global model (each client keeps its own B and head); its clients' own models are fed.personal_eval's",
+            ),
             (0 <= self.fed.residual_tol < 1, f"fed.residual_tol must be in [0, 1) (0: exact), got {self.fed.residual_tol}"),
             (self.fed.transport in ("float32", "bfloat16"), f"fed.transport must be float32 or bfloat16, got {self.fed.transport!r}"),
             (self.fed.max_update_norm >= 0, f"fed.max_update_norm must be ≥ 0 (0: no bound), got {self.fed.max_update_norm}"),

@@ -20,7 +20,7 @@ from .dp_sgd import LocalDP, train_local_dp
 from .evaluate import evaluate
 from .train import TrainStats, train_local
 
-__all__ = ["ClientData", "run_client"]
+__all__ = ["ClientData", "held_out_stats", "run_client", "score_received"]
 
 
 @dataclass
@@ -50,33 +50,26 @@ def run_client(
     task=None,
     eval_batch_size: int = 64,
     transport: torch.dtype = torch.float32,
+    score_received: bool = False,
 ) -> tuple[ClientUpdate, TrainStats]:
     """Train from ``start`` and return the update. ``local`` is the client's own storage between
     rounds (``start.keep_local``: FedSA-LoRA's B and head stay there and are never sent; the
     update carries the start's values for them). With ``client.held_out`` the client evaluates
-    the model it trained on examples of its own it never trained on (``stats.personal``). The
-    update is rounded to ``transport`` (``fed.transport``), as it travels."""
+    the model it trained on examples of its own it never trained on (``stats.personal``) and,
+    with ``score_received`` (``fed.received_eval``), the model it received, before training
+    (``stats.received``). The update is rounded to ``transport`` (``fed.transport``), as it travels."""
     keep = set(start.keep_local)
-    adapters, dense = dict(start.adapters), dict(start.dense)
-    if keep and local:  # its own B and head from earlier rounds
-        if "B" in keep:
-            adapters = {m: Adapter(local["B"][m].clone(), a.A, a.scale) for m, a in adapters.items()}
-        if "dense" in keep:
-            dense = {k: t.clone() for k, t in local["dense"].items()}
-    fm.ensure_rank(client.rank)
-    fm.activate(client.rank, train_A=start.train_A, train_B=start.train_B)
-    fm.load_adapters(adapters)
-    if dense:
-        fm.load_dense(dense)
+    _load_start(fm, start, client, local)
     with fm.folded(start.base_delta), fm.B_in_span(start.train_core):  # client-only frozen delta (HEXA); Fed-SB's r×r core
+        received = _score_held_out(fm, client, data, task, eval_batch_size, pad_token_id) if score_received else None
         if privacy is None:
             regulariser = _tail_penalty(fm, start.prune) if start.prune else None
             stats = train_local(fm, data, client.indices, cfg, seed, pad_token_id=pad_token_id, progress=progress, regulariser=regulariser)
         else:  # local DP-SGD (privacy.mode=local)
             stats = train_local_dp(fm, data, client.indices, cfg, seed, privacy, pad_token_id=pad_token_id, progress=progress)
-        if client.held_out is not None and len(client.held_out) and task is not None:
-            stats.personal = evaluate(fm.peft, data, client.held_out, task, eval_batch_size, pad_token_id, fm.placement)
-            stats.personal_n = len(client.held_out)
+        stats.personal = _score_held_out(fm, client, data, task, eval_batch_size, pad_token_id)
+        stats.received = received
+        stats.personal_n = len(client.held_out) if stats.personal else 0
         trained, trained_dense = fm.read_adapters(), fm.read_dense()
     if keep and local is not None:
         if "B" in keep:
@@ -100,6 +93,48 @@ def run_client(
     if cores:  # what the server holds: B rebuilt from the C that travelled, A as sent
         update = replace(update, adapters=rebuilt_from_cores(start.adapters, update.cores))
     return update, stats
+
+
+def score_received(
+    fm: FedModel, start: ClientStart, client: ClientData, data, task, *, eval_batch_size: int, pad_token_id: int, local: dict | None = None
+) -> dict[str, float]:
+    """The model ``start`` gives this client (the global model after the last round, at its rank,
+    on the base the server folded), scored on its held-out examples without training: the final
+    round's federated evaluation (``fed.received_eval``). ``{}`` for a client that holds none."""
+    _load_start(fm, start, client, local)
+    with fm.folded(start.base_delta), fm.B_in_span(start.train_core):
+        return _score_held_out(fm, client, data, task, eval_batch_size, pad_token_id) or {}
+
+
+def held_out_stats(scores: dict[str, float], client: ClientData) -> dict[str, float]:
+    """``score_received``'s scores as a client reports them (``received_*``, with ``personal_n``)."""
+    if not scores:
+        return {}
+    return {f"received_{k}": v for k, v in scores.items()} | {"personal_n": len(client.held_out)}
+
+
+def _load_start(fm: FedModel, start: ClientStart, client: ClientData, local: dict | None) -> None:
+    """Put ``start`` into the shared model at the client's rank (with its own B and head from
+    earlier rounds where ``start.keep_local`` says it keeps them)."""
+    keep = set(start.keep_local)
+    adapters, dense = dict(start.adapters), dict(start.dense)
+    if keep and local:  # its own B and head from earlier rounds
+        if "B" in keep:
+            adapters = {m: Adapter(local["B"][m].clone(), a.A, a.scale) for m, a in adapters.items()}
+        if "dense" in keep:
+            dense = {k: t.clone() for k, t in local["dense"].items()}
+    fm.ensure_rank(client.rank)
+    fm.activate(client.rank, train_A=start.train_A, train_B=start.train_B)
+    fm.load_adapters(adapters)
+    if dense:
+        fm.load_dense(dense)
+
+
+def _score_held_out(fm: FedModel, client: ClientData, data, task, eval_batch_size: int, pad_token_id: int) -> dict[str, float] | None:
+    """The model as it stands, on the client's held-out examples (``fed.personal_eval``); None without them."""
+    if client.held_out is None or not len(client.held_out) or task is None:
+        return None
+    return evaluate(fm.peft, data, client.held_out, task, eval_batch_size, pad_token_id, fm.placement)
 
 
 def _tail_penalty(fm: FedModel, pruning: SelfPruning):

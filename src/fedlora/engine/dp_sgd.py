@@ -50,6 +50,19 @@ def sample_rate(num_examples: int, cfg: TrainConfig) -> float:
     return min(1.0, cfg.batch_size * cfg.grad_accum / max(1, num_examples))
 
 
+def _grad_samples_in_fp32(params) -> None:
+    """Per-example gradients as float32 before Opacus clips them. Under bf16/fp16 autocast its hooks
+    compute them in the half dtype, and it would take their norms and scale them by min(1, C/‖g_j‖)
+    in that dtype too: rounded, a clipped gradient can come out above C (by ~2⁻⁸ relative in bf16),
+    and the accountant's sensitivity is C. In float32 the bound holds to float32 round-off."""
+    for p in params:
+        g = getattr(p, "grad_sample", None)
+        if isinstance(g, torch.Tensor) and g.dtype != torch.float32:
+            p.grad_sample = g.float()
+        elif isinstance(g, list):
+            p.grad_sample = [t.float() for t in g]
+
+
 def _per_example_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over each example's answer tokens (labels ≠ −100), then over the batch."""
     tgt = labels[:, 1:]
@@ -117,6 +130,7 @@ def train_local_dp(fm: FedModel, data, indices: np.ndarray, cfg: TrainConfig, se
                 loss_n += len(batch_idx)
                 examples += len(batch_idx)
                 tokens += batch["input_ids"].numel()
+                _grad_samples_in_fp32(params)
                 if k < len(physical) - 1:  # clip and accumulate this part; noise and step after the last
                     opt.signal_skip_step(do_skip=True)
                     opt.step()

@@ -233,6 +233,9 @@ def _train_and_export(
     state = sim.run(state) if engine is None else engine(sim, state)
     on_round(sim)
     summary = summarise(exp, sim.rounds)
+    if sim.received_final:  # fed.received_eval: the final global model on the clients' held-out examples
+        summary["received_final"] = dict(sim.received_final)
+        summary["received_final_clients"] = sim.received_final_clients
     if export:
         # Written beside the old folder and swapped in: a re-export stopped halfway leaves the old adapter whole.
         staging = run_dir / "adapter.partial"

@@ -54,6 +54,28 @@ def privacy_generator(cfg, t: int) -> torch.Generator:
     return generator(cfg.seed, t, "dp-noise")
 
 
+HELD_OUT = ("personal_", "received_")  # scores on a client's held-out examples (fed.personal_eval, fed.received_eval)
+
+
+def held_out_means(rows: list[dict]) -> dict[str, float]:
+    """Each ``personal_*`` / ``received_*`` score over the clients that report it, weighted by their
+    held-out examples (``personal_n``): a held-out set of one class has no ROC AUC, so not every
+    client reports every key."""
+    scored = [r for r in rows if r.get("personal_n")]
+    out = {}
+    for key in sorted({k for r in scored for k in r if k.startswith(HELD_OUT) and k != "personal_n"}):
+        having = [r for r in scored if key in r]
+        out[key] = sum(r[key] * r["personal_n"] for r in having) / sum(r["personal_n"] for r in having)
+    return out
+
+
+def _reported_dp(stats: dict | None) -> dict:
+    """The DP-SGD steps and sampling rate a reply reports ({} without a rate: not a DP-SGD report)."""
+    if not stats or not stats.get("sample_rate"):
+        return {}
+    return {"steps": int(stats["steps"]), "sample_rate": float(stats["sample_rate"])}
+
+
 BYTES_PER_NUMBER = 4  # adapters and deltas travel as float32 (2 bytes with fed.transport: bfloat16)
 
 
@@ -95,6 +117,10 @@ class Server:
         # Σ_t ΔW0_t: everything folded into the base so far, kept factored (and
         # compressed to its numerical rank) for the export on the pretrained base.
         self.folded: dict[str, Factored] = {}
+        # fed.received_eval: the final global model on the held-out examples of the clients sampled
+        # for the round after the last (their number, and the weighted means of their scores)
+        self.received_final: dict[str, float] = {}
+        self.received_final_clients = 0
 
     # ------------------------------------------------------------------ state
     def initial_state(self) -> ServerState:
@@ -227,6 +253,23 @@ class Server:
             )
         return jobs
 
+    def finish_received(self, jobs: list[ClientJob], results: list[ClientResult]) -> None:
+        """The final round's federated evaluation (``fed.received_eval``): the clients ``plan`` samples
+        for the round after the last scored the final global model (``score_received``) on their
+        held-out examples; ``received_final`` holds each metric's mean, weighted by their number.
+        A client that failed is left out, named in the log."""
+        scored = []
+        for job, res in zip(jobs, results, strict=True):
+            if res.error is not None:
+                log.warning("final evaluation on the clients: %s left out: %s", job.client.client_id, res.error)
+            elif res.stats:
+                scored.append(res.stats)
+        means = held_out_means(scored)
+        self.received_final = {k.removeprefix("received_"): v for k, v in means.items() if k.startswith("received_")}
+        self.received_final_clients = len([r for r in scored if r.get("personal_n")])
+        if self.received_final:
+            log.info("final global model on %d clients' held-out examples: %s", self.received_final_clients, self.received_final)
+
     def finish(self, state: ServerState, jobs: list[ClientJob], results: list[ClientResult], train_s: float, train_cpu_s: float | None = None) -> ServerState:
         """Aggregate the round's results (dropping failed clients), fold, evaluate, checkpoint.
 
@@ -235,12 +278,18 @@ class Server:
         does not grow when other jobs share the cores or the process is paused, so it is the compute
         figure on a CPU (on a GPU it counts only the host's share)."""
         t = state.round
+        plan = self.exp.privacy
         broadcast = state.broadcast_numel()  # last round's base delta, which every client folds
         rows, updates = [], []
         for job, res in zip(jobs, results, strict=True):
+            if res.error is None and plan is not None and plan.local is not None and not (res.stats or {}).get("sample_rate"):
+                # an update trained without DP-SGD (an older or misconfigured node) must not reach the model
+                res = ClientResult(error="its reply reports no DP-SGD sampling rate: it did not train under local DP")
             if res.error is not None:
                 log.warning("round %d: %s dropped: %s", t + 1, job.client.client_id, res.error)
-                rows.append({"round": t + 1, "client": job.client.client_id, "rank": job.client.rank, "dropped": res.error, **self._planned_dp(job)})
+                # the steps a refused reply reports count (it trained on them); without a report, the planned ones
+                spent = _reported_dp(res.stats) or self._planned_dp(job)
+                rows.append({"round": t + 1, "client": job.client.client_id, "rank": job.client.rank, "dropped": res.error, **spent})
                 continue
             updates.append(res.update)
             rows.append(
@@ -253,7 +302,7 @@ class Server:
                     "steps": int(res.stats["steps"]),
                     "tokens": int(res.stats["tokens"]),
                     **({"sample_rate": res.stats["sample_rate"]} if "sample_rate" in res.stats else {}),
-                    **{k: v for k, v in res.stats.items() if k.startswith("personal_")},
+                    **{k: v for k, v in res.stats.items() if k.startswith(HELD_OUT)},
                     "bytes_down": self.bytes_per_number * (job.start.numel() + broadcast),
                     "bytes_up": self.bytes_per_number * res.update.numel(),
                     **(res.wire or {}),
@@ -264,9 +313,15 @@ class Server:
             self._drop(rows, cid, reason, t)
         updates = [u for u in updates if u.client_id not in outliers]
         t1 = time.perf_counter()
-        plan = self.exp.privacy
         while True:
             if not updates and jobs:
+                if plan is not None and plan.local is not None:
+                    # they trained, and what they sent reached this server: their steps must outlive the
+                    # failure, since a resume replays the round (with fresh batches and noise under secure_noise)
+                    self.client_rows.extend(rows)
+                    self.checkpoint(state)
+                    if self.on_round is not None:
+                        self.on_round(self)
                 raise RoundFailed(f"round {t + 1}: no sampled client finished; " + "; ".join(f"{r['client']}: {r['dropped']}" for r in rows))
             try:
                 if plan is not None and plan.client is not None:
@@ -312,16 +367,13 @@ class Server:
                 for r in done:
                     if r["client"] in position:
                         r[key] = values[position[r["client"]]]
-        personal = [r for r in done if r.get("personal_n")]
-        if personal:  # each client's own model on its held-out examples, weighted by their number
-            for key in {k for r in personal for k in r if k.startswith("personal_") and k != "personal_n"}:
-                # over the clients that have it: a held-out set of one class has no ROC AUC
-                having = [r for r in personal if key in r]
-                row[key] = sum(r[key] * r["personal_n"] for r in having) / sum(r["personal_n"] for r in having)
+        # each client's own model (personal_*) and the model it received (received_*) on its held-out examples
+        row.update(held_out_means(done))
         if plan is not None and plan.client is not None:
             row["epsilon"] = plan.epsilon_after(t + 1)
         if plan is not None and plan.local is not None:  # each client's own ε; the run's is the largest so far
-            trained = {r["client"] for r in rows if r.get("sample_rate")}  # only their ε changed (dropped ones' too): one accountant call each
+            # only their ε changed (dropped ones' too, and those of this round's failed attempts before a resume)
+            trained = {r["client"] for r in self.client_rows + rows if r["round"] == t + 1 and r.get("sample_rate")}
             per_client = plan.local_epsilon(self.client_rows + rows, trained)
             for r in rows:
                 if r["client"] in per_client:

@@ -13,7 +13,7 @@ import time
 from tqdm.auto import tqdm
 
 from ..core import ServerState
-from .client import run_client
+from .client import held_out_stats, run_client, score_received
 from .server import BYTES_PER_NUMBER, ClientJob, ClientResult, Server
 from .train import planned_steps
 
@@ -40,6 +40,9 @@ class Simulator(Server):
             if primary is not None:
                 bar.set_postfix({self.exp.task.primary_metric: f"{primary:.4f}"})
         bar.close()
+        if cfg.fed.received_eval:  # the final model, as the next round's clients would receive it
+            jobs = self.plan(state)
+            self.finish_received(jobs, [self.score(job) for job in jobs])
         return state
 
     def train(self, job: ClientJob, progress=None) -> ClientResult:
@@ -59,5 +62,21 @@ class Simulator(Server):
             task=exp.task,
             eval_batch_size=self.cfg.train.eval_batch_size,
             transport=self.transport,
+            score_received=self.cfg.fed.received_eval,
         )
         return ClientResult(update=update, stats=stats.as_dict())
+
+    def score(self, job: ClientJob) -> ClientResult:
+        """``job``'s client scores the model it would start from on its held-out examples, untrained."""
+        exp = self.exp
+        scores = score_received(
+            exp.fm,
+            job.start,
+            job.client,
+            exp.train,
+            exp.task,
+            eval_batch_size=self.cfg.train.eval_batch_size,
+            pad_token_id=exp.pad_token_id,
+            local=self.local_state.get(job.client.client_id),
+        )
+        return ClientResult(stats=held_out_stats(scores, job.client))

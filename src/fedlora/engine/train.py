@@ -29,7 +29,8 @@ class TrainStats:
     tokens: int  # padded tokens through forward and backward: the compute actually done
     sample_rate: float = 0.0  # local DP-SGD: q of its Poisson batches (0: not DP)
     personal: dict[str, float] | None = None  # fed.personal_eval: its own model's metrics on its held-out examples
-    personal_n: int = 0
+    received: dict[str, float] | None = None  # fed.received_eval: the model it received, before training, on the same examples
+    personal_n: int = 0  # its held-out examples
 
     def as_dict(self) -> dict[str, float]:
         out = {"loss": self.loss, "steps": self.steps, "examples": self.examples, "tokens": self.tokens}
@@ -37,6 +38,8 @@ class TrainStats:
             out["sample_rate"] = self.sample_rate
         if self.personal:
             out.update({f"personal_{k}": v for k, v in self.personal.items()} | {"personal_n": self.personal_n})
+        if self.received:
+            out.update({f"received_{k}": v for k, v in self.received.items()})
         return out
 
 

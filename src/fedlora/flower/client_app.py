@@ -2,6 +2,8 @@
 
 Each train message is one :class:`~fedlora.engine.server.ClientJob`; the node
 answers with ``run_client``, the very function the in-process engine calls.
+An evaluate message (``fed.received_eval``, after the last round) carries the
+same records; the node answers with ``score_received``, untrained.
 
 Data. By default a node trains on partition ``partition-id`` of the run's
 training set (as client i of the in-process engine does). A node with its own
@@ -35,16 +37,16 @@ from flwr.clientapp import ClientApp
 from torch import Tensor
 
 from ..config import ConfigError
-from ..core import Factored
+from ..core import ClientStart, Factored
 from ..core.bandwidth import TRANSPORTS
 from ..data import DataError, tokenize
 from ..data.instruct import tokenize_instruct
-from ..engine.client import ClientData, run_client
+from ..engine.client import ClientData, held_out_stats, run_client, score_received
 from ..engine.dp_sgd import LocalDP
 from ..engine.experiment import Experiment, build_experiment, load_node_examples, node_task, personal_split
 from ..engine.seeding import derive_seed
 from ..privacy import PrivacyPlan
-from .records import decode_broadcast, decode_start, encode_resync, encode_update
+from .records import decode_broadcast, decode_start, encode_resync, encode_scores, encode_update
 from .run_config import config_from_run_config
 
 __all__ = ["app"]
@@ -188,6 +190,68 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    job = _job(msg, context)
+    if isinstance(job, Message):
+        return job
+    exp, own = job.exp, _own_parameters(context)  # what this node keeps between rounds (FedSA-LoRA's B and head); never sent
+    update, stats = run_client(
+        exp.fm,
+        job.start,
+        job.client,
+        job.data,
+        exp.cfg.train,
+        int(job.config["seed"]),
+        pad_token_id=exp.pad_token_id,
+        send_label_counts=bool(job.config["send-label-counts"]),
+        privacy=_local_dp(job.local, job.config, len(job.client.indices), own_rows=bool(context.node_config.get("data"))),
+        local=own,
+        task=exp.task,
+        eval_batch_size=exp.cfg.train.eval_batch_size,
+        transport=TRANSPORTS[exp.cfg.fed.transport],
+        score_received=exp.cfg.fed.received_eval,
+    )
+    if own:
+        context.state[LOCAL] = ArrayRecord({f"{part}/{k}": t for part, group in own.items() for k, t in group.items()})
+    return Message(content=encode_update(update, stats.as_dict(), job.pid, TRANSPORTS[exp.cfg.fed.transport]), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The final round's federated evaluation (``fed.received_eval``): the model the message gives
+    this node, scored untrained on its held-out examples."""
+    job = _job(msg, context)
+    if isinstance(job, Message):
+        return job
+    exp = job.exp
+    scores = score_received(
+        exp.fm,
+        job.start,
+        job.client,
+        job.data,
+        exp.task,
+        eval_batch_size=exp.cfg.train.eval_batch_size,
+        pad_token_id=exp.pad_token_id,
+        local=_own_parameters(context),
+    )
+    return Message(content=encode_scores(held_out_stats(scores, job.client), job.pid), reply_to=msg)
+
+
+@dataclass
+class _Job:
+    """A train or evaluate message, checked and read, with the node's base folded as the server's."""
+
+    local: _Local
+    exp: Experiment
+    start: ClientStart
+    config: dict
+    pid: int
+    client: ClientData
+    data: object
+
+
+def _job(msg: Message, context: Context) -> _Job | Message:
+    """The message's job on this node's data, its base folded up to the round before the job's;
+    or the resync answer to send instead (the node lacks base deltas the message assumes)."""
     local = _local(context)
     exp = local.exp
     start, job = decode_start(msg.content)
@@ -206,25 +270,7 @@ def train(msg: Message, context: Context) -> Message:
         return Message(content=encode_resync(gap.through), reply_to=msg)
     exp.fm.load_base_state(local.pristine)
     exp.fm.fold(base)
-    own = _own_parameters(context)  # what this node keeps between rounds (FedSA-LoRA's B and head); never sent
-    update, stats = run_client(
-        exp.fm,
-        start,
-        client,
-        data,
-        exp.cfg.train,
-        int(job["seed"]),
-        pad_token_id=exp.pad_token_id,
-        send_label_counts=bool(job["send-label-counts"]),
-        privacy=_local_dp(local, job, len(client.indices), own_rows=bool(context.node_config.get("data"))),
-        local=own,
-        task=exp.task,
-        eval_batch_size=exp.cfg.train.eval_batch_size,
-        transport=TRANSPORTS[exp.cfg.fed.transport],
-    )
-    if own:
-        context.state[LOCAL] = ArrayRecord({f"{part}/{k}": t for part, group in own.items() for k, t in group.items()})
-    return Message(content=encode_update(update, stats.as_dict(), pid, TRANSPORTS[exp.cfg.fed.transport]), reply_to=msg)
+    return _Job(local, exp, start, job, pid, client, data)
 
 
 def _own_parameters(context: Context) -> dict:

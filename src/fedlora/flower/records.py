@@ -25,7 +25,12 @@ Client → server::
     "fedlora.label-counts"                examples per class (only when the method asks)
     "fedlora.metrics"      MetricRecord   num-examples, partition-id, loss, steps, examples, tokens
 
-or, from a node that lost the base deltas it folded (it restarted), instead of training::
+Server → client (``MessageType.EVALUATE``, ``fed.received_eval``, after the last round): the train
+message's records for the round after the last; the node scores the model they give it, untrained::
+
+    "fedlora.metrics"      MetricRecord  partition-id, received_<metric> …, personal_n (its held-out examples)
+
+or, from a node that lost the base deltas it folded (it restarted), instead of training or scoring::
 
     "fedlora.resync"       ConfigRecord  through: the last round whose base delta it holds
 """
@@ -53,6 +58,8 @@ __all__ = [
     "decode_broadcast",
     "encode_resync",
     "decode_resync",
+    "encode_scores",
+    "decode_scores",
     "MalformedRecord",
 ]
 
@@ -279,9 +286,29 @@ def decode_update(content: RecordDict, client_id: str, start: ClientStart | None
     stats = {k: metrics[k] for k in ("loss", "steps", "examples", "tokens")}
     if "sample_rate" in metrics:  # local DP-SGD: the rate its batches were drawn at (the server accounts its ε)
         stats["sample_rate"] = metrics["sample_rate"]
-    stats.update({k: v for k, v in metrics.items() if k.startswith("personal_")})  # its own model on its held-out examples
+    # its own model, and the model it received, on its held-out examples
+    stats.update({k: v for k, v in metrics.items() if k.startswith(("personal_", "received_"))})
     _check_stats(stats)
     return update, stats
+
+
+def encode_scores(scores: Mapping[str, float], partition_id: int) -> RecordDict:
+    """A node's answer to an evaluate message: its ``received_*`` scores and ``personal_n``."""
+    return RecordDict({METRICS: MetricRecord({"partition-id": int(partition_id), **{k: float(v) for k, v in scores.items()}})})
+
+
+def decode_scores(content: RecordDict) -> dict[str, float]:
+    """``received_*`` and ``personal_n`` of an evaluate reply, checked like a train reply's
+    (``personal_n`` a whole number ≥ 1 wherever there are scores); ``{}`` from a node that holds no
+    held-out examples."""
+    if METRICS not in content.metric_records:
+        raise MalformedRecord(f"reply has no metric record {METRICS!r}")
+    metrics = dict(content.metric_records[METRICS])
+    scores = {k: v for k, v in metrics.items() if k.startswith("received_") or k == "personal_n"}
+    if any(k.startswith("received_") for k in scores) and "personal_n" not in scores:
+        raise MalformedRecord(f"{METRICS} has scores but no personal_n (the held-out examples they are on)")
+    _check_stats(scores)
+    return scores
 
 
 def _check_stats(stats: Mapping[str, Any]) -> None:

@@ -41,7 +41,7 @@ from ..core import Factored, ServerState
 from ..core.bandwidth import TRANSPORTS
 from ..core.errors import AggregationError
 from ..engine.server import ClientJob, ClientResult, Server
-from .records import MalformedRecord, decode_resync, decode_update, encode_broadcast, encode_start
+from .records import MalformedRecord, decode_resync, decode_scores, decode_update, encode_broadcast, encode_start
 from .roll_call import ask_partitions
 
 __all__ = ["FedLoraStrategy"]
@@ -78,6 +78,7 @@ class FedLoraStrategy(Strategy):
         self._bytes_up: dict[int, int] = {}  # partition → array bytes of its resync answers this round
         self._t0 = 0.0
         self.wire = TRANSPORTS[server.cfg.fed.transport]  # the dtype adapters and deltas travel in
+        self._kind = MessageType.TRAIN  # what this exchange's messages ask: train, or (after the last round) evaluate
 
     def summary(self) -> None:
         cfg = self.server.cfg
@@ -117,11 +118,18 @@ class FedLoraStrategy(Strategy):
             if evaluated:
                 result.evaluate_metrics_serverapp[t] = MetricRecord(evaluated)
             log.info("round %d/%d: %s", t, total, _round_line(row))
+        if self.server.cfg.fed.received_eval and self.state.round >= total:
+            self.evaluate_final(grid)
+            if self.server.received_final:
+                result.evaluate_metrics_clientapp[self.state.round] = MetricRecord(
+                    {f"received_{k}": v for k, v in self.server.received_final.items() if _number(v)}
+                )
         return result
 
     # ---------------------------------------------------------------- training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._grid = grid
+        self._kind = MessageType.TRAIN
         self._refresh_nodes(grid)
         self._jobs = self.server.plan(self.state)
         self._bytes_down, self._bytes_up = {}, {}
@@ -181,7 +189,7 @@ class FedLoraStrategy(Strategy):
         else:
             encode_broadcast(content, {span: d for span, d in self.history.items() if span[1] > since}, self.wire)
         self._bytes_down[job.index] = self._bytes_down.get(job.index, 0) + _array_bytes(content)
-        return Message(content=content, dst_node_id=self.nodes[job.index], message_type=MessageType.TRAIN)
+        return Message(content=content, dst_node_id=self.nodes[job.index], message_type=self._kind)
 
     def _prune(self) -> None:
         """Drop the base deltas every node of the run has folded: the history would otherwise keep
@@ -292,7 +300,8 @@ class FedLoraStrategy(Strategy):
             self.nodes[pid] = node
             self.synced.pop(node, None)
 
-    def _result(self, job: ClientJob, reply: Message | None) -> ClientResult:
+    def _failure(self, job: ClientJob, reply: Message | None) -> ClientResult | None:
+        """Why ``job`` has no reply to read (no node, no reply, or an error reply), or None."""
         node = self.nodes.get(job.index)
         if node is None:
             return ClientResult(error=f"no node holds partition {job.index}")
@@ -300,20 +309,63 @@ class FedLoraStrategy(Strategy):
             return ClientResult(error=f"no reply from node {node} within {self.timeout:g} s")
         if reply.has_error():
             return ClientResult(error=f"node {node} failed: {reply.error.reason} (code {reply.error.code})")
+        return None
+
+    def _result(self, job: ClientJob, reply: Message | None) -> ClientResult:
+        node = self.nodes.get(job.index)
+        failed = self._failure(job, reply)
+        if failed is not None:
+            return failed
         try:
             if decode_resync(reply.content) is not None:
                 return ClientResult(error=f"node {node} could not fold the base deltas it was sent")
             update, stats = decode_update(reply.content, job.client.client_id, job.start)
-            self.server.exp.aggregator.validate(self.state, [update])
         except (MalformedRecord, AggregationError) as e:
             return ClientResult(error=f"node {node} sent a bad update: {e}")
         except Exception as e:  # anything else a reply can make decoding raise: drop the client, never the run
             return ClientResult(error=f"node {node} sent an update that cannot be read ({type(e).__name__}: {e})")
+        try:
+            self.server.exp.aggregator.validate(self.state, [update])
+        except Exception as e:  # its stats stay: under local DP the steps it reports count in its ε, refused or not
+            reason = (
+                f"node {node} sent a bad update: {e}"
+                if isinstance(e, AggregationError)
+                else f"node {node} sent an update that cannot be checked ({type(e).__name__}: {e})"
+            )
+            return ClientResult(error=reason, stats=stats)
         self.synced[node] = job.round - 1  # it folded every base delta before this round
         up = self._bytes_up.get(job.index, 0) + _array_bytes(reply.content)
         return ClientResult(update=update, stats=stats, wire={"wire_bytes_down": self._bytes_down[job.index], "wire_bytes_up": up})
 
-    # -------------------------------------------- evaluation: on the server, in finish
+    # ------------------------------------- evaluation: on the server, in finish; on the nodes, at the end
+    def evaluate_final(self, grid: Grid) -> None:
+        """``fed.received_eval``: the nodes ``plan`` samples for the round after the last score the final
+        global model, as that round would send it them, on their held-out examples (every earlier
+        round's model is scored the same way by the next round's clients, before they train). One
+        exchange of evaluate messages, resyncs answered as in training."""
+        self._grid = grid
+        self._kind = MessageType.EVALUATE
+        self._refresh_nodes(grid)
+        self._jobs = self.server.plan(self.state)
+        self._bytes_down, self._bytes_up, self._resent = {}, {}, set()
+        self._messages = [(self._message(job, self.synced.get(self.nodes[job.index], 0)), job) for job in self._jobs if job.index in self.nodes]
+        by_job = self._match(self._exchange(grid))
+        self.server.finish_received(self._jobs, [self._scores(job, by_job.get(job.index)) for job in self._jobs])
+
+    def _scores(self, job: ClientJob, reply: Message | None) -> ClientResult:
+        node = self.nodes.get(job.index)
+        failed = self._failure(job, reply)
+        if failed is not None:
+            return failed
+        try:
+            if decode_resync(reply.content) is not None:
+                return ClientResult(error=f"node {node} could not fold the base deltas it was sent")
+            stats = decode_scores(reply.content)
+        except MalformedRecord as e:
+            return ClientResult(error=f"node {node} sent bad scores: {e}")
+        self.synced[node] = job.round - 1
+        return ClientResult(stats=stats)
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []
 
