@@ -86,3 +86,43 @@ def test_clients_score_the_global_model_they_receive(tiny_models, tmp_path):
 def test_received_eval_without_a_global_model_to_score_is_refused(extra, words):
     with pytest.raises(ConfigError, match=words):
         load_config(None, ["fed.received_eval=true", *(f"{k}={v}" for k, v in extra.items())])
+
+
+def test_a_dropped_clients_score_of_what_it_received_still_counts(tiny_models, tmp_path, monkeypatch):
+    """The score is taken before training, so it does not depend on the update: a client whose update
+    the server refuses (here: diverged) keeps its received_* in its row and in the round's mean."""
+    import fedlora.engine.simulator as simulator
+    from fedlora.core import Adapter, ClientUpdate
+    from fedlora.engine.server import ClientResult
+
+    real = simulator.Simulator.train
+
+    def train(self, job, progress=None):
+        res = real(self, job, progress)
+        if job.client.client_id == "client1" and job.round == 2:
+            u = res.update
+            res = ClientResult(
+                ClientUpdate(u.client_id, u.num_examples, {m: Adapter(a.B * 1e25, a.A, a.scale) for m, a in u.adapters.items()}, u.dense), res.stats
+            )
+        return res
+
+    monkeypatch.setattr(simulator.Simulator, "train", train)
+    over = overrides(
+        tiny_models["bert"], tmp_path, fed__method="fedit", fed__rounds=2, fed__personal_eval=0.3, fed__received_eval="true", partition__scheme="iid"
+    )
+    assert cli.main(["run", *over]) == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    clients = [c for c in read_jsonl(run / "clients.jsonl") if c["round"] == 2]
+    (dropped,) = [c for c in clients if "dropped" in c]
+    assert dropped["client"] == "client1" and "received_accuracy" in dropped
+    row = read_jsonl(run / "metrics.jsonl")[1]
+    assert row["dropped"] == 1
+    want = sum(c["received_accuracy"] * c["personal_n"] for c in clients) / sum(c["personal_n"] for c in clients)
+    assert row["received_accuracy"] == pytest.approx(want)
+    kept = [c for c in clients if "dropped" not in c]
+    assert row["personal_accuracy"] == pytest.approx(sum(c["personal_accuracy"] * c["personal_n"] for c in kept) / sum(c["personal_n"] for c in kept))
+
+
+def test_fedsa_trained_centrally_may_score_what_it_receives():
+    """fed.mode=centralized trains one client with fedit whatever fed.method says: nothing to refuse."""
+    load_config(None, ["fed.received_eval=true", "fed.personal_eval=0.2", "fed.method=fedsa", "fed.mode=centralized"])

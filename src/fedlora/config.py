@@ -233,7 +233,7 @@ class RunConfig:
                 "fed.received_eval=true scores the global model on each client's held-out examples: set fed.personal_eval > 0 (the fraction to hold out)",
             ),
             (
-                not (self.fed.received_eval and self.fed.method == "fedsa"),
+                not (self.fed.received_eval and self.fed.method == "fedsa" and self.fed.mode == "federated"),
                 "fed.received_eval=true: fedsa has no global model (each client keeps its own B and head); its clients' own models are fed.personal_eval's",
             ),
             (0 <= self.fed.residual_tol < 1, f"fed.residual_tol must be in [0, 1) (0: exact), got {self.fed.residual_tol}"),

@@ -57,16 +57,23 @@ def privacy_generator(cfg, t: int) -> torch.Generator:
 HELD_OUT = ("personal_", "received_")  # scores on a client's held-out examples (fed.personal_eval, fed.received_eval)
 
 
-def held_out_means(rows: list[dict]) -> dict[str, float]:
+def held_out_means(rows: list[dict], prefixes: tuple[str, ...] = HELD_OUT) -> dict[str, float]:
     """Each ``personal_*`` / ``received_*`` score over the clients that report it, weighted by their
     held-out examples (``personal_n``): a held-out set of one class has no ROC AUC, so not every
     client reports every key."""
     scored = [r for r in rows if r.get("personal_n")]
     out = {}
-    for key in sorted({k for r in scored for k in r if k.startswith(HELD_OUT) and k != "personal_n"}):
+    for key in sorted({k for r in scored for k in r if k.startswith(prefixes) and k != "personal_n"}):
         having = [r for r in scored if key in r]
         out[key] = sum(r[key] * r["personal_n"] for r in having) / sum(r["personal_n"] for r in having)
     return out
+
+
+def _received(stats: dict | None) -> dict:
+    """A reply's scores of the model it received (``received_*``) and their number of examples."""
+    if not stats or not any(k.startswith("received_") for k in stats):
+        return {}
+    return {k: v for k, v in stats.items() if k.startswith("received_") or k == "personal_n"}
 
 
 def _reported_dp(stats: dict | None) -> dict:
@@ -117,8 +124,8 @@ class Server:
         # Σ_t ΔW0_t: everything folded into the base so far, kept factored (and
         # compressed to its numerical rank) for the export on the pretrained base.
         self.folded: dict[str, Factored] = {}
-        # fed.received_eval: the final global model on the held-out examples of the clients sampled
-        # for the round after the last (their number, and the weighted means of their scores)
+        # fed.received_eval: the final model as the clients sampled for the round after the last
+        # would receive it, on their held-out examples (their number, and the weighted means of their scores)
         self.received_final: dict[str, float] = {}
         self.received_final_clients = 0
 
@@ -255,7 +262,8 @@ class Server:
 
     def finish_received(self, jobs: list[ClientJob], results: list[ClientResult]) -> None:
         """The final round's federated evaluation (``fed.received_eval``): the clients ``plan`` samples
-        for the round after the last scored the final global model (``score_received``) on their
+        for the round after the last scored the final model as they would receive it (``score_received``:
+        their rank-r_i download, the global model itself for exact methods at every rank) on their
         held-out examples; ``received_final`` holds each metric's mean, weighted by their number.
         A client that failed is left out, named in the log."""
         scored = []
@@ -268,7 +276,7 @@ class Server:
         self.received_final = {k.removeprefix("received_"): v for k, v in means.items() if k.startswith("received_")}
         self.received_final_clients = len([r for r in scored if r.get("personal_n")])
         if self.received_final:
-            log.info("final global model on %d clients' held-out examples: %s", self.received_final_clients, self.received_final)
+            log.info("final model, as %d clients receive it, on their held-out examples: %s", self.received_final_clients, self.received_final)
 
     def finish(self, state: ServerState, jobs: list[ClientJob], results: list[ClientResult], train_s: float, train_cpu_s: float | None = None) -> ServerState:
         """Aggregate the round's results (dropping failed clients), fold, evaluate, checkpoint.
@@ -289,7 +297,7 @@ class Server:
                 log.warning("round %d: %s dropped: %s", t + 1, job.client.client_id, res.error)
                 # the steps a refused reply reports count (it trained on them); without a report, the planned ones
                 spent = _reported_dp(res.stats) or self._planned_dp(job)
-                rows.append({"round": t + 1, "client": job.client.client_id, "rank": job.client.rank, "dropped": res.error, **spent})
+                rows.append({"round": t + 1, "client": job.client.client_id, "rank": job.client.rank, "dropped": res.error, **spent, **_received(res.stats)})
                 continue
             updates.append(res.update)
             rows.append(
@@ -367,8 +375,9 @@ class Server:
                 for r in done:
                     if r["client"] in position:
                         r[key] = values[position[r["client"]]]
-        # each client's own model (personal_*) and the model it received (received_*) on its held-out examples
-        row.update(held_out_means(done))
+        # each client's own model (personal_*) on its held-out examples, and the model it received
+        # (received_*, scored before it trained: a dropped client's score counts too)
+        row.update(held_out_means(done, ("personal_",)) | held_out_means(rows, ("received_",)))
         if plan is not None and plan.client is not None:
             row["epsilon"] = plan.epsilon_after(t + 1)
         if plan is not None and plan.local is not None:  # each client's own ε; the run's is the largest so far
@@ -435,7 +444,7 @@ class Server:
             if r["client"] == client and "dropped" not in r:
                 # the steps it took stay: its ε counts them (local DP), whatever the server did with the update
                 spent = {k: r[k] for k in ("steps", "sample_rate") if k in r}
-                rows[i] = {"round": r["round"], "client": client, "rank": r["rank"], "dropped": reason, **spent}
+                rows[i] = {"round": r["round"], "client": client, "rank": r["rank"], "dropped": reason, **spent, **_received(r)}
 
     def accumulate_folded(self, state: ServerState) -> None:
         for name, delta in state.base_delta.items():

@@ -119,7 +119,10 @@ class FedLoraStrategy(Strategy):
                 result.evaluate_metrics_serverapp[t] = MetricRecord(evaluated)
             log.info("round %d/%d: %s", t, total, _round_line(row))
         if self.server.cfg.fed.received_eval and self.state.round >= total:
-            self.evaluate_final(grid)
+            try:
+                self.evaluate_final(grid)
+            except Exception as e:  # the trained model and its files matter more than this score: log and go on
+                log.error("the final evaluation on the nodes failed (%s: %s); the summary has no received_final", type(e).__name__, e)
             if self.server.received_final:
                 result.evaluate_metrics_clientapp[self.state.round] = MetricRecord(
                     {f"received_{k}": v for k, v in self.server.received_final.items() if _number(v)}
@@ -340,7 +343,7 @@ class FedLoraStrategy(Strategy):
     # ------------------------------------- evaluation: on the server, in finish; on the nodes, at the end
     def evaluate_final(self, grid: Grid) -> None:
         """``fed.received_eval``: the nodes ``plan`` samples for the round after the last score the final
-        global model, as that round would send it them, on their held-out examples (every earlier
+        model, as that round would send it them, on their held-out examples (every earlier
         round's model is scored the same way by the next round's clients, before they train). One
         exchange of evaluate messages, resyncs answered as in training."""
         self._grid = grid

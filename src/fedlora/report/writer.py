@@ -2,7 +2,8 @@
 
 config.yaml         the resolved configuration
 metrics.jsonl/.csv  one row per round: global-model metrics, losses, bytes, timings
-clients.jsonl/.csv  one row per client per round: examples, loss, rank, bytes down/up
+clients.jsonl/.csv  one row per client per round (two for a round that failed under local DP and was
+                    replayed: both attempts' steps count in ε): examples, loss, rank, bytes down/up
 label_histogram.csv per-client label counts (and label_histogram.png)
 summary.json        best-over-rounds and final-round metrics
 checkpoint.pt       server state + folded base weights (resume)
