@@ -166,21 +166,26 @@ def test_method_specs_with_config_overrides():
     assert load_config(None, grid_overrides(Cell("ffa[train.lr=3e-3]", "iid", 0), [], "sst2")).train.lr == 3e-3
 
 
-def test_personalised_models_get_their_own_table(tmp_path):
-    """FedSA-LoRA's figure is the weighted mean of each client's own model, not a global model: a
-    separate table, with – for the methods that were not evaluated per client."""
+@pytest.mark.parametrize(
+    "key,heading",
+    [("personal_final", "## Personalised models, final round"), ("received_final", "## The final model on the clients' own examples")],
+)
+def test_scores_on_the_clients_own_examples_get_their_own_table(tmp_path, key, heading):
+    """FedSA-LoRA's figure is the weighted mean of each client's own model, not a global model, and
+    federated evaluation scores the final model on the clients' rows, not the evaluation set: each a
+    separate table, with – for the methods that were not evaluated so."""
     results = _grid(tmp_path)
     for cell, r in results.items():
         if cell.method == "hexa":
-            r["personal_final"] = {"accuracy": 0.5 + cell.seed / 100}  # 50, 51, 52, 53, 54
+            r[key] = {"accuracy": 0.5 + cell.seed / 100}  # 50, 51, 52, 53, 54
     text = write_report(results, tmp_path / "report", "t", baseline="fedit").read_text()
-    section = text.split("## Personalised models, final round")[1].split("## Compute")[0]
+    section = text.split(heading)[1].split("## Compute")[0]
     assert "| hexa | 52.00 ±" in section and "| fedit | – |" in section
     rows = json.loads((tmp_path / "report" / "results.json").read_text())
-    assert {r["personal_final_accuracy"] for r in rows if r["method"] == "hexa"} == {0.5, 0.51, 0.52, 0.53, 0.54}
+    assert {r[f"{key}_accuracy"] for r in rows if r["method"] == "hexa"} == {0.5, 0.51, 0.52, 0.53, 0.54}
     for r in results.values():
-        r.pop("personal_final", None)
-    assert "Personalised" not in write_report(results, tmp_path / "report", "t", baseline="fedit").read_text()
+        r.pop(key, None)
+    assert heading not in write_report(results, tmp_path / "report", "t", baseline="fedit").read_text()
 
 
 def test_last_half_is_the_mean_of_the_second_half_of_the_evaluated_rounds():

@@ -374,6 +374,12 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
             "on examples of its own held out of its training (`fed.personal_eval`), the mean weighted by their number: what "
             "FedSA-LoRA's published figures are, not one global model. Runs without personal evaluation show –.\n\n"
         ) + markdown_table(results, "personal_final", scale)
+    if any("received_final" in r for r in results.values()):
+        text += (
+            "\n## The final model on the clients' own examples\n\nThe final model as the clients the next round would sample "
+            "receive it, scored on examples of their own held out of training (`fed.received_eval`), the mean weighted by their "
+            "number: federated evaluation, beside the server's evaluation set above. Runs without it show –.\n\n"
+        ) + markdown_table(results, "received_final", scale)
     if any(r.get("epsilon") is not None for r in results.values()):
         text += ("\n## Privacy–utility\n\nThe final round's model is the one whose ε is accounted. ") + privacy_tables(results, baseline, "final", scale)
     text += "\n## Compute per run (mean)\n\n" + compute_table(results)
@@ -387,6 +393,7 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
             **{f"final_{k}": v for k, v in r["final"].items()},
             **{f"last_half_{k}": v for k, v in r.get("last_half", {}).items()},
             **{f"personal_final_{k}": v for k, v in r.get("personal_final", {}).items()},
+            **{f"received_final_{k}": v for k, v in r.get("received_final", {}).items()},
             **{k: r[k] for k in ("train_s", "train_cpu_s", "train_tokens", "train_steps", "aggregate_s", "hardware", "epsilon", "curve") if k in r},
         }
         for c, r in results.items()
