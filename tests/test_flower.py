@@ -844,6 +844,73 @@ def test_a_server_without_a_training_set_runs_on_the_nodes_rows(tiny_models, tmp
         assert row["examples"] == n and row["epsilon"] == pytest.approx(spent, rel=1e-9)
 
 
+def test_nodes_with_their_own_rows_score_the_final_model_on_them(tiny_models, tmp_path):
+    """data.node_data=true and fed.received_eval: after the last round each hospital scores the final
+    model, sent in an evaluate message, on the rows it holds out of its own file. Reference: the
+    exported adapter loaded with peft, each held-out sentence tokenised by the model's tokenizer and
+    scored alone, the accuracies weighted by the hospitals' held-out counts."""
+    import numpy as np
+    from peft import PeftModel
+    from sklearn.metrics import roc_auc_score
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedlora.engine.experiment import personal_split
+    from fedlora.engine.run import run_experiment
+    from fedlora.engine.seeding import derive_seed
+
+    sizes, homes = [80, 100, 120], []
+    for i, n in enumerate(sizes):
+        homes.append(tmp_path / f"hospital{i}.csv")
+        homes[-1].write_text(_csv_rows("train", 200 * i, n))
+    (tmp_path / "eval.csv").write_text(_csv_rows("dev", 0, 40))
+    # the tiny model with a head 100× larger: its margins spread (with the default head nearly every margin is
+    # tied to round-off, and neither the accuracy nor the ranking could tell a wrong model from the right one)
+    bold = tmp_path / "bold-bert"
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2)
+    with torch.no_grad():
+        base.classifier.weight.mul_(100.0)
+    base.save_pretrained(bold)
+    AutoTokenizer.from_pretrained(tiny_models["bert"]).save_pretrained(bold)
+    over = overrides(bold, tmp_path / "runs", fed__method="fedex", fed__rounds=2, data__task="file", fed__personal_eval=0.3, fed__received_eval="true")
+    over += [
+        f"data.eval_file={tmp_path / 'eval.csv'}",
+        "data.label_names=[negative,positive]",
+        f"data.train_file={tmp_path / 'nowhere.csv'}",
+        "data.node_data=true",
+        "train.lr=2e-2",
+    ]
+    run_config = flower_run_config(over)
+    grid = LocalGrid(client_module.app, run_config, 3)
+    for ctx, home in zip(grid.contexts.values(), homes):
+        ctx.node_config["data"] = str(home)
+    client_module._CACHE.clear()
+    cfg = config_from_run_config(run_config)
+    summary = run_experiment(cfg, engine=flower_engine(grid), plots=False)
+    assert sum(m.metadata.message_type == "evaluate" for m in grid.sent) == 3 and summary["received_final_clients"] == 3
+    (folder,) = (tmp_path / "runs").iterdir()
+    tok = AutoTokenizer.from_pretrained(bold)
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(bold, num_labels=2), str(folder / "adapter")).eval()
+    scores = []  # (accuracy, ROC AUC, held-out count) per hospital
+    for pid, home in enumerate(homes):
+        rows = [line.rsplit(",", 1) for line in home.read_text().splitlines()[1:]]
+        _, held = personal_split(np.arange(len(rows)), 0.3, derive_seed(cfg.seed, "personal", pid))
+        margins, labels = [], []
+        for j in held:
+            text, label = rows[j]
+            with torch.no_grad():
+                logits = model(**tok(text.strip('"'), truncation=True, max_length=64, return_tensors="pt")).logits[0].double()
+            margins.append(float(logits[1] - logits[0]))
+            labels.append(("negative", "positive").index(label))
+        margins, labels = np.array(margins), np.array(labels)
+        scores.append((np.mean((margins > 0) == labels), roc_auc_score(labels, margins), len(held)))
+    total = sum(n for _, _, n in scores)
+    assert summary["received_final"]["accuracy"] == pytest.approx(sum(a * n for a, _, n in scores) / total)
+    # The tiny model calls nearly every sentence one class; its ranking tells a wrong model apart (nodes that score
+    # without the folded base deltas are 0.023 off). Its tiny vocabulary makes many sentences the same tokens, whose
+    # margins the nodes' padded batches and the one-sentence forwards here order differently by round-off: 0.004 apart.
+    assert summary["received_final"]["roc_auc"] == pytest.approx(sum(u * n for _, u, n in scores) / total, abs=1e-2)
+
+
 def test_a_failed_node_with_its_own_rows_spends_its_own_steps(tiny_models, tmp_path, monkeypatch):
     """Local DP: a node with its own rows (50, where the server's partition has ≈ 27) fails in
     round 2. It may have trained, so its ε counts round 2's steps as well: those of its own
