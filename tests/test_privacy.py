@@ -803,3 +803,15 @@ def test_a_failed_round_under_local_dp_is_charged_when_it_is_replayed(tiny_model
         (last,) = [c for c in clients if c["client"] == client.client_id and c["round"] == 2 and "dropped" not in c]
         assert last["epsilon"] == pytest.approx(want, rel=1e-9), i
     assert summary["epsilon"] == pytest.approx(max(c["epsilon"] for c in clients if "epsilon" in c), rel=1e-12)
+
+
+def test_local_dp_refuses_a_precision_that_resolves_to_fp16(tiny_models, tmp_path, monkeypatch):
+    """train.precision=auto on a GPU without bf16 resolves to fp16; DP-SGD has no gradient scaler, so
+    it is refused before anything loads, naming the setting (explicit fp16 is refused by the plan)."""
+    import fedlora.engine.experiment as experiment
+    from fedlora.models.device import Placement
+
+    monkeypatch.setattr(experiment, "resolve_placement", lambda device, precision: Placement(torch.device("cpu"), torch.float16))
+    cfg = load_config(None, overrides(tiny_models["bert"], tmp_path, **LOCAL))
+    with pytest.raises(ConfigError, match="resolved to fp16"):
+        build_experiment(cfg)

@@ -304,6 +304,11 @@ def build_experiment(cfg: RunConfig, *, model=None, tokenizer=None, with_data: b
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     placement = resolve_placement(cfg.train.device, cfg.train.precision)  # a missing device fails before any loading
+    if cfg.privacy.mode == "local" and placement.dtype is torch.float16:  # train.precision=auto on a GPU without bf16
+        raise ConfigError(
+            f"privacy.mode=local: train.precision={cfg.train.precision} resolved to fp16 on {placement.device}, and DP-SGD has no gradient "
+            "scaler (it would scale the noise), so fp16 gradients would underflow: set train.precision=fp32"
+        )
     causal = cfg.data.task == "instruct" or cfg.data.as_prompt  # a causal LM: instruction data, or a GLUE task as prompts
     loading = quantized_loading(cfg.model.quantization, placement.device, placement.dtype, classifier=not causal)  # and so does quantization without CUDA
     if not with_data:
