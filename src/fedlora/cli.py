@@ -32,6 +32,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import load_config
+    from .engine.plan import plan_text, run_plan
+
+    plan = run_plan(load_config(args.config, args.overrides))
+    print(json.dumps(plan, indent=1) if args.json else plan_text(plan))
+    return 0
+
+
 def _merge(args: argparse.Namespace) -> int:
     from .engine.merge import merge_run
 
@@ -134,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. fed.method=fedex train.lr=1e-3")
     run.add_argument("--overwrite", action="store_true", help="delete an existing run folder of the same name first")
     run.set_defaults(func=_run)
+
+    pln = sub.add_parser("plan", help="what a run would do, without training: clients, ranks, local steps, and under DP the noise and the ε each round spends")
+    pln.add_argument("config", nargs="?", help="YAML or TOML config file, as for `fedlora run`")
+    pln.add_argument("overrides", nargs="*", help="section.key=value overrides, as for `fedlora run`")
+    pln.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pln.set_defaults(func=_plan)
 
     gen = sub.add_parser("generate", help="answer prompts with a finished causal-LM run's global model (its exported adapter)")
     gen.add_argument("run_dir", help="the run folder (runs/<name>)")
