@@ -807,7 +807,7 @@ def test_a_failed_round_under_local_dp_is_charged_when_it_is_replayed(tiny_model
 
 def test_local_dp_refuses_a_precision_that_resolves_to_fp16(tiny_models, tmp_path, monkeypatch):
     """train.precision=auto on a GPU without bf16 resolves to fp16; DP-SGD has no gradient scaler, so
-    it is refused before anything loads, naming the setting (explicit fp16 is refused by the plan)."""
+    it is refused before anything loads, naming the setting."""
     import fedlora.engine.experiment as experiment
     from fedlora.models.device import Placement
 

@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="delete an existing run folder of the same name first")
     run.set_defaults(func=_run)
 
-    pln = sub.add_parser("plan", help="what a run would do, without training: clients, ranks, local steps, and under DP the noise and the ε each round spends")
+    pln = sub.add_parser(
+        "plan", help="what a run would do, without training: clients, ranks, local steps, and under DP the noise and the ε the run will report"
+    )
     pln.add_argument("config", nargs="?", help="YAML or TOML config file, as for `fedlora run`")
     pln.add_argument("overrides", nargs="*", help="section.key=value overrides, as for `fedlora run`")
     pln.add_argument("--json", action="store_true", help="print the plan as JSON")

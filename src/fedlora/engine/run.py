@@ -159,6 +159,17 @@ def _swap_in(new: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
+def checked_run_dir(cfg: RunConfig) -> Path:
+    """The run's folder, after the checks ``fedlora run`` makes before it writes anything there
+    (the trackers can start; the folder is directly inside ``output_dir``)."""
+    check_trackers(cfg.track.to)
+    run_dir = Path(cfg.output_dir) / run_name(cfg)
+    # validate() refuses such names; --overwrite deletes this folder (absolute, not resolved: a symlinked run folder is the user's)
+    if Path(os.path.abspath(run_dir)).parent != Path(os.path.abspath(cfg.output_dir)):
+        raise ConfigError(f"the run folder {run_dir} is not directly inside output_dir={cfg.output_dir}")
+    return run_dir
+
+
 def run_experiment(
     cfg: RunConfig, *, overwrite: bool = False, export: bool = True, plots: bool = True, engine: Callable[[Simulator, ServerState], ServerState] | None = None
 ) -> dict[str, Any]:
@@ -172,11 +183,7 @@ def run_experiment(
     if engine is None and cfg.data.node_data:
         raise ConfigError("data.node_data=true: the training rows are the Flower nodes' own (data= in each node config); `fedlora run` has none: run on Flower")
     exp = build_experiment(cfg)  # every input error surfaces here, before any file is written
-    check_trackers(cfg.track.to)
-    run_dir = Path(cfg.output_dir) / run_name(cfg)
-    # validate() refuses such names; --overwrite deletes this folder (absolute, not resolved: a symlinked run folder is the user's)
-    if Path(os.path.abspath(run_dir)).parent != Path(os.path.abspath(cfg.output_dir)):
-        raise ConfigError(f"the run folder {run_dir} is not directly inside output_dir={cfg.output_dir}")
+    run_dir = checked_run_dir(cfg)
 
     trackers = Trackers([], run_dir / "track.json", {})
 
