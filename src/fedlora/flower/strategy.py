@@ -303,8 +303,9 @@ class FedLoraStrategy(Strategy):
             self.nodes[pid] = node
             self.synced.pop(node, None)
 
-    def _failure(self, job: ClientJob, reply: Message | None) -> ClientResult | None:
-        """Why ``job`` has no reply to read (no node, no reply, or an error reply), or None."""
+    def _failure(self, job: ClientJob, reply: Message | None, what: str = "update") -> ClientResult | None:
+        """Why ``job`` has no answer to read (no node, no reply, an error reply, or a resync request
+        still unanswered after its one resend), or None."""
         node = self.nodes.get(job.index)
         if node is None:
             return ClientResult(error=f"no node holds partition {job.index}")
@@ -312,6 +313,14 @@ class FedLoraStrategy(Strategy):
             return ClientResult(error=f"no reply from node {node} within {self.timeout:g} s")
         if reply.has_error():
             return ClientResult(error=f"node {node} failed: {reply.error.reason} (code {reply.error.code})")
+        try:
+            resync = decode_resync(reply.content)
+        except MalformedRecord as e:
+            return ClientResult(error=f"node {node} sent a bad {what}: {e}")
+        except Exception as e:  # anything a reply can make decoding raise: drop the client, never the run
+            return ClientResult(error=f"node {node} sent a reply that cannot be read ({type(e).__name__}: {e})")
+        if resync is not None:
+            return ClientResult(error=f"node {node} could not fold the base deltas it was sent")
         return None
 
     def _result(self, job: ClientJob, reply: Message | None) -> ClientResult:
@@ -320,8 +329,6 @@ class FedLoraStrategy(Strategy):
         if failed is not None:
             return failed
         try:
-            if decode_resync(reply.content) is not None:
-                return ClientResult(error=f"node {node} could not fold the base deltas it was sent")
             update, stats = decode_update(reply.content, job.client.client_id, job.start)
         except (MalformedRecord, AggregationError) as e:
             return ClientResult(error=f"node {node} sent a bad update: {e}")
@@ -357,12 +364,10 @@ class FedLoraStrategy(Strategy):
 
     def _scores(self, job: ClientJob, reply: Message | None) -> ClientResult:
         node = self.nodes.get(job.index)
-        failed = self._failure(job, reply)
+        failed = self._failure(job, reply, "scores")
         if failed is not None:
             return failed
         try:
-            if decode_resync(reply.content) is not None:
-                return ClientResult(error=f"node {node} could not fold the base deltas it was sent")
             stats = decode_scores(reply.content)
         except MalformedRecord as e:
             return ClientResult(error=f"node {node} sent bad scores: {e}")

@@ -368,18 +368,24 @@ def write_report(results: dict[Cell, dict], out_dir: Path, title: str, baseline:
             continue
         text += f"\n## {heading}\n\n" + markdown_table(results, which, scale)
         text += f"\n### Paired difference from {baseline} ({which})\n\n" + paired_table(results, baseline, which, scale)
-    if any("personal_final" in r for r in results.values()):
-        text += (
-            "\n## Personalised models, final round\n\nEach client's own model (FedSA-LoRA keeps B and the head on the client) "
-            "on examples of its own held out of its training (`fed.personal_eval`), the mean weighted by their number: what "
-            "FedSA-LoRA's published figures are, not one global model. Runs without personal evaluation show –.\n\n"
-        ) + markdown_table(results, "personal_final", scale)
-    if any("received_final" in r for r in results.values()):
-        text += (
-            "\n## The final model on the clients' own examples\n\nThe final model as the clients the next round would sample "
-            "receive it, scored on examples of their own held out of training (`fed.received_eval`), the mean weighted by their "
-            "number: federated evaluation, beside the server's evaluation set above. Runs without it show –.\n\n"
-        ) + markdown_table(results, "received_final", scale)
+    for key, heading, what in (
+        (
+            "personal_final",
+            "Personalised models, final round",
+            "Each client's own model (FedSA-LoRA keeps B and the head on the client) on examples of its own held out of its "
+            "training (`fed.personal_eval`), the mean weighted by their number: what FedSA-LoRA's published figures are, not one "
+            "global model. Runs without personal evaluation show –.",
+        ),
+        (
+            "received_final",
+            "The final model on the clients' own examples",
+            "The final model as the clients the next round would sample receive it, scored on examples of their own held out of "
+            "training (`fed.received_eval`), the mean weighted by their number: federated evaluation, beside the server's "
+            "evaluation set above. Runs without it show –.",
+        ),
+    ):
+        if any(key in r for r in results.values()):
+            text += f"\n## {heading}\n\n{what}\n\n" + markdown_table(results, key, scale)
     if any(r.get("epsilon") is not None for r in results.values()):
         text += ("\n## Privacy–utility\n\nThe final round's model is the one whose ε is accounted. ") + privacy_tables(results, baseline, "final", scale)
     text += "\n## Compute per run (mean)\n\n" + compute_table(results)
