@@ -175,7 +175,10 @@ def test_bench_loops_plain_reference_uses_the_runs_optimiser(tiny_models, tmp_pa
     from fedlora.data import collate
 
     lr = 0.05
-    over = overrides(tiny_models["bert"], tmp_path, train__optimizer=optimizer, train__lr=lr, train__weight_decay=0.0, train__max_grad_norm=1e9)
+    # fp32: the reference gradient above is taken without autocast (`auto` is bf16 on a CPU where that is faster)
+    over = overrides(
+        tiny_models["bert"], tmp_path, train__optimizer=optimizer, train__lr=lr, train__weight_decay=0.0, train__max_grad_norm=1e9, train__precision="fp32"
+    )
     cfg = load_config(None, over)
     exp = build_experiment(cfg)
     fm, place = exp.fm, exp.fm.placement
